@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv when missing,
+# install torch 2.13.0 first (a bare `torch` requirement can pull a multi-GB CUDA build),
+# then the project in editable mode with its extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv bench-venv bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) examples/loopback_ping.py --peers 4
+
+# hivemind 1.1.12 in its own virtualenv, for side-by-side benchmarks only.
+bench-venv:
+	bash benchmarks/bench_venv.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/transport.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,125 @@
+"""Printable peer addresses, multiaddr-style: ``/ip4/HOST/tcp/PORT/p2p/PEERID``.
+
+Accepted forms (the ``/p2p/PEERID`` suffix is optional where the peer's identity is not known yet,
+e.g. the listen address a user types):
+
+- ``/ip4/127.0.0.1/tcp/31337/p2p/Qm...``
+- ``/ip6/::1/tcp/31337/p2p/Qm...``
+- ``/dns/example.org/tcp/31337/p2p/Qm...`` (also ``/dns4``, ``/dns6``)
+- ``/memory/NAME/p2p/Qm...`` (the in-memory transport used by simulations and tests)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from .identity import IdentityError, PeerID
+
+__all__ = ["PeerAddress", "AddressError", "interface_addresses"]
+
+_HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+
+class AddressError(ValueError):
+    """A peer address string cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer listens (``protocol``/``host``/``port``) and, if known, who it is (``peer_id``)."""
+
+    protocol: str  # "ip4", "ip6", "dns", "dns4", "dns6" or "memory"
+    host: str
+    port: int = 0
+    peer_id: PeerID | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "PeerAddress":
+        """Parse the printed form; AddressError says what is wrong."""
+        if not isinstance(text, str):
+            raise AddressError(f"peer address must be a string, got {type(text).__name__}")
+        parts = text.strip().split("/")
+        if len(parts) < 3 or parts[0] != "":
+            raise AddressError(f"{text!r}: expected /ip4/HOST/tcp/PORT/p2p/PEERID")
+        parts = parts[1:]
+        proto = parts[0]
+        peer_id = None
+        if len(parts) >= 2 and parts[-2] == "p2p":
+            try:
+                peer_id = PeerID.from_base58(parts[-1])
+            except IdentityError as e:
+                raise AddressError(f"{text!r}: {e}") from None
+            parts = parts[:-2]
+        if proto == "memory":
+            if len(parts) != 2 or not parts[1]:
+                raise AddressError(f"{text!r}: expected /memory/NAME/p2p/PEERID")
+            return cls("memory", parts[1], 0, peer_id)
+        if proto not in _HOST_PROTOCOLS:
+            raise AddressError(f"{text!r}: unsupported protocol {proto!r} (use ip4, ip6, dns or memory)")
+        if len(parts) != 4 or parts[2] != "tcp":
+            raise AddressError(f"{text!r}: expected /{proto}/HOST/tcp/PORT[/p2p/PEERID]")
+        host, port_text = parts[1], parts[3]
+        try:
+            if proto == "ip4":
+                host = str(ipaddress.IPv4Address(host))
+            elif proto == "ip6":
+                host = str(ipaddress.IPv6Address(host))
+            elif not host:
+                raise ValueError("empty host name")
+        except ValueError as e:
+            raise AddressError(f"{text!r}: bad {proto} host: {e}") from None
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise AddressError(f"{text!r}: bad TCP port {port_text!r}")
+        return cls(proto, host, int(port_text), peer_id)
+
+    @classmethod
+    def from_host_port(cls, host: str, port: int, peer_id: PeerID | None = None) -> "PeerAddress":
+        """Build from a socket-style (host, port); IP literals get ip4/ip6, anything else dns."""
+        try:
+            ip = ipaddress.ip_address(host)
+            return cls("ip4" if ip.version == 4 else "ip6", str(ip), port, peer_id)
+        except ValueError:
+            return cls("dns", host, port, peer_id)
+
+    def with_peer_id(self, peer_id: PeerID | None) -> "PeerAddress":
+        return PeerAddress(self.protocol, self.host, self.port, peer_id)
+
+    def without_peer_id(self) -> "PeerAddress":
+        return self.with_peer_id(None)
+
+    def __str__(self) -> str:
+        if self.protocol == "memory":
+            text = f"/memory/{self.host}"
+        else:
+            text = f"/{self.protocol}/{self.host}/tcp/{self.port}"
+        if self.peer_id is not None:
+            text += f"/p2p/{self.peer_id}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"PeerAddress({str(self)!r})"
+
+
+def interface_addresses(include_ipv6: bool = True) -> list[str]:
+    """IP addresses of this machine's network interfaces, loopback included (loopback first)."""
+    import psutil  # imported lazily: only needed by peers that listen on a wildcard address
+
+    found: list[str] = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET or (include_ipv6 and addr.family == socket.AF_INET6):
+                host = addr.address.split("%", 1)[0]  # drop the IPv6 zone index
+                try:
+                    ip = ipaddress.ip_address(host)
+                except ValueError:
+                    continue
+                if ip.is_link_local:
+                    continue  # unusable without a zone index
+                if str(ip) not in found:
+                    found.append(str(ip))
+    if "127.0.0.1" not in found:
+        found.append("127.0.0.1")
+    found.sort(key=lambda h: (not ipaddress.ip_address(h).is_loopback, ipaddress.ip_address(h).version))
+    return found

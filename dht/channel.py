@@ -1,0 +1,50 @@
+"""FrameChannel: an authenticated, ordered, reliable pipe of frames between two peers.
+
+The multiplexer (:mod:`dht.multiplex`) runs on top of any FrameChannel; the TCP transport provides
+:class:`dht.handshake.SecureChannel` (encrypted), the in-memory transport
+:class:`dht.memory_transport.MemoryChannel` (same semantics, simulated latency and loss).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+from .identity import PeerID
+
+if TYPE_CHECKING:
+    from .handshake import PeerInfo
+
+__all__ = ["FrameChannel"]
+
+
+class FrameChannel(abc.ABC):
+    """One connection's frame pipe; ``remote_peer_id`` is authenticated by the transport."""
+
+    def __init__(self, remote_peer_id: PeerID, remote_info: "PeerInfo", endpoint: str):
+        self.remote_peer_id = remote_peer_id
+        self.remote_info = remote_info
+        self.endpoint = endpoint  # where the other side is, for messages (e.g. "127.0.0.1:4001")
+
+    def describe(self) -> str:
+        return f"peer {self.remote_peer_id.short()} at {self.endpoint}" if self.remote_peer_id else self.endpoint
+
+    @abc.abstractmethod
+    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue one frame for sending (never blocks; call :meth:`drain` for backpressure)."""
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Wait until the outgoing buffer is below its high-water mark."""
+
+    @abc.abstractmethod
+    async def read_frame(self) -> bytes:
+        """The next frame; ConnectionLostError at the end, ProtocolError on a corrupt frame."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""

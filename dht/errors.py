@@ -1,0 +1,64 @@
+"""Errors raised by the peer layer. Every message names the remote peer (or address) and the cause."""
+
+from __future__ import annotations
+
+__all__ = [
+    "P2PError",
+    "HandshakeError",
+    "IncompatibleVersionError",
+    "PeerUnreachableError",
+    "ConnectionLostError",
+    "ProtocolError",
+    "RemoteError",
+    "DeadlineExceededError",
+    "MessageTooLargeError",
+    "StreamClosedError",
+]
+
+
+class P2PError(Exception):
+    """Base class of the peer layer's errors."""
+
+
+class HandshakeError(P2PError):
+    """The secure handshake failed: wrong key, bad signature, malformed or timed-out exchange."""
+
+
+class IncompatibleVersionError(HandshakeError):
+    """The two peers share no protocol version; the message lists both sides' versions."""
+
+
+class PeerUnreachableError(P2PError):
+    """No known address of the peer accepted a connection (or none is known)."""
+
+
+class ConnectionLostError(P2PError):
+    """The connection closed while a call was in flight (peer died, shut down or broke the protocol)."""
+
+
+class ProtocolError(P2PError):
+    """A peer sent something that violates the wire protocol (malformed frame or message)."""
+
+
+class RemoteError(P2PError):
+    """The remote side failed the call; ``code`` is a short machine-readable reason.
+
+    Codes: ``unknown_method``, ``handler_error``, ``bad_request``, ``too_large``, ``deadline``,
+    ``cancelled``, ``overloaded``, ``shutdown``, ``protocol``.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DeadlineExceededError(P2PError, TimeoutError):
+    """A call did not finish before its deadline (the remote side was told to stop)."""
+
+
+class MessageTooLargeError(P2PError):
+    """A message exceeds the configured size limit (``Limits.max_message_size``)."""
+
+
+class StreamClosedError(P2PError):
+    """Sending on a stream that was already ended, or receiving past its end."""

@@ -1,0 +1,290 @@
+"""The secure handshake and the encrypted frame format of the TCP transport.
+
+Handshake (protocol version 1; the message flow of Noise XX, ``-> e; <- e, ee, s, es; -> s, se``,
+with Ed25519 signatures over the transcript in place of static-DH authentication, as in SIGMA-I
+and the libp2p Noise handshake's identity payload)::
+
+    M1  I -> R  plain  {"p": "swarm-p2p", "versions": [1, ...], "ciphers": [...], "e": X25519 ephemeral}
+    M2  R -> I  plain  {"version": v, "cipher": c, "e": X25519 ephemeral}
+                       or {"error": "...", "versions": [...]} and close, if no version is shared
+        both:  h = SHA-256(M1 || M2)        (the raw bytes of both messages)
+               k_ir || k_ri = HKDF-SHA256(X25519(e_I, e_R), salt=h, info="swarm-p2p/1 keys", 64 bytes)
+    M3  R -> I  AEAD(k_ri)  {"pub": Ed25519 key, "sig": Sign("swarm-p2p/1 responder" || h), "info": {...}}
+    M4  I -> R  AEAD(k_ir)  {"pub": Ed25519 key, "sig": Sign("swarm-p2p/1 initiator" || h), "info": {...}}
+
+Each side checks the other's signature over the transcript hash, which binds both ephemeral keys,
+so a man in the middle cannot splice two sessions and a recorded handshake cannot be replayed;
+the keys are ephemeral, so recorded traffic stays secret if an identity key leaks later (forward
+secrecy), and identities travel encrypted. A dialer that expected PeerID X aborts unless the
+responder's key hashes to X. ``info`` carries the peer's announced listen addresses and its
+receive limits (per-stream window, largest message).
+
+Handshake frames are ``u32 big-endian length || msgpack map`` (at most 4 KiB each). After the
+handshake every frame is ``u32 big-endian L || AEAD ciphertext (L bytes, tag included)``, with the
+4 length bytes as associated data and a 96-bit nonce ``0x00000000 || u64 little-endian counter``
+that starts at 0 in each direction (M3 and M4 use nonce 0 of their direction). The plaintext of a
+frame is the multiplexer's ``type u8 | flags u8 | stream id u32 | payload`` (:mod:`dht.multiplex`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .channel import FrameChannel
+from .errors import ConnectionLostError, HandshakeError, IncompatibleVersionError, ProtocolError
+from .identity import Identity, PeerID, verify_signature
+
+__all__ = ["PROTOCOL_NAME", "SUPPORTED_VERSIONS", "PeerInfo", "SecureChannel", "initiate", "respond"]
+
+PROTOCOL_NAME = "swarm-p2p"
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+CIPHERS: dict[str, Callable[[bytes], Any]] = {"aes256gcm": AESGCM, "chacha20poly1305": ChaCha20Poly1305}
+MAX_HANDSHAKE_FRAME = 4096
+TAG_SIZE = 16
+FRAME_HEADER_ROOM = 64  # room for the multiplexer's frame header beyond max_frame_size
+_LEN = struct.Struct("!I")
+
+
+@dataclass
+class PeerInfo:
+    """What a peer announces about itself in the handshake (validated on receipt)."""
+
+    addresses: list[str] = field(default_factory=list)  # listen addresses, printed form without /p2p
+    window: int = 8 << 20  # bytes this peer buffers per stream before the sender must wait
+    max_message_size: int = 64 << 20  # largest message this peer accepts
+
+    def to_wire(self) -> dict:
+        return {"addrs": self.addresses, "window": self.window, "max_msg": self.max_message_size}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "PeerInfo":
+        if not isinstance(data, dict):
+            raise HandshakeError("peer info must be a map")
+        addrs = data.get("addrs", [])
+        window, max_msg = data.get("window"), data.get("max_msg")
+        if not (isinstance(addrs, list) and len(addrs) <= 32 and all(isinstance(a, str) and len(a) <= 256 for a in addrs)):
+            raise HandshakeError("peer info: 'addrs' must be a list of at most 32 short strings")
+        for name, value in (("window", window), ("max_msg", max_msg)):
+            if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
+                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {value!r}")
+        return cls(list(addrs), window, max_msg)
+
+
+class SecureChannel(FrameChannel):
+    """An authenticated, encrypted frame channel over an asyncio stream pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send_cipher: Any,
+                 recv_cipher: Any, remote_peer_id: PeerID, remote_info: PeerInfo, endpoint: str,
+                 max_frame_size: int, version: int, send_counter: int = 1, recv_counter: int = 1):
+        super().__init__(remote_peer_id, remote_info, endpoint)
+        self.version = version
+        self._reader, self._writer = reader, writer
+        self._send_cipher, self._recv_cipher = send_cipher, recv_cipher
+        self._send_counter, self._recv_counter = send_counter, recv_counter
+        self._max_ciphertext = max_frame_size + FRAME_HEADER_ROOM + TAG_SIZE
+        self._drain_lock = asyncio.Lock()
+
+    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
+        if self._writer.is_closing():
+            raise ConnectionLostError(f"connection to {self.describe()} is closed")
+        n = len(data) + TAG_SIZE
+        buf = bytearray(4 + n)
+        _LEN.pack_into(buf, 0, n)
+        nonce = _nonce(self._send_counter)
+        self._send_counter += 1
+        self._send_cipher.encrypt_into(nonce, data, bytes(buf[:4]), memoryview(buf)[4:])
+        self._writer.write(buf)
+
+    async def drain(self) -> None:
+        async with self._drain_lock:
+            try:
+                await self._writer.drain()
+            except (ConnectionError, RuntimeError) as e:
+                raise ConnectionLostError(f"connection to {self.describe()} lost: {e}") from None
+
+    async def read_frame(self) -> bytes:
+        try:
+            header = await self._reader.readexactly(4)
+            (n,) = _LEN.unpack(header)
+            if not TAG_SIZE <= n <= self._max_ciphertext:
+                raise ProtocolError(f"{self.describe()} sent a frame of {n} bytes (limit {self._max_ciphertext})")
+            ciphertext = await self._reader.readexactly(n)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise ConnectionLostError(f"connection to {self.describe()} closed ({type(e).__name__})") from None
+        try:
+            plaintext = self._recv_cipher.decrypt(_nonce(self._recv_counter), ciphertext, header)
+        except InvalidTag:
+            raise ProtocolError(f"{self.describe()} sent a frame that fails authentication") from None
+        self._recv_counter += 1
+        return plaintext
+
+    def close(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def _nonce(counter: int) -> bytes:
+    return b"\0\0\0\0" + counter.to_bytes(8, "little")
+
+
+async def _read_plain(reader: asyncio.StreamReader, what: str) -> tuple[bytes, dict]:
+    try:
+        (n,) = _LEN.unpack(await reader.readexactly(4))
+        if not 0 < n <= MAX_HANDSHAKE_FRAME:
+            raise HandshakeError(f"{what}: frame of {n} bytes (limit {MAX_HANDSHAKE_FRAME}); not a swarm peer?")
+        raw = await reader.readexactly(n)
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
+    try:
+        message = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception:
+        raise HandshakeError(f"{what}: malformed handshake message") from None
+    if not isinstance(message, dict):
+        raise HandshakeError(f"{what}: handshake message is not a map")
+    return raw, message
+
+
+def _write_plain(writer: asyncio.StreamWriter, message: dict) -> bytes:
+    raw = msgpack.packb(message, use_bin_type=True)
+    writer.write(_LEN.pack(len(raw)) + raw)
+    return raw
+
+
+def _write_sealed(writer: asyncio.StreamWriter, cipher: Any, message: dict) -> None:
+    raw = msgpack.packb(message, use_bin_type=True)
+    header = _LEN.pack(len(raw) + TAG_SIZE)
+    writer.write(header + cipher.encrypt(_nonce(0), raw, header))
+
+
+async def _read_sealed(reader: asyncio.StreamReader, cipher: Any, what: str) -> dict:
+    try:
+        header = await reader.readexactly(4)
+        (n,) = _LEN.unpack(header)
+        if not TAG_SIZE < n <= MAX_HANDSHAKE_FRAME:
+            raise HandshakeError(f"{what}: sealed handshake frame of {n} bytes")
+        ciphertext = await reader.readexactly(n)
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
+    try:
+        message = msgpack.unpackb(cipher.decrypt(_nonce(0), ciphertext, header), raw=False)
+    except InvalidTag:
+        raise HandshakeError(f"{what}: handshake frame fails authentication") from None
+    except Exception:
+        raise HandshakeError(f"{what}: malformed sealed handshake message") from None
+    if not isinstance(message, dict):
+        raise HandshakeError(f"{what}: handshake message is not a map")
+    return message
+
+
+def _derive(own_ephemeral: X25519PrivateKey, remote_ephemeral: Any, transcript_hash: bytes, cipher_name: str, what: str):
+    if not isinstance(remote_ephemeral, bytes) or len(remote_ephemeral) != 32:
+        raise HandshakeError(f"{what}: bad ephemeral key")
+    try:
+        shared = own_ephemeral.exchange(X25519PublicKey.from_public_bytes(remote_ephemeral))
+    except ValueError as e:  # e.g. an all-zero (low-order) point
+        raise HandshakeError(f"{what}: bad ephemeral key ({e})") from None
+    okm = HKDF(hashes.SHA256(), 64, salt=transcript_hash, info=f"{PROTOCOL_NAME}/1 keys".encode()).derive(shared)
+    make = CIPHERS[cipher_name]
+    return make(okm[:32]), make(okm[32:])  # initiator->responder, responder->initiator
+
+
+def _check_identity(message: dict, transcript_hash: bytes, role: str, what: str) -> tuple[PeerID, PeerInfo]:
+    pub, sig = message.get("pub"), message.get("sig")
+    if not isinstance(pub, bytes) or len(pub) != 32 or not isinstance(sig, bytes) or len(sig) != 64:
+        raise HandshakeError(f"{what}: malformed identity proof")
+    if not verify_signature(pub, sig, f"{PROTOCOL_NAME}/1 {role}".encode() + transcript_hash):
+        raise HandshakeError(f"{what}: the peer could not prove possession of its key (bad signature)")
+    return PeerID.from_public_key(pub), PeerInfo.from_wire(message.get("info"))
+
+
+def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    key = X25519PrivateKey.generate()
+    return key, key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
+                   local_info: PeerInfo, endpoint: str, expected_peer_id: PeerID | None,
+                   max_frame_size: int, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> SecureChannel:
+    """Run the initiator (dialer) side; HandshakeError names ``endpoint`` and the cause."""
+    what = f"handshake with {endpoint}"
+    eph, eph_pub = _ephemeral()
+    m1 = _write_plain(writer, {"p": PROTOCOL_NAME, "versions": list(versions), "ciphers": list(CIPHERS), "e": eph_pub})
+    m2, reply = await _read_plain(reader, what)
+    if "error" in reply:
+        theirs = reply.get("versions")
+        raise IncompatibleVersionError(
+            f"{what}: refused: {str(reply['error'])[:200]} (they support versions {theirs}, we support {list(versions)})")
+    version, cipher_name = reply.get("version"), reply.get("cipher")
+    if version not in versions or cipher_name not in CIPHERS:
+        raise HandshakeError(f"{what}: peer chose version {version!r} / cipher {cipher_name!r}, which we did not offer")
+    transcript = hashlib.sha256(m1 + m2).digest()
+    send_cipher, recv_cipher = _derive(eph, reply.get("e"), transcript, cipher_name, what)
+    proof = await _read_sealed(reader, recv_cipher, what)
+    remote_id, remote_info = _check_identity(proof, transcript, "responder", what)
+    if expected_peer_id is not None and remote_id != expected_peer_id:
+        raise HandshakeError(f"{what}: expected peer {expected_peer_id}, but the peer there is {remote_id}")
+    _write_sealed(writer, send_cipher, {"pub": identity.public_key,
+                                        "sig": identity.sign(f"{PROTOCOL_NAME}/1 initiator".encode() + transcript),
+                                        "info": local_info.to_wire()})
+    return SecureChannel(reader, writer, send_cipher, recv_cipher, remote_id, remote_info, endpoint,
+                         max_frame_size, version)
+
+
+async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
+                  local_info: PeerInfo, endpoint: str, max_frame_size: int,
+                  versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> SecureChannel:
+    """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause."""
+    what = f"handshake from {endpoint}"
+    m1, hello = await _read_plain(reader, what)
+    if hello.get("p") != PROTOCOL_NAME:
+        raise HandshakeError(f"{what}: not a {PROTOCOL_NAME} peer (protocol {str(hello.get('p'))[:40]!r})")
+    offered, ciphers = hello.get("versions"), hello.get("ciphers")
+    if not isinstance(offered, list) or not isinstance(ciphers, list):
+        raise HandshakeError(f"{what}: malformed hello")
+    common = [v for v in versions if v in offered]
+    if not common:
+        offered_text = [v for v in offered if isinstance(v, int)][:16]
+        _write_plain(writer, {"error": f"incompatible protocol versions: you offer {offered_text}, "
+                                       f"this peer supports {list(versions)}", "versions": list(versions)})
+        await _drain_quietly(writer)
+        raise IncompatibleVersionError(
+            f"{what}: incompatible protocol versions (they offer {offered_text}, we support {list(versions)})")
+    cipher_name = next((c for c in CIPHERS if c in ciphers), None)
+    if cipher_name is None:
+        raise HandshakeError(f"{what}: no common cipher (they offer {[str(c)[:32] for c in ciphers[:8]]})")
+    eph, eph_pub = _ephemeral()
+    version = max(common)
+    m2 = _write_plain(writer, {"version": version, "cipher": cipher_name, "e": eph_pub})
+    transcript = hashlib.sha256(m1 + m2).digest()
+    recv_cipher, send_cipher = _derive(eph, hello.get("e"), transcript, cipher_name, what)
+    _write_sealed(writer, send_cipher, {"pub": identity.public_key,
+                                        "sig": identity.sign(f"{PROTOCOL_NAME}/1 responder".encode() + transcript),
+                                        "info": local_info.to_wire()})
+    proof = await _read_sealed(reader, recv_cipher, what)
+    remote_id, remote_info = _check_identity(proof, transcript, "initiator", what)
+    return SecureChannel(reader, writer, send_cipher, recv_cipher, remote_id, remote_info, endpoint,
+                         max_frame_size, version)
+
+
+async def _drain_quietly(writer: asyncio.StreamWriter) -> None:
+    try:
+        await asyncio.wait_for(writer.drain(), 1.0)
+    except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+        pass

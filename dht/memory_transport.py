@@ -1,0 +1,168 @@
+"""In-memory transport: the same P2P interface, without sockets, with injectable latency and loss.
+
+>>> network = MemoryNetwork(latency=0.05, loss=0.01, seed=0)
+>>> a, b = await network.create_peer(), await network.create_peer()
+>>> await a.call(b.get_visible_addresses()[0], "p2p.ping", b"")
+
+Frames between two peers arrive in order after ``latency`` seconds (a number, or a function of the
+random generator returning one, e.g. ``lambda rng: rng.uniform(0.01, 0.2)``). ``loss`` is the
+probability that a new call (its OPEN frame, hence everything on that stream) is dropped, so the
+caller sees its deadline pass, like a lost datagram. ``kill(peer_id)`` makes a peer vanish silently:
+frames to and from it are dropped and dialing it hangs until the dial timeout, as with a host that
+lost power. Identities are trusted (the network is one process), there is no encryption.
+Run on :mod:`dht.virtual_clock` for simulations that take virtual hours in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+from typing import Callable, Union
+
+from .addresses import PeerAddress
+from .channel import FrameChannel
+from .errors import ConnectionLostError, HandshakeError, PeerUnreachableError
+from .handshake import PeerInfo
+from .identity import Identity, PeerID
+from .multiplex import OPEN, Limits
+from .p2p import P2P
+from .transport import Transport
+
+__all__ = ["MemoryNetwork", "MemoryTransport", "MemoryChannel"]
+
+Latency = Union[float, Callable[[random.Random], float]]
+
+
+class MemoryChannel(FrameChannel):
+    """One end of an in-memory connection."""
+
+    def __init__(self, network: "MemoryNetwork", local: "MemoryTransport", remote: "MemoryTransport"):
+        super().__init__(remote.identity.peer_id, remote.info, f"memory:{remote.name}")
+        self._network, self._local, self._remote = network, local, remote
+        self._peer: MemoryChannel | None = None
+        self._inbox: collections.deque[bytes | None] = collections.deque()
+        self._readable = asyncio.Event()
+        self._closed = False
+        self._last_delivery = 0.0
+
+    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"connection to {self.describe()} is closed")
+        if data[0] == OPEN and self._network.loss and self._network.rng.random() < self._network.loss:
+            return
+        self._send(bytes(data))
+
+    def _send(self, item: bytes | None) -> None:
+        if not (self._local.alive and self._remote.alive) or self._peer is None:
+            return  # a silently dead host neither sends nor receives
+        loop = asyncio.get_running_loop()
+        when = max(loop.time() + self._network.sample_latency(), self._last_delivery)
+        self._last_delivery = when
+        loop.call_at(when, self._peer._deliver, item)
+
+    def _deliver(self, item: bytes | None) -> None:
+        if not self._closed and self._local.alive:
+            self._inbox.append(item)
+            self._readable.set()
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"connection to {self.describe()} is closed")
+
+    async def read_frame(self) -> bytes:
+        while not self._inbox:
+            if self._closed:
+                raise ConnectionLostError(f"connection to {self.describe()} closed")
+            self._readable.clear()
+            await self._readable.wait()
+        item = self._inbox.popleft()
+        if item is None:
+            self._closed = True
+            raise ConnectionLostError(f"connection to {self.describe()} closed by the peer")
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._send(None)  # EOF reaches the other side after the link latency
+            self._closed = True
+            self._readable.set()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+class MemoryTransport(Transport):
+    """A peer's attachment to a MemoryNetwork, addressed as ``/memory/NAME``."""
+
+    def __init__(self, network: "MemoryNetwork", identity: Identity, limits: Limits, name: str):
+        self.network, self.identity, self.limits, self.name = network, identity, limits, name
+        self.info = PeerInfo([f"/memory/{name}"], limits.stream_window, limits.max_message_size)
+        self.alive = True
+        self.listening = False
+        self._on_channel: Callable[[FrameChannel], None] | None = None
+
+    async def listen(self, on_channel: Callable[[FrameChannel], None]) -> list[PeerAddress]:
+        self._on_channel = on_channel
+        self.listening = True
+        return [PeerAddress("memory", self.name)]
+
+    async def dial(self, address: PeerAddress, expected: PeerID | None) -> FrameChannel:
+        if not self.alive:
+            raise PeerUnreachableError("this peer is dead")
+        target = self.network._transports.get(address.host) if address.protocol == "memory" else None
+        if target is None or not target.listening:
+            await asyncio.sleep(self.network.sample_latency())
+            raise PeerUnreachableError(f"cannot connect to {address}: connection refused")
+        if not target.alive:
+            await asyncio.sleep(self.limits.dial_timeout)
+            raise PeerUnreachableError(f"cannot connect to {address}: timed out")
+        await asyncio.sleep(2 * self.network.sample_latency())  # one round trip for the handshake
+        if expected is not None and target.identity.peer_id != expected:
+            raise HandshakeError(f"handshake with memory:{target.name}: expected peer {expected}, "
+                                 f"but the peer there is {target.identity.peer_id}")
+        if not (target.alive and target.listening and self.alive) or target._on_channel is None:
+            raise PeerUnreachableError(f"cannot connect to {address}: the peer went away")
+        ours, theirs = MemoryChannel(self.network, self, target), MemoryChannel(self.network, target, self)
+        ours._peer, theirs._peer = theirs, ours
+        target._on_channel(theirs)
+        return ours
+
+    async def close(self) -> None:
+        self.listening = False
+
+
+class MemoryNetwork:
+    """A simulated network of in-process peers."""
+
+    def __init__(self, latency: Latency = 0.0, loss: float = 0.0, seed: int | None = None):
+        if not 0.0 <= loss < 1.0:
+            raise ValueError("loss must lie in [0, 1)")
+        self.latency, self.loss = latency, loss
+        self.rng = random.Random(seed)
+        self._transports: dict[str, MemoryTransport] = {}
+        self._names = itertools.count()
+
+    def sample_latency(self) -> float:
+        return self.latency(self.rng) if callable(self.latency) else self.latency
+
+    async def create_peer(self, identity: Identity | None = None, limits: Limits | None = None,
+                          name: str | None = None) -> P2P:
+        """A started P2P peer on this network (``identity`` defaults to a fresh key)."""
+        identity = identity or Identity()
+        name = name or f"n{next(self._names)}"
+        if name in self._transports:
+            raise ValueError(f"a peer named {name!r} exists already")
+        limits = limits or Limits()
+        transport = MemoryTransport(self, identity, limits, name)
+        self._transports[name] = transport
+        p2p = P2P(identity, transport, limits)
+        await p2p.start()
+        return p2p
+
+    def kill(self, peer_id: PeerID) -> None:
+        """Make a peer vanish silently (no FIN, no reply, dials to it hang until their timeout)."""
+        for transport in self._transports.values():
+            if transport.identity.peer_id == peer_id:
+                transport.alive = False

@@ -1,0 +1,582 @@
+"""Many concurrent streams over one FrameChannel, with flow control, deadlines and cancellation.
+
+Frame plaintext: ``type u8 | flags u8 | stream id u32 big-endian | payload``. The dialer of a
+connection numbers its streams 1, 3, 5, ...; the listener 2, 4, 6, ...; either side may open streams.
+
+=========  =================================================================================
+type       payload / meaning
+=========  =================================================================================
+OPEN   1   msgpack ``{"m": method (str), "t": timeout in seconds or None}``: a new call
+DATA   2   a fragment of one msgpack message; flag MORE (1): the message continues in the
+           next DATA frame of this stream; flag END (2): the sender sends nothing after this
+END    3   the sender half-closes the stream (nothing more will be sent)
+ERROR  4   msgpack ``{"c": code, "m": text}``: the stream failed; both directions are closed
+CANCEL 5   the caller abandons the call (deadline passed, task cancelled); the handler is cancelled
+WINDOW 6   u32: the receiver consumed that many message bytes; the sender may send as much more
+PING   7   8 opaque bytes, answered by PONG 8 with the same bytes (stream id 0; keepalive)
+GOAWAY 9   msgpack ``{"m": reason}``: the sender is closing the connection
+=========  =================================================================================
+
+Flow control is per stream and counts whole messages: the receiver announces a window W in the
+handshake; a sender may start a message while fewer than W bytes it sent are unconsumed, so at
+most W + one message is buffered per stream (messages are capped by ``Limits.max_message_size``).
+A slow reader therefore slows its sender down instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import msgpack
+
+from .channel import FrameChannel
+from .errors import (ConnectionLostError, DeadlineExceededError, MessageTooLargeError, P2PError, ProtocolError,
+                     RemoteError, StreamClosedError)
+from .identity import PeerID
+
+__all__ = ["Limits", "Stream", "Connection"]
+
+logger = logging.getLogger(__name__)
+
+OPEN, DATA, END, ERROR, CANCEL, WINDOW, PING, PONG, GOAWAY = range(1, 10)
+FLAG_MORE, FLAG_END = 1, 2
+HEADER = struct.Struct("!BBI")
+_U32 = struct.Struct("!I")
+MAX_METHOD_NAME = 256
+
+
+@dataclass
+class Limits:
+    """Resource limits of a peer (bytes and seconds)."""
+
+    max_message_size: int = 64 << 20  # largest message accepted or sent; bigger tensors go in chunks
+    max_frame_size: int = 1 << 20  # payload bytes per frame; longer messages are split
+    stream_window: int = 8 << 20  # bytes buffered per stream before the sender waits
+    max_streams_per_connection: int = 1024  # concurrent inbound calls per connection
+    max_connections: int = 4096  # inbound connections (handshakes beyond it are refused)
+    max_pending_handshakes: int = 256
+    handshake_timeout: float = 10.0
+    dial_timeout: float = 5.0
+    keepalive_interval: float = 15.0  # ping when idle this long; close after 3 silent intervals
+
+    def __post_init__(self) -> None:
+        if not (1 << 16) <= self.stream_window <= (1 << 34) or not (1 << 16) <= self.max_message_size <= (1 << 34):
+            raise ValueError("stream_window and max_message_size must lie in [64 KiB, 16 GiB]")
+        if not 1024 <= self.max_frame_size <= (16 << 20):
+            raise ValueError("max_frame_size must lie in [1 KiB, 16 MiB]")
+
+
+def _pack(message: Any) -> bytes:
+    try:
+        return msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"message cannot be serialized with msgpack: {e}") from None
+
+
+def _unpack(data: bytes | bytearray | memoryview, max_size: int) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class Stream:
+    """One call: an ordered, bidirectional sequence of msgpack messages.
+
+    ``await send(msg)``, ``await recv()`` (StreamClosedError after the peer's END), ``async for msg
+    in stream``, ``await end()`` to half-close, ``cancel()`` to abandon, ``async with`` to make sure
+    it is closed. ``peer_id`` and ``method`` say what it is. On the calling side the deadline given
+    when it was opened bounds every wait: DeadlineExceededError, and the other side is told.
+    """
+
+    def __init__(self, conn: "Connection", stream_id: int, method: str, deadline: float | None, initiator: bool):
+        self._conn = conn
+        self.id = stream_id
+        self.method = method
+        self.deadline = deadline  # loop time, or None
+        self.initiator = initiator
+        self._inbox: collections.deque[tuple[Any, int]] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._partial: bytearray | None = None
+        self._remote_ended = self._local_ended = self._closed = False
+        self._error: BaseException | None = None
+        self._send_credit = conn.channel.remote_info.window
+        self._writable.set()
+        self._recv_outstanding = 0
+        self._refund = 0
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self._conn.peer_id
+
+    def _describe(self) -> str:
+        return f"{self.method!r} with {self._conn.channel.describe()}"
+
+    # ---- sending ---------------------------------------------------------------------------
+    async def send(self, message: Any, *, end: bool = False) -> None:
+        """Send one msgpack-serializable message; with ``end=True`` also half-close."""
+        await self.send_packed(_pack(message), end=end)
+
+    async def send_packed(self, payload: bytes, *, end: bool = False) -> None:
+        """Send a message that is already msgpack-encoded (avoids packing twice when broadcasting)."""
+        limit = min(self._conn.limits.max_message_size, self._conn.channel.remote_info.max_message_size)
+        if len(payload) > limit:
+            raise MessageTooLargeError(f"message of {len(payload)} bytes for {self._describe()} exceeds the "
+                                       f"limit of {limit} bytes; send large tensors in chunks")
+        async with self._send_lock:
+            self._check_can_send()
+            while self._send_credit <= 0:
+                self._writable.clear()
+                await self._wait(self._writable)
+                self._check_can_send()
+            frame_size = self._conn.limits.max_frame_size
+            view = memoryview(payload)
+            total = len(payload)
+            offset = 0
+            while True:
+                last = offset + frame_size >= total
+                flags = (0 if last else FLAG_MORE) | (FLAG_END if last and end else 0)
+                self._conn.write_frame(DATA, flags, self.id, view[offset:offset + frame_size])
+                offset += frame_size
+                if last:
+                    break
+                await self._conn.drain()
+                self._check_can_send()
+            self._send_credit -= total
+            if end:
+                self._local_ended = True
+                self._maybe_release()
+        await self._conn.drain()
+
+    async def end(self) -> None:
+        """Half-close: tell the other side that nothing more will be sent (idempotent)."""
+        if self._local_ended or self._closed:
+            return
+        async with self._send_lock:
+            if not (self._local_ended or self._closed):
+                self._conn.write_frame(END, 0, self.id)
+                self._local_ended = True
+                self._maybe_release()
+
+    def _check_can_send(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._local_ended or self._closed:
+            raise StreamClosedError(f"stream {self._describe()} was already ended")
+
+    # ---- receiving -------------------------------------------------------------------------
+    async def recv(self) -> Any:
+        """The next message; StreamClosedError when the other side ended the stream."""
+        while True:
+            if self._inbox:
+                message, size = self._inbox.popleft()
+                self._give_credit(size)
+                return message
+            if self._error is not None:
+                raise self._error
+            if self._remote_ended:
+                raise StreamClosedError(f"stream {self._describe()} was ended by the other side")
+            self._readable.clear()
+            await self._wait(self._readable)
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.recv()
+        except StreamClosedError:
+            if self._error is None:
+                raise StopAsyncIteration from None
+            raise
+
+    def _give_credit(self, size: int) -> None:
+        if self._remote_ended or self._closed:
+            return  # the other side sends nothing more: no need for credit
+        self._refund += size
+        if self._refund >= self._conn.limits.stream_window // 4:
+            self._recv_outstanding -= self._refund
+            try:
+                self._conn.write_frame(WINDOW, 0, self.id, _U32.pack(self._refund))
+            except ConnectionLostError:
+                pass
+            self._refund = 0
+
+    # ---- lifetime --------------------------------------------------------------------------
+    async def _wait(self, event: asyncio.Event) -> None:
+        if self.deadline is None or not self.initiator:
+            await event.wait()
+            return
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(event.wait(), remaining)
+        except asyncio.TimeoutError:
+            self.cancel(DeadlineExceededError(f"call {self._describe()} exceeded its deadline"))
+            raise self._error from None
+
+    def cancel(self, error: BaseException | None = None) -> None:
+        """Abandon the stream: the other side is told (CANCEL or ERROR) and local waiters fail."""
+        if self._closed:
+            return
+        if error is None:
+            error = StreamClosedError(f"stream {self._describe()} was cancelled")
+        try:
+            if self.initiator:
+                self._conn.write_frame(CANCEL, 0, self.id)
+            else:
+                self._conn.write_frame(ERROR, 0, self.id, _pack({"c": "cancelled", "m": str(error)[:1000]}))
+        except ConnectionLostError:
+            pass
+        self._fail(error)
+
+    def fail_remote(self, code: str, text: str) -> None:
+        """Send ERROR(code, text) to the other side and close the stream."""
+        if self._closed:
+            return
+        try:
+            self._conn.write_frame(ERROR, 0, self.id, _pack({"c": code, "m": text[:4000]}))
+        except ConnectionLostError:
+            pass
+        self._fail(StreamClosedError(f"stream {self._describe()} failed: {code}: {text[:200]}"))
+
+    @property
+    def done(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close: cancels the stream unless both sides already ended it cleanly."""
+        if not self._closed:
+            if self._local_ended and self._remote_ended:
+                self._release()
+            else:
+                self.cancel()
+
+    async def __aenter__(self) -> "Stream":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+        self._writable.set()
+        self._release()
+
+    def _maybe_release(self) -> None:
+        if self._local_ended and self._remote_ended:
+            self._release()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._partial = None
+            self._conn._forget(self)
+
+    # ---- frames from the connection ------------------------------------------------------
+    def _on_data(self, payload: memoryview, flags: int) -> None:
+        if self._remote_ended:
+            return self._violation("DATA after END")
+        self._recv_outstanding += len(payload)
+        limits = self._conn.limits
+        if self._recv_outstanding > limits.stream_window + limits.max_message_size + limits.max_frame_size:
+            return self._violation("sent past its flow-control window")
+        if self._partial is None and not flags & FLAG_MORE:
+            data: bytes | bytearray | memoryview = payload
+        else:
+            if self._partial is None:
+                self._partial = bytearray()
+            if len(self._partial) + len(payload) > limits.max_message_size:
+                text = f"message exceeds the limit of {limits.max_message_size} bytes"
+                self.fail_remote("too_large", text)
+                self._error = MessageTooLargeError(f"{self._describe()}: {text}")
+                return
+            self._partial += payload
+            if flags & FLAG_MORE:
+                return
+            data, self._partial = self._partial, None
+        try:
+            message = _unpack(data, limits.max_message_size)
+        except Exception as e:
+            self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
+            self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
+            return
+        self._inbox.append((message, len(data)))
+        if flags & FLAG_END:
+            self._remote_ended = True
+            self._maybe_release()
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self._remote_ended = True
+        self._readable.set()
+        self._maybe_release()
+
+    def _on_window(self, increment: int) -> None:
+        self._send_credit += increment
+        if self._send_credit > 0:
+            self._writable.set()
+
+    def _violation(self, what: str) -> None:
+        self.fail_remote("protocol", what)
+        self._error = ProtocolError(f"{self._describe()}: the peer {what}")
+
+
+Dispatcher = Callable[[Stream], Callable[[], Awaitable[None]]]
+
+
+class Connection:
+    """Streams multiplexed over one authenticated FrameChannel.
+
+    ``dispatch(stream)`` is called for each stream the other side opens and returns a function that
+    makes the coroutine serving it (LookupError for an unknown method); ``on_close(connection)`` runs
+    when the connection stops taking new calls (GOAWAY received) and when it closes.
+    """
+
+    def __init__(self, channel: FrameChannel, limits: Limits, initiator: bool,
+                 dispatch: Dispatcher, on_close: Callable[["Connection"], None]):
+        self.channel = channel
+        self.peer_id = channel.remote_peer_id
+        self.limits = limits
+        self._dispatch = dispatch
+        self._on_close = on_close
+        self._streams: dict[int, Stream] = {}
+        self._handlers: dict[int, asyncio.Task] = {}
+        self._next_id = 1 if initiator else 2
+        self.closed = False
+        self.close_reason = ""
+        self._remote_goaway: str | None = None
+        loop = asyncio.get_running_loop()
+        self._last_recv = loop.time()
+        self._reader = loop.create_task(self._read_loop())
+        self._keepalive = loop.create_task(self._keepalive_loop())
+
+    @property
+    def usable(self) -> bool:
+        """True if new calls may be opened on this connection."""
+        return not self.closed and self._remote_goaway is None
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def write_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
+        if self.closed:
+            raise ConnectionLostError(f"connection to {self.channel.describe()} is closed: {self.close_reason}")
+        self.channel.write_frame(HEADER.pack(ftype, flags, stream_id) + payload)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionLostError(f"connection to {self.channel.describe()} is closed: {self.close_reason}")
+        await self.channel.drain()
+
+    def open_stream(self, method: str, timeout: float | None) -> Stream:
+        """Start a call of ``method``; ``timeout`` (seconds) bounds it here and at the other side."""
+        if not self.usable:
+            raise ConnectionLostError(f"connection to {self.channel.describe()} is closing: "
+                                      f"{self.close_reason or self._remote_goaway}")
+        stream_id, self._next_id = self._next_id, self._next_id + 2
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        stream = Stream(self, stream_id, method, deadline, initiator=True)
+        self._streams[stream_id] = stream
+        self.write_frame(OPEN, 0, stream_id, _pack({"m": method, "t": timeout}))
+        return stream
+
+    def _forget(self, stream: Stream) -> None:
+        self._streams.pop(stream.id, None)
+
+    # ---- reading ---------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        reason = "closed"
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = await self.channel.read_frame()
+                self._last_recv = loop.time()
+                if len(frame) < HEADER.size:
+                    raise ProtocolError(f"{self.channel.describe()} sent a truncated frame")
+                ftype, flags, stream_id = HEADER.unpack_from(frame)
+                payload = memoryview(frame)[HEADER.size:]
+                if ftype == DATA:
+                    stream = self._streams.get(stream_id)
+                    if stream is not None:
+                        stream._on_data(payload, flags)
+                elif ftype == OPEN:
+                    self._on_open(stream_id, payload)
+                elif ftype == WINDOW:
+                    stream = self._streams.get(stream_id)
+                    if stream is not None and len(payload) == 4:
+                        stream._on_window(_U32.unpack(payload)[0])
+                elif ftype == END:
+                    stream = self._streams.get(stream_id)
+                    if stream is not None:
+                        stream._on_end()
+                elif ftype == ERROR:
+                    self._on_error(stream_id, payload)
+                elif ftype == CANCEL:
+                    self._on_cancel(stream_id)
+                elif ftype == PING:
+                    self.write_frame(PONG, 0, 0, payload[:8])
+                elif ftype == PONG:
+                    pass
+                elif ftype == GOAWAY:
+                    self._remote_goaway = _goaway_reason(payload)
+                    self._on_close(self)  # take it out of the pool at once; streams in flight go on
+                else:
+                    raise ProtocolError(f"{self.channel.describe()} sent an unknown frame type {ftype}")
+        except ConnectionLostError as e:
+            reason = f"closed by the peer ({self._remote_goaway})" if self._remote_goaway else str(e)
+        except ProtocolError as e:
+            logger.warning("closing connection: %s", e)
+            reason = str(e)
+        except asyncio.CancelledError:
+            reason = self.close_reason or "closed"
+        except Exception as e:  # a bug in a frame handler must not leave the connection half-alive
+            logger.exception("connection to %s failed", self.channel.describe())
+            reason = f"internal error: {type(e).__name__}: {e}"
+        self._shutdown(reason, send_goaway=False)
+
+    def _on_open(self, stream_id: int, payload: memoryview) -> None:
+        if stream_id % 2 == self._next_id % 2 or stream_id == 0 or stream_id in self._streams:
+            raise ProtocolError(f"{self.channel.describe()} opened stream {stream_id}, which is not its to open")
+        try:
+            header = _unpack(payload, 4096)
+            method, timeout = header["m"], header.get("t")
+            if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_NAME:
+                raise ValueError("bad method name")
+            if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7):
+                raise ValueError("bad timeout")
+        except Exception:
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": "bad_request", "m": "malformed OPEN frame"}))
+            return
+        if self._remote_goaway is not None or self.closed:
+            return
+        if len(self._handlers) >= self.limits.max_streams_per_connection:
+            self.write_frame(ERROR, 0, stream_id, _pack(
+                {"c": "overloaded", "m": f"too many concurrent calls (limit {self.limits.max_streams_per_connection})"}))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        stream = Stream(self, stream_id, method, deadline, initiator=False)
+        try:
+            serve = self._dispatch(stream)
+        except LookupError:
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": "unknown_method", "m": f"unknown method {method!r}"}))
+            return
+        self._streams[stream_id] = stream
+        self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
+
+    async def _serve(self, stream: Stream, serve: Callable[[], Awaitable[None]], timeout: float | None) -> None:
+        try:
+            coro = serve()
+            if timeout is None:
+                await coro
+            else:
+                await asyncio.wait_for(coro, timeout)
+            if not stream.done and stream._error is None:
+                await stream.end()
+        except asyncio.TimeoutError:
+            if stream.deadline is not None and asyncio.get_running_loop().time() >= stream.deadline:
+                stream.fail_remote("deadline", f"the call exceeded its deadline of {timeout:.3g} s")
+            else:
+                stream.fail_remote("handler_error", "TimeoutError inside the handler")
+        except asyncio.CancelledError:
+            stream.fail_remote("cancelled", "the handler was cancelled")  # no-op if the caller cancelled
+        except P2PError as e:
+            stream.fail_remote(getattr(e, "code", "handler_error"), f"{type(e).__name__}: {e}")
+        except Exception as e:
+            logger.exception("handler of %r failed for %s", stream.method, self.channel.describe())
+            stream.fail_remote("handler_error", f"{type(e).__name__}: {e}")
+        finally:
+            self._handlers.pop(stream.id, None)
+            if not stream.done and stream._local_ended:
+                stream._release()  # the reply is complete; ignore whatever the caller still sends
+
+    def _on_error(self, stream_id: int, payload: memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        try:
+            body = _unpack(payload, 65536)
+            code, text = str(body["c"])[:64], str(body["m"])[:4000]
+        except Exception:
+            code, text = "protocol", "malformed ERROR frame"
+        where = f"{stream.method!r} on {self.channel.describe()}"
+        if code == "deadline":
+            error: BaseException = DeadlineExceededError(f"{where}: {text}")
+        elif code == "too_large":
+            error = MessageTooLargeError(f"{where}: {text}")
+        else:
+            error = RemoteError(code, f"{where} failed: {code}: {text}")
+        stream._fail(error)
+        task = self._handlers.get(stream_id)
+        if task is not None:
+            task.cancel()
+
+    def _on_cancel(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        task = self._handlers.pop(stream_id, None)
+        if stream is not None:
+            stream._fail(StreamClosedError(f"call {stream.method!r} was cancelled by {self.channel.describe()}"))
+        if task is not None:
+            task.cancel()
+
+    async def _keepalive_loop(self) -> None:
+        interval = self.limits.keepalive_interval
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.closed:
+                await asyncio.sleep(interval)
+                idle = loop.time() - self._last_recv
+                if idle > 3 * interval:
+                    self._shutdown(f"no traffic from the peer for {idle:.0f} s", send_goaway=False)
+                elif idle >= interval:
+                    self.write_frame(PING, 0, 0, b"\0" * 8)
+        except (ConnectionLostError, asyncio.CancelledError):
+            pass
+
+    # ---- closing ---------------------------------------------------------------------------
+    def close(self, reason: str = "closed") -> None:
+        """Close now: the peer is told why (GOAWAY); calls in flight fail with ConnectionLostError."""
+        self._shutdown(reason, send_goaway=True)
+
+    def _shutdown(self, reason: str, send_goaway: bool) -> None:
+        if self.closed:
+            return
+        if send_goaway:
+            try:
+                self.write_frame(GOAWAY, 0, 0, _pack({"m": reason[:500]}))
+            except ConnectionLostError:
+                pass
+        self.closed = True
+        self.close_reason = reason
+        error = ConnectionLostError(f"connection to {self.channel.describe()} lost: {reason}")
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+        for task in list(self._handlers.values()):
+            task.cancel()
+        self._handlers.clear()
+        self.channel.close()
+        current = asyncio.current_task()
+        for task in (self._reader, self._keepalive):
+            if task is not current:
+                task.cancel()
+        self._on_close(self)
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._reader, self._keepalive, return_exceptions=True)
+        await self.channel.wait_closed()
+
+
+def _goaway_reason(payload: memoryview) -> str:
+    try:
+        return str(_unpack(payload, 4096)["m"])[:500]
+    except Exception:
+        return "going away"
