@@ -1,0 +1,105 @@
+"""Tensors on the wire: dtype + shape + raw little-endian bytes, never pickle.
+
+Small tensors travel in one message (:func:`tensor_to_wire` / :func:`tensor_from_wire`). Large ones
+stream in chunks (:func:`send_tensor` / :func:`recv_tensor`): the sender slices the tensor's own
+memory without copying it whole, the receiver writes each chunk into a preallocated tensor, so
+memory stays bounded by the tensor plus a few chunks on each side. Every field is validated on
+receipt: unknown dtypes, negative or inconsistent shapes and sizes over ``max_bytes`` are refused.
+This module imports torch; ``import dht`` does not import it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+
+from .errors import MessageTooLargeError, ProtocolError
+from .multiplex import Stream
+
+__all__ = ["tensor_to_wire", "tensor_from_wire", "send_tensor", "recv_tensor", "DTYPES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
+    "uint8": torch.uint8, "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 16
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes (little-endian, C order) as a memoryview over its own memory when possible."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        raise NotImplementedError("big-endian hosts are not supported")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    try:
+        return _NAMES[tensor.dtype]
+    except KeyError:
+        raise TypeError(f"dtype {tensor.dtype} cannot be sent (supported: {', '.join(DTYPES)})") from None
+
+
+def _parse_header(message: Any, max_bytes: int | None) -> tuple[torch.dtype, list[int], int]:
+    if not isinstance(message, dict):
+        raise ProtocolError("tensor header must be a map")
+    dtype_name, shape = message.get("dtype"), message.get("shape")
+    if dtype_name not in DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {str(dtype_name)[:32]!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 48 for d in shape)):
+        raise ProtocolError(f"bad tensor shape {str(shape)[:100]}")
+    dtype = DTYPES[dtype_name]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if max_bytes is not None and nbytes > max_bytes:
+        raise MessageTooLargeError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes} bytes")
+    return dtype, shape, nbytes
+
+
+def tensor_to_wire(tensor: torch.Tensor) -> dict:
+    """``{"dtype", "shape", "data"}`` for a tensor small enough for one message."""
+    return {"dtype": _dtype_name(tensor), "shape": list(tensor.shape), "data": _byte_view(tensor).tobytes()}
+
+
+def tensor_from_wire(message: Any, *, max_bytes: int | None = None) -> torch.Tensor:
+    """Rebuild a tensor from :func:`tensor_to_wire`'s output; ProtocolError if it is inconsistent."""
+    dtype, shape, nbytes = _parse_header(message, max_bytes)
+    data = message.get("data")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != nbytes:
+        raise ProtocolError(f"tensor data has {len(data) if isinstance(data, (bytes, bytearray)) else 'no'} bytes, "
+                            f"expected {nbytes} for {list(shape)} {_NAMES[dtype]}")
+    out = torch.empty(shape, dtype=dtype)
+    if nbytes:
+        out.reshape(-1).view(torch.uint8).numpy()[:] = memoryview(data).cast("B")
+    return out
+
+
+async def send_tensor(stream: Stream, tensor: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Send a header then the tensor's bytes in chunks of ``chunk_bytes``; returns bytes sent."""
+    view = _byte_view(tensor)
+    await stream.send({"dtype": _dtype_name(tensor), "shape": list(tensor.shape), "chunk": chunk_bytes})
+    for offset in range(0, len(view), chunk_bytes):
+        await stream.send(view[offset:offset + chunk_bytes])
+    return len(view)
+
+
+async def recv_tensor(stream: Stream, *, max_bytes: int | None = None) -> torch.Tensor:
+    """Receive what :func:`send_tensor` sent; ProtocolError on any inconsistency."""
+    header = await stream.recv()
+    dtype, shape, nbytes = _parse_header(header, max_bytes)
+    out = torch.empty(shape, dtype=dtype)
+    buffer = out.reshape(-1).view(torch.uint8).numpy() if nbytes else None
+    received = 0
+    while received < nbytes:
+        chunk = await stream.recv()
+        if not isinstance(chunk, (bytes, bytearray)) or not chunk or received + len(chunk) > nbytes:
+            raise ProtocolError(f"bad tensor chunk after {received} of {nbytes} bytes")
+        buffer[received:received + len(chunk)] = memoryview(chunk).cast("B")
+        received += len(chunk)
+    return out

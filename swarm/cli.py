@@ -1,0 +1,151 @@
+"""The ``swarm`` command line. ``swarm --help`` lists the subcommands; each has its own ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Coroutine
+
+__all__ = ["main"]
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where the platform has it, else on the standard event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _wait_for_stop_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C arrives as KeyboardInterrupt
+            pass
+    await stop.wait()
+
+
+async def _peer(args: argparse.Namespace) -> int:
+    from dht import P2P, P2PError
+
+    p2p = await P2P.create(host=args.host, port=args.port, identity_path=args.identity)
+    print(f"peer {p2p.peer_id} listening on:", flush=True)
+    for address in p2p.get_visible_addresses():
+        print(f"  {address}", flush=True)
+    for address in args.initial_peers:
+        try:
+            peer_id = await p2p.connect(address)
+            print(f"connected to {peer_id} (authenticated, encrypted)", flush=True)
+        except P2PError as e:
+            print(f"could not connect to initial peer {address}: {e}", file=sys.stderr, flush=True)
+
+    async def ping_loop() -> None:
+        rounds = 0
+        while args.ping_rounds == 0 or rounds < args.ping_rounds:
+            await asyncio.sleep(args.ping_interval)
+            rounds += 1
+            for peer_id in sorted(p2p.connected_peers()):
+                try:
+                    rtt = await p2p.ping(peer_id, timeout=5.0)
+                    print(f"ping {peer_id} ok {rtt * 1000:.2f} ms", flush=True)
+                except P2PError as e:
+                    print(f"ping {peer_id} failed: {e}", flush=True)
+
+    pinger = asyncio.ensure_future(ping_loop())
+    stopper = asyncio.ensure_future(_wait_for_stop_signal())
+    try:
+        await asyncio.wait({pinger, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if args.ping_rounds and pinger.done():
+            await asyncio.sleep(args.linger)  # keep answering the others' last pings
+    finally:
+        pinger.cancel()
+        stopper.cancel()
+        await p2p.shutdown()
+        print("peer stopped", flush=True)
+    return 0
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    from dht import P2P, P2PError
+
+    p2p = await P2P.create(host="127.0.0.1", client_mode=True)
+    failures = 0
+    try:
+        for i in range(args.count):
+            try:
+                rtt = await p2p.ping(args.address, timeout=args.timeout)
+                print(f"ping {args.address}: {rtt * 1000:.2f} ms", flush=True)
+            except P2PError as e:
+                failures += 1
+                print(f"ping {args.address} failed: {e}", file=sys.stderr, flush=True)
+            if i + 1 < args.count:
+                await asyncio.sleep(args.interval)
+    finally:
+        await p2p.shutdown()
+    return 1 if failures == args.count else 0
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from dht import Identity, IdentityError
+
+    try:
+        identity = Identity.load_or_create(args.path)
+    except (IdentityError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(identity.peer_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer training of PyTorch models.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    peer = sub.add_parser("peer", help="run a bare peer that answers pings and pings the peers it knows",
+                          description="Run a peer on the authenticated transport: it prints the addresses "
+                                      "others can use to reach it, connects to --initial-peers and pings every "
+                                      "connected peer each --ping-interval seconds. Ctrl-C stops it cleanly.")
+    peer.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all interfaces)")
+    peer.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
+    peer.add_argument("--identity", default=None, metavar="PATH",
+                      help="Ed25519 key file, created (mode 0600) if missing; default: an ephemeral key")
+    peer.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR",
+                      help="peers to connect to, as /ip4/HOST/tcp/PORT/p2p/PEERID")
+    peer.add_argument("--ping-interval", type=float, default=5.0, help="seconds between ping rounds (default 5)")
+    peer.add_argument("--ping-rounds", type=int, default=0, help="stop after this many rounds (default 0: run forever)")
+    peer.add_argument("--linger", type=float, default=2.0, help="seconds to keep serving after the last round")
+
+    ping = sub.add_parser("ping", help="ping a peer by its full address",
+                          description="Connect to a peer, authenticate it, and measure round-trip times.")
+    ping.add_argument("address", help="/ip4/HOST/tcp/PORT/p2p/PEERID")
+    ping.add_argument("--count", type=int, default=3, help="number of pings (default 3)")
+    ping.add_argument("--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
+    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)")
+
+    identity = sub.add_parser("identity", help="create or read an identity file and print its PeerID")
+    identity.add_argument("path", help="key file (created with mode 0600 if missing)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "peer":
+            code = _run(_peer(args))
+        elif args.command == "ping":
+            code = _run(_ping(args))
+        else:
+            code = _identity(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
