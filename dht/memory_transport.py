@@ -45,7 +45,8 @@ class MemoryChannel(FrameChannel):
         self._inbox: collections.deque[bytes | None] = collections.deque()
         self._readable = asyncio.Event()
         self._closed = False
-        self._last_delivery = 0.0
+        self._in_flight: collections.deque[tuple[float, bytes | None]] = collections.deque()
+        self._pump: asyncio.TimerHandle | None = None
 
     def write_frame(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -58,9 +59,22 @@ class MemoryChannel(FrameChannel):
         if not (self._local.alive and self._remote.alive) or self._peer is None:
             return  # a silently dead host neither sends nor receives
         loop = asyncio.get_running_loop()
-        when = max(loop.time() + self._network.sample_latency(), self._last_delivery)
-        self._last_delivery = when
-        loop.call_at(when, self._peer._deliver, item)
+        when = loop.time() + self._network.sample_latency()
+        if self._in_flight:
+            when = max(when, self._in_flight[-1][0])  # a link delivers in order
+        self._in_flight.append((when, item))
+        if self._pump is None:
+            self._pump = loop.call_at(when, self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        # one timer per link, not per frame: the loop's timer heap does not keep equal times in order
+        loop = asyncio.get_running_loop()
+        self._pump = None
+        now = loop.time()
+        while self._in_flight and self._in_flight[0][0] <= now:
+            self._peer._deliver(self._in_flight.popleft()[1])
+        if self._in_flight:
+            self._pump = loop.call_at(self._in_flight[0][0], self._deliver_due)
 
     def _deliver(self, item: bytes | None) -> None:
         if not self._closed and self._local.alive:

@@ -1,0 +1,125 @@
+"""The in-memory transport: latency, loss, silent death, and the virtual clock."""
+
+import asyncio
+import time
+
+import pytest
+
+from dht import DeadlineExceededError, Limits, PeerUnreachableError
+from dht import virtual_clock
+from dht.memory_transport import MemoryNetwork
+
+
+async def echo(request, ctx):
+    return request
+
+
+def test_virtual_clock_skips_idle_time():
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(3600)
+        return loop.time() - start
+
+    wall = time.monotonic()
+    assert virtual_clock.run(main()) == pytest.approx(3600)
+    assert time.monotonic() - wall < 5
+
+
+def test_latency_is_applied_per_frame_in_virtual_time():
+    async def main():
+        network = MemoryNetwork(latency=0.5)
+        a, b = await network.create_peer(), await network.create_peer()
+        b.add_unary_handler("echo", echo)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await a.connect(b.get_visible_addresses()[0])
+        connected = loop.time()
+        assert await a.call(b.peer_id, "echo", "x", timeout=30) == "x"
+        done = loop.time()
+        await a.shutdown()
+        await b.shutdown()
+        return connected - start, done - connected
+
+    handshake, call = virtual_clock.run(main())
+    assert handshake == pytest.approx(1.0)  # one round trip
+    assert call == pytest.approx(1.0)  # request there, response back
+
+
+def test_loss_drops_whole_calls_deterministically():
+    async def main(seed):
+        network = MemoryNetwork(latency=0.01, loss=0.3, seed=seed)
+        a, b = await network.create_peer(), await network.create_peer()
+        b.add_unary_handler("echo", echo)
+        await a.connect(b.get_visible_addresses()[0])
+        outcomes = []
+        for i in range(100):
+            try:
+                outcomes.append(await a.call(b.peer_id, "echo", i, timeout=1.0) == i)
+            except DeadlineExceededError:
+                outcomes.append(False)
+        await a.shutdown()
+        await b.shutdown()
+        return outcomes
+
+    first = virtual_clock.run(main(seed=1))
+    assert 15 <= first.count(False) <= 45  # about 30% lost
+    assert virtual_clock.run(main(seed=1)) == first  # same seed, same run
+    assert virtual_clock.run(main(seed=2)) != first
+
+
+def test_silently_dead_peer_times_out_instead_of_refusing():
+    async def main():
+        network = MemoryNetwork(latency=0.01)
+        limits = Limits(dial_timeout=3.0)
+        a, b, c = [await network.create_peer(limits=limits) for _ in range(3)]
+        b.add_unary_handler("echo", echo)
+        await a.connect(b.get_visible_addresses()[0])
+        network.kill(b.peer_id)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(DeadlineExceededError):
+            await a.call(b.peer_id, "echo", 1, timeout=2.0)
+        assert loop.time() - start == pytest.approx(2.0, abs=0.05)
+        start = loop.time()
+        with pytest.raises(PeerUnreachableError):
+            await c.call(b.get_visible_addresses()[0], "echo", 1, timeout=10)
+        assert loop.time() - start == pytest.approx(3.0, abs=0.05)  # the dial timeout, not at once
+        for p in (a, c):
+            await p.shutdown()
+
+    virtual_clock.run(main())
+
+
+def test_keepalive_closes_connections_to_vanished_peers():
+    async def main():
+        network = MemoryNetwork(latency=0.01)
+        limits = Limits(keepalive_interval=10.0)
+        a, b = await network.create_peer(limits=limits), await network.create_peer(limits=limits)
+        await a.connect(b.get_visible_addresses()[0])
+        network.kill(b.peer_id)
+        await asyncio.sleep(25)
+        still = a.is_connected(b.peer_id)
+        await asyncio.sleep(30)
+        gone = not a.is_connected(b.peer_id)
+        await a.shutdown()
+        return still, gone
+
+    assert virtual_clock.run(main()) == (True, True)
+
+
+def test_a_thousand_peers_simulate_quickly():
+    async def main():
+        network = MemoryNetwork(latency=lambda rng: rng.uniform(0.01, 0.1), seed=3)
+        peers = [await network.create_peer() for _ in range(1000)]
+        for p in peers:
+            p.add_unary_handler("echo", echo)
+        calls = [peers[i].call(peers[(i * 7 + 1) % 1000].get_visible_addresses()[0], "echo", i, timeout=5)
+                 for i in range(1000)]
+        results = await asyncio.gather(*calls)
+        await asyncio.gather(*(p.shutdown() for p in peers))
+        return results
+
+    wall = time.monotonic()
+    assert virtual_clock.run(main()) == list(range(1000))
+    assert time.monotonic() - wall < 60
