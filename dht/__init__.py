@@ -17,3 +17,13 @@ __all__ = [
     "P2PError", "HandshakeError", "IncompatibleVersionError", "PeerUnreachableError", "ConnectionLostError",
     "ProtocolError", "RemoteError", "DeadlineExceededError", "MessageTooLargeError", "StreamClosedError",
 ]
+
+from .facade import DHT  # noqa: E402
+from .node import DHTNode, get_dht_time  # noqa: E402
+from .protocol import DHTLimits  # noqa: E402
+from .storage import ValueWithExpiration  # noqa: E402
+from .validation import (DHTRecord, RecordValidator, SchemaValidator, SignatureValidator,  # noqa: E402
+                         ValidationError)
+
+__all__ += ["DHT", "DHTNode", "get_dht_time", "DHTLimits", "ValueWithExpiration", "DHTRecord", "RecordValidator",
+            "SchemaValidator", "SignatureValidator", "ValidationError"]

@@ -13,6 +13,7 @@ __all__ = [
     "DeadlineExceededError",
     "MessageTooLargeError",
     "StreamClosedError",
+    "BadRequestError",
 ]
 
 
@@ -62,3 +63,9 @@ class MessageTooLargeError(P2PError):
 
 class StreamClosedError(P2PError):
     """Sending on a stream that was already ended, or receiving past its end."""
+
+
+class BadRequestError(P2PError):
+    """Raised by a handler for a request that fails validation; the caller gets RemoteError("bad_request")."""
+
+    code = "bad_request"

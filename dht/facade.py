@@ -1,0 +1,148 @@
+"""DHT: the synchronous facade for training scripts; the node runs on a background event-loop thread.
+
+>>> from dht import DHT, get_dht_time
+>>> first = DHT(host="127.0.0.1")
+>>> second = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1")
+>>> second.store("run/loss", 0.42, expiration_time=get_dht_time() + 60)
+True
+>>> first.get("run/loss")
+ValueWithExpiration(value=0.42, expiration_time=...)
+>>> second.store("peers", {"samples": 32}, get_dht_time() + 60, subkey="peer-A")   # a dictionary key
+>>> first.get("peers", latest=True).value["peer-A"].value
+{'samples': 32}
+
+Upper layers (averaging, training) run their asyncio code on the same loop and P2P peer:
+``dht.run_coroutine(fn)`` calls ``await fn(dht, node)`` there and returns its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+
+from .identity import PeerID
+from .node import DHTNode, get_dht_time
+from .storage import ValueWithExpiration
+from .validation import RecordValidator
+
+__all__ = ["DHT", "get_dht_time"]
+
+T = TypeVar("T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+class DHT:
+    """A DHT peer for synchronous code. Arguments:
+
+    - ``initial_peers``: addresses of peers already in the DHT (``/ip4/HOST/tcp/PORT/p2p/PEERID``);
+      empty to start a new DHT.
+    - ``host``, ``port``: where to listen (default all interfaces, any free port).
+    - ``identity_path``: Ed25519 key file (created 0600 if missing); default: ephemeral key.
+    - ``client_mode``: do not listen; others never put this peer in their routing tables.
+    - ``record_validators``: extra validators (e.g. :class:`dht.SchemaValidator`).
+    - other keyword arguments go to :class:`dht.node.DHTNode` (``bucket_size``, ``num_replicas``, ...).
+    """
+
+    def __init__(self, initial_peers: Sequence[str] = (), host: str = "0.0.0.0", port: int = 0,
+                 identity_path: str | os.PathLike | None = None, client_mode: bool = False,
+                 record_validators: Iterable[RecordValidator] = (), **node_kwargs: Any):
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dht-event-loop", daemon=True)
+        self._thread.start()
+        self._shutdown_done = False
+        try:
+            self.node: DHTNode = self._run(DHTNode.create(
+                list(initial_peers), host=host, port=port, identity_path=None if identity_path is None else str(identity_path),
+                client_mode=client_mode, record_validators=list(record_validators), **node_kwargs))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Awaitable[T], return_future: bool = False) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future if return_future else future.result()
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.node.peer_id
+
+    @property
+    def client_mode(self) -> bool:
+        return self.node.client_mode
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None,
+              return_future: bool = False) -> bool | concurrent.futures.Future:
+        """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary key) until
+        ``expiration_time`` (DHT time, see :func:`get_dht_time`). True if at least one replica took it."""
+        return self._run(self.node.store(key, value, expiration_time, subkey), return_future)
+
+    def get(self, key: Any, latest: bool = False,
+            return_future: bool = False) -> ValueWithExpiration | None | concurrent.futures.Future:
+        """The newest live value under ``key``, or None. For a dictionary key ``.value`` maps each
+        subkey to a ValueWithExpiration. ``latest=True`` asks all the key's replicas and merges."""
+        return self._run(self.node.get(key, latest), return_future)
+
+    def store_many(self, items: Sequence[tuple[Any, Any, float, Any]]) -> list[bool]:
+        """Store many ``(key, value, expiration_time, subkey)`` tuples in one batched operation."""
+        return self._run(self.node.store_many(items))
+
+    def get_many(self, keys: Sequence[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
+        return self._run(self.node.get_many(keys, latest))
+
+    def get_visible_addresses(self) -> list[str]:
+        """Addresses other peers can use to join through this one (empty in client mode)."""
+        return [str(a) for a in self.node.p2p.get_visible_addresses()]
+
+    def add_validators(self, validators: Iterable[RecordValidator]) -> None:
+        self._loop.call_soon_threadsafe(self.node.validator.extend, list(validators))
+
+    def run_coroutine(self, fn: Callable[["DHT", DHTNode], Awaitable[T]], return_future: bool = False) -> Any:
+        """Run ``await fn(dht, node)`` on the DHT's event loop; returns its result (or a Future)."""
+        return self._run(fn(self, self.node), return_future)
+
+    def shutdown(self) -> None:
+        """Leave the DHT: close connections and stop the background thread (idempotent)."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        try:
+            self._run(self.node.shutdown())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> "DHT":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            if not self._shutdown_done and self._thread.is_alive():
+                self.shutdown()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"DHT({self.peer_id}, {len(self.node.routing_table)} peers in the routing table)"

@@ -1,0 +1,548 @@
+"""DHTNode: the asyncio-native Kademlia node (see :class:`dht.DHT` for the synchronous facade).
+
+>>> node = await DHTNode.create(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."], host="127.0.0.1")
+>>> await node.store("key", {"any": "msgpack value"}, expiration_time=get_dht_time() + 60)
+True
+>>> await node.get("key")
+ValueWithExpiration(value={'any': 'msgpack value'}, expiration_time=...)
+
+Stores go to the ``num_replicas`` (default k = 20) nodes closest to the key; gets walk towards the
+key and stop at the first live value (``latest=True``: ask all k closest and merge, newest wins),
+then cache the value at the closest node on the path that lacked it. Nodes republish what they hold
+every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
+buckets every ``refresh_interval``, and drop peers that stop answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import msgpack
+
+from .addresses import PeerAddress
+from .errors import BadRequestError, P2PError
+from .identity import Identity, PeerID
+from .multiplex import Limits
+from .p2p import P2P, CallContext
+from .protocol import (VERSION, DHTLimits, StoreItem, decode_entry, encode_entry, parse_find, parse_find_response,
+                       parse_ping, parse_store, parse_store_response)
+from .routing import DHTID, RoutingTable
+from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
+from .traverse import iterative_lookup
+from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
+
+__all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
+
+logger = logging.getLogger(__name__)
+MAX_CLOCK_SKEW = 3.0  # seconds; peers further off than this are warned about
+
+
+def get_dht_time() -> float:
+    """DHT time: wall-clock seconds since the epoch (peers must agree within a few seconds)."""
+    return time.time()
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"DHT keys and values must be msgpack-serializable: {e}") from None
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst, self.tokens, self.updated = rate, burst, burst, now
+
+    def take(self, n: int, now: float) -> int:
+        """Take up to ``n`` tokens; returns how many were granted."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        granted = int(min(n, self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+class DHTNode:
+    """A Kademlia node over a :class:`dht.P2P` peer. Create with :meth:`create`."""
+
+    def __init__(self, p2p: P2P, *, bucket_size: int = 20, alpha: int = 3, num_replicas: int | None = None,
+                 depth_modulo: int = 5, client_mode: bool = False, record_validators: Iterable[RecordValidator] = (),
+                 limits: DHTLimits | None = None, rpc_timeout: float = 3.0, refresh_interval: float = 60.0,
+                 republish_interval: float = 600.0, cache_size: int = 10_000,
+                 clock: Callable[[], float] = get_dht_time, rng: random.Random | None = None):
+        self.p2p = p2p
+        self.peer_id = p2p.peer_id
+        self.node_id = DHTID.of_peer(p2p.peer_id)
+        self.k, self.alpha = bucket_size, alpha
+        self.num_replicas = num_replicas or bucket_size
+        self.client_mode = client_mode
+        self.limits = limits or DHTLimits()
+        self.rpc_timeout = rpc_timeout
+        self.refresh_interval, self.republish_interval = refresh_interval, republish_interval
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.routing_table = RoutingTable(self.node_id, bucket_size, depth_modulo)
+        self.storage = Storage(self.limits.max_entries, self.limits.max_entries_per_peer)
+        self.cache = Storage(cache_size, cache_size)
+        self.signature_validator = SignatureValidator(p2p.identity)
+        self.validator = CompositeValidator([self.signature_validator, *record_validators])
+        self._buckets: dict[PeerID, _TokenBucket] = {}
+        self._backoff: dict[PeerID, tuple[float, int]] = {}  # peer -> (excluded until, failures)
+        self._skew_warned: set[PeerID] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._background: list[asyncio.Task] = []
+        self.is_alive = True
+        p2p.add_unary_handler("dht.ping", self._rpc_ping)
+        p2p.add_unary_handler("dht.store", self._rpc_store)
+        p2p.add_unary_handler("dht.find", self._rpc_find)
+
+    @classmethod
+    async def create(cls, initial_peers: Sequence[str | PeerAddress] = (), *, p2p: P2P | None = None,
+                     host: str = "0.0.0.0", port: int = 0, identity: Identity | None = None,
+                     identity_path: str | None = None, client_mode: bool = False, p2p_limits: Limits | None = None,
+                     ensure_bootstrap_success: bool = True, **kwargs: Any) -> "DHTNode":
+        """Start a node (and its P2P peer unless ``p2p`` is given) and join via ``initial_peers``.
+
+        Raises PeerUnreachableError naming every initial peer that failed if none could be reached
+        (with ``ensure_bootstrap_success``, the default)."""
+        if p2p is None:
+            p2p = await P2P.create(host=host, port=port, identity=identity, identity_path=identity_path,
+                                   client_mode=client_mode, limits=p2p_limits)
+        node = cls(p2p, client_mode=client_mode, **kwargs)
+        try:
+            await node.bootstrap(initial_peers, ensure_success=ensure_bootstrap_success)
+        except BaseException:
+            await node.shutdown()
+            raise
+        node._background = [asyncio.ensure_future(node._refresh_loop()), asyncio.ensure_future(node._republish_loop())]
+        return node
+
+    # ---- joining ---------------------------------------------------------------------------
+    async def bootstrap(self, initial_peers: Sequence[str | PeerAddress], ensure_success: bool = True) -> None:
+        """Contact ``initial_peers``, then look up our own id to fill the routing table."""
+        from .errors import PeerUnreachableError
+
+        failures = []
+
+        async def contact(address: str | PeerAddress) -> None:
+            try:
+                address = PeerAddress.parse(address) if isinstance(address, str) else address
+                peer_id = await asyncio.wait_for(self.p2p.connect(address), self.rpc_timeout * 2)
+                if not await self.ping(peer_id):
+                    raise P2PError("no answer to the DHT ping")
+            except (P2PError, ValueError, asyncio.TimeoutError) as e:
+                failures.append(f"{address}: {e or type(e).__name__}")
+
+        await asyncio.gather(*(contact(a) for a in initial_peers))
+        if initial_peers and failures and len(failures) == len(initial_peers) and ensure_success:
+            raise PeerUnreachableError("could not join the DHT: no initial peer answered: " + "; ".join(failures))
+        for failure in failures:
+            logger.warning("initial peer %s", failure)
+        if len(self.routing_table):
+            await self.find_nearest_nodes(self.node_id)
+            await self._refresh_buckets(max_buckets=4)
+
+    # ---- RPC client side -------------------------------------------------------------------
+    def _request(self, **fields: Any) -> dict:
+        return {"v": VERSION, "server": not self.client_mode, **fields}
+
+    def _excluded(self, peer_id: PeerID) -> bool:
+        until = self._backoff.get(peer_id, (0.0, 0))[0]
+        return until > time.monotonic()
+
+    def _on_failure(self, peer_id: PeerID, error: BaseException) -> None:
+        logger.debug("DHT peer %s failed: %s", peer_id.short(), error)
+        self.routing_table.remove(peer_id)
+        _, failures = self._backoff.get(peer_id, (0.0, 0))
+        self._backoff[peer_id] = (time.monotonic() + min(5.0 * 2 ** failures, 300.0), failures + 1)
+
+    def _on_success(self, peer_id: PeerID, server: bool) -> None:
+        self._backoff.pop(peer_id, None)
+        if server:
+            self._add_contact(peer_id)
+
+    def _add_contact(self, peer_id: PeerID) -> None:
+        is_new = peer_id not in self.routing_table
+        stale = self.routing_table.add_or_update(peer_id)
+        if stale is not None:
+            self._spawn(self._check_stale(stale))
+        elif is_new and peer_id in self.routing_table and len(self.storage):
+            self._spawn(self._hand_over_records(peer_id))
+
+    async def _call(self, peer_id: PeerID, method: str, request: dict) -> Any:
+        try:
+            response = await self.p2p.call(peer_id, method, request, timeout=self.rpc_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._on_failure(peer_id, e)
+            raise
+        return response
+
+    async def ping(self, peer_id: PeerID) -> bool:
+        """Ping over the DHT protocol (adds a server peer to the routing table, checks its clock)."""
+        sent = self.clock()
+        try:
+            response = await self._call(peer_id, "dht.ping", self._request(t=sent))
+            server, their_time = parse_ping(response)
+        except (P2PError, asyncio.TimeoutError, BadRequestError):
+            return False
+        if their_time is not None:
+            skew = their_time - (sent + self.clock()) / 2
+            if abs(skew) > MAX_CLOCK_SKEW and peer_id not in self._skew_warned:
+                self._skew_warned.add(peer_id)
+                logger.warning("the clock of peer %s is %.1f s off ours: expirations will be inaccurate; "
+                               "check that NTP is running (here or there)", peer_id, skew)
+        self._on_success(peer_id, server)
+        return True
+
+    async def _check_stale(self, peer_id: PeerID) -> None:
+        if not await self.ping(peer_id):
+            self.routing_table.remove(peer_id)  # its bucket's newest replacement takes its place
+
+    async def _find(self, peer_id: PeerID, key_ids: list[int]) -> list[tuple[Entry | None, list[tuple[PeerID, int]]]] | None:
+        """One dht.find RPC; None if the peer failed. Learns the contacts' addresses."""
+        try:
+            response = await self._call(peer_id, "dht.find", self._request(
+                keys=[DHTID(k).to_bytes20() for k in key_ids], k=self.k))
+            results = parse_find_response(response, len(key_ids))
+        except (P2PError, asyncio.TimeoutError) as e:
+            self._on_failure(peer_id, e)
+            return None
+        self._on_success(peer_id, True)
+        parsed = []
+        for entry, peers in results:
+            contacts = []
+            for contact, addresses in peers:
+                if contact == self.peer_id:
+                    continue
+                try:
+                    self.p2p.add_addresses(contact, addresses)
+                except ValueError:
+                    continue
+                contacts.append((contact, DHTID.of_peer(contact)))
+            parsed.append((entry, contacts))
+        return parsed
+
+    def _initial_contacts(self, target: int) -> list[tuple[PeerID, int]]:
+        return [(p, i) for p, i in self.routing_table.nearest(target, self.k * 2) if not self._excluded(p)][:self.k]
+
+    async def find_nearest_nodes(self, target: int, k: int | None = None) -> list[tuple[PeerID, int]]:
+        """The ``k`` (default: bucket size) responsive nodes closest to ``target``, closest first."""
+
+        async def query(peer_id: PeerID):
+            found = await self._find(peer_id, [target])
+            return None if found is None else found[0][1]
+
+        result = await iterative_lookup(target, self._initial_contacts(target), query, k=k or self.k,
+                                        alpha=self.alpha, exclude=self.peer_id)
+        return result.nearest
+
+    # ---- store -----------------------------------------------------------------------------
+    async def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
+        """Store ``value`` under ``key`` (and ``subkey``) until ``expiration_time`` (DHT time).
+
+        True if at least one replica accepted it. Raises ValidationError (a ValueError) if a local
+        validator rejects the record (e.g. schema violation, or a key owned by someone else)."""
+        return (await self.store_many([(key, value, expiration_time, subkey)]))[0]
+
+    async def store_many(self, items: Sequence[tuple[Any, Any, float, Any]]) -> list[bool]:
+        """Store many ``(key, value, expiration_time, subkey)`` at once: one lookup per distinct key,
+        then one batched dht.store per replica node. Returns one bool per item."""
+        prepared: list[tuple[int, StoreItem]] = []
+        for key, value, expiration_time, subkey in items:
+            if not (isinstance(expiration_time, (int, float)) and math.isfinite(expiration_time)):
+                raise ValueError(f"expiration_time must be a finite number, got {expiration_time!r}")
+            record = DHTRecord(_pack(key), None if subkey is None else _pack(subkey), _pack(value),
+                               float(expiration_time))
+            signed = self.validator.sign_value(record)
+            record = DHTRecord(record.key, record.subkey, signed, record.expiration_time)
+            self.validator.validate(record)  # ValidationError: the caller's mistake, said clearly
+            if len(signed) > self.limits.max_value_size:
+                raise ValueError(f"value of {len(signed)} bytes exceeds the DHT limit of "
+                                 f"{self.limits.max_value_size} bytes")
+            prepared.append((DHTID.of_key(record.key), StoreItem(record.key, record.subkey, signed,
+                                                                record.expiration_time, False)))
+        return await self._store_prepared(prepared)
+
+    async def _store_prepared(self, prepared: list[tuple[int, StoreItem]], exclude: PeerID | None = None) -> list[bool]:
+        key_ids = sorted({key_id for key_id, _ in prepared})
+        nearest: dict[int, list[tuple[PeerID, int]]] = {}
+        semaphore = asyncio.Semaphore(64)
+
+        async def locate(key_id: int) -> None:
+            async with semaphore:
+                nearest[key_id] = await self.find_nearest_nodes(key_id, self.num_replicas)
+
+        await asyncio.gather(*(locate(key_id) for key_id in key_ids))
+        now = self.clock()
+        outcome = [False] * len(prepared)
+        per_peer: dict[PeerID, list[int]] = {}
+        for index, (key_id, item) in enumerate(prepared):
+            replicas = [(p, node_id) for p, node_id in nearest[key_id] if p != exclude]
+            if not self.client_mode:
+                replicas.append((self.peer_id, self.node_id))
+                replicas.sort(key=lambda r: r[1] ^ key_id)
+            for peer_id, _ in replicas[:self.num_replicas]:
+                if peer_id == self.peer_id:
+                    outcome[index] |= self._store_locally(key_id, item, now, origin=self.peer_id) is True
+                else:
+                    per_peer.setdefault(peer_id, []).append(index)
+
+        async def send(peer_id: PeerID, indices: list[int]) -> None:
+            for start in range(0, len(indices), self.limits.max_items_per_store):
+                chunk = indices[start:start + self.limits.max_items_per_store]
+                request = self._request(items=[[prepared[i][1].key, prepared[i][1].subkey, prepared[i][1].value,
+                                                 prepared[i][1].expiration_time, False] for i in chunk])
+                try:
+                    answers = parse_store_response(await self._call(peer_id, "dht.store", request), len(chunk))
+                except (P2PError, asyncio.TimeoutError):
+                    return
+                for i, answer in zip(chunk, answers):
+                    outcome[i] |= answer is True
+
+        await asyncio.gather(*(send(p, idx) for p, idx in per_peer.items()))
+        return outcome
+
+    def _store_locally(self, key_id: int, item: StoreItem, now: float, origin: Any) -> bool | str:
+        """Validate and store one incoming item; True, False (older than ours) or a refusal reason."""
+        if len(item.value) > self.limits.max_value_size:
+            return f"value of {len(item.value)} bytes exceeds the limit of {self.limits.max_value_size}"
+        if item.expiration_time > now + self.limits.max_ttl:
+            return f"expiration is more than {self.limits.max_ttl:.0f} s in the future"
+        if item.expiration_time <= now:
+            return "already expired"
+        try:
+            self.validator.validate(DHTRecord(item.key, item.subkey, item.value, item.expiration_time))
+        except ValidationError as e:
+            return f"invalid record: {e}"
+        target = self.cache if item.in_cache else self.storage
+        try:
+            return target.store(key_id, item.key, item.subkey, item.value, item.expiration_time, now, origin)
+        except StoreRefused as e:
+            return str(e)
+
+    # ---- get -------------------------------------------------------------------------------
+    async def get(self, key: Any, latest: bool = False) -> ValueWithExpiration | None:
+        """The value under ``key`` (None if absent or expired). For a dictionary key, ``.value`` maps
+        each subkey to a ValueWithExpiration. ``latest=True`` asks all k closest nodes and merges."""
+        return (await self.get_many([key], latest=latest))[key]
+
+    async def get_many(self, keys: Sequence[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
+        """Get several keys at once (lookups run concurrently)."""
+        results = await asyncio.gather(*(self._get_one(_pack(key), latest) for key in keys))
+        return dict(zip(keys, results))
+
+    async def _get_one(self, key_bytes: bytes, latest: bool) -> ValueWithExpiration | None:
+        key_id = DHTID.of_key(key_bytes)
+        now = self.clock()
+        best: Entry | None = None
+        for local in (self.storage.get(key_id, now), self.cache.get(key_id, now)):
+            best = self._merge(best, local, key_bytes)
+        lacking: list[tuple[int, PeerID]] = []  # (distance, peer) of nodes on the path without the value
+        if best is None or latest:
+            found_any = best is not None
+
+            async def query(peer_id: PeerID):
+                nonlocal best, found_any
+                found = await self._find(peer_id, [key_id])
+                if found is None:
+                    return None
+                entry, contacts = found[0]
+                if entry is None:
+                    lacking.append((DHTID.of_peer(peer_id) ^ key_id, peer_id))
+                best = self._merge(best, entry, key_bytes)
+                found_any = best is not None
+                return contacts
+
+            await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.k, alpha=self.alpha,
+                                   done=lambda: found_any and not latest, exclude=self.peer_id)
+            if best is not None and lacking:
+                self._spawn(self._cache_at(min(lacking)[1], key_id, best))
+        if best is None:
+            return None
+        if best.regular is not None:  # dictionaries grow across peers: a cached copy would hide new subkeys
+            self.cache.store(key_id, key_bytes, None, *best.regular, now, origin=None)
+        return self._to_user_value(best)
+
+    def _merge(self, best: Entry | None, entry: Entry | None, key_bytes: bytes) -> Entry | None:
+        """Merge a (validated) entry into the best so far: newest regular value or subkey wins."""
+        if entry is None:
+            return best
+        now = self.clock()
+        if entry.key_bytes != key_bytes:
+            return best
+        valid = Entry(key_bytes)
+        if entry.regular is not None:
+            if self._valid(key_bytes, None, *entry.regular, now):
+                valid.regular = entry.regular
+        for subkey, (value, exp) in entry.subkeys.items():
+            if self._valid(key_bytes, subkey, value, exp, now):
+                valid.subkeys[subkey] = (value, exp)
+        if valid.empty:
+            return best
+        if best is None:
+            return valid
+        if valid.regular is not None or best.regular is not None:
+            return valid if valid.expiration_time > best.expiration_time else best
+        merged = Entry(key_bytes, subkeys=dict(best.subkeys))
+        for subkey, (value, exp) in valid.subkeys.items():
+            if subkey not in merged.subkeys or exp > merged.subkeys[subkey][1]:
+                merged.subkeys[subkey] = (value, exp)
+        return merged
+
+    def _valid(self, key: bytes, subkey: bytes | None, value: bytes, exp: float, now: float) -> bool:
+        if exp <= now:
+            return False
+        try:
+            self.validator.validate(DHTRecord(key, subkey, value, exp))
+            return True
+        except ValidationError as e:
+            logger.info("dropped an invalid record returned by a peer: %s", e)
+            return False
+
+    def _to_user_value(self, entry: Entry) -> ValueWithExpiration | None:
+        def decode(subkey: bytes | None, value: bytes, exp: float) -> Any:
+            return _unpack(self.validator.strip_value(DHTRecord(entry.key_bytes, subkey, value, exp)))
+
+        try:
+            if entry.regular is not None:
+                value, exp = entry.regular
+                return ValueWithExpiration(decode(None, value, exp), exp)
+            return ValueWithExpiration({_unpack(s): ValueWithExpiration(decode(s, v, e), e)
+                                        for s, (v, e) in entry.subkeys.items()}, entry.expiration_time)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            logger.info("dropped an undecodable value: %s", e)
+            return None
+
+    async def _cache_at(self, peer_id: PeerID, key_id: int, entry: Entry) -> None:
+        items = [[entry.key_bytes, None, *entry.regular, True]] if entry.regular else \
+            [[entry.key_bytes, s, v, e, True] for s, (v, e) in entry.subkeys.items()]
+        try:
+            await self._call(peer_id, "dht.store", self._request(items=items[:self.limits.max_items_per_store]))
+        except (P2PError, asyncio.TimeoutError):
+            pass
+
+    # ---- RPC server side -------------------------------------------------------------------
+    async def _rpc_ping(self, request: Any, ctx: CallContext) -> dict:
+        server, _ = parse_ping(request)
+        self._on_success(ctx.peer_id, server)
+        return {"v": VERSION, "server": not self.client_mode, "t": self.clock()}
+
+    async def _rpc_store(self, request: Any, ctx: CallContext) -> dict:
+        server, items = parse_store(request, self.limits)
+        now = self.clock()
+        bucket = self._buckets.get(ctx.peer_id)
+        if bucket is None:
+            if len(self._buckets) > 10_000:
+                self._buckets.clear()
+            bucket = self._buckets[ctx.peer_id] = _TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
+        allowed = bucket.take(len(items), time.monotonic())
+        answers: list[bool | str] = []
+        for index, item in enumerate(items):
+            if index >= allowed:
+                answers.append("rate limit: too many stores from this peer, retry later")
+                continue
+            answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id))
+        self._on_success(ctx.peer_id, server)
+        return {"v": VERSION, "ok": answers}
+
+    async def _rpc_find(self, request: Any, ctx: CallContext) -> dict:
+        server, keys, k = parse_find(request, self.limits)
+        now = self.clock()
+        results = []
+        for raw in keys:
+            key_id = DHTID.from_bytes20(raw)
+            entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
+            contacts = [[p.raw, [str(a.without_peer_id()) for a in self.p2p.get_addresses(p)]]
+                        for p, _ in self.routing_table.nearest(key_id, k, exclude=ctx.peer_id)]
+            results.append([encode_entry(entry), contacts])
+        self._on_success(ctx.peer_id, server)
+        return {"v": VERSION, "results": results}
+
+    # ---- maintenance -----------------------------------------------------------------------
+    async def _hand_over_records(self, newcomer: PeerID) -> None:
+        """Give a new neighbour the records it is now among the closest nodes for."""
+        now = self.clock()
+        new_id = DHTID.of_peer(newcomer)
+        items = []
+        for key_id, entry in self.storage.items(now):
+            nearest = self.routing_table.nearest(key_id, self.num_replicas)
+            if (newcomer, new_id) not in nearest:
+                continue
+            if entry.regular is not None:
+                items.append([entry.key_bytes, None, entry.regular[0], entry.regular[1], False])
+            else:
+                items.extend([entry.key_bytes, s, v, e, False] for s, (v, e) in entry.subkeys.items())
+            if len(items) >= self.limits.max_items_per_store:
+                break
+        if items:
+            try:
+                await self._call(newcomer, "dht.store", self._request(items=items))
+            except (P2PError, asyncio.TimeoutError):
+                pass
+
+    async def _refresh_buckets(self, max_buckets: int = 8) -> None:
+        buckets = [b for b in self.routing_table.buckets if not b.covers(self.node_id)]
+        self.rng.shuffle(buckets)
+        await asyncio.gather(*(self.find_nearest_nodes(DHTID.random(self.rng, b.lower, b.upper))
+                               for b in buckets[:max_buckets]), return_exceptions=True)
+
+    async def _refresh_loop(self) -> None:
+        while self.is_alive:
+            await asyncio.sleep(self.refresh_interval * self.rng.uniform(0.8, 1.2))
+            try:
+                await self._refresh_buckets()
+                if not len(self.routing_table):
+                    for peer_id in self.p2p.connected_peers():
+                        await self.ping(peer_id)
+            except Exception:
+                logger.exception("bucket refresh failed")
+
+    async def republish(self) -> int:
+        """Store every record this node holds again at the current closest nodes; returns the count."""
+        now = self.clock()
+        prepared = []
+        for key_id, entry in self.storage.items(now):
+            if entry.regular is not None:
+                prepared.append((key_id, StoreItem(entry.key_bytes, None, *entry.regular, False)))
+            else:
+                prepared.extend((key_id, StoreItem(entry.key_bytes, s, v, e, False)) for s, (v, e) in entry.subkeys.items())
+        if prepared:
+            await self._store_prepared(prepared)
+        return len(prepared)
+
+    async def _republish_loop(self) -> None:
+        while self.is_alive:
+            await asyncio.sleep(self.republish_interval * self.rng.uniform(0.9, 1.1))
+            try:
+                await self.republish()
+            except Exception:
+                logger.exception("republishing failed")
+
+    def _spawn(self, coro: Any) -> None:
+        if not self.is_alive:
+            coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """Stop maintenance and shut the P2P peer down."""
+        if not self.is_alive:
+            return
+        self.is_alive = False
+        for task in [*self._background, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        await self.p2p.shutdown()

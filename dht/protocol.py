@@ -1,0 +1,162 @@
+"""DHT wire messages (version 1): msgpack maps, validated on receipt, bounded in size and count.
+
+=============  ======================================================================================
+method         request -> response
+=============  ======================================================================================
+``dht.ping``   ``{"v": 1, "server": bool, "t": DHT time}`` -> ``{"v": 1, "server": bool, "t": DHT time}``
+``dht.store``  ``{"v": 1, "server": bool, "items": [[key, subkey|None, value, expiration, in_cache], ...]}``
+               -> ``{"v": 1, "ok": [true | "reason it was refused", ...]}`` (one per item)
+``dht.find``   ``{"v": 1, "server": bool, "keys": [20-byte key id, ...], "k": int}``
+               -> ``{"v": 1, "results": [[entry | None, [[peer id, [address, ...]], ...]], ...]}``
+=============  ======================================================================================
+
+``key``, ``subkey`` and ``value`` are msgpack bytes; an ``entry`` is ``[key, value, expiration]``
+for a regular value or ``[key, [[subkey, value, expiration], ...]]`` for a dictionary. ``server``
+says whether the sender accepts inbound calls (client-mode peers are never put in routing tables).
+The caller's PeerID is not in the message: the transport authenticated it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequestError, ProtocolError
+from .identity import IdentityError, PeerID
+from .storage import Entry
+
+__all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_find", "encode_entry", "decode_entry",
+           "parse_find_response", "parse_store_response", "StoreItem"]
+
+VERSION = 1
+
+
+@dataclass
+class DHTLimits:
+    """What one DHT node accepts (bytes, counts, seconds)."""
+
+    max_value_size: int = 256 << 10  # serialized value (signature included)
+    max_key_size: int = 1024  # serialized key or subkey
+    max_items_per_store: int = 4096
+    max_keys_per_find: int = 512
+    max_ttl: float = 30 * 86400.0  # expirations further in the future are "absurd" and refused
+    max_entries: int = 200_000  # stored entries (each subkey counts)
+    max_entries_per_peer: int = 20_000  # entries stored on behalf of one peer
+    store_rate: float = 5000.0  # items per second one peer may store here (token bucket)
+    store_burst: float = 50_000.0
+
+
+@dataclass(frozen=True)
+class StoreItem:
+    key: bytes
+    subkey: bytes | None
+    value: bytes
+    expiration_time: float
+    in_cache: bool
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise BadRequestError(what)
+
+
+def _common(request: Any) -> dict:
+    _require(isinstance(request, dict), "request must be a map")
+    _require(request.get("v") == VERSION, f"unsupported DHT protocol version {request.get('v')!r} (we speak {VERSION})")
+    _require(isinstance(request.get("server", False), bool), "'server' must be a bool")
+    return request
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_ping(request: Any) -> tuple[bool, float | None]:
+    request = _common(request)
+    t = request.get("t")
+    return request.get("server", False), (float(t) if _finite(t) else None)
+
+
+def parse_store(request: Any, limits: DHTLimits) -> tuple[bool, list[StoreItem]]:
+    request = _common(request)
+    items = request.get("items")
+    _require(isinstance(items, list), "'items' must be a list")
+    _require(len(items) <= limits.max_items_per_store, f"too many items ({len(items)} > {limits.max_items_per_store})")
+    parsed = []
+    for item in items:
+        _require(isinstance(item, list) and len(item) == 5, "each item is [key, subkey, value, expiration, in_cache]")
+        key, subkey, value, expiration, in_cache = item
+        _require(isinstance(key, bytes) and 0 < len(key) <= limits.max_key_size, "bad key")
+        _require(subkey is None or (isinstance(subkey, bytes) and 0 < len(subkey) <= limits.max_key_size), "bad subkey")
+        _require(isinstance(value, bytes), "value must be bytes")
+        _require(_finite(expiration), "expiration must be a finite number")
+        _require(isinstance(in_cache, bool), "in_cache must be a bool")
+        parsed.append(StoreItem(key, subkey, value, float(expiration), in_cache))
+    return request.get("server", False), parsed
+
+
+def parse_find(request: Any, limits: DHTLimits) -> tuple[bool, list[bytes], int]:
+    request = _common(request)
+    keys, k = request.get("keys"), request.get("k", 20)
+    _require(isinstance(keys, list) and len(keys) <= limits.max_keys_per_find, "'keys' must be a short list")
+    _require(all(isinstance(key, bytes) and len(key) == 20 for key in keys), "key ids are 20 bytes")
+    _require(isinstance(k, int) and 1 <= k <= 64, "'k' must be an integer in [1, 64]")
+    return request.get("server", False), keys, k
+
+
+def encode_entry(entry: Entry | None) -> list | None:
+    if entry is None:
+        return None
+    if entry.regular is not None:
+        return [entry.key_bytes, entry.regular[0], entry.regular[1]]
+    return [entry.key_bytes, [[s, v, e] for s, (v, e) in entry.subkeys.items()]]
+
+
+def decode_entry(data: Any) -> Entry | None:
+    """Parse an entry from a find response; ProtocolError if malformed."""
+    if data is None:
+        return None
+    try:
+        if len(data) == 3:
+            key, value, exp = data
+            if isinstance(key, bytes) and isinstance(value, bytes) and _finite(exp):
+                return Entry(key, regular=(value, float(exp)))
+        elif len(data) == 2 and isinstance(data[0], bytes) and isinstance(data[1], list) and len(data[1]) <= 65536:
+            entry = Entry(data[0])
+            for subkey, value, exp in data[1]:
+                if not (isinstance(subkey, bytes) and isinstance(value, bytes) and _finite(exp)):
+                    raise ValueError
+                entry.subkeys[subkey] = (value, float(exp))
+            return entry
+    except (TypeError, ValueError):
+        pass
+    raise ProtocolError("malformed DHT entry")
+
+
+def parse_find_response(response: Any, num_keys: int) -> list[tuple[Entry | None, list[tuple[PeerID, list[str]]]]]:
+    if not isinstance(response, dict) or not isinstance(response.get("results"), list):
+        raise ProtocolError("malformed find response")
+    results = response["results"]
+    if len(results) != num_keys:
+        raise ProtocolError(f"find response has {len(results)} results for {num_keys} keys")
+    parsed = []
+    for result in results:
+        if not isinstance(result, list) or len(result) != 2 or not isinstance(result[1], list) or len(result[1]) > 64:
+            raise ProtocolError("malformed find result")
+        peers = []
+        for peer in result[1]:
+            try:
+                raw, addrs = peer
+                if isinstance(addrs, list) and len(addrs) <= 16 and all(isinstance(a, str) and len(a) < 256 for a in addrs):
+                    peers.append((PeerID(raw), addrs))
+            except (TypeError, ValueError, IdentityError):
+                continue  # skip a malformed contact, keep the rest
+        parsed.append((decode_entry(result[0]), peers))
+    return parsed
+
+
+def parse_store_response(response: Any, num_items: int) -> list[bool | str]:
+    if not isinstance(response, dict) or not isinstance(response.get("ok"), list) or len(response["ok"]) != num_items:
+        raise ProtocolError("malformed store response")
+    return [x if isinstance(x, bool) else str(x)[:200] for x in response["ok"]]

@@ -1,0 +1,165 @@
+"""Kademlia routing: 160-bit DHT ids, the XOR metric, and a k-bucket routing table.
+
+Node ids are derived from PeerIDs (``DHTID.of_peer``), key ids from the msgpack bytes of the key
+(``DHTID.of_key``); both are the first 160 bits of a SHA-256, so nobody picks their position.
+Buckets split when they cover this node's own id or when their depth is not a multiple of
+``depth_modulo`` (hivemind's relaxation, which keeps more contacts far from us). A full bucket keeps
+newcomers in a replacement cache and asks the caller to ping its least-recently-seen node: if that
+node answers it stays (stable nodes are preferred), otherwise it is replaced.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+from dataclasses import dataclass
+
+from .identity import PeerID
+
+__all__ = ["DHTID", "KBucket", "RoutingTable", "ID_BITS"]
+
+ID_BITS = 160
+ID_MAX = 1 << ID_BITS
+
+
+class DHTID(int):
+    """A 160-bit identifier on the Kademlia ring."""
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> "DHTID":
+        return cls(int.from_bytes(hashlib.sha256(data).digest()[:ID_BITS // 8], "big"))
+
+    @classmethod
+    def of_peer(cls, peer_id: PeerID) -> "DHTID":
+        return cls.of_bytes(b"swarm-node:" + peer_id.raw)
+
+    @classmethod
+    def of_key(cls, key_bytes: bytes) -> "DHTID":
+        """Id of a key, given the key's msgpack serialization."""
+        return cls.of_bytes(b"swarm-key:" + key_bytes)
+
+    @classmethod
+    def random(cls, rng: random.Random | None = None, lower: int = 0, upper: int = ID_MAX) -> "DHTID":
+        return cls((rng or random).randrange(lower, upper))
+
+    def to_bytes20(self) -> bytes:
+        return int(self).to_bytes(ID_BITS // 8, "big")
+
+    @classmethod
+    def from_bytes20(cls, data: bytes) -> "DHTID":
+        if not isinstance(data, bytes) or len(data) != ID_BITS // 8:
+            raise ValueError("a DHT id is 20 bytes")
+        return cls(int.from_bytes(data, "big"))
+
+    def xor_distance(self, other: int) -> int:
+        return int(self) ^ int(other)
+
+
+@dataclass
+class KBucket:
+    """Nodes whose ids lie in ``[lower, upper)``, least recently seen first."""
+
+    lower: int
+    upper: int
+    depth: int
+    size: int
+
+    def __post_init__(self) -> None:
+        self.nodes: collections.OrderedDict[PeerID, DHTID] = collections.OrderedDict()
+        self.replacements: collections.OrderedDict[PeerID, DHTID] = collections.OrderedDict()
+
+    def covers(self, node_id: int) -> bool:
+        return self.lower <= node_id < self.upper
+
+    def split(self) -> tuple["KBucket", "KBucket"]:
+        middle = (self.lower + self.upper) // 2
+        left = KBucket(self.lower, middle, self.depth + 1, self.size)
+        right = KBucket(middle, self.upper, self.depth + 1, self.size)
+        for source, attr in ((self.nodes, "nodes"), (self.replacements, "replacements")):
+            for peer_id, node_id in source.items():
+                getattr(left if left.covers(node_id) else right, attr)[peer_id] = node_id
+        return left, right
+
+
+class RoutingTable:
+    """The k-bucket table of one node (``own_id``); not thread-safe, used from one event loop."""
+
+    def __init__(self, own_id: DHTID, bucket_size: int = 20, depth_modulo: int = 5):
+        self.own_id = own_id
+        self.bucket_size = bucket_size
+        self.depth_modulo = depth_modulo
+        self.buckets = [KBucket(0, ID_MAX, 0, bucket_size)]
+        self._ids: dict[PeerID, DHTID] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, peer_id: PeerID) -> bool:
+        return peer_id in self._ids
+
+    def bucket_index(self, node_id: int) -> int:
+        lo, hi = 0, len(self.buckets)
+        while lo < hi:  # buckets are sorted and contiguous
+            mid = (lo + hi) // 2
+            if node_id < self.buckets[mid].lower:
+                hi = mid
+            elif node_id >= self.buckets[mid].upper:
+                lo = mid + 1
+            else:
+                return mid
+        raise ValueError("id out of range")
+
+    def add_or_update(self, peer_id: PeerID, node_id: DHTID | None = None) -> PeerID | None:
+        """Record that ``peer_id`` was seen. Returns a least-recently-seen node to ping when the
+        bucket is full (the newcomer waits in the replacement cache), else None."""
+        node_id = node_id if node_id is not None else DHTID.of_peer(peer_id)
+        if node_id == self.own_id:
+            return None
+        while True:
+            index = self.bucket_index(node_id)
+            bucket = self.buckets[index]
+            if peer_id in bucket.nodes:
+                bucket.nodes.move_to_end(peer_id)
+                return None
+            if len(bucket.nodes) < bucket.size:
+                bucket.nodes[peer_id] = node_id
+                bucket.replacements.pop(peer_id, None)
+                self._ids[peer_id] = node_id
+                return None
+            if bucket.covers(self.own_id) or bucket.depth % self.depth_modulo != 0:
+                self.buckets[index:index + 1] = bucket.split()
+                continue
+            bucket.replacements[peer_id] = node_id
+            bucket.replacements.move_to_end(peer_id)
+            while len(bucket.replacements) > bucket.size:
+                bucket.replacements.popitem(last=False)
+            return next(iter(bucket.nodes))
+
+    def remove(self, peer_id: PeerID) -> bool:
+        """Drop an unresponsive node; its bucket's most recent replacement takes its place."""
+        node_id = self._ids.pop(peer_id, None)
+        if node_id is None:
+            for bucket in self.buckets:
+                bucket.replacements.pop(peer_id, None)
+            return False
+        bucket = self.buckets[self.bucket_index(node_id)]
+        bucket.nodes.pop(peer_id, None)
+        if bucket.replacements:
+            new_peer, new_id = bucket.replacements.popitem(last=True)
+            bucket.nodes[new_peer] = new_id
+            self._ids[new_peer] = new_id
+        return True
+
+    def get_id(self, peer_id: PeerID) -> DHTID | None:
+        return self._ids.get(peer_id)
+
+    def nearest(self, target: int, k: int, exclude: PeerID | None = None) -> list[tuple[PeerID, DHTID]]:
+        """Up to ``k`` known nodes closest to ``target`` by XOR distance, closest first."""
+        candidates = [(node_id ^ target, peer_id, node_id) for peer_id, node_id in self._ids.items()
+                      if peer_id != exclude]
+        candidates.sort(key=lambda item: item[0])
+        return [(peer_id, node_id) for _, peer_id, node_id in candidates[:k]]
+
+    def all_peers(self) -> list[PeerID]:
+        return list(self._ids)
