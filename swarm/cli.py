@@ -92,6 +92,39 @@ async def _ping(args: argparse.Namespace) -> int:
     return 1 if failures == args.count else 0
 
 
+async def _dht(args: argparse.Namespace) -> int:
+    from dht import DHTNode, P2PError
+
+    log = logging.getLogger("swarm.dht")
+    try:
+        node = await DHTNode.create(args.initial_peers, host=args.host, port=args.port,
+                                    identity_path=args.identity, client_mode=args.client_mode)
+    except (P2PError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    mode = "client mode (not reachable by others)" if args.client_mode else "others can join with"
+    print(f"DHT peer {node.peer_id} running; {mode}:", flush=True)
+    for address in node.p2p.get_visible_addresses():
+        print(f"  --initial-peers {address}", flush=True)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(args.report_interval)
+            message = (f"routing table: {len(node.routing_table)} peers, storing {len(node.storage)} entries, "
+                       f"{len(node.p2p.connected_peers())} connections")
+            log.info(message)
+            print(message, flush=True)
+
+    reporter = asyncio.ensure_future(report())
+    try:
+        await _wait_for_stop_signal()
+    finally:
+        reporter.cancel()
+        await node.shutdown()
+        print("DHT peer stopped", flush=True)
+    return 0
+
+
 def _identity(args: argparse.Namespace) -> int:
     from dht import Identity, IdentityError
 
@@ -130,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     ping.add_argument("--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
     ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)")
 
+    dht = sub.add_parser("dht", help="run a bootstrap/DHT peer in the foreground",
+                         description="Run a Kademlia DHT peer: prints the addresses others can use to join, "
+                                     "logs the routing-table size periodically, stops cleanly on Ctrl-C. "
+                                     "It does not import torch, so it stays small.")
+    dht.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all interfaces)")
+    dht.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
+    dht.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR",
+                     help="peers already in the DHT, as /ip4/HOST/tcp/PORT/p2p/PEERID (none: start a new DHT)")
+    dht.add_argument("--identity", default=None, metavar="PATH",
+                     help="Ed25519 key file, created (mode 0600) if missing; default: an ephemeral key")
+    dht.add_argument("--client-mode", action="store_true",
+                     help="do not accept inbound connections (for peers behind NAT/firewalls)")
+    dht.add_argument("--report-interval", type=float, default=30.0,
+                     help="seconds between routing-table reports (default 30)")
+
     identity = sub.add_parser("identity", help="create or read an identity file and print its PeerID")
     identity.add_argument("path", help="key file (created with mode 0600 if missing)")
     return parser
@@ -144,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             code = _run(_peer(args))
         elif args.command == "ping":
             code = _run(_ping(args))
+        elif args.command == "dht":
+            code = _run(_dht(args))
         else:
             code = _identity(args)
     except KeyboardInterrupt:
