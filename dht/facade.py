@@ -69,9 +69,9 @@ class DHT:
             self._stop_loop()
             raise
 
-    def _run(self, coro: Awaitable[T], return_future: bool = False) -> Any:
+    def _run(self, coro: Awaitable[T], return_future: bool = False, timeout: float | None = None) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future if return_future else future.result()
+        return future if return_future else future.result(timeout)
 
     @property
     def peer_id(self) -> PeerID:
@@ -121,7 +121,9 @@ class DHT:
             return
         self._shutdown_done = True
         try:
-            self._run(self.node.shutdown())
+            self._run(self.node.shutdown(), timeout=30)
+        except concurrent.futures.TimeoutError:
+            pass
         finally:
             self._stop_loop()
 
