@@ -1,0 +1,6 @@
+"""Averaging layer: DHT matchmaking, butterfly all-reduce with exact recovery, gossip, compression."""
+
+from .averager import Averager, StepResult
+from .errors import AveragingError, MatchmakingError
+
+__all__ = ["Averager", "StepResult", "AveragingError", "MatchmakingError"]

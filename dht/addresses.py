@@ -70,7 +70,7 @@ class PeerAddress:
                 raise ValueError("empty host name")
         except ValueError as e:
             raise AddressError(f"{text!r}: bad {proto} host: {e}") from None
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise AddressError(f"{text!r}: bad TCP port {port_text!r}")
         return cls(proto, host, int(port_text), peer_id)
 

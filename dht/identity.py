@@ -73,6 +73,8 @@ class PeerID:
     @classmethod
     def from_base58(cls, text: str) -> "PeerID":
         """Parse the printed form (``Qm...``)."""
+        if not isinstance(text, str):
+            raise IdentityError(f"a PeerID is a base58 string, got {type(text).__name__}")
         try:
             return cls(b58decode(text))
         except IdentityError as e:

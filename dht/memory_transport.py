@@ -156,6 +156,7 @@ class MemoryNetwork:
         self.latency, self.loss = latency, loss
         self.rng = random.Random(seed)
         self._transports: dict[str, MemoryTransport] = {}
+        self._by_peer: dict[PeerID, list[MemoryTransport]] = {}
         self._names = itertools.count()
 
     def sample_latency(self) -> float:
@@ -171,12 +172,12 @@ class MemoryNetwork:
         limits = limits or Limits()
         transport = MemoryTransport(self, identity, limits, name)
         self._transports[name] = transport
+        self._by_peer.setdefault(identity.peer_id, []).append(transport)
         p2p = P2P(identity, transport, limits)
         await p2p.start()
         return p2p
 
     def kill(self, peer_id: PeerID) -> None:
         """Make a peer vanish silently (no FIN, no reply, dials to it hang until their timeout)."""
-        for transport in self._transports.values():
-            if transport.identity.peer_id == peer_id:
-                transport.alive = False
+        for transport in self._by_peer.get(peer_id, ()):
+            transport.alive = False

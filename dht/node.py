@@ -33,7 +33,7 @@ from .protocol import (VERSION, DHTLimits, StoreItem, decode_entry, encode_entry
                        parse_ping, parse_store, parse_store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
-from .traverse import iterative_lookup
+from .traverse import LookupResult, iterative_lookup
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
@@ -101,6 +101,8 @@ class DHTNode:
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self.is_alive = True
+        self.rpcs_sent = 0  # DHT RPCs this node has sent (diagnostics, benchmarks/dht_sim.py)
+        self.last_lookup: LookupResult | None = None  # stats of this node's latest iterative lookup
         p2p.add_unary_handler("dht.ping", self._rpc_ping)
         p2p.add_unary_handler("dht.store", self._rpc_store)
         p2p.add_unary_handler("dht.find", self._rpc_find)
@@ -179,6 +181,7 @@ class DHTNode:
             self._spawn(self._hand_over_records(peer_id))
 
     async def _call(self, peer_id: PeerID, method: str, request: dict) -> Any:
+        self.rpcs_sent += 1
         try:
             response = await self.p2p.call(peer_id, method, request, timeout=self.rpc_timeout)
         except asyncio.CancelledError:
@@ -214,8 +217,11 @@ class DHTNode:
         try:
             response = await self._call(peer_id, "dht.find", self._request(
                 keys=[DHTID(k).to_bytes20() for k in key_ids], k=self.k))
+        except (P2PError, asyncio.TimeoutError):
+            return None  # _call recorded the failure
+        try:
             results = parse_find_response(response, len(key_ids))
-        except (P2PError, asyncio.TimeoutError) as e:
+        except P2PError as e:
             self._on_failure(peer_id, e)
             return None
         self._on_success(peer_id, True)
@@ -245,6 +251,7 @@ class DHTNode:
 
         result = await iterative_lookup(target, self._initial_contacts(target), query, k=k or self.k,
                                         alpha=self.alpha, exclude=self.peer_id)
+        self.last_lookup = result
         return result.nearest
 
     # ---- store -----------------------------------------------------------------------------
@@ -364,8 +371,9 @@ class DHTNode:
                 found_any = best is not None
                 return contacts
 
-            await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.k, alpha=self.alpha,
-                                   done=lambda: found_any and not latest, exclude=self.peer_id)
+            self.last_lookup = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.k,
+                                                      alpha=self.alpha, done=lambda: found_any and not latest,
+                                                      exclude=self.peer_id)
             if best is not None and lacking:
                 self._spawn(self._cache_at(min(lacking)[1], key_id, best))
         if best is None:

@@ -157,7 +157,10 @@ class P2P:
         book = self._address_book.setdefault(peer_id, [])
         for address in addresses:
             address = PeerAddress.parse(address) if isinstance(address, str) else address
-            address = address.without_peer_id()
+            if address.peer_id is not None:
+                address = address.without_peer_id()
+            if book and book[0] == address:
+                continue  # already the newest (the common case: the DHT relearns known contacts)
             if address in book:
                 book.remove(address)
             book.insert(0, address)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import random
 from dataclasses import dataclass
 
@@ -156,10 +157,10 @@ class RoutingTable:
 
     def nearest(self, target: int, k: int, exclude: PeerID | None = None) -> list[tuple[PeerID, DHTID]]:
         """Up to ``k`` known nodes closest to ``target`` by XOR distance, closest first."""
-        candidates = [(node_id ^ target, peer_id, node_id) for peer_id, node_id in self._ids.items()
-                      if peer_id != exclude]
-        candidates.sort(key=lambda item: item[0])
-        return [(peer_id, node_id) for _, peer_id, node_id in candidates[:k]]
+        # distances are distinct ints, so the tuples compare on them alone, in C (no key function,
+        # no PeerID.__eq__ per contact: this runs for every dht.find served)
+        candidates = heapq.nsmallest(k + 1, [(node_id ^ target, peer_id, node_id) for peer_id, node_id in self._ids.items()])
+        return [(peer_id, node_id) for _, peer_id, node_id in candidates if peer_id != exclude][:k]
 
     def all_peers(self) -> list[PeerID]:
         return list(self._ids)

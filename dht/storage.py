@@ -141,14 +141,10 @@ class Storage:
 
     def get(self, key_id: int, now: float) -> Entry | None:
         """The live entry for ``key_id`` (expired parts removed), or None."""
-        entry = self._entries.get(key_id)
-        if entry is None:
-            return None
-        entry.drop_expired(now)
-        if entry.empty:
-            self.purge(now)
-            return None
-        return entry
+        # purge (not Entry.drop_expired) so expired parts are also uncounted from the quotas;
+        # every stored part has an expiry-heap item, so nothing expired survives it
+        self.purge(now)
+        return self._entries.get(key_id)
 
     def purge(self, now: float) -> None:
         """Forget everything that expired by ``now``."""

@@ -29,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_DIMS = 16
 DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 1 << 32  # refuse headers announcing more than 4 GiB unless the caller allows it
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -50,7 +51,7 @@ def _parse_header(message: Any, max_bytes: int | None) -> tuple[torch.dtype, lis
     if not isinstance(message, dict):
         raise ProtocolError("tensor header must be a map")
     dtype_name, shape = message.get("dtype"), message.get("shape")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(f"unsupported tensor dtype {str(dtype_name)[:32]!r}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 48 for d in shape)):
@@ -89,7 +90,7 @@ async def send_tensor(stream: Stream, tensor: torch.Tensor, *, chunk_bytes: int 
     return len(view)
 
 
-async def recv_tensor(stream: Stream, *, max_bytes: int | None = None) -> torch.Tensor:
+async def recv_tensor(stream: Stream, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """Receive what :func:`send_tensor` sent; ProtocolError on any inconsistency."""
     header = await stream.recv()
     dtype, shape, nbytes = _parse_header(header, max_bytes)

@@ -1,0 +1,203 @@
+"""Averager: average a set of tensors with peers that never met, through the DHT.
+
+>>> from dht import DHT
+>>> from averaging import Averager
+>>> dht = DHT(initial_peers=[...])
+>>> with Averager([model.weight, model.bias], dht, prefix="my-run/params", target_group_size=16) as averager:
+...     result = averager.step(weight=batch_size)        # blocks; tensors now hold the group's average
+...     handle = averager.step(wait=False)               # a Future: train on while the group averages
+...     result = handle.result()
+
+Each step: snapshot the tensors, find a group under ``prefix`` (matchmaking), run the butterfly
+all-reduce with exact recovery (:mod:`averaging.allreduce`), then write the result into the tensors.
+On failure ``step`` raises :class:`AveragingError` and leaves the tensors unchanged. Hold
+``averager.lock`` while you modify the tensors from another thread during a ``wait=False`` step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dht import DHT, PeerID, get_dht_time
+
+from . import compression as compression_module
+from .allreduce import AllReduceService, Reducer, weighted_mean
+from .errors import AveragingError
+from .matchmaking import Matchmaker, next_group_bits
+from .partition import flatten, unflatten_into
+
+__all__ = ["Averager", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What one averaging step did."""
+
+    group_id: str  # hex
+    members: list[PeerID]  # the group, in part order
+    survivors: list[PeerID]  # whose values are in the result (members that failed are excluded)
+    parts: list[tuple[int, int, list[PeerID]]]  # (start, end, contributors) of the flat vector
+    recovered_ranges: list[tuple[int, int]]  # re-reduced among survivors after a failure
+    gathered: dict[PeerID, Any]  # the ``gather`` value of every member
+    bytes_sent: int  # on the wire, after compression
+    bytes_received: int
+    matchmaking_seconds: float
+    allreduce_seconds: float
+    recovery_seconds: float
+
+
+def _resolve_reducer(aggregator: str | Callable) -> tuple[str, Reducer]:
+    if callable(aggregator):
+        return getattr(aggregator, "__name__", "custom"), aggregator
+    if aggregator == "mean":
+        return "mean", weighted_mean
+    try:
+        from . import aggregators  # robust aggregators
+    except ImportError:
+        raise ValueError(f"unknown aggregator {aggregator!r}") from None
+    return aggregator, aggregators.as_reducer(aggregators.get(aggregator))
+
+
+class Averager:
+    """Averages ``tensors`` with other peers under ``prefix``.
+
+    - ``target_group_size`` (16): largest group; ``min_group_size`` (2): smallest worth averaging.
+    - ``compression``: codec name or instance (:mod:`averaging.compression`), both directions.
+    - ``aggregator``: ``"mean"`` (weighted), a name from :mod:`averaging.aggregators`, or a callable
+      ``f(x [n, d], weights [n]) -> [d]``.
+    - ``client_mode``: cannot accept connections (defaults to the DHT's mode); owns no part.
+    - ``bandwidth``: MB/s announced for load balancing; None: measured from previous rounds.
+    - ``initial_group_bits``: Moshpit group key bits (e.g. ``"0110"``); groups smaller than the swarm
+      mix across rounds because group-mates get distinct keys.
+    - ``min_matchmaking_time`` (3 s), ``request_timeout`` (2 s): matchmaking timing.
+    - ``sender_timeout`` (5 s): a member silent this long mid-round is excluded;
+      ``reducer_timeout`` (2 x sender_timeout): an owner silent this long has failed.
+    - ``default_timeout`` (60 s): a step's limit when ``step(timeout=None)``.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, target_group_size: int = 16,
+                 min_group_size: int = 2, compression: Any = None, aggregator: str | Callable = "mean",
+                 client_mode: bool | None = None, bandwidth: float | None = None, *, initial_group_bits: str = "",
+                 min_matchmaking_time: float = 3.0, request_timeout: float = 2.0, sender_timeout: float = 5.0,
+                 reducer_timeout: float | None = None, default_timeout: float = 60.0, chunk_bytes: int = 1 << 20):
+        if not tensors or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+            raise ValueError("tensors must be a non-empty sequence of floating-point torch tensors")
+        if not 2 <= min_group_size <= target_group_size:
+            raise ValueError("need 2 <= min_group_size <= target_group_size")
+        if any(c not in "01" for c in initial_group_bits):
+            raise ValueError("initial_group_bits must be a string of 0 and 1")
+        self.tensors = list(tensors)
+        self.dht, self.prefix = dht, prefix
+        self.codec = compression_module.get(compression)
+        self.aggregator_name, self.reducer = _resolve_reducer(aggregator)
+        self.client_mode = dht.client_mode if client_mode is None else client_mode
+        self.announced_bandwidth, self.measured_bandwidth = bandwidth, None
+        self.sender_timeout = sender_timeout
+        self.reducer_timeout = reducer_timeout or 2 * sender_timeout
+        self.default_timeout = default_timeout
+        self.chunk_elems = max(chunk_bytes // 4, 1024)
+        self.lock = threading.Lock()
+        self.size = sum(t.numel() for t in self.tensors)
+        schema = repr([(tuple(t.shape), str(t.dtype)) for t in self.tensors] + [self.codec.name, self.aggregator_name])
+        self.schema_hash = hashlib.sha256(schema.encode()).digest()[:16]
+        self._shutdown = False
+
+        async def setup(_, node):
+            service = AllReduceService(node.p2p, prefix, round_timeout=default_timeout * 2)
+            matchmaker = Matchmaker(node.p2p, node, prefix, self.schema_hash, target_group_size=target_group_size,
+                                    min_group_size=min_group_size, min_matchmaking_time=min_matchmaking_time,
+                                    request_timeout=request_timeout, client_mode=self.client_mode)
+            matchmaker.group_bits = initial_group_bits
+            return service, matchmaker
+
+        self._service, self._matchmaker = dht.run_coroutine(setup)
+
+    @property
+    def group_bits(self) -> str:
+        return self._matchmaker.group_bits
+
+    @property
+    def bandwidth(self) -> float | None:
+        """MB/s announced to the group: the configured value, else the measured one, else None."""
+        if self.client_mode:
+            return 0.0
+        return self.announced_bandwidth if self.announced_bandwidth is not None else self.measured_bandwidth
+
+    def step(self, weight: float = 1.0, timeout: float | None = None, wait: bool = True,
+             gather: Any = None) -> StepResult | concurrent.futures.Future:
+        """Average once. ``weight`` (e.g. the number of samples) weighs this peer's values; ``gather``
+        (any msgpack value) is shared with the group and returned in ``StepResult.gathered``.
+        With ``wait=False`` returns a Future at once (training can go on; the tensors change only
+        at the end of the round, under ``self.lock``)."""
+        if self._shutdown:
+            raise AveragingError("the averager is shut down")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        with self.lock:
+            snapshot = flatten(self.tensors)
+        future = asyncio.run_coroutine_threadsafe(
+            self._step(snapshot, float(weight), timeout or self.default_timeout, gather), self.dht.loop)
+        return future.result() if wait else future
+
+    async def _step(self, snapshot: torch.Tensor, weight: float, timeout: float, gather: Any) -> StepResult:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = get_dht_time() + timeout
+        info = {"size": self.size, "bandwidth": self.bandwidth, "gather": gather, "min_part": 0}
+        group, me = await self._matchmaker.look_for_group(deadline, info)
+        matchmaking_seconds = time.monotonic() - started
+        remaining = deadline - get_dht_time()
+        if remaining <= 0:
+            raise AveragingError(f"the step's timeout of {timeout} s ran out in matchmaking")
+        try:
+            result, outcome = await asyncio.wait_for(
+                self._service.run(group, me, snapshot, weight, self.codec, self.reducer, self.chunk_elems,
+                                  self.sender_timeout, self.reducer_timeout), remaining)
+        except asyncio.TimeoutError:
+            raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
+        self._matchmaker.group_bits = next_group_bits(self._matchmaker.group_bits, group.group_id, me, len(group.members))
+
+        def write_back() -> None:
+            with self.lock:
+                unflatten_into(result, self.tensors)
+
+        await loop.run_in_executor(None, write_back)
+        if outcome.seconds > 0 and not self.client_mode:
+            rate = (outcome.bytes_sent + outcome.bytes_received) / 2 / outcome.seconds / 1e6
+            self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.7 * self.measured_bandwidth + 0.3 * rate
+        gathered = {}
+        for peer_id, peer_info in zip(group.members, group.gathered):
+            gathered[peer_id] = peer_info.get("gather") if isinstance(peer_info, dict) else None
+        return StepResult(group.group_id.hex(), outcome.members, outcome.survivors, outcome.parts,
+                          outcome.recovered_ranges, gathered, outcome.bytes_sent, outcome.bytes_received,
+                          matchmaking_seconds, outcome.seconds, outcome.recovery_seconds)
+
+    def shutdown(self) -> None:
+        """Stop serving this prefix (idempotent). The DHT is left running."""
+        if self._shutdown:
+            return
+        self._shutdown = True
+
+        async def teardown(_, node):
+            self._service.close()
+            self._matchmaker.close()
+
+        try:
+            self.dht.run_coroutine(teardown)
+        except RuntimeError:
+            pass  # the DHT's loop is already gone
+
+    def __enter__(self) -> "Averager":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,231 @@
+"""Codecs for chunks of the flat vector on the wire, in both directions of the butterfly.
+
+Every codec turns a 1-D float32 chunk into a msgpack-able map and back, and validates what it
+decodes (sizes, finiteness of scales), raising :class:`CodecError` on anything inconsistent.
+
+=============  ========================================================  =====================
+name           what is sent                                               bytes per value
+=============  ========================================================  =====================
+``none``       float32                                                    4
+``float16``    float16 (values beyond ±65504 are clamped)                2
+``uint8``      8-bit uniform levels between the chunk's min and max       1 (+8 per chunk)
+``blockwise8`` int8 per block of 256 values with a float32 absmax scale   1 (+4/256)
+``quantile8``  index into 256 centroids from the chunk's quantiles        1 (+1 KiB per chunk)
+``topk``       the k largest |values| (float16) and their int32 indices;  6·k/n
+               the rest is kept as a residual and added to the next
+               round's contribution (error feedback). Results are sent
+               exactly as sparse (index, value) pairs, or dense float32
+               when that is smaller.
+=============  ========================================================  =====================
+
+Stateless codecs can be shared; ``topk`` keeps a residual per flat position, so each averager
+needs its own instance (:func:`get` makes a new one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Codec", "CodecError", "get", "CODECS"]
+
+FP16_MAX = 65504.0
+
+
+class CodecError(ValueError):
+    """A compressed chunk is malformed or does not match its expected size."""
+
+
+def _bytes(msg: Any, key: str, expected: int) -> bytes:
+    data = msg.get(key) if isinstance(msg, dict) else None
+    if not isinstance(data, (bytes, bytearray)) or len(data) != expected:
+        raise CodecError(f"field {key!r}: expected {expected} bytes, got "
+                         f"{len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__}")
+    return data
+
+
+def _floats(msg: Any, key: str, count: int) -> list[float]:
+    values = msg.get(key) if isinstance(msg, dict) else None
+    if (not isinstance(values, list) or len(values) != count
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)):
+        raise CodecError(f"field {key!r}: expected {count} finite numbers")
+    return [float(v) for v in values]
+
+
+def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+class Codec:
+    """Base class: ``encode(x, start, result)`` -> map; ``decode(map, length)`` -> float32 tensor.
+
+    ``start`` is the chunk's offset in the flat vector (used by stateful codecs); ``result`` is True
+    for averaged results sent back by a part's owner, False for a member's own contribution."""
+
+    name = "abstract"
+    lossless = False
+
+    def encode(self, x: torch.Tensor, start: int = 0, result: bool = False) -> dict:
+        raise NotImplementedError
+
+    def decode(self, msg: Any, length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NoCompression(Codec):
+    name, lossless = "none", True
+
+    def encode(self, x, start=0, result=False):
+        return {"d": x.numpy().tobytes()}
+
+    def decode(self, msg, length):
+        return _frombuffer(_bytes(msg, "d", 4 * length), torch.float32)
+
+
+class Float16(Codec):
+    name = "float16"
+
+    def encode(self, x, start=0, result=False):
+        return {"d": x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().tobytes()}
+
+    def decode(self, msg, length):
+        return _frombuffer(_bytes(msg, "d", 2 * length), torch.float16).float()
+
+
+class Uniform8(Codec):
+    name = "uint8"
+
+    def encode(self, x, start=0, result=False):
+        if x.numel() == 0:
+            return {"d": b"", "r": [0.0, 0.0]}
+        lo, hi = float(x.min()), float(x.max())
+        scale = (hi - lo) / 255 or 1.0
+        q = ((x - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)
+        return {"d": q.numpy().tobytes(), "r": [lo, scale]}
+
+    def decode(self, msg, length):
+        lo, scale = _floats(msg, "r", 2)
+        q = _frombuffer(_bytes(msg, "d", length), torch.uint8)
+        return q.float().mul_(scale).add_(lo)
+
+
+class Blockwise8(Codec):
+    name = "blockwise8"
+    block = 256
+
+    def encode(self, x, start=0, result=False):
+        n = x.numel()
+        padded = torch.nn.functional.pad(x, (0, (-n) % self.block)).view(-1, self.block)
+        scales = padded.abs().amax(dim=1).clamp_min_(1e-30)
+        q = (padded / scales[:, None] * 127).round_().clamp_(-127, 127).to(torch.int8)
+        return {"d": q.view(-1)[:n].numpy().tobytes(), "s": scales.numpy().tobytes()}
+
+    def decode(self, msg, length):
+        blocks = -(-length // self.block)
+        q = _frombuffer(_bytes(msg, "d", length), torch.int8).float()
+        scales = _frombuffer(_bytes(msg, "s", 4 * blocks), torch.float32)
+        if not torch.isfinite(scales).all():
+            raise CodecError("non-finite block scale")
+        q = torch.nn.functional.pad(q, (0, blocks * self.block - length)).view(blocks, self.block)
+        return (q * (scales[:, None] / 127)).view(-1)[:length]
+
+
+class Quantile8(Codec):
+    name = "quantile8"
+    sample = 1 << 16
+
+    def encode(self, x, start=0, result=False):
+        if x.numel() == 0:
+            return {"d": b"", "c": torch.zeros(256).numpy().tobytes()}
+        sample = x if x.numel() <= self.sample else x[torch.randint(0, x.numel(), (self.sample,))]
+        levels = torch.linspace(0, 1, 256, dtype=torch.float32)
+        codebook = torch.quantile(sample, levels).contiguous()
+        boundaries = (codebook[1:] + codebook[:-1]) / 2
+        q = torch.bucketize(x, boundaries).to(torch.uint8)
+        return {"d": q.numpy().tobytes(), "c": codebook.numpy().tobytes()}
+
+    def decode(self, msg, length):
+        codebook = _frombuffer(_bytes(msg, "c", 1024), torch.float32)
+        if not torch.isfinite(codebook).all():
+            raise CodecError("non-finite codebook")
+        q = _frombuffer(_bytes(msg, "d", length), torch.uint8)
+        return codebook[q.long()]
+
+
+class TopK(Codec):
+    """Top-k sparsification with error feedback (``fraction`` of the values are sent; default 1%)."""
+
+    name = "topk"
+
+    def __init__(self, fraction: float = 0.01):
+        if not 0 < fraction <= 1:
+            raise ValueError("fraction must lie in (0, 1]")
+        self.fraction = fraction
+        self._residual: torch.Tensor | None = None
+
+    def _residual_for(self, start: int, n: int) -> torch.Tensor:
+        if self._residual is None or self._residual.numel() < start + n:
+            grown = torch.zeros(start + n, dtype=torch.float32)
+            if self._residual is not None:
+                grown[:self._residual.numel()] = self._residual
+            self._residual = grown
+        return self._residual[start:start + n]
+
+    def encode(self, x, start=0, result=False):
+        n = x.numel()
+        if result:
+            nonzero = torch.nonzero(x, as_tuple=True)[0].to(torch.int32)
+            if nonzero.numel() * 8 >= n * 4:
+                return {"d": x.numpy().tobytes()}
+            return {"i": nonzero.numpy().tobytes(), "v": x[nonzero.long()].numpy().tobytes()}
+        residual = self._residual_for(start, n)
+        corrected = x + residual
+        k = max(1, int(n * self.fraction)) if n else 0
+        index = torch.topk(corrected.abs(), k, sorted=False).indices if k else torch.empty(0, dtype=torch.long)
+        values = corrected[index].clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+        residual.copy_(corrected)
+        residual[index] -= values.float()
+        return {"i": index.to(torch.int32).numpy().tobytes(), "h": values.numpy().tobytes()}
+
+    def decode(self, msg, length):
+        if not isinstance(msg, dict):
+            raise CodecError("topk chunk must be a map")
+        if "d" in msg:
+            return _frombuffer(_bytes(msg, "d", 4 * length), torch.float32)
+        raw_index = msg.get("i")
+        if not isinstance(raw_index, (bytes, bytearray)) or len(raw_index) % 4 or len(raw_index) // 4 > length:
+            raise CodecError("bad topk indices")
+        count = len(raw_index) // 4
+        index = _frombuffer(raw_index, torch.int32).long()
+        if count and (index.min() < 0 or index.max() >= length):
+            raise CodecError("topk index out of range")
+        if "h" in msg:
+            values = _frombuffer(_bytes(msg, "h", 2 * count), torch.float16).float()
+        else:
+            values = _frombuffer(_bytes(msg, "v", 4 * count), torch.float32)
+        out = torch.zeros(length, dtype=torch.float32)
+        out[index] = values
+        return out
+
+    def __repr__(self) -> str:
+        return f"TopK(fraction={self.fraction})"
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoCompression, Float16, Uniform8, Blockwise8, Quantile8, TopK)}
+
+
+def get(codec: "str | Codec | None" = None, **params: Any) -> Codec:
+    """A codec by name (``None`` means ``"none"``) or the instance itself."""
+    if codec is None:
+        return NoCompression()
+    if isinstance(codec, Codec):
+        return codec
+    try:
+        return CODECS[codec](**params)
+    except KeyError:
+        raise ValueError(f"unknown compression {codec!r}; choose from {', '.join(CODECS)}") from None

@@ -1,0 +1,286 @@
+"""Matchmaking: peers that never met form an averaging group through the DHT (algorithms.md §5.1).
+
+Each peer looking for a group declares itself under the group key ``{prefix}.0b{bits}`` (a DHT
+dictionary: subkey = its PeerID, value = its addresses and mode, expiration = the time by which it
+wants to start). Peers are ranked by ``(expiration, PeerID)``; a peer asks the best-ranked earlier
+peer to lead it (stream ``avg.join``), and leads the later ones that ask it. A leader starts the
+group when it is full (``target_group_size``) or when its own time comes with at least
+``min_group_size`` members; it picks a random group id, shuffles the member order (the order decides
+who reduces which part), computes the part sizes from the members' bandwidths and sends the same
+``begin`` message to everyone. A follower that gets a better leader disbands its own followers and
+points them to that leader. Leaders or followers that vanish are dropped: followers move on to the
+next candidate, leaders simply start without them.
+
+After a round, :func:`next_group_bits` gives each member a distinct new key derived from the group
+id, so group-mates land in different groups next time and information mixes across the swarm
+(Moshpit SGD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+from typing import Any
+
+from dht import P2P, DHTNode, P2PError, PeerID, Stream, get_dht_time
+from dht.p2p import CallContext
+
+from .allreduce import GroupInfo
+from .errors import MatchmakingError
+from .load_balancing import part_sizes
+
+__all__ = ["Matchmaker", "next_group_bits"]
+
+logger = logging.getLogger(__name__)
+
+
+def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int) -> str:
+    """A new key for each member of a group: distinct for up to ``2**len(bits)`` members."""
+    if not bits:
+        return bits
+    rng = random.Random(group_id)
+    buckets = 2 ** len(bits)
+    symbols = rng.sample(range(buckets), min(group_size, buckets))
+    symbol = symbols[my_index] if my_index < len(symbols) else rng.randrange(buckets)
+    return format(symbol, f"0{len(bits)}b")
+
+
+class Matchmaker:
+    """Forms groups for one averager (one prefix) on a P2P peer with a DHT node."""
+
+    def __init__(self, p2p: P2P, node: DHTNode, prefix: str, schema_hash: bytes, *, target_group_size: int,
+                 min_group_size: int, min_matchmaking_time: float, request_timeout: float, client_mode: bool):
+        self.p2p, self.node, self.prefix, self.schema_hash = p2p, node, prefix, schema_hash
+        self.target_group_size, self.min_group_size = target_group_size, min_group_size
+        self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
+        self.client_mode = client_mode
+        self.group_bits = ""
+        self._looking = False
+        self._key = ""
+        self._expiration = 0.0
+        self._followers: dict[PeerID, tuple[Stream, dict]] = {}
+        self._leader: PeerID | None = None
+        self._group_ready: asyncio.Future | None = None
+        self._assembled = asyncio.Event()
+        self._my_info: dict = {}
+        self._tried: set[PeerID] = set()
+        p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join)
+
+    def close(self) -> None:
+        self.p2p.remove_handler(f"avg.join.{self.prefix}")
+
+    @property
+    def group_key(self) -> str:
+        return f"{self.prefix}.0b{self.group_bits}"
+
+    def _rank(self, expiration: float, peer_id: PeerID) -> tuple[float, bytes]:
+        return expiration, peer_id.raw
+
+    async def look_for_group(self, deadline: float, info: dict) -> tuple[GroupInfo, int]:
+        """Find a group before ``deadline`` (DHT time); returns (group, my index in it)."""
+        loop = asyncio.get_running_loop()
+        self._key = self.group_key
+        self._expiration = min(deadline, get_dht_time() + max(self.min_matchmaking_time, 0.0))
+        self._my_info = info
+        self._followers = {}
+        self._leader = None
+        self._tried = set()
+        self._group_ready = loop.create_future()
+        self._looking = True
+        declare = asyncio.ensure_future(self._declare())
+        try:
+            while True:
+                if self._group_ready.done():
+                    return self._group_ready.result()
+                leader = await self._best_leader_candidate()
+                if leader is not None:
+                    try:
+                        result = await self._try_join(leader)
+                    except MatchmakingError as e:
+                        logger.debug("joining %s failed: %s", leader, e)
+                        result = None
+                    if result is not None:
+                        return result
+                    continue
+                now = get_dht_time()
+                if now >= self._expiration:
+                    if len(self._followers) + 1 >= self.min_group_size and not self.client_mode:
+                        return await self._begin()
+                    if now >= deadline:
+                        raise MatchmakingError(
+                            f"no averaging group under {self._key!r} before the deadline "
+                            f"({len(self._followers) + 1} peer(s) found, need {self.min_group_size})")
+                    self._expiration = min(deadline, now + self.min_matchmaking_time)
+                    await self._declare_once()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._group_ready), min(0.5, max(self._expiration - now, 0.01)))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._looking = False
+            declare.cancel()
+            await asyncio.gather(declare, return_exceptions=True)
+            await self._disband("the leader stopped looking for a group")
+            try:
+                await asyncio.wait_for(self.node.store(self._key, None, get_dht_time() + 1.0,
+                                                       subkey=str(self.p2p.peer_id)), self.request_timeout)
+            except Exception:
+                pass
+
+    async def _declare_once(self) -> None:
+        value = {"addrs": [str(a) for a in self.p2p.get_visible_addresses()], "client": self.client_mode}
+        await self.node.store(self._key, value, self._expiration, subkey=str(self.p2p.peer_id))
+
+    async def _declare(self) -> None:
+        while True:
+            try:
+                await self._declare_once()
+            except Exception as e:
+                logger.debug("declaring for matchmaking failed: %s", e)
+            await asyncio.sleep(max(self.min_matchmaking_time / 2, 0.5))
+
+    async def _best_leader_candidate(self) -> PeerID | None:
+        found = await self.node.get(self._key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return None
+        my_rank = self._rank(self._expiration, self.p2p.peer_id)
+        candidates = []
+        for subkey, entry in found.value.items():
+            value = entry.value
+            if not isinstance(value, dict) or value.get("client") or subkey == str(self.p2p.peer_id):
+                continue
+            try:
+                peer_id = PeerID.from_base58(subkey)
+                self.p2p.add_addresses(peer_id, [a for a in value.get("addrs", []) if isinstance(a, str)][:8])
+            except ValueError:
+                continue
+            rank = self._rank(entry.expiration_time, peer_id)
+            if rank < my_rank and peer_id not in self._tried:
+                candidates.append((rank, peer_id))
+        if not candidates:
+            return None
+        return min(candidates)[1]
+
+    async def _try_join(self, leader: PeerID) -> tuple[GroupInfo, int] | None:
+        self._tried.add(leader)
+        try:
+            stream = await self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None)
+        except P2PError as e:
+            raise MatchmakingError(f"cannot reach {leader}: {e}") from None
+        try:
+            await stream.send({"key": self._key, "schema": self.schema_hash, "exp": self._expiration,
+                               "info": self._my_info, "client": self.client_mode,
+                               "addrs": [str(a) for a in self.p2p.get_visible_addresses()]})
+            reply = await asyncio.wait_for(stream.recv(), self.request_timeout)
+            if not isinstance(reply, dict) or reply.get("status") != "accepted":
+                return None
+            self._leader = leader
+            await self._disband("joined another leader", suggested=leader)
+            wait_for = max(self._expiration, float(reply.get("exp", 0.0))) - get_dht_time() + self.request_timeout
+            begin = await asyncio.wait_for(stream.recv(), max(wait_for, self.request_timeout))
+            if not isinstance(begin, dict) or begin.get("status") != "begin":
+                return None
+            return self._parse_begin(begin)
+        except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as e:
+            raise MatchmakingError(f"leader {leader} failed: {e}") from None
+        finally:
+            self._leader = None
+            await stream.aclose()
+
+    def _parse_begin(self, begin: dict) -> tuple[GroupInfo, int]:
+        members = [PeerID(raw) for raw in begin["members"]]
+        for peer_id, addrs in zip(members, begin["addrs"]):
+            if peer_id != self.p2p.peer_id and addrs:
+                self.p2p.add_addresses(peer_id, [a for a in addrs if isinstance(a, str)][:8])
+        group = GroupInfo(bytes(begin["group_id"]), members, [int(s) for s in begin["sizes"]],
+                          list(begin["bandwidths"]), [bool(c) for c in begin["client"]], list(begin["gathered"]))
+        if len({len(members), len(group.part_sizes), len(group.bandwidths), len(group.client_mode),
+                len(group.gathered)}) != 1 or self.p2p.peer_id not in members:
+            raise ValueError("inconsistent begin message")
+        return group, members.index(self.p2p.peer_id)
+
+    async def _serve_join(self, stream: Stream, ctx: CallContext) -> None:
+        request = await stream.recv()
+        if not isinstance(request, dict):
+            await stream.send({"status": "rejected", "reason": "malformed request"}, end=True)
+            return
+        reason = None
+        if not self._looking or self._group_ready is None or self._group_ready.done():
+            reason = "not looking for a group"
+        elif self._leader is not None:
+            reason = "not a leader"
+        elif request.get("key") != self._key:
+            reason = "different group key"
+        elif request.get("schema") != self.schema_hash:
+            reason = "different tensor shapes or dtypes"
+        elif not isinstance(request.get("exp"), (int, float)) or \
+                self._rank(request["exp"], ctx.peer_id) <= self._rank(self._expiration, self.p2p.peer_id):
+            reason = "you rank before me: I should join you"
+        elif len(self._followers) + 1 >= self.target_group_size:
+            reason = "group is full"
+        elif ctx.peer_id in self._followers:
+            reason = "duplicate"
+        if reason is not None:
+            await stream.send({"status": "rejected", "reason": reason}, end=True)
+            return
+        addrs = request.get("addrs")
+        if isinstance(addrs, list):
+            try:
+                self.p2p.add_addresses(ctx.peer_id, [a for a in addrs if isinstance(a, str)][:8])
+            except ValueError:
+                pass
+        done = asyncio.get_running_loop().create_future()
+        self._followers[ctx.peer_id] = (stream, {**request, "done": done})
+        await stream.send({"status": "accepted", "exp": self._expiration})
+        if len(self._followers) + 1 >= self.target_group_size:
+            asyncio.ensure_future(self._begin())
+        try:
+            await done  # resolved by _begin or _disband; the follower's stream stays open until then
+        finally:
+            self._followers.pop(ctx.peer_id, None)
+
+    async def _begin(self) -> tuple[GroupInfo, int]:
+        if self._group_ready is None or self._group_ready.done():
+            return self._group_ready.result()
+        followers = dict(self._followers)
+        members = [self.p2p.peer_id, *followers]
+        infos = [self._my_info, *(req.get("info") for _, req in followers.values())]
+        clients = [self.client_mode, *(bool(req.get("client")) for _, req in followers.values())]
+        addrs = [[str(a) for a in self.p2p.get_visible_addresses()],
+                 *([a for a in req.get("addrs", []) if isinstance(a, str)][:8] for _, req in followers.values())]
+        order = list(range(len(members)))
+        random.shuffle(order)
+        members = [members[i] for i in order]
+        infos, clients, addrs = [infos[i] for i in order], [clients[i] for i in order], [addrs[i] for i in order]
+        bandwidths = [0.0 if c else (i.get("bandwidth") if isinstance(i, dict) else None) for i, c in zip(infos, clients)]
+        bandwidths = [b if b is None or (isinstance(b, (int, float)) and math.isfinite(b) and b >= 0) else None
+                      for b in bandwidths]
+        total = int(self._my_info.get("size", 0))
+        sizes = part_sizes(total, bandwidths, min_part=int(self._my_info.get("min_part", 0)))
+        begin = {"status": "begin", "group_id": os.urandom(20), "members": [m.raw for m in members], "addrs": addrs,
+                 "sizes": sizes, "bandwidths": bandwidths, "client": clients, "gathered": infos}
+        for peer_id, (stream, request) in followers.items():
+            try:
+                await stream.send(begin, end=True)
+            except P2PError:
+                pass
+            if not request["done"].done():
+                request["done"].set_result(None)
+        result = self._parse_begin(begin)
+        if not self._group_ready.done():
+            self._group_ready.set_result(result)
+        return result
+
+    async def _disband(self, reason: str, suggested: PeerID | None = None) -> None:
+        for peer_id, (stream, request) in list(self._followers.items()):
+            try:
+                await stream.send({"status": "disbanded", "reason": reason,
+                                   "leader": suggested.raw if suggested else None}, end=True)
+            except P2PError:
+                pass
+            if not request["done"].done():
+                request["done"].set_result(None)
+        self._followers.clear()
