@@ -366,6 +366,9 @@ class AllReduceService:
             survivors = await self._agree(group, me, phase0.failed, reducer_timeout + sender_timeout)
             if me not in survivors:
                 raise AveragingError(f"this peer was excluded from the group ({len(survivors)} of {n} survived)")
+            if len(survivors) < max(2, n // 2 + 1):  # an isolated minority must not 'average' with itself
+                raise AveragingError(f"lost contact with most of the group: only {len(survivors)} of {n} members "
+                                     f"(this one included) are reachable")
             affected = [j for j in layout.owners()
                         if j not in survivors or phase0.part_reports.get(j, ([], True))[1]
                         or phase0.part_reports.get(j, ([], True))[0] != survivors]
