@@ -2,5 +2,6 @@
 
 from .averager import Averager, StepResult
 from .errors import AveragingError, MatchmakingError
+from .gossip import Gossip
 
-__all__ = ["Averager", "StepResult", "AveragingError", "MatchmakingError"]
+__all__ = ["Averager", "StepResult", "Gossip", "AveragingError", "MatchmakingError"]
