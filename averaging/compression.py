@@ -16,14 +16,19 @@ name           what is sent                                               bytes 
                round's contribution (error feedback). Results are sent
                exactly as sparse (index, value) pairs, or dense float32
                when that is smaller.
+``powersgd``   each chunk viewed as an m x n matrix M ~ P Q^T of rank r   ≈ 4r(m+n)/(mn)
+               (one power iteration, warm-started from the last round's
+               Q at the same position; error feedback as for topk).
+               Results travel as float16.
 =============  ========================================================  =====================
 
-Stateless codecs can be shared; ``topk`` keeps a residual per flat position, so each averager
-needs its own instance (:func:`get` makes a new one).
+Stateless codecs can be shared; ``topk`` and ``powersgd`` keep a residual per flat position (and
+PowerSGD its warm-start factors), so each averager needs its own instance (:func:`get` makes one).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -216,7 +221,70 @@ class TopK(Codec):
         return f"TopK(fraction={self.fraction})"
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoCompression, Float16, Uniform8, Blockwise8, Quantile8, TopK)}
+class PowerSGD(TopK):
+    """Rank-``rank`` PowerSGD compression of each chunk with error feedback (Vogels et al., 2019)."""
+
+    name = "powersgd"
+
+    def __init__(self, rank: int = 4):
+        if rank < 1:
+            raise ValueError("rank must be at least 1")
+        self.rank = rank
+        self._residual = None
+        self._q: dict[int, torch.Tensor] = {}  # warm-start factor per chunk offset
+        self._half = Float16()
+
+    @staticmethod
+    def _shape(n: int) -> tuple[int, int]:
+        rows = max(1, int(math.sqrt(n)))
+        while n % rows:
+            rows -= 1
+        return rows, n // rows
+
+    def encode(self, x, start=0, result=False):
+        n = x.numel()
+        if result:
+            return self._half.encode(x)
+        rows, cols = self._shape(n)
+        rank = min(self.rank, rows, cols)
+        if n == 0 or rank * (rows + cols) >= n:  # too small to gain anything: send it exactly
+            return {"d": x.numpy().tobytes()}
+        residual = self._residual_for(start, n)
+        matrix = (x + residual).view(rows, cols)
+        q = self._q.get(start)
+        if q is None or q.shape != (cols, rank):
+            q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(start))
+        p = torch.linalg.qr(matrix @ q).Q  # rows x rank, orthonormal columns
+        q = matrix.T @ p  # cols x rank
+        self._q[start] = q
+        approx = p @ q.T
+        residual.copy_((matrix - approx).view(-1))
+        return {"p": p.contiguous().numpy().tobytes(), "q": q.contiguous().numpy().tobytes(), "r": rank}
+
+    def decode(self, msg, length):
+        if not isinstance(msg, dict):
+            raise CodecError("powersgd chunk must be a map")
+        if "d" in msg:
+            data = msg["d"]
+            if isinstance(data, (bytes, bytearray)) and len(data) == 2 * length:
+                return self._half.decode(msg, length)
+            return _frombuffer(_bytes(msg, "d", 4 * length), torch.float32)
+        rank = msg.get("r")
+        rows, cols = self._shape(length)
+        if not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
+            raise CodecError("bad powersgd rank")
+        p = _frombuffer(_bytes(msg, "p", 4 * rows * rank), torch.float32).view(rows, rank)
+        q = _frombuffer(_bytes(msg, "q", 4 * cols * rank), torch.float32).view(cols, rank)
+        if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
+            raise CodecError("non-finite powersgd factors")
+        return (p @ q.T).reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"PowerSGD(rank={self.rank})"
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoCompression, Float16, Uniform8, Blockwise8, Quantile8, TopK,
+                                                      PowerSGD)}
 
 
 def get(codec: "str | Codec | None" = None, **params: Any) -> Codec:
