@@ -40,12 +40,17 @@ __all__ = ["GroupInfo", "AllReduceResult", "Reducer", "weighted_mean", "AllReduc
 
 logger = logging.getLogger(__name__)
 
-Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [n, len], weights [n]) -> [len]
+# (x [n, len], weights [n]) -> [len]; a reducer with ``chunkwise = True`` may be applied to pieces of a
+# part (pipelined); any other sees each part whole, once every live member delivered all of it.
+Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ w_i x_i / Σ w_i`` over rows, accumulated in a fixed order."""
     return (weights[:, None] * x).sum(dim=0) / weights.sum()
+
+
+weighted_mean.chunkwise = True  # type: ignore[attr-defined]  # may be applied chunk by chunk (pipelined)
 
 
 @dataclass
@@ -117,23 +122,48 @@ class _Owner:
         self._advance()
 
     def _advance(self) -> None:
-        while self.reduced < len(self.chunks) and self.alive and all(m in self.pending[self.reduced] for m in self.alive):
-            index = self.reduced
-            order = sorted(self.alive)
-            x = torch.stack([self.pending[index][m] for m in order])
-            w = torch.tensor([self.weights[m] for m in order], dtype=torch.float32)
-            averaged = self.run.reducer(x, w).to(torch.float32).contiguous()
-            lo, hi = self.chunks[index]
-            message = self.run.codec.encode(averaged, lo, result=True)
-            self.encoded[index] = message
-            self.run.result[lo:hi] = self.run.codec.decode(message, hi - lo)  # what everyone else gets
-            self.pending[index] = {}
-            self.reduced += 1
+        if getattr(self.run.reducer, "chunkwise", False):
+            self._reduce_chunks()
+        else:
+            self._reduce_whole_part()
         if not self.alive and self.reduced < len(self.chunks):
             self.finished.set()  # nobody left to reduce for: the part fails
         if self.reduced == len(self.chunks):
             self.finished.set()
         self.changed.set()
+
+    def _reduce_chunks(self) -> None:
+        """Chunk-wise reducers (the weighted mean): each chunk as soon as every live member sent it."""
+        while self.reduced < len(self.chunks) and self.alive and all(m in self.pending[self.reduced] for m in self.alive):
+            order = sorted(self.alive)
+            x = torch.stack([self.pending[self.reduced][m] for m in order])
+            self._publish(self.reduced, self._reduce(x, order))
+            self.pending[self.reduced] = {}
+            self.reduced += 1
+
+    def _reduce_whole_part(self) -> None:
+        """Other aggregators see the whole part at once, x of shape [members, part length]."""
+        if self.reduced or not self.alive or not all(self.delivered[m] == len(self.chunks) for m in self.alive):
+            return
+        order = sorted(self.alive)
+        x = torch.stack([torch.cat([pending[m] for pending in self.pending]) for m in order])
+        averaged = self._reduce(x, order)
+        offset = 0
+        for index, (lo, hi) in enumerate(self.chunks):
+            self._publish(index, averaged[offset:offset + hi - lo])
+            offset += hi - lo
+        self.pending = [{} for _ in self.chunks]
+        self.reduced = len(self.chunks)
+
+    def _reduce(self, x: torch.Tensor, order: list[int]) -> torch.Tensor:
+        w = torch.tensor([self.weights[m] for m in order], dtype=torch.float32)
+        return self.run.reducer(x, w).to(torch.float32).contiguous()
+
+    def _publish(self, index: int, averaged: torch.Tensor) -> None:
+        lo, hi = self.chunks[index]
+        message = self.run.codec.encode(averaged.contiguous(), lo, result=True)
+        self.encoded[index] = message
+        self.run.result[lo:hi] = self.run.codec.decode(message, hi - lo)  # exactly what the others get
 
     @property
     def contributors(self) -> list[int]:
