@@ -122,6 +122,18 @@ class Averager:
         self._service, self._matchmaker = dht.run_coroutine(setup)
 
     @property
+    def target_group_size(self) -> int:
+        """Largest group for the next steps; may be changed between steps (e.g. to the number of
+        peers known to be ready, so that a group assembles as soon as they all joined)."""
+        return self._matchmaker.target_group_size
+
+    @target_group_size.setter
+    def target_group_size(self, value: int) -> None:
+        if not self._matchmaker.min_group_size <= value:
+            raise ValueError(f"target_group_size must be at least min_group_size={self._matchmaker.min_group_size}")
+        self._matchmaker.target_group_size = int(value)
+
+    @property
     def group_bits(self) -> str:
         return self._matchmaker.group_bits
 

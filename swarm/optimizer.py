@@ -1,0 +1,463 @@
+"""swarm.Optimizer: wrap any torch optimizer so that peers that never met train one model together.
+
+>>> opt = swarm.Optimizer(dht=dht, run_id="my-run", optimizer=lambda p: torch.optim.Adam(p, 1e-3),
+...                       params=model.parameters(), target_batch_size=4096, batch_size_per_step=32)
+>>> for batch in data:
+...     loss = loss_fn(model, batch); loss.backward()
+...     opt.step()          # accumulates; when the swarm has 4096 samples, averages and steps
+...     opt.zero_grad()
+
+An *epoch* is the swarm accumulating ``target_batch_size`` samples, all peers together (as in
+hivemind). Peers publish their progress in the DHT (:mod:`swarm.progress`); every ``step()`` adds
+this peer's gradients (weighted by its samples) and, once the swarm reached the target:
+
+- ``mode="sync"``: the peers ready for the epoch form a group (:class:`averaging.Averager`), average
+  their accumulated gradients weighted by samples (with ``compression`` and ``aggregator``), and all
+  apply the wrapped optimizer to the average: every member takes the same step. A peer whose
+  averaging failed steps with its local gradients and logs it; a peer that finds the swarm at a later
+  epoch (it was slow, late or away) downloads the swarm's state (:meth:`load_state_from_peers`) and
+  joins at the current epoch instead of stalling the others.
+- ``mode="diloco"`` (DiLoCo / OpenDiLoCo): the wrapped optimizer is the *inner* optimizer and steps
+  on every call; at the end of an epoch (the swarm reached ``target_batch_size``, or after
+  ``inner_steps`` local steps when ``target_batch_size`` is None) the peers average their
+  pseudo-gradients ``global - local`` (float16 on the wire by default) and apply an outer Nesterov
+  SGD step (``outer_lr`` 0.7, ``outer_momentum`` 0.9) to the global parameters. With
+  ``overlap=True`` the averaging runs in the background while the next inner steps go on; the local
+  progress made meanwhile is kept on top of the new global parameters.
+
+The state every peer agrees on (parameters and optimizer state in sync mode; global parameters and
+outer momentum in DiLoCo mode, plus the epoch) is offered to joiners after every epoch
+(:mod:`swarm.state_sharing`); a peer whose state hash differs from the one most peers announce for
+the same epoch re-downloads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from averaging import Averager, AveragingError
+from dht import DHT
+
+from .progress import GlobalProgress, ProgressTracker
+from .state import StateFormatError, TrainingState, optimizer_state_from_tensors, optimizer_state_to_tensors, \
+    pack_state, state_hash, unpack_state
+from .state_sharing import StateDownloadError, StateSharing
+
+__all__ = ["Optimizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Optimizer:
+    """Collaborative optimizer (keyword arguments only, as in hivemind).
+
+    - ``dht``: a :class:`dht.DHT`; ``run_id``: the run's name (peers with the same run id train together).
+    - ``optimizer``: a torch optimizer instance, or a factory ``params -> optimizer`` (then ``params``
+      is required).
+    - ``target_batch_size``: samples per epoch, all peers together; ``batch_size_per_step``: samples
+      per ``step()`` call when ``step(batch_size=...)`` is not given.
+    - ``mode``: ``"sync"`` (default) or ``"diloco"``; ``inner_steps`` (DiLoCo without a target batch
+      size), ``outer_lr`` (0.7), ``outer_momentum`` (0.9), ``overlap`` (False).
+    - ``matchmaking_time`` (3 s): how long a peer waits for others to form a group;
+      ``averaging_timeout`` (60 s): limit of one averaging round; ``target_group_size`` (16).
+    - ``compression``: codec for the averaged tensors (None: exact in sync mode, ``"float16"`` in DiLoCo);
+      ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
+    - ``average_state_every`` (0 = never): also average the parameters every that many epochs.
+    - ``scheduler``: a factory ``optimizer -> LR scheduler``, stepped once per epoch.
+    - ``client_mode`` (the DHT's), ``bandwidth`` (MB/s, None = measured): passed to the averagers.
+    - ``load_state_timeout`` (600 s); ``share_state`` (True): offer the state to joiners.
+    """
+
+    def __init__(self, *, dht: DHT, run_id: str, optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
+                 params: Iterable[torch.nn.Parameter] | None = None, target_batch_size: int | None = None,
+                 batch_size_per_step: int | None = None, mode: str = "sync", inner_steps: int = 50,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, overlap: bool = False,
+                 matchmaking_time: float = 3.0, averaging_timeout: float = 60.0, target_group_size: int = 16,
+                 compression: Any = "auto", aggregator: Any = "mean", average_state_every: int = 0,
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, client_mode: bool | None = None,
+                 bandwidth: float | None = None, load_state_timeout: float = 600.0, share_state: bool = True,
+                 verbose: bool = False):
+        if mode not in ("sync", "diloco"):
+            raise ValueError(f"mode must be 'sync' or 'diloco', got {mode!r}")
+        if mode == "sync" and not target_batch_size:
+            raise ValueError("mode='sync' needs target_batch_size (samples per epoch, all peers together)")
+        if target_batch_size is not None and target_batch_size <= 0:
+            raise ValueError("target_batch_size must be positive")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self.opt = optimizer
+            self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        elif callable(optimizer):
+            if params is None:
+                raise ValueError("an optimizer factory needs params=...")
+            self.params = list(params)
+            self.opt = optimizer(self.params)
+        else:
+            raise TypeError("optimizer must be a torch.optim.Optimizer or a factory taking the parameters")
+        if not self.params:
+            raise ValueError("no parameters to optimize")
+        self.dht, self.run_id, self.mode = dht, run_id, mode
+        self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
+        self.inner_steps, self.overlap = inner_steps, overlap
+        self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
+        self.max_group_size = target_group_size
+        self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
+        self.client_mode = dht.client_mode if client_mode is None else client_mode
+        self.scheduler = scheduler(self.opt) if scheduler is not None else None
+        if compression == "auto":
+            compression = "float16" if mode == "diloco" else None
+
+        self.local_epoch = 0
+        self.local_samples = 0  # accumulated in this epoch
+        self.inner_step_count = 0
+        self.samples_per_second = 0.0
+        self.bytes_sent = self.bytes_received = 0
+        self.last_loss: float | None = None
+        self.last_averaging: Any = None  # StepResult or the exception of the latest round
+        self._last_step_time: float | None = None
+        self._pending = None  # DiLoCo overlap: (future, snapshot)
+        self.state_hash: str | None = None
+        self._hash_before_round: str | None = None
+        self._resync_epoch: int | None = None  # the epoch at which to re-download the swarm's state
+
+        with torch.no_grad():
+            self._buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
+        if mode == "diloco":
+            self.global_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+            self.outer_opt = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                             nesterov=outer_momentum > 0)
+        averager_opts = dict(target_group_size=max(2, target_group_size), min_group_size=2, compression=compression,
+                             aggregator=aggregator, client_mode=self.client_mode, bandwidth=bandwidth,
+                             min_matchmaking_time=matchmaking_time, request_timeout=min(2.0, matchmaking_time / 2),
+                             default_timeout=averaging_timeout)
+        self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
+        self.state_averager = None
+        if average_state_every:
+            self._state_tensors = [torch.zeros_like(b) for b in self._buffers]
+            self.state_averager = Averager(self._state_tensors, dht, prefix=f"{run_id}.params",
+                                           **dict(averager_opts, compression=None, aggregator="mean"))
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size or 1, client_mode=self.client_mode)
+        self.sharing = StateSharing(dht, run_id, serve=share_state)
+        self._publish_state()
+        self._report()
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, batch_size: int | None = None, loss: float | torch.Tensor | None = None) -> bool:
+        """Call after ``loss.backward()``. Returns True when this call ended an epoch (the model changed
+        by a collaborative step). ``loss`` (optional) is published as this peer's latest loss."""
+        batch_size = batch_size or self.batch_size_per_step
+        if not batch_size or batch_size <= 0:
+            raise ValueError("pass step(batch_size=N) or set batch_size_per_step")
+        if loss is not None:
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            if math.isfinite(value):
+                self.last_loss = value
+        self._update_speed(batch_size)
+        if self.mode == "sync":
+            self._accumulate(batch_size)
+        else:
+            self._inner_step(batch_size)
+        self.local_samples += batch_size
+        self._report()
+
+        progress = self.tracker.global_progress
+        if progress.epoch > self.local_epoch and self._pending is None:
+            return self._catch_up(progress)
+        if self._resync_epoch is not None and self._pending is None:
+            if self._resync_epoch != self.local_epoch:
+                self._resync_epoch = None
+            else:
+                logger.info("this peer's state differed from the one most of its group held: downloading theirs")
+                if self.load_state_from_peers(min_epoch=self.local_epoch):
+                    self._resync_epoch = None
+                    return True
+        if self._ready(progress):
+            if self.mode == "sync":
+                self._sync_epoch(progress)
+            else:
+                self._outer_round(progress)
+            return True
+        return False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def global_progress(self) -> GlobalProgress:
+        return self.tracker.global_progress
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: epoch, parameters, optimizer state (and DiLoCo's outer state)."""
+        return {"epoch": self.local_epoch, "state": pack_state(self._training_state())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._apply_state(unpack_state(state_dict["state"]))
+        self.local_epoch = int(state_dict.get("epoch", self.local_epoch))
+
+    def load_state_from_peers(self, min_epoch: int | None = None) -> bool:
+        """Download the swarm's agreed state (newest epoch, majority hash) from peers and adopt it.
+        Returns False when no peer offers a state at ``min_epoch`` (default: this peer's epoch + 1)."""
+        min_epoch = self.local_epoch + 1 if min_epoch is None else min_epoch
+        try:
+            found = self.sharing.download(min_epoch=min_epoch, timeout=self.load_state_timeout)
+        except StateDownloadError as e:
+            logger.warning("could not download the state from peers: %s", e)
+            return False
+        if found is None:
+            return False
+        blob, epoch = found
+        try:
+            state = unpack_state(blob)
+            self._apply_state(state)
+        except (StateFormatError, RuntimeError, ValueError, KeyError) as e:
+            logger.warning("the downloaded state does not fit this model: %s", e)
+            return False
+        self.local_epoch = max(epoch, int(state.metadata.get("epoch", epoch)))
+        self.local_samples = 0
+        self.inner_step_count = 0
+        for b in self._buffers:
+            b.zero_()
+        self._publish_state(blob)
+        logger.info("loaded the swarm's state at epoch %d (%.1f MB, hash %s)", self.local_epoch, len(blob) / 1e6,
+                    self.state_hash[:12])
+        self._report()
+        return True
+
+    def shutdown(self) -> None:
+        """Leave the run: stop publishing and serving (the DHT is left running)."""
+        if self._pending is not None:
+            try:
+                self._pending[0].result(self.averaging_timeout)
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+            self._pending = None
+        self.tracker.shutdown()
+        self.sharing.shutdown()
+        self.averager.shutdown()
+        if self.state_averager is not None:
+            self.state_averager.shutdown()
+
+    def __enter__(self) -> "Optimizer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ internals
+
+    def _update_speed(self, batch_size: int) -> None:
+        now = time.monotonic()
+        if self._last_step_time is not None and now > self._last_step_time:
+            rate = batch_size / (now - self._last_step_time)
+            self.samples_per_second = rate if self.samples_per_second == 0 else 0.9 * self.samples_per_second + 0.1 * rate
+        self._last_step_time = now
+
+    def _report(self) -> None:
+        self.tracker.report(self.local_epoch, self.local_samples, self.samples_per_second, self.last_loss,
+                            self.bytes_sent, self.bytes_received)
+
+    def _swarm_samples(self, progress: GlobalProgress) -> tuple[int, int]:
+        """(samples the swarm accumulated at this peer's epoch, peers at it), counting this peer live."""
+        me = str(self.dht.peer_id)
+        others = [r for r in progress.peers if r.peer_id != me and not r.client_mode or r.samples > 0]
+        at_epoch = [r for r in others if r.peer_id != me and r.epoch == self.local_epoch]
+        samples = sum(r.samples + int(r.samples_per_second * min(max(progress.fetched_at - r.time, 0.0), 2.0))
+                      for r in at_epoch)
+        # peers one epoch behind in our (possibly stale) view are about to join this epoch's group
+        peers = sum(1 for r in others if r.peer_id != me and self.local_epoch - 1 <= r.epoch <= self.local_epoch)
+        return samples + self.local_samples, peers + 1
+
+    def _ready(self, progress: GlobalProgress) -> bool:
+        if self._pending is not None:
+            return False
+        if self.target_batch_size is None:
+            return self.inner_step_count >= self.inner_steps
+        samples, _ = self._swarm_samples(progress)
+        return samples >= self.target_batch_size
+
+    def _accumulate(self, batch_size: int) -> None:
+        with torch.no_grad():
+            for p, buffer in zip(self.params, self._buffers):
+                if p.grad is not None:
+                    buffer.add_(p.grad.detach().to("cpu", torch.float32), alpha=float(batch_size))
+
+    def _average(self, averager: Averager, weight: float, peers: int, what: str) -> bool:
+        """One blocking averaging round of ``averager``'s tensors; False (tensors unchanged) if it failed."""
+        if peers < 2:
+            return False
+        averager.target_group_size = max(2, min(self.max_group_size, peers))
+        try:
+            self._hash_before_round = self.state_hash
+            result = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
+                                   gather={"hash": self.state_hash, "epoch": self.local_epoch})
+        except AveragingError as e:
+            self.last_averaging = e
+            logger.warning("averaging %s failed at epoch %d (%s); proceeding with local values", what, self.local_epoch, e)
+            return False
+        self._account(result)
+        self._check_agreement(result)
+        return True
+
+    def _account(self, result: Any) -> None:
+        self.last_averaging = result
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        if self.verbose:
+            logger.info("epoch %d: averaged with %d peers (%.2f s matchmaking, %.2f s all-reduce)", self.local_epoch,
+                        len(result.survivors), result.matchmaking_seconds, result.allreduce_seconds)
+
+    def _sync_epoch(self, progress: GlobalProgress) -> None:
+        _, peers = self._swarm_samples(progress)
+        with torch.no_grad():
+            for buffer in self._buffers:
+                buffer.div_(max(self.local_samples, 1))
+            self._average(self.averager, float(self.local_samples), peers, "gradients")
+            for p, buffer in zip(self.params, self._buffers):
+                p.grad = buffer.to(device=p.device, dtype=p.dtype, copy=True)
+        self.opt.step()
+        for buffer in self._buffers:
+            buffer.zero_()
+        self._end_epoch(peers)
+
+    def _inner_step(self, batch_size: int) -> None:
+        self.opt.step()
+        self.inner_step_count += 1
+        if self._pending is not None and self._pending[0].done():
+            self._finish_outer_round()
+
+    def _outer_round(self, progress: GlobalProgress) -> None:
+        _, peers = self._swarm_samples(progress)
+        with torch.no_grad():
+            for buffer, g, p in zip(self._buffers, self.global_params, self.params):
+                torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)  # pseudo-gradient: old - new
+        weight = float(max(self.local_samples, 1))
+        if self.overlap and peers >= 2:
+            self.averager.target_group_size = max(2, min(self.max_group_size, peers))
+            snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+            self._hash_before_round = self.state_hash
+            future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
+                                        gather={"hash": self.state_hash, "epoch": self.local_epoch})
+            self._pending = (future, snapshot, peers)
+            self.local_samples = 0
+            self.inner_step_count = 0
+            return
+        self._average(self.averager, weight, peers, "pseudo-gradients")
+        self._apply_outer_step()
+        with torch.no_grad():
+            for p, g in zip(self.params, self.global_params):
+                p.copy_(g)
+        self._end_epoch(peers)
+
+    def _finish_outer_round(self) -> None:
+        future, snapshot, peers = self._pending
+        self._pending = None
+        try:
+            result = future.result()
+            self._account(result)
+            self._check_agreement(result)
+        except AveragingError as e:
+            self.last_averaging = e
+            logger.warning("averaging pseudo-gradients failed at epoch %d (%s); proceeding with the local one",
+                           self.local_epoch, e)
+        self._apply_outer_step()
+        with torch.no_grad():  # keep the inner steps taken meanwhile, on top of the new global parameters
+            for p, g, s in zip(self.params, self.global_params, snapshot):
+                p.copy_((g + (p.detach().to("cpu", torch.float32) - s)).to(p.dtype))
+        saved_samples = self.local_samples
+        self._end_epoch(peers)
+        self.local_samples = saved_samples  # samples of the next round, taken during the overlap
+
+    def _apply_outer_step(self) -> None:
+        with self.averager.lock, torch.no_grad():
+            for g, buffer in zip(self.global_params, self._buffers):
+                g.grad = buffer.clone()
+        self.outer_opt.step()
+        self.outer_opt.zero_grad(set_to_none=True)
+
+    def _end_epoch(self, peers: int) -> None:
+        self.local_epoch += 1
+        self.local_samples = 0
+        self.inner_step_count = 0
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.state_averager is not None and self.local_epoch % self.average_state_every == 0:
+            self._average_parameters(peers)
+        self._publish_state()
+        self._report()
+
+    def _check_agreement(self, result: Any) -> None:
+        """After a round, compare the state hashes the members held before it (``gather``): a member
+        whose hash differs from the majority's (ties: the largest hash) diverged, e.g. after a failed
+        round, and re-downloads the state once the others announced the next epoch's."""
+        hashes = [g.get("hash") for g in result.gathered.values() if isinstance(g, dict) and g.get("epoch") == self.local_epoch]
+        votes = collections.Counter(h for h in hashes if isinstance(h, str))
+        if len(votes) > 1:
+            majority = max(votes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+            if majority != self._hash_before_round:
+                self._resync_epoch = self.local_epoch + 1
+
+    def _average_parameters(self, peers: int) -> None:
+        source = self.global_params if self.mode == "diloco" else [p.detach() for p in self.params]
+        with torch.no_grad():
+            for t, s in zip(self._state_tensors, source):
+                t.copy_(s)
+            if self._average(self.state_averager, 1.0, peers, "parameters"):
+                targets = self.global_params if self.mode == "diloco" else self.params
+                for target, t in zip(targets, self._state_tensors):
+                    target.copy_(t)
+                if self.mode == "diloco":
+                    for p, g in zip(self.params, self.global_params):
+                        p.copy_(g)
+
+    def _catch_up(self, progress: GlobalProgress) -> bool:
+        logger.info("the swarm is at epoch %d, this peer at %d: downloading the current state", progress.epoch,
+                    self.local_epoch)
+        if self.load_state_from_peers(min_epoch=self.local_epoch + 1):
+            return True
+        # nobody can give a state yet (e.g. the donors are still stepping): keep accumulating
+        return False
+
+    # ---- the shared state
+
+    def _training_state(self) -> TrainingState:
+        if self.mode == "diloco":
+            meta, tensors = optimizer_state_to_tensors(self.outer_opt, prefix="outer")
+            tensors.update({f"param.{i}": g for i, g in enumerate(self.global_params)})
+        else:
+            meta, tensors = optimizer_state_to_tensors(self.opt, prefix="opt")
+            tensors.update({f"param.{i}": p.detach() for i, p in enumerate(self.params)})
+        metadata = {"epoch": self.local_epoch, "mode": self.mode, "run_id": self.run_id, "optimizer": meta,
+                    "num_params": len(self.params)}
+        return TrainingState(metadata, tensors)
+
+    def _apply_state(self, state: TrainingState) -> None:
+        meta = state.metadata
+        if meta.get("mode") != self.mode:
+            raise StateFormatError(f"the state is for mode {meta.get('mode')!r}, this peer runs {self.mode!r}")
+        if meta.get("num_params") != len(self.params):
+            raise StateFormatError(f"the state has {meta.get('num_params')} parameters, the model {len(self.params)}")
+        for i, p in enumerate(self.params):
+            t = state.tensors.get(f"param.{i}")
+            if t is None or t.shape != p.shape:
+                raise StateFormatError(f"parameter {i}: the state holds {None if t is None else tuple(t.shape)}, "
+                                       f"the model {tuple(p.shape)}")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(state.tensors[f"param.{i}"].to(p.device, p.dtype))
+            if self.mode == "diloco":
+                for i, g in enumerate(self.global_params):
+                    g.copy_(state.tensors[f"param.{i}"])
+                optimizer_state_from_tensors(self.outer_opt, meta["optimizer"], state.tensors, prefix="outer")
+            else:
+                optimizer_state_from_tensors(self.opt, meta["optimizer"], state.tensors, prefix="opt")
+        self.local_epoch = int(meta.get("epoch", self.local_epoch))
+
+    def _publish_state(self, blob: bytes | None = None) -> None:
+        blob = blob if blob is not None else pack_state(self._training_state())
+        self.state_hash = self.sharing.publish(blob, self.local_epoch) if self.sharing.serve else state_hash(blob)

@@ -1,0 +1,208 @@
+"""Training progress shared through the DHT: who is training, at which epoch, how fast.
+
+Every peer of a run publishes its own record under the DHT dictionary key ``{run_id}.progress``, with
+its owner marker as the subkey (so only it can write its record), and reads everyone's records.
+From them it derives the swarm's :class:`GlobalProgress`: the global epoch (the highest epoch of
+peers that train), the samples the swarm accumulated towards it, the number of peers and the swarm's
+samples/s. Records expire ``expiration`` seconds (default 60) after their last refresh, so peers
+that vanish drop out on their own.
+
+The tracker runs on the DHT's event loop: publishing and fetching never block the training thread,
+which reads :attr:`ProgressTracker.global_progress` (refreshed every ``refresh_period`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dht import DHT, get_dht_time
+
+__all__ = ["PeerProgress", "GlobalProgress", "ProgressTracker", "progress_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def progress_key(run_id: str) -> str:
+    return f"{run_id}.progress"
+
+
+@dataclass
+class PeerProgress:
+    peer_id: str
+    epoch: int
+    samples: int  # accumulated in this epoch
+    samples_per_second: float
+    loss: float | None
+    time: float  # DHT time of the report
+    client_mode: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> "PeerProgress | None":
+        """The record, or None if it is malformed (a peer's bad record is ignored, never trusted)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            record = cls(str(value["peer_id"]), int(value["epoch"]), int(value["samples"]),
+                         float(value["samples_per_second"]), None if value.get("loss") is None else float(value["loss"]),
+                         float(value["time"]), bool(value.get("client_mode", False)),
+                         int(value.get("bytes_sent", 0)), int(value.get("bytes_received", 0)))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if record.epoch < 0 or record.samples < 0 or not record.samples_per_second >= 0:
+            return None
+        return record
+
+
+@dataclass
+class GlobalProgress:
+    epoch: int  # the swarm's current epoch
+    samples: int  # accumulated by the swarm towards the end of ``epoch``
+    target_batch_size: int
+    num_peers: int  # peers that reported recently (any epoch)
+    num_peers_at_epoch: int  # of them, at ``epoch``
+    samples_per_second: float  # of the whole swarm
+    loss: float | None  # mean of the latest losses reported at ``epoch`` (or the previous one)
+    peers: list[PeerProgress] = field(default_factory=list)
+    fetched_at: float = 0.0
+
+    @property
+    def eta(self) -> float:
+        """Seconds until the swarm reaches ``target_batch_size`` at the current rate (inf if idle)."""
+        missing = max(self.target_batch_size - self.samples, 0)
+        return 0.0 if missing == 0 else (missing / self.samples_per_second if self.samples_per_second > 0 else float("inf"))
+
+
+def summarize(records: list[PeerProgress], target_batch_size: int, now: float) -> GlobalProgress:
+    """The swarm's progress from the peers' records (pure; used by the tracker and by ``swarm runs``)."""
+    training = [r for r in records if not r.client_mode] or records
+    epoch = max((r.epoch for r in training), default=0)
+    at_epoch = [r for r in records if r.epoch == epoch]
+    samples = 0
+    for r in at_epoch:  # extrapolate a little: reports are up to a few seconds old
+        samples += r.samples + int(r.samples_per_second * min(max(now - r.time, 0.0), 2.0))
+    losses = [r.loss for r in at_epoch if r.loss is not None] or \
+             [r.loss for r in records if r.loss is not None and r.epoch == epoch - 1]
+    return GlobalProgress(epoch, samples, target_batch_size, len(records), len(at_epoch),
+                          sum(r.samples_per_second for r in records),
+                          sum(losses) / len(losses) if losses else None, records, now)
+
+
+class ProgressTracker:
+    """Publishes this peer's progress and follows the swarm's.
+
+    - ``report(epoch, samples, samples_per_second, loss)``: thread-safe, returns at once; the record
+      is stored in the background (at once when the epoch changes, else at most every
+      ``min_publish_period`` seconds, and at least every ``expiration / 3`` seconds).
+    - ``global_progress``: the latest :class:`GlobalProgress` (refreshed every ``refresh_period`` s;
+      ``refresh()`` forces a fetch and returns it).
+    """
+
+    def __init__(self, dht: DHT, run_id: str, target_batch_size: int, *, client_mode: bool = False,
+                 refresh_period: float = 0.5, min_publish_period: float = 0.5, expiration: float = 60.0):
+        self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size
+        self.key = progress_key(run_id)
+        self.client_mode = client_mode
+        self.refresh_period, self.min_publish_period, self.expiration = refresh_period, min_publish_period, expiration
+        self._local: dict | None = None
+        self._local_epoch_published = -1
+        self._published_at = 0.0
+        self._dirty = asyncio.Event()
+        self.global_progress = GlobalProgress(0, 0, target_batch_size, 0, 0, 0.0, None)
+        self._closed = False
+        self._task = dht.run_coroutine(self._start)
+
+    async def _start(self, _dht: DHT, node) -> asyncio.Task:
+        self._subkey = node.signature_validator.ownership_marker
+        self._dirty = asyncio.Event()
+        return asyncio.ensure_future(self._loop(node))
+
+    def report(self, epoch: int, samples: int, samples_per_second: float, loss: float | None = None,
+               bytes_sent: int = 0, bytes_received: int = 0) -> None:
+        self._local = {"peer_id": str(self.dht.peer_id), "epoch": int(epoch), "samples": int(samples),
+                       "samples_per_second": float(samples_per_second), "loss": loss, "client_mode": self.client_mode,
+                       "bytes_sent": int(bytes_sent), "bytes_received": int(bytes_received)}
+        try:
+            self.dht.loop.call_soon_threadsafe(self._dirty.set)
+        except RuntimeError:
+            pass  # the DHT is shut down
+
+    def refresh(self, timeout: float = 10.0) -> GlobalProgress:
+        """Fetch the swarm's progress now (blocking, at most ``timeout`` seconds)."""
+        async def fetch(_dht, node):
+            return await self._fetch(node)
+        try:
+            return self.dht.run_coroutine(fetch, return_future=True).result(timeout)
+        except Exception as e:  # noqa: BLE001 - keep the previous view
+            logger.debug("progress refresh failed: %s", e)
+            return self.global_progress
+
+    async def _publish(self, node) -> None:
+        local = self._local
+        if local is None:
+            return
+        now = get_dht_time()
+        record = dict(local, time=now)
+        ok = await node.store(self.key, record, now + self.expiration, subkey=self._subkey)
+        if ok:
+            self._published_at = time.monotonic()
+            self._local_epoch_published = local["epoch"]
+
+    async def _fetch(self, node) -> GlobalProgress:
+        found = await node.get(self.key, latest=True)
+        records = []
+        if found is not None and isinstance(found.value, dict):
+            for item in found.value.values():
+                record = PeerProgress.parse(getattr(item, "value", None))
+                if record is not None:
+                    records.append(record)
+        if self._local is not None and not any(r.peer_id == self._local["peer_id"] for r in records):
+            mine = PeerProgress.parse(dict(self._local, time=get_dht_time()))
+            if mine is not None:
+                records.append(mine)
+        self.global_progress = summarize(records, self.target_batch_size, get_dht_time())
+        return self.global_progress
+
+    async def _loop(self, node) -> None:
+        next_fetch = 0.0
+        while not self._closed:
+            try:
+                timeout = max(min(next_fetch - time.monotonic(), self.min_publish_period), 0.0)
+                try:
+                    await asyncio.wait_for(self._dirty.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                now = time.monotonic()
+                local = self._local
+                if local is not None and self._dirty.is_set():
+                    wait = self._published_at + self.min_publish_period - now
+                    if local["epoch"] != self._local_epoch_published or wait <= 0:
+                        self._dirty.clear()
+                        await self._publish(node)
+                    else:
+                        await asyncio.sleep(wait)  # throttled: publish on the next pass
+                elif local is not None and now - self._published_at >= self.expiration / 3:
+                    await self._publish(node)
+                if time.monotonic() >= next_fetch:
+                    await self._fetch(node)
+                    next_fetch = time.monotonic() + self.refresh_period
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the tracker keeps going; the DHT may be briefly unreachable
+                logger.debug("progress tracker: %s", e)
+                await asyncio.sleep(self.refresh_period)
+
+    def shutdown(self) -> None:
+        """Stop publishing; the record expires on its own."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.dht.loop.call_soon_threadsafe(self._task.cancel)
+        except RuntimeError:
+            pass

@@ -1,0 +1,227 @@
+"""Sharing the training state with late joiners: announce, serve in chunks, download in parallel.
+
+Each peer that holds a state (a blob from :mod:`swarm.state`) announces it under the DHT dictionary
+key ``{run_id}.state`` (subkey: its owner marker; value: epoch, sha256 of the blob, size) and serves
+byte ranges of it over the RPC method ``swarm.state.{run_id}``. A joiner:
+
+1. reads the announcements and takes the newest epoch; among the donors at that epoch, the hash
+   announced by the most donors is the one the swarm agreed on (donors with another hash are not
+   used: their state diverged or they are lying);
+2. downloads ``chunk_bytes`` ranges from all those donors in parallel (one worker per donor pulling
+   from a shared queue); a donor that fails or leaves mid-transfer is dropped and its range goes
+   back to the queue for the others;
+3. checks the sha256 of the whole blob against the agreed hash before handing it over.
+
+A donor answers only for the exact hash asked for (a request for a state it no longer holds gets
+an error), so a transfer never mixes two states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+
+from dht import DHT, PeerID, get_dht_time
+from dht.errors import BadRequestError, P2PError
+
+__all__ = ["StateSharing", "StateDownloadError", "Donor"]
+
+logger = logging.getLogger(__name__)
+
+
+class StateDownloadError(RuntimeError):
+    """No donor could provide a verified state; the message says why."""
+
+
+@dataclass(frozen=True)
+class Donor:
+    peer_id: PeerID
+    epoch: int
+    hash: str
+    size: int
+
+
+class StateSharing:
+    """Announce and serve this peer's state; download the swarm's.
+
+    ``chunk_bytes`` (4 MiB): bytes per request; ``request_timeout`` (30 s) per chunk;
+    ``expiration`` (60 s): how long an announcement lives without a refresh.
+    """
+
+    def __init__(self, dht: DHT, run_id: str, *, serve: bool = True, chunk_bytes: int = 4 << 20,
+                 request_timeout: float = 30.0, expiration: float = 60.0):
+        self.dht, self.run_id = dht, run_id
+        self.key, self.method = f"{run_id}.state", f"swarm.state.{run_id}"
+        self.chunk_bytes, self.request_timeout, self.expiration = chunk_bytes, request_timeout, expiration
+        self.serve = serve and not dht.client_mode
+        self._blob: bytes | None = None
+        self._hash: str | None = None
+        self._epoch = -1
+        self._announcer: asyncio.Task | None = None
+        self.bytes_served = 0
+        if self.serve:
+            dht.run_coroutine(self._setup)
+
+    async def _setup(self, _dht: DHT, node) -> None:
+        self._subkey = node.signature_validator.ownership_marker
+        node.p2p.add_unary_handler(self.method, self._handle)
+        self._announcer = asyncio.ensure_future(self._announce_loop(node))
+
+    # ---- donor side
+
+    def publish(self, blob: bytes, epoch: int) -> str:
+        """Offer ``blob`` (the state at ``epoch``) to joiners; returns its hash. Thread-safe."""
+        digest = hashlib.sha256(blob).hexdigest()
+        if not self.serve:
+            return digest
+
+        def swap() -> None:
+            self._blob, self._hash, self._epoch = blob, digest, epoch
+            if self._announcer is not None:
+                asyncio.ensure_future(self._announce(self.dht.node))
+        self.dht.loop.call_soon_threadsafe(swap)
+        return digest
+
+    async def _announce(self, node) -> None:
+        if self._hash is None:
+            return
+        value = {"epoch": self._epoch, "hash": self._hash, "size": len(self._blob or b""), "peer_id": str(node.peer_id)}
+        try:
+            await node.store(self.key, value, get_dht_time() + self.expiration, subkey=self._subkey)
+        except Exception as e:  # noqa: BLE001 - retried by the loop
+            logger.debug("state announcement failed: %s", e)
+
+    async def _announce_loop(self, node) -> None:
+        while True:
+            await asyncio.sleep(self.expiration / 3)
+            await self._announce(node)
+
+    async def _handle(self, request, ctx) -> dict:
+        if not isinstance(request, dict) or not isinstance(request.get("hash"), str):
+            raise BadRequestError("expected {hash, offset, length}")
+        offset, length = request.get("offset"), request.get("length")
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= 16 << 20:
+            raise BadRequestError("offset/length out of range (length at most 16 MiB)")
+        blob, digest = self._blob, self._hash
+        if blob is None or digest != request["hash"]:
+            raise BadRequestError(f"this peer does not hold state {request['hash'][:12]} (it holds "
+                                  f"{(digest or 'none')[:12]})")
+        if offset >= len(blob):
+            raise BadRequestError("offset beyond the end of the state")
+        chunk = blob[offset:offset + length]
+        self.bytes_served += len(chunk)
+        return {"data": chunk}
+
+    # ---- joiner side
+
+    def donors(self, timeout: float = 10.0) -> list[Donor]:
+        """Announced donors (any epoch), excluding this peer."""
+        async def fetch(_dht, node):
+            found = await node.get(self.key, latest=True)
+            donors = []
+            if found is not None and isinstance(found.value, dict):
+                for item in found.value.values():
+                    v = getattr(item, "value", None)
+                    try:
+                        donor = Donor(PeerID.from_base58(v["peer_id"]), int(v["epoch"]), str(v["hash"]), int(v["size"]))
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    if donor.peer_id != node.peer_id and donor.size > 0 and len(donor.hash) == 64:
+                        donors.append(donor)
+            return donors
+        return self.dht.run_coroutine(fetch, return_future=True).result(timeout)
+
+    @staticmethod
+    def agreed(donors: list[Donor], min_epoch: int = 0) -> tuple[str, int, int, list[Donor]] | None:
+        """(hash, epoch, size, donors) of the newest epoch's majority hash, or None."""
+        donors = [d for d in donors if d.epoch >= min_epoch]
+        if not donors:
+            return None
+        epoch = max(d.epoch for d in donors)
+        votes = collections.Counter((d.hash, d.size) for d in donors if d.epoch == epoch)
+        (digest, size), _ = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
+        return digest, epoch, size, [d for d in donors if d.epoch == epoch and d.hash == digest]
+
+    def download(self, min_epoch: int = 0, timeout: float = 600.0) -> tuple[bytes, int] | None:
+        """Download the swarm's agreed state: (blob, epoch), or None when nobody offers one at
+        ``min_epoch`` or later. Raises :class:`StateDownloadError` when every donor failed."""
+        choice = self.agreed(self.donors(), min_epoch)
+        if choice is None:
+            return None
+        digest, epoch, size, donors = choice
+        future = asyncio.run_coroutine_threadsafe(self._download(digest, size, donors), self.dht.loop)
+        try:
+            blob = future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise StateDownloadError(f"downloading the state took longer than {timeout} s") from None
+        return blob, epoch
+
+    async def _download(self, digest: str, size: int, donors: list[Donor]) -> bytes:
+        p2p = self.dht.node.p2p
+        buffer = bytearray(size)
+        queue: collections.deque[int] = collections.deque(range(0, size, self.chunk_bytes))
+        pending = len(queue)
+        done = asyncio.Event()
+        failures: list[str] = []
+        random.shuffle(donors)
+
+        async def worker(donor: Donor) -> None:
+            nonlocal pending
+            while pending > 0:
+                if not queue:  # the rest is in flight elsewhere: stay to take back what fails
+                    await asyncio.sleep(0.05)
+                    continue
+                offset = queue.popleft()
+                length = min(self.chunk_bytes, size - offset)
+                try:
+                    reply = await p2p.call(donor.peer_id, self.method,
+                                           {"hash": digest, "offset": offset, "length": length},
+                                           timeout=self.request_timeout)
+                    data = reply.get("data") if isinstance(reply, dict) else None
+                    if not isinstance(data, bytes) or len(data) != length:
+                        raise BadRequestError(f"sent {len(data) if isinstance(data, bytes) else 'no'} bytes "
+                                              f"for a {length}-byte chunk")
+                except (P2PError, OSError, asyncio.TimeoutError) as e:
+                    queue.appendleft(offset)  # someone else takes it
+                    failures.append(f"{donor.peer_id}: {e}")
+                    logger.info("state donor %s failed (%s); continuing with the others", donor.peer_id, e)
+                    return
+                buffer[offset:offset + length] = data
+                pending -= 1
+                if pending == 0:
+                    done.set()
+
+        workers = [asyncio.ensure_future(worker(d)) for d in donors]
+        waiter = asyncio.ensure_future(done.wait())
+        try:
+            while not done.is_set():
+                alive = [w for w in workers if not w.done()]
+                if not alive:
+                    raise StateDownloadError("every donor failed: " + "; ".join(failures[-len(donors):]))
+                await asyncio.wait([waiter, *alive], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (waiter, *workers):
+                w.cancel()
+        blob = bytes(buffer)
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise StateDownloadError(f"the downloaded state does not match the agreed hash {digest[:12]}")
+        return blob
+
+    def shutdown(self) -> None:
+        if not self.serve:
+            return
+
+        async def stop(_dht, node):
+            node.p2p.remove_handler(self.method)
+            if self._announcer is not None:
+                self._announcer.cancel()
+        try:
+            self.dht.run_coroutine(stop)
+        except RuntimeError:
+            pass
+        self.serve = False

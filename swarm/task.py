@@ -1,0 +1,186 @@
+"""Task: what a user writes to define a collaborative training job.
+
+A task file is plain Python that every peer has locally (task code is never fetched from peers)::
+
+    # my_task.py
+    import torch
+    from swarm import Task
+
+    def batches(shard: int, num_shards: int, batch_size: int, seed: int):
+        ...  # yield batches forever, from this peer's shard of the data
+
+    task = Task(
+        name="my-task",
+        model=lambda: torch.nn.Linear(10, 2),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+        data=batches,
+        loss=lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]),
+        evaluate=None,                       # optional: model -> {"loss": ..., "accuracy": ...}
+        target_batch_size=256,               # samples per collaborative step, all peers together
+    )
+
+``swarm join my_task.py`` (attribute ``task``), ``swarm join my_task.py:other`` or
+``swarm join package.module:attr`` load it with :func:`load_task`; :func:`task_code_hash` is what a
+run announcement pins, so that every peer of a run runs the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+__all__ = ["Task", "TaskLoadError", "load_task", "task_code_hash", "split_task_ref"]
+
+
+class TaskLoadError(RuntimeError):
+    """A task reference could not be loaded; the message says why."""
+
+
+@dataclass
+class Task:
+    """A training job.
+
+    - ``model``: a factory returning a fresh ``torch.nn.Module`` (called once per peer; every peer
+      must build the same architecture; parameters are replaced by the swarm's).
+    - ``optimizer``: a factory ``params -> torch.optim.Optimizer`` (the inner/local optimizer).
+    - ``data``: ``data(shard, num_shards, batch_size, seed) -> iterable of batches``; peers pass
+      different shards (from their peer id) so they do not all train on the same samples. It may be
+      finite (it is restarted) or endless.
+    - ``loss``: ``loss(model, batch) -> scalar tensor``.
+    - ``batch_size(batch)``: the number of samples in a batch (default: ``len(batch[0])``).
+    - ``evaluate``: optional ``evaluate(model) -> dict`` with at least ``"loss"`` (e.g. held-out
+      loss and accuracy), run by the daemon every ``eval_every`` epochs.
+    - ``target``: optional ``(metric, goal)``, e.g. ``("accuracy", 0.9)`` or ``("loss", 1.5)``:
+      what ``swarm demo`` trains to (higher is better for "accuracy", lower for anything else).
+    - ``target_batch_size`` (samples per collaborative epoch, all peers together), ``batch_size``
+      (per local step), ``hyperparameters`` (free-form, shown in the run announcement) and
+      ``optimizer_options`` (extra keyword arguments for :class:`swarm.Optimizer`, e.g.
+      ``{"mode": "diloco", "inner_steps": 50}``).
+    """
+
+    name: str
+    model: Callable[[], torch.nn.Module]
+    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+    data: Callable[[int, int, int, int], Iterable[Any]]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    batch_size: int = 32
+    target_batch_size: int = 256
+    evaluate: Callable[[torch.nn.Module], dict] | None = None
+    eval_every: int = 5
+    target: tuple[str, float] | None = None
+    count_samples: Callable[[Any], int] | None = None
+    hyperparameters: dict = field(default_factory=dict)
+    optimizer_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("model", "optimizer", "data", "loss"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
+        if self.batch_size <= 0 or self.target_batch_size <= 0:
+            raise ValueError("Task.batch_size and Task.target_batch_size must be positive")
+        if self.target is not None and (len(self.target) != 2 or not isinstance(self.target[0], str)):
+            raise ValueError("Task.target must be (metric name, goal), e.g. ('accuracy', 0.9)")
+
+    def samples_in(self, batch: Any) -> int:
+        """The number of samples in ``batch``."""
+        if self.count_samples is not None:
+            return int(self.count_samples(batch))
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return len(first)
+
+    def batches(self, shard: int, num_shards: int, batch_size: int | None = None, seed: int = 0) -> Iterator[Any]:
+        """Endless batches of this shard (a finite ``data`` iterable is restarted with a new seed)."""
+        epoch = 0
+        while True:
+            empty = True
+            for batch in self.data(shard, num_shards, batch_size or self.batch_size, seed + epoch):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"task {self.name!r}: data({shard}, {num_shards}, ...) yielded no batch")
+            epoch += 1
+
+    def target_reached(self, metrics: dict) -> bool:
+        """Whether ``metrics`` (from ``evaluate``) meet ``target``."""
+        if self.target is None or self.target[0] not in metrics:
+            return False
+        name, goal = self.target
+        value = float(metrics[name])
+        return value >= goal if name.startswith("acc") else value <= goal
+
+
+def split_task_ref(ref: str) -> tuple[str, str]:
+    """``"path/file.py[:attr]"`` or ``"package.module:attr"`` -> (location, attribute); default ``task``."""
+    if ref.endswith(".py") or ":" not in ref:
+        return ref, "task"
+    location, _, attr = ref.rpartition(":")  # the last colon: Windows drive letters stay in the path
+    return location, attr or "task"
+
+
+def _looks_like_file(location: str) -> bool:
+    return location.endswith(".py") or os.sep in location or "/" in location
+
+
+def load_task(ref: str) -> Task:
+    """Load a :class:`Task` from ``file.py`` (attribute ``task``), ``file.py:attr`` or ``module:attr``.
+
+    Raises :class:`TaskLoadError` with the reason (missing file, import error with its message,
+    missing attribute, not a Task)."""
+    location, attr = split_task_ref(ref)
+    if _looks_like_file(location):
+        path = Path(location)
+        if not path.is_file():
+            raise TaskLoadError(f"task file {location} does not exist")
+        module_name = f"swarm_task_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise TaskLoadError(f"cannot import {location} as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as e:  # noqa: BLE001 - any failure of user code is reported, not dumped
+            sys.modules.pop(module_name, None)
+            raise TaskLoadError(f"task file {location} failed to import: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(location)
+        except BaseException as e:  # noqa: BLE001
+            raise TaskLoadError(f"task module {location} failed to import: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        raise TaskLoadError(f"{location} has no attribute {attr!r} (a task file defines `task = swarm.Task(...)`, "
+                            f"or name another attribute as {location}:NAME)")
+    task = getattr(module, attr)
+    if callable(task) and not isinstance(task, Task):
+        try:
+            task = task()
+        except BaseException as e:  # noqa: BLE001
+            raise TaskLoadError(f"{location}:{attr}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(task, Task):
+        raise TaskLoadError(f"{location}:{attr} is a {type(task).__name__}, not a swarm.Task")
+    task._module = module  # type: ignore[attr-defined]
+    return task
+
+
+def task_code_hash(ref: str, task: Task | None = None) -> str:
+    """sha256 (hex) of the task's source: the task file for a file reference, else the module's
+    source file. Peers of one run must run code with the same hash."""
+    location, _ = split_task_ref(ref)
+    if _looks_like_file(location):
+        path = Path(location)
+    else:
+        module = getattr(task, "_module", None) or importlib.import_module(location)
+        source = inspect.getsourcefile(module)
+        if source is None:
+            raise TaskLoadError(f"cannot find the source of task module {location}")
+        path = Path(source)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
