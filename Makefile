@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) examples/loopback_ping.py --peers 4
+	$(PY) -m swarm demo --peers 4 --out demo-output
 
 # hivemind 1.1.12 in its own virtualenv, for side-by-side benchmarks only.
 bench-venv:

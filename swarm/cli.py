@@ -137,6 +137,35 @@ def _identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    import json
+
+    from dht import DHT, P2PError
+
+    from .runs import list_runs
+
+    try:
+        dht = DHT(initial_peers=args.initial_peers, host="127.0.0.1", client_mode=True)
+    except (P2PError, OSError, ValueError) as e:
+        print(f"error: could not reach the swarm: {e}", file=sys.stderr)
+        return 4
+    try:
+        runs = list_runs(dht)
+    finally:
+        dht.shutdown()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in runs], indent=1))
+        return 0
+    if not runs:
+        print("no runs announced")
+        return 0
+    print(f"{'RUN':24} {'PEERS':>5} {'SAMPLES/S':>10} {'EPOCH':>6} {'LOSS':>8}  TASK")
+    for r in runs:
+        loss = "-" if r.loss is None else f"{r.loss:.4f}"
+        print(f"{r.run_id[:24]:24} {r.peers:>5} {r.samples_per_second:>10.1f} {r.epoch:>6} {loss:>8}  {r.task}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer training of PyTorch models.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -178,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--report-interval", type=float, default=30.0,
                      help="seconds between routing-table reports (default 30)")
 
+    join = sub.add_parser("join", help="train a task with the swarm (the peer daemon)",
+                          description="Join (or create) the training run of TASK and train until stopped: "
+                                      "Ctrl-C leaves the swarm cleanly. The first peer of an unknown run id creates "
+                                      "the run; later peers must run the same task code.")
+    from .daemon import add_join_arguments  # no torch import: that happens when the daemon runs
+    add_join_arguments(join)
+
+    runs = sub.add_parser("runs", help="list the training runs reachable from some peers",
+                          description="List the runs announced in the DHT reachable from --initial-peers, with "
+                                      "their peers, samples/s, epoch and latest loss.")
+    runs.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
+                      help="peers in the swarm, as /ip4/HOST/tcp/PORT/p2p/PEERID")
+    runs.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+
+    demo = sub.add_parser("demo", help="train a model with a local swarm on loopback and plot it",
+                          description="Start a bootstrap peer and N training peers as separate processes on "
+                                      "127.0.0.1, train the task to its target, print a summary and write a PNG of "
+                                      "the loss curves. Exit code 0 only if the target was reached.")
+    demo.add_argument("--peers", type=int, default=4, help="training peers (default 4)")
+    demo.add_argument("--task", default=None, help="task reference (default: examples/digits.py)")
+    demo.add_argument("--out", default="demo-output", help="directory for the plot and logs (default demo-output)")
+    demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
+
     identity = sub.add_parser("identity", help="create or read an identity file and print its PeerID")
     identity.add_argument("path", help="key file (created with mode 0600 if missing)")
     return parser
@@ -194,6 +246,14 @@ def main(argv: list[str] | None = None) -> None:
             code = _run(_ping(args))
         elif args.command == "dht":
             code = _run(_dht(args))
+        elif args.command == "join":
+            from .daemon import run_join
+            code = run_join(args)
+        elif args.command == "runs":
+            code = _runs(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+            code = run_demo(args)
         else:
             code = _identity(args)
     except KeyboardInterrupt:

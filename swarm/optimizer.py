@@ -64,7 +64,8 @@ class Optimizer:
       per ``step()`` call when ``step(batch_size=...)`` is not given.
     - ``mode``: ``"sync"`` (default) or ``"diloco"``; ``inner_steps`` (DiLoCo without a target batch
       size), ``outer_lr`` (0.7), ``outer_momentum`` (0.9), ``overlap`` (False).
-    - ``matchmaking_time`` (3 s): how long a peer waits for others to form a group;
+    - ``matchmaking_time`` (3 s): how long a peer waits for others to form a group (it gives up
+      and steps alone after 3x that);
       ``averaging_timeout`` (60 s): limit of one averaging round; ``target_group_size`` (16).
     - ``compression``: codec for the averaged tensors (None: exact in sync mode, ``"float16"`` in DiLoCo);
       ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
@@ -105,6 +106,7 @@ class Optimizer:
         self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
         self.inner_steps, self.overlap = inner_steps, overlap
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
+        self.matchmaking_timeout = 3 * matchmaking_time  # then give up on the group and step with local values
         self.max_group_size = target_group_size
         self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
         self.client_mode = dht.client_mode if client_mode is None else client_mode
@@ -194,11 +196,25 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """Everything needed to resume: epoch, parameters, optimizer state (and DiLoCo's outer state)."""
-        return {"epoch": self.local_epoch, "state": pack_state(self._training_state())}
+        return {"epoch": self.local_epoch, "state": self.training_state_blob()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._apply_state(unpack_state(state_dict["state"]))
-        self.local_epoch = int(state_dict.get("epoch", self.local_epoch))
+        """Adopt a state from :meth:`state_dict` (raises :class:`swarm.state.StateFormatError` if it
+        does not fit this model and mode)."""
+        self.load_training_state(unpack_state(state_dict["state"]))
+
+    def load_training_state(self, state: TrainingState) -> None:
+        """Adopt ``state`` (e.g. from a checkpoint) and offer it to joiners."""
+        self._apply_state(state)
+        self.local_samples = self.inner_step_count = 0
+        for b in self._buffers:
+            b.zero_()
+        self._publish_state()
+        self._report()
+
+    def training_state_blob(self) -> bytes:
+        """The packed state (what checkpoints hold and joiners download)."""
+        return pack_state(self._training_state())
 
     def load_state_from_peers(self, min_epoch: int | None = None) -> bool:
         """Download the swarm's agreed state (newest epoch, majority hash) from peers and adopt it.
@@ -295,7 +311,8 @@ class Optimizer:
         try:
             self._hash_before_round = self.state_hash
             result = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
-                                   gather={"hash": self.state_hash, "epoch": self.local_epoch})
+                                   gather={"hash": self.state_hash, "epoch": self.local_epoch},
+                                   matchmaking_timeout=self.matchmaking_timeout)
         except AveragingError as e:
             self.last_averaging = e
             logger.warning("averaging %s failed at epoch %d (%s); proceeding with local values", what, self.local_epoch, e)
@@ -342,7 +359,8 @@ class Optimizer:
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
             self._hash_before_round = self.state_hash
             future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
-                                        gather={"hash": self.state_hash, "epoch": self.local_epoch})
+                                        gather={"hash": self.state_hash, "epoch": self.local_epoch},
+                                        matchmaking_timeout=self.matchmaking_timeout)
             self._pending = (future, snapshot, peers)
             self.local_samples = 0
             self.inner_step_count = 0

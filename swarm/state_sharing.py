@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 from dht import DHT, PeerID, get_dht_time
@@ -60,6 +62,7 @@ class StateSharing:
         self.serve = serve and not dht.client_mode
         self._blob: bytes | None = None
         self._hash: str | None = None
+        self._previous: tuple[str, bytes] | None = None  # still served: a joiner may be downloading it
         self._epoch = -1
         self._announcer: asyncio.Task | None = None
         self.bytes_served = 0
@@ -80,6 +83,8 @@ class StateSharing:
             return digest
 
         def swap() -> None:
+            if self._hash is not None and self._hash != digest:
+                self._previous = (self._hash, self._blob)
             self._blob, self._hash, self._epoch = blob, digest, epoch
             if self._announcer is not None:
                 asyncio.ensure_future(self._announce(self.dht.node))
@@ -107,6 +112,8 @@ class StateSharing:
         if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= 16 << 20:
             raise BadRequestError("offset/length out of range (length at most 16 MiB)")
         blob, digest = self._blob, self._hash
+        if self._previous is not None and self._previous[0] == request["hash"]:
+            digest, blob = self._previous
         if blob is None or digest != request["hash"]:
             raise BadRequestError(f"this peer does not hold state {request['hash'][:12]} (it holds "
                                   f"{(digest or 'none')[:12]})")
@@ -149,17 +156,24 @@ class StateSharing:
     def download(self, min_epoch: int = 0, timeout: float = 600.0) -> tuple[bytes, int] | None:
         """Download the swarm's agreed state: (blob, epoch), or None when nobody offers one at
         ``min_epoch`` or later. Raises :class:`StateDownloadError` when every donor failed."""
-        choice = self.agreed(self.donors(), min_epoch)
-        if choice is None:
-            return None
-        digest, epoch, size, donors = choice
-        future = asyncio.run_coroutine_threadsafe(self._download(digest, size, donors), self.dht.loop)
-        try:
-            blob = future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise StateDownloadError(f"downloading the state took longer than {timeout} s") from None
-        return blob, epoch
+        deadline = time.monotonic() + timeout
+        error: StateDownloadError | None = None
+        for _attempt in range(3):  # donors move on to newer states; re-read the announcements and retry
+            choice = self.agreed(self.donors(), min_epoch)
+            if choice is None:
+                if error is not None:
+                    raise error
+                return None
+            digest, epoch, size, donors = choice
+            future = asyncio.run_coroutine_threadsafe(self._download(digest, size, donors), self.dht.loop)
+            try:
+                return future.result(max(deadline - time.monotonic(), 0.1)), epoch
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise StateDownloadError(f"downloading the state took longer than {timeout} s") from None
+            except StateDownloadError as e:
+                error = e
+        raise error
 
     async def _download(self, digest: str, size: int, donors: list[Donor]) -> bytes:
         p2p = self.dht.node.p2p

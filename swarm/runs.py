@@ -1,0 +1,150 @@
+"""Public runs: announced in the DHT by their creator, listed by ``swarm runs``.
+
+All announcements live under the DHT dictionary key ``swarm.runs``. The creator of run ``R`` stores
+its announcement under the subkey ``"R [owner:<creator's public key>]"``: the DHT's signature
+validator accepts that record only with the creator's signature, so nobody else can change or extend
+it (another peer can only add a *competing* record under its own key; the earliest-created record of a
+run wins, and a record whose creation time lies in the future is ignored). The announcement holds the
+run id, the task reference, the sha256 of the task's code, the hyperparameters, the creator's peer id
+and the creation time. The creator refreshes it every ``refresh_period`` seconds with an expiration of
+``expiration`` seconds (default one hour); if every creator's record expired, the next peer to join
+creates the run anew.
+
+:func:`list_runs` reads every announcement and each run's progress records (:mod:`swarm.progress`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dht import DHT, get_dht_time
+
+from .progress import PeerProgress, progress_key, summarize
+
+__all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "find_run", "announce_run", "list_runs", "RunAnnouncer"]
+
+logger = logging.getLogger(__name__)
+RUNS_KEY = "swarm.runs"
+
+
+@dataclass
+class RunAnnouncement:
+    run_id: str
+    task: str  # the task reference as the creator gave it (informative)
+    task_hash: str  # sha256 hex of the task's code
+    creator: str  # peer id of the creator
+    created: float  # DHT time
+    target_batch_size: int = 0
+    hyperparameters: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any) -> "RunAnnouncement | None":
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(str(value["run_id"]), str(value["task"]), str(value["task_hash"]), str(value["creator"]),
+                       float(value["created"]), int(value.get("target_batch_size", 0)),
+                       dict(value.get("hyperparameters") or {}))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    peers: int
+    samples_per_second: float
+    epoch: int
+    loss: float | None
+    task: str
+    task_hash: str
+    creator: str
+    created: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+async def _announcements(node) -> list[RunAnnouncement]:
+    found = await node.get(RUNS_KEY, latest=True)
+    result = []
+    now = get_dht_time()
+    if found is not None and isinstance(found.value, dict):
+        for subkey, item in found.value.items():
+            announcement = RunAnnouncement.parse(getattr(item, "value", None))
+            if announcement is None or not isinstance(subkey, str) or announcement.created > now + 60:
+                continue
+            if not subkey.startswith(f"{announcement.run_id} [owner:"):
+                continue  # a record filed under another run's name
+            result.append(announcement)
+    return result
+
+
+def _earliest(announcements: list[RunAnnouncement]) -> dict[str, RunAnnouncement]:
+    runs: dict[str, RunAnnouncement] = {}
+    for a in sorted(announcements, key=lambda a: (a.created, a.creator)):
+        runs.setdefault(a.run_id, a)
+    return runs
+
+
+def find_run(dht: DHT, run_id: str, timeout: float = 30.0) -> RunAnnouncement | None:
+    """The run's announcement (the earliest-created one), or None if nobody announced it."""
+    async def go(_dht, node):
+        return _earliest(await _announcements(node)).get(run_id)
+    return dht.run_coroutine(go, return_future=True).result(timeout)
+
+
+def announce_run(dht: DHT, announcement: RunAnnouncement, expiration: float = 3600.0, timeout: float = 30.0) -> bool:
+    """Store (or refresh) this peer's signed announcement of a run."""
+    async def go(_dht, node):
+        subkey = f"{announcement.run_id} {node.signature_validator.ownership_marker}"
+        return await node.store(RUNS_KEY, asdict(announcement), get_dht_time() + expiration, subkey=subkey)
+    return dht.run_coroutine(go, return_future=True).result(timeout)
+
+
+class RunAnnouncer:
+    """Keeps the creator's announcement alive (refresh every ``refresh_period`` s) until shut down."""
+
+    def __init__(self, dht: DHT, announcement: RunAnnouncement, refresh_period: float = 600.0,
+                 expiration: float = 3600.0):
+        self.dht = dht
+
+        async def loop(_dht, node):
+            async def refresh():
+                while True:
+                    await asyncio.sleep(refresh_period)
+                    try:
+                        await node.store(RUNS_KEY, asdict(announcement), get_dht_time() + expiration,
+                                         subkey=f"{announcement.run_id} {node.signature_validator.ownership_marker}")
+                    except Exception as e:  # noqa: BLE001 - retried next period
+                        logger.warning("could not refresh the run announcement: %s", e)
+            return asyncio.ensure_future(refresh())
+        self._task = dht.run_coroutine(loop)
+
+    def shutdown(self) -> None:
+        try:
+            self.dht.loop.call_soon_threadsafe(self._task.cancel)
+        except RuntimeError:
+            pass
+
+
+def list_runs(dht: DHT, timeout: float = 30.0) -> list[RunInfo]:
+    """Every announced run with its live progress (peers, samples/s, epoch, latest loss)."""
+    async def go(_dht, node):
+        runs = _earliest(await _announcements(node))
+        ids = list(runs)
+        progress = await asyncio.gather(*(node.get(progress_key(r), latest=True) for r in ids))
+        infos = []
+        for run_id, found in zip(ids, progress):
+            records = []
+            if found is not None and isinstance(found.value, dict):
+                records = [r for r in (PeerProgress.parse(getattr(v, "value", None)) for v in found.value.values()) if r]
+            a = runs[run_id]
+            g = summarize(records, a.target_batch_size or 1, get_dht_time())
+            infos.append(RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), g.epoch, g.loss, a.task,
+                                 a.task_hash, a.creator, a.created))
+        return sorted(infos, key=lambda i: (-i.peers, i.run_id))
+    return dht.run_coroutine(go, return_future=True).result(timeout)
