@@ -285,8 +285,8 @@ class Optimizer:
         at_epoch = [r for r in others if r.peer_id != me and r.epoch == self.local_epoch]
         samples = sum(r.samples + int(r.samples_per_second * min(max(progress.fetched_at - r.time, 0.0), 2.0))
                       for r in at_epoch)
-        # peers one epoch behind in our (possibly stale) view are about to join this epoch's group
-        peers = sum(1 for r in others if r.peer_id != me and self.local_epoch - 1 <= r.epoch <= self.local_epoch)
+        # peers an epoch or two behind in our (possibly stale) view are about to join this epoch's group
+        peers = sum(1 for r in others if r.peer_id != me and self.local_epoch - 2 <= r.epoch <= self.local_epoch)
         return samples + self.local_samples, peers + 1
 
     def _ready(self, progress: GlobalProgress) -> bool:

@@ -10,7 +10,8 @@ byte ranges of it over the RPC method ``swarm.state.{run_id}``. A joiner:
 2. downloads ``chunk_bytes`` ranges from all those donors in parallel (one worker per donor pulling
    from a shared queue); a donor that fails or leaves mid-transfer is dropped and its range goes
    back to the queue for the others;
-3. checks the sha256 of the whole blob against the agreed hash before handing it over.
+3. checks the sha256 of the whole blob against the agreed hash before handing it over; if it does
+   not match (a donor sent wrong bytes), it retries with one donor at a time.
 
 A donor answers only for the exact hash asked for (a request for a state it no longer holds gets
 an error), so a transfer never mixes two states.
@@ -36,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 class StateDownloadError(RuntimeError):
-    """No donor could provide a verified state; the message says why."""
+    """No donor could provide a verified state; the message says why. ``corrupt``: the bytes arrived
+    but did not match the agreed hash."""
+
+    def __init__(self, message: str, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
 @dataclass(frozen=True)
@@ -165,14 +171,19 @@ class StateSharing:
                     raise error
                 return None
             digest, epoch, size, donors = choice
-            future = asyncio.run_coroutine_threadsafe(self._download(digest, size, donors), self.dht.loop)
-            try:
-                return future.result(max(deadline - time.monotonic(), 0.1)), epoch
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                raise StateDownloadError(f"downloading the state took longer than {timeout} s") from None
-            except StateDownloadError as e:
-                error = e
+            # all donors in parallel; if the result does not verify, someone sent wrong bytes: then
+            # one donor at a time, so that honest donors still deliver
+            for group in [donors] + ([[d] for d in donors] if len(donors) > 1 else []):
+                future = asyncio.run_coroutine_threadsafe(self._download(digest, size, group), self.dht.loop)
+                try:
+                    return future.result(max(deadline - time.monotonic(), 0.1)), epoch
+                except concurrent.futures.TimeoutError:
+                    future.cancel()
+                    raise StateDownloadError(f"downloading the state took longer than {timeout} s") from None
+                except StateDownloadError as e:
+                    error = e
+                    if not e.corrupt:
+                        break
         raise error
 
     async def _download(self, digest: str, size: int, donors: list[Donor]) -> bytes:
@@ -223,11 +234,14 @@ class StateSharing:
                 w.cancel()
         blob = bytes(buffer)
         if hashlib.sha256(blob).hexdigest() != digest:
-            raise StateDownloadError(f"the downloaded state does not match the agreed hash {digest[:12]}")
+            raise StateDownloadError(f"the state downloaded from {', '.join(str(d.peer_id) for d in donors)} does not "
+                                     f"match the agreed hash {digest[:12]}", corrupt=True)
         return blob
 
     def shutdown(self) -> None:
-        if not self.serve:
+        """Stop serving and announcing (idempotent; the announcement expires on its own)."""
+        if not self.serve or not self.dht.loop.is_running():
+            self.serve = False
             return
 
         async def stop(_dht, node):
