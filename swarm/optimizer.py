@@ -69,7 +69,8 @@ class Optimizer:
       ``averaging_timeout`` (60 s): limit of one averaging round; ``target_group_size`` (16).
     - ``compression``: codec for the averaged tensors (None: exact in sync mode, ``"float16"`` in DiLoCo);
       ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
-    - ``average_state_every`` (0 = never): also average the parameters every that many epochs.
+    - ``average_state_every`` (0 = never): also average the parameters and the optimizer's statistics
+      (e.g. Adam's moments) every that many epochs (a second averaging round, exact, not compressed).
     - ``scheduler``: a factory ``optimizer -> LR scheduler``, stepped once per epoch.
     - ``client_mode`` (the DHT's), ``bandwidth`` (MB/s, None = measured): passed to the averagers.
     - ``load_state_timeout`` (600 s); ``share_state`` (True): offer the state to joiners.
@@ -139,10 +140,7 @@ class Optimizer:
                              default_timeout=averaging_timeout)
         self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
         self.state_averager = None
-        if average_state_every:
-            self._state_tensors = [torch.zeros_like(b) for b in self._buffers]
-            self.state_averager = Averager(self._state_tensors, dht, prefix=f"{run_id}.params",
-                                           **dict(averager_opts, compression=None, aggregator="mean"))
+        self._state_averager_opts = dict(averager_opts, compression=None, aggregator="mean")
         self.tracker = ProgressTracker(dht, run_id, target_batch_size or 1, client_mode=self.client_mode)
         self.sharing = StateSharing(dht, run_id, serve=share_state)
         self._publish_state()
@@ -265,6 +263,16 @@ class Optimizer:
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
 
+    # ---- hooks for subclasses (e.g. the attack harness of benchmarks/robustness.py)
+
+    def before_averaging(self, tensors: list[torch.Tensor]) -> None:
+        """Called with this peer's contribution (mean gradients, or pseudo-gradients in DiLoCo mode)
+        right before it is averaged; may modify it in place. Default: nothing."""
+
+    def averaging_weight(self) -> float:
+        """This peer's weight in the average (default: its samples in this epoch)."""
+        return float(max(self.local_samples, 1))
+
     # ------------------------------------------------------------------ internals
 
     def _update_speed(self, batch_size: int) -> None:
@@ -334,7 +342,8 @@ class Optimizer:
         with torch.no_grad():
             for buffer in self._buffers:
                 buffer.div_(max(self.local_samples, 1))
-            self._average(self.averager, float(self.local_samples), peers, "gradients")
+            self.before_averaging(self._buffers)
+            self._average(self.averager, self.averaging_weight(), peers, "gradients")
             for p, buffer in zip(self.params, self._buffers):
                 p.grad = buffer.to(device=p.device, dtype=p.dtype, copy=True)
         self.opt.step()
@@ -353,7 +362,8 @@ class Optimizer:
         with torch.no_grad():
             for buffer, g, p in zip(self._buffers, self.global_params, self.params):
                 torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)  # pseudo-gradient: old - new
-        weight = float(max(self.local_samples, 1))
+            self.before_averaging(self._buffers)
+        weight = self.averaging_weight()
         if self.overlap and peers >= 2:
             self.averager.target_group_size = max(2, min(self.max_group_size, peers))
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
@@ -404,7 +414,7 @@ class Optimizer:
         self.inner_step_count = 0
         if self.scheduler is not None:
             self.scheduler.step()
-        if self.state_averager is not None and self.local_epoch % self.average_state_every == 0:
+        if self.average_state_every and self.local_epoch % self.average_state_every == 0:
             self._average_parameters(peers)
         self._publish_state()
         self._report()
@@ -420,14 +430,35 @@ class Optimizer:
             if majority != self._hash_before_round:
                 self._resync_epoch = self.local_epoch + 1
 
+    def _state_to_average(self) -> list[torch.Tensor]:
+        """The parameters (DiLoCo: the global ones) and the optimizer's floating-point statistics
+        (e.g. Adam's moments, SGD's momentum: state tensors shaped like their parameter)."""
+        if self.mode == "diloco":
+            tensors = list(self.global_params)
+            opt, params = self.outer_opt, self.global_params
+        else:
+            tensors = [p.detach() for p in self.params]
+            opt, params = self.opt, self.params
+        for p in params:
+            for key in sorted(opt.state.get(p, {})):
+                value = opt.state[p][key]
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
+                    tensors.append(value)
+        return tensors
+
     def _average_parameters(self, peers: int) -> None:
-        source = self.global_params if self.mode == "diloco" else [p.detach() for p in self.params]
+        live = self._state_to_average()
+        if self.state_averager is None or len(self._state_tensors) != len(live):
+            if self.state_averager is not None:
+                self.state_averager.shutdown()
+            self._state_tensors = [t.detach().to("cpu", torch.float32, copy=True) for t in live]
+            self.state_averager = Averager(self._state_tensors, self.dht, prefix=f"{self.run_id}.state-avg",
+                                           **self._state_averager_opts)
         with torch.no_grad():
-            for t, s in zip(self._state_tensors, source):
+            for t, s in zip(self._state_tensors, live):
                 t.copy_(s)
-            if self._average(self.state_averager, 1.0, peers, "parameters"):
-                targets = self.global_params if self.mode == "diloco" else self.params
-                for target, t in zip(targets, self._state_tensors):
+            if self._average(self.state_averager, 1.0, peers, "parameters and optimizer statistics"):
+                for target, t in zip(live, self._state_tensors):
                     target.copy_(t)
                 if self.mode == "diloco":
                     for p, g in zip(self.params, self.global_params):

@@ -235,3 +235,35 @@ def test_optimizer_rejects_bad_arguments(dhts):
         w.grad = torch.ones(2)
         assert opt.step(batch_size=4)  # alone: the epoch ends with the local gradient
         assert opt.local_epoch == 1 and torch.allclose(w.detach(), torch.full((2,), -0.1))
+
+
+def test_state_averaging_brings_diverged_peers_together(dhts):
+    """average_state_every=1: parameters and optimizer statistics are averaged after each epoch."""
+    a, b = dhts(2)
+
+    def peer(dht, seed):
+        torch.manual_seed(seed)  # different initial parameters on purpose
+        w = torch.nn.Parameter(torch.randn(6))
+        opt = Optimizer(dht=dht, run_id="test-state-avg", optimizer=lambda p: torch.optim.SGD(p, 0.1, momentum=0.9),
+                        params=[w], mode="diloco", inner_steps=2, average_state_every=1, matchmaking_time=1.5,
+                        averaging_timeout=10, compression=None)
+        deadline = time.monotonic() + 20
+        while opt.tracker.refresh().num_peers < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        start = w.detach().clone()
+        for step in range(4):
+            w.grad = torch.full((6,), 0.01 * (step + 1))
+            opt.step(batch_size=1)
+        return opt, w, start
+
+    runs = _run_threads([lambda: peer(a, 1), lambda: peer(b, 2)])
+    try:
+        (opt_a, w_a, start_a), (opt_b, w_b, start_b) = runs
+        assert not torch.allclose(start_a, start_b)
+        assert opt_a.local_epoch == opt_b.local_epoch == 2
+        assert torch.equal(w_a.detach(), w_b.detach())
+        assert torch.equal(opt_a.outer_opt.state[opt_a.global_params[0]]["momentum_buffer"],
+                           opt_b.outer_opt.state[opt_b.global_params[0]]["momentum_buffer"])
+    finally:
+        for opt, _, _ in runs:
+            opt.shutdown()
