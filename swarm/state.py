@@ -50,7 +50,7 @@ def pack_state(state: TrainingState) -> bytes:
         t = tensor.detach().to("cpu").contiguous()
         if str(t.dtype) not in _DTYPES:
             raise TypeError(f"tensor {name}: dtype {t.dtype} is not supported in a state")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
         layout.append([name, str(t.dtype), list(t.shape), offset, len(raw)])
         chunks.append(raw)
         offset += len(raw)
