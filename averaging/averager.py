@@ -145,10 +145,12 @@ class Averager:
         return self.announced_bandwidth if self.announced_bandwidth is not None else self.measured_bandwidth
 
     def step(self, weight: float = 1.0, timeout: float | None = None, wait: bool = True,
-             gather: Any = None, matchmaking_timeout: float | None = None) -> StepResult | concurrent.futures.Future:
+             gather: Any = None, matchmaking_timeout: float | None = None,
+             scope: str = "") -> StepResult | concurrent.futures.Future:
         """Average once. ``weight`` (e.g. the number of samples) weighs this peer's values; ``gather``
         (any msgpack value) is shared with the group and returned in ``StepResult.gathered``.
         ``matchmaking_timeout`` (default: the whole ``timeout``) bounds the search for a group.
+        ``scope`` (e.g. ``"epoch12"``): only peers that step with the same scope are grouped together.
         With ``wait=False`` returns a Future at once (training can go on; the tensors change only
         at the end of the round, under ``self.lock``)."""
         if self._shutdown:
@@ -158,17 +160,18 @@ class Averager:
         with self.lock:
             snapshot = flatten(self.tensors)
         future = asyncio.run_coroutine_threadsafe(
-            self._step(snapshot, float(weight), timeout or self.default_timeout, gather, matchmaking_timeout),
+            self._step(snapshot, float(weight), timeout or self.default_timeout, gather, matchmaking_timeout, scope),
             self.dht.loop)
         return future.result() if wait else future
 
     async def _step(self, snapshot: torch.Tensor, weight: float, timeout: float, gather: Any,
-                    matchmaking_timeout: float | None = None) -> StepResult:
+                    matchmaking_timeout: float | None = None, scope: str = "") -> StepResult:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = get_dht_time() + timeout
         info = {"size": self.size, "bandwidth": self.bandwidth, "gather": gather, "min_part": 0}
         matchmaking_deadline = deadline if matchmaking_timeout is None else min(deadline, get_dht_time() + matchmaking_timeout)
+        self._matchmaker.scope = scope
         group, me = await self._matchmaker.look_for_group(matchmaking_deadline, info)
         matchmaking_seconds = time.monotonic() - started
         remaining = deadline - get_dht_time()

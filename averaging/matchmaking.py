@@ -58,6 +58,7 @@ class Matchmaker:
         self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
         self.client_mode = client_mode
         self.group_bits = ""
+        self.scope = ""
         self._looking = False
         self._key = ""
         self._expiration = 0.0
@@ -66,7 +67,7 @@ class Matchmaker:
         self._group_ready: asyncio.Future | None = None
         self._assembled = asyncio.Event()
         self._my_info: dict = {}
-        self._tried: set[PeerID] = set()
+        self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
         p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join)
 
     def close(self) -> None:
@@ -74,7 +75,10 @@ class Matchmaker:
 
     @property
     def group_key(self) -> str:
-        return f"{self.prefix}.0b{self.group_bits}"
+        """``{prefix}.0b{bits}``, or ``{prefix}.{scope}.0b{bits}`` when a scope (e.g. an epoch) is set:
+        only peers searching under the same scope meet."""
+        scope = f".{self.scope}" if self.scope else ""
+        return f"{self.prefix}{scope}.0b{self.group_bits}"
 
     def _rank(self, expiration: float, peer_id: PeerID) -> tuple[float, bytes]:
         return expiration, peer_id.raw
@@ -87,7 +91,7 @@ class Matchmaker:
         self._my_info = info
         self._followers = {}
         self._leader = None
-        self._tried = set()
+        self._tried = {}
         self._group_ready = loop.create_future()
         self._looking = True
         declare = asyncio.ensure_future(self._declare())
@@ -158,14 +162,17 @@ class Matchmaker:
             except ValueError:
                 continue
             rank = self._rank(entry.expiration_time, peer_id)
-            if rank < my_rank and peer_id not in self._tried:
-                candidates.append((rank, peer_id))
+            # a client cannot lead, so it may join any leader, even one that ranks after it
+            # a leader that turned us down is asked again only once it declared anew (a new search)
+            if (rank < my_rank or self.client_mode) and self._tried.get(peer_id) != entry.expiration_time:
+                candidates.append((rank, peer_id, entry.expiration_time))
         if not candidates:
             return None
-        return min(candidates)[1]
+        _, leader, expiration = min(candidates)
+        self._tried[leader] = expiration
+        return leader
 
     async def _try_join(self, leader: PeerID) -> tuple[GroupInfo, int] | None:
-        self._tried.add(leader)
         try:
             stream = await self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None)
         except P2PError as e:
@@ -216,8 +223,9 @@ class Matchmaker:
             reason = "different group key"
         elif request.get("schema") != self.schema_hash:
             reason = "different tensor shapes or dtypes"
-        elif not isinstance(request.get("exp"), (int, float)) or \
-                self._rank(request["exp"], ctx.peer_id) <= self._rank(self._expiration, self.p2p.peer_id):
+        elif not isinstance(request.get("exp"), (int, float)) or (
+                not request.get("client")
+                and self._rank(request["exp"], ctx.peer_id) <= self._rank(self._expiration, self.p2p.peer_id)):
             reason = "you rank before me: I should join you"
         elif len(self._followers) + 1 >= self.target_group_size:
             reason = "group is full"

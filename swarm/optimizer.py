@@ -127,6 +127,7 @@ class Optimizer:
         self.state_hash: str | None = None
         self._hash_before_round: str | None = None
         self._resync_epoch: int | None = None  # the epoch at which to re-download the swarm's state
+        self._resync_next_try = 0.0
 
         with torch.no_grad():
             self._buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
@@ -169,7 +170,7 @@ class Optimizer:
         progress = self.tracker.global_progress
         if progress.epoch > self.local_epoch and self._pending is None:
             return self._catch_up(progress)
-        if self._resync_epoch is not None and self._pending is None:
+        if self._resync_epoch is not None and self._pending is None and time.monotonic() >= self._resync_next_try:
             if self._resync_epoch != self.local_epoch:
                 self._resync_epoch = None
             else:
@@ -177,6 +178,7 @@ class Optimizer:
                 if self.load_state_from_peers(min_epoch=self.local_epoch):
                     self._resync_epoch = None
                     return True
+                self._resync_next_try = time.monotonic() + 1.0  # the donors have not announced it yet
         if self._ready(progress):
             if self.mode == "sync":
                 self._sync_epoch(progress)
@@ -263,6 +265,9 @@ class Optimizer:
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
 
+    def _gather(self) -> dict:
+        return {"hash": self.state_hash, "epoch": self.local_epoch, "serves": self.sharing.serve}
+
     # ---- hooks for subclasses (e.g. the attack harness of benchmarks/robustness.py)
 
     def before_averaging(self, tensors: list[torch.Tensor]) -> None:
@@ -289,12 +294,13 @@ class Optimizer:
     def _swarm_samples(self, progress: GlobalProgress) -> tuple[int, int]:
         """(samples the swarm accumulated at this peer's epoch, peers at it), counting this peer live."""
         me = str(self.dht.peer_id)
-        others = [r for r in progress.peers if r.peer_id != me and not r.client_mode or r.samples > 0]
-        at_epoch = [r for r in others if r.peer_id != me and r.epoch == self.local_epoch]
+        others = [r for r in progress.peers if r.peer_id != me]
+        at_epoch = [r for r in others if r.epoch == self.local_epoch]
         samples = sum(r.samples + int(r.samples_per_second * min(max(progress.fetched_at - r.time, 0.0), 2.0))
                       for r in at_epoch)
-        # peers an epoch or two behind in our (possibly stale) view are about to join this epoch's group
-        peers = sum(1 for r in others if r.peer_id != me and self.local_epoch - 2 <= r.epoch <= self.local_epoch)
+        # peers that reported recently: our view of their epoch may be stale by a few epochs when
+        # epochs are short, and a peer that is truly behind catches up by downloading the state
+        peers = sum(1 for r in others if progress.fetched_at - r.time < 10.0)
         return samples + self.local_samples, peers + 1
 
     def _ready(self, progress: GlobalProgress) -> bool:
@@ -319,11 +325,11 @@ class Optimizer:
         try:
             self._hash_before_round = self.state_hash
             result = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
-                                   gather={"hash": self.state_hash, "epoch": self.local_epoch},
-                                   matchmaking_timeout=self.matchmaking_timeout)
+                                   gather=self._gather(),
+                                   matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
         except AveragingError as e:
             self.last_averaging = e
-            logger.warning("averaging %s failed at epoch %d (%s); proceeding with local values", what, self.local_epoch, e)
+            logger.warning("averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
             return False
         self._account(result)
         self._check_agreement(result)
@@ -343,7 +349,9 @@ class Optimizer:
             for buffer in self._buffers:
                 buffer.div_(max(self.local_samples, 1))
             self.before_averaging(self._buffers)
-            self._average(self.averager, self.averaging_weight(), peers, "gradients")
+            if not self._average(self.averager, self.averaging_weight(), peers, "gradients") and peers >= 2 \
+                    and self._behind():
+                return
             for p, buffer in zip(self.params, self._buffers):
                 p.grad = buffer.to(device=p.device, dtype=p.dtype, copy=True)
         self.opt.step()
@@ -364,18 +372,21 @@ class Optimizer:
                 torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)  # pseudo-gradient: old - new
             self.before_averaging(self._buffers)
         weight = self.averaging_weight()
+        logger.debug("%s: epoch %d outer round with %d peers in view (state %s)", self.dht.peer_id.short(),
+                     self.local_epoch, peers, (self.state_hash or "")[:8])
         if self.overlap and peers >= 2:
             self.averager.target_group_size = max(2, min(self.max_group_size, peers))
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
             self._hash_before_round = self.state_hash
             future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
-                                        gather={"hash": self.state_hash, "epoch": self.local_epoch},
-                                        matchmaking_timeout=self.matchmaking_timeout)
+                                        gather=self._gather(),
+                                        matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
             self._pending = (future, snapshot, peers)
             self.local_samples = 0
             self.inner_step_count = 0
             return
-        self._average(self.averager, weight, peers, "pseudo-gradients")
+        if not self._average(self.averager, weight, peers, "pseudo-gradients") and peers >= 2 and self._behind():
+            return
         self._apply_outer_step()
         with torch.no_grad():
             for p, g in zip(self.params, self.global_params):
@@ -391,8 +402,9 @@ class Optimizer:
             self._check_agreement(result)
         except AveragingError as e:
             self.last_averaging = e
-            logger.warning("averaging pseudo-gradients failed at epoch %d (%s); proceeding with the local one",
-                           self.local_epoch, e)
+            logger.warning("averaging pseudo-gradients failed at epoch %d (%s)", self.local_epoch, e)
+            if self._behind():
+                return
         self._apply_outer_step()
         with torch.no_grad():  # keep the inner steps taken meanwhile, on top of the new global parameters
             for p, g, s in zip(self.params, self.global_params, snapshot):
@@ -421,11 +433,14 @@ class Optimizer:
 
     def _check_agreement(self, result: Any) -> None:
         """After a round, compare the state hashes the members held before it (``gather``): a member
-        whose hash differs from the majority's (ties: the largest hash) diverged, e.g. after a failed
-        round, and re-downloads the state once the others announced the next epoch's."""
-        hashes = [g.get("hash") for g in result.gathered.values() if isinstance(g, dict) and g.get("epoch") == self.local_epoch]
-        votes = collections.Counter(h for h in hashes if isinstance(h, str))
-        if len(votes) > 1:
+        whose hash differs from the majority's diverged (e.g. after a failed round) and re-downloads
+        the state once the others announced the next epoch's. Only hashes that some member serves
+        count (a client-mode peer cannot be downloaded from); ties go to the largest hash."""
+        held = [g for g in result.gathered.values() if isinstance(g, dict) and g.get("epoch") == self.local_epoch
+                and isinstance(g.get("hash"), str)]
+        served = [g["hash"] for g in held if g.get("serves")] or [g["hash"] for g in held]
+        votes = collections.Counter(served)
+        if votes and len({g["hash"] for g in held}) > 1:
             majority = max(votes.items(), key=lambda kv: (kv[1], kv[0]))[0]
             if majority != self._hash_before_round:
                 self._resync_epoch = self.local_epoch + 1
@@ -463,6 +478,15 @@ class Optimizer:
                 if self.mode == "diloco":
                     for p, g in zip(self.params, self.global_params):
                         p.copy_(g)
+
+    def _behind(self) -> bool:
+        """After a failed round: if the swarm moved past this epoch, adopt its state (True) instead of
+        stepping alone; otherwise (False) the caller proceeds with its local values."""
+        progress = self.tracker.refresh()
+        if progress.epoch > self.local_epoch and self._catch_up(progress):
+            return True
+        logger.info("proceeding with local values at epoch %d", self.local_epoch)
+        return False
 
     def _catch_up(self, progress: GlobalProgress) -> bool:
         logger.info("the swarm is at epoch %d, this peer at %d: downloading the current state", progress.epoch,

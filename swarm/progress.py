@@ -110,6 +110,7 @@ class ProgressTracker:
         self.client_mode = client_mode
         self.refresh_period, self.min_publish_period, self.expiration = refresh_period, min_publish_period, expiration
         self._local: dict | None = None
+        self._known: dict[str, PeerProgress] = {}
         self._local_epoch_published = -1
         self._published_at = 0.0
         self._dirty = asyncio.Event()
@@ -155,12 +156,16 @@ class ProgressTracker:
 
     async def _fetch(self, node) -> GlobalProgress:
         found = await node.get(self.key, latest=True)
-        records = []
+        now = get_dht_time()
         if found is not None and isinstance(found.value, dict):
             for item in found.value.values():
                 record = PeerProgress.parse(getattr(item, "value", None))
-                if record is not None:
-                    records.append(record)
+                known = self._known.get(record.peer_id) if record is not None else None
+                if record is not None and (known is None or record.time >= known.time):
+                    self._known[record.peer_id] = record
+        # a lookup that misses some replicas must not make peers vanish: records stay until they expire
+        self._known = {k: r for k, r in self._known.items() if now - r.time < self.expiration}
+        records = list(self._known.values())
         if self._local is not None and not any(r.peer_id == self._local["peer_id"] for r in records):
             mine = PeerProgress.parse(dict(self._local, time=get_dht_time()))
             if mine is not None:

@@ -267,3 +267,56 @@ def test_state_averaging_brings_diverged_peers_together(dhts):
     finally:
         for opt, _, _ in runs:
             opt.shutdown()
+
+
+def test_diloco_overlap_and_a_client_mode_peer(dhts):
+    """DiLoCo with overlap=True keeps stepping while averaging; a client-mode peer (no inbound
+    connections) still averages with the others and ends at the same global parameters."""
+    first, = dhts(1)
+    client = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1", client_mode=True)
+    true_w = torch.linspace(-1, 1, 8).unsqueeze(1)
+    states: dict[int, tuple[int, str]] = {}
+
+    def agreed() -> bool:
+        return len(states) == 2 and len(set(states.values())) == 1
+
+    def peer(dht, index):
+        torch.manual_seed(7)
+        model = torch.nn.Linear(8, 1)
+        opt = Optimizer(dht=dht, run_id="test-overlap", optimizer=lambda p: torch.optim.Adam(p, 0.05),
+                        params=model.parameters(), mode="diloco", inner_steps=8, overlap=True,
+                        matchmaking_time=1.5, averaging_timeout=10)
+        deadline = time.monotonic() + 20
+        while opt.tracker.refresh().num_peers < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        g = torch.Generator().manual_seed(index)
+        losses = []
+        # train 4 epochs, then on until both peers hold the same state at the same epoch
+        while (opt.local_epoch < 4 or not agreed()) and time.monotonic() < deadline + 40:
+            x = torch.randn(16, 8, generator=g)
+            loss = ((model(x) - x @ true_w) ** 2).mean()
+            loss.backward()
+            opt.step(batch_size=16, loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+            if opt._pending is None:
+                states[index] = (opt.local_epoch, opt.state_hash)
+            time.sleep(0.01)
+        return opt, losses
+
+    try:
+        runs = _run_threads([lambda: peer(first, 0), lambda: peer(client, 1)])
+        try:
+            (opt_a, losses_a), (opt_b, losses_b) = runs
+            assert opt_a.local_epoch >= 4 and opt_b.local_epoch >= 4
+            assert opt_b.client_mode and opt_b.bytes_sent > 0 and opt_a.bytes_sent > 0
+            assert sum(losses_a[-4:]) < 0.5 * sum(losses_a[:4])
+            # a peer whose state diverged (e.g. it stepped alone) re-downloads the group's: they agree
+            assert agreed(), states
+            for ga, gb in zip(opt_a.global_params, opt_b.global_params):
+                assert torch.equal(ga, gb)
+        finally:
+            for opt, _ in runs:
+                opt.shutdown()
+    finally:
+        client.shutdown()
