@@ -113,19 +113,53 @@ def _join(args: argparse.Namespace, stop: threading.Event) -> int:
         raise _Fatal(EXIT_TASK, str(e)) from None
     import torch
 
-    from dht import DHT, P2PError
-
-    from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-    from .optimizer import Optimizer
-    from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run
-
     threads = args.threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Fatal(EXIT_TASK, "--device cuda was asked for, but torch sees no CUDA device")
     device = torch.device(args.device)
     run_id = args.run_id or task.name
-    identity = args.identity or default_identity_path()
+    identity = Path(args.identity or default_identity_path())
+    lock = _lock_identity(identity)
+    try:
+        return _join_with_identity(args, stop, task, code_hash, identity, run_id, device)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_identity(identity: Path) -> Path:
+    """Two daemons with one identity would be one PeerID twice: refuse while another live process holds it."""
+    import psutil
+
+    lock = identity.with_name(identity.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and psutil.pid_exists(pid):
+                raise _Fatal(EXIT_TASK, f"identity {identity} is in use by another swarm process (PID {pid}); "
+                                        "give this peer its own --identity PATH") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise _Fatal(EXIT_TASK, f"cannot lock identity {identity} ({lock})")
+
+
+def _join_with_identity(args, stop, task, code_hash, identity, run_id, device) -> int:
+    import torch
+
+    from dht import DHT, P2PError
+
+    from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+    from .optimizer import Optimizer
+    from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run
 
     try:
         dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port, identity_path=identity,
