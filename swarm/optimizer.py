@@ -128,6 +128,7 @@ class Optimizer:
         self._hash_before_round: str | None = None
         self._resync_epoch: int | None = None  # the epoch at which to re-download the swarm's state
         self._resync_next_try = 0.0
+        self._catch_up_next_try = 0.0  # after every donor failed (e.g. all gone): train on, retry later
 
         with torch.no_grad():
             self._buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
@@ -168,7 +169,7 @@ class Optimizer:
         self._report()
 
         progress = self.tracker.global_progress
-        if progress.epoch > self.local_epoch and self._pending is None:
+        if progress.epoch > self.local_epoch and self._pending is None and time.monotonic() >= self._catch_up_next_try:
             return self._catch_up(progress)
         if self._resync_epoch is not None and self._pending is None and time.monotonic() >= self._resync_next_try:
             if self._resync_epoch != self.local_epoch:
@@ -223,6 +224,9 @@ class Optimizer:
         try:
             found = self.sharing.download(min_epoch=min_epoch, timeout=self.load_state_timeout)
         except StateDownloadError as e:
+            # the newest epoch's donors are unreachable (their records outlive them by up to a minute):
+            # train on at this epoch and retry in a few seconds rather than stall the training
+            self._catch_up_next_try = time.monotonic() + 5.0
             logger.warning("could not download the state from peers: %s", e)
             return False
         if found is None:
