@@ -128,7 +128,7 @@ class Optimizer:
         self._hash_before_round: str | None = None
         self._resync_epoch: int | None = None  # the epoch at which to re-download the swarm's state
         self._resync_next_try = 0.0
-        self._catch_up_next_try = 0.0  # after every donor failed (e.g. all gone): train on, retry later
+        self._catch_up_next_try = 0.0  # after a failed catch-up: train on, retry from then on
 
         with torch.no_grad():
             self._buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
@@ -497,7 +497,9 @@ class Optimizer:
                     self.local_epoch)
         if self.load_state_from_peers(min_epoch=self.local_epoch + 1):
             return True
-        # nobody can give a state yet (e.g. the donors are still stepping): keep accumulating
+        # nobody can give a state yet: the donors are still stepping, or they are gone (their records
+        # outlive them by up to a minute): train on at this epoch and retry in a moment, never stall
+        self._catch_up_next_try = max(self._catch_up_next_try, time.monotonic() + 1.0)
         return False
 
     # ---- the shared state

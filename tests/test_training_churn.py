@@ -11,6 +11,7 @@ processes are killed by PID when the test ends, whatever happens.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .processes import ProcessGroup, read_jsonl
+from .processes import ProcessGroup, read_jsonl, run_swarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")]
 
@@ -157,13 +158,20 @@ def test_peers_do_not_stall_when_the_peer_that_was_ahead_is_gone(tmp_path):
         swarm = Swarm(group, tmp_path, group.bootstrap())
         swarm.join("p0")
         group.wait_for("p0", r"this peer created it", timeout=60)
-        swarm.wait_until("p0 alone at epoch 10", lambda: swarm.epoch("p0") >= 10, ["p0"], timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # until the DHT shows p0 ahead: that is what the newcomers will see
+            listing = run_swarm(["runs", "--initial-peers", swarm.address, "--json"])
+            runs = json.loads(listing.stdout) if listing.returncode == 0 else []
+            if runs and runs[0]["epoch"] >= 5:
+                break
+            assert time.monotonic() < deadline and group.procs["p0"].poll() is None, group.log("p0")[-2000:]
+            time.sleep(0.5)
         group.kill("p0")
         t0 = time.monotonic()
         for i, name in enumerate(["p1", "p2"]):
             swarm.join(name, shard=f"{i}/2")
         for name in ("p1", "p2"):
-            group.wait_for(name, r"could not download the state from peers", timeout=60)
+            assert int(group.wait_for(name, r"the swarm is at epoch (\d+)", timeout=60).group(1)) >= 5
         swarm.wait_until("training after the only donor died",
                          lambda: all(swarm.epoch(n) >= 3 for n in ("p1", "p2")), ["p1", "p2"], timeout=30)
         elapsed = time.monotonic() - t0
@@ -171,3 +179,32 @@ def test_peers_do_not_stall_when_the_peer_that_was_ahead_is_gone(tmp_path):
             assert all(math.isfinite(r["loss"]) for r in swarm.records(name) if r["loss"] is not None)
             # retries are spaced out, not a busy loop
             assert group.log(name).count("downloading the current state") < 10 * elapsed, name
+
+
+def test_peers_do_not_stall_on_a_progress_record_ahead_that_offers_no_state(tmp_path):
+    """A peer reports epoch 50 but serves no state (a lost announcement, a client, or a liar): the
+    peers must keep training at their own epoch instead of waiting for a download that never comes."""
+    from dht import DHT
+    from swarm.progress import ProgressTracker
+
+    with ProcessGroup(tmp_path / "logs") as group:
+        address = group.bootstrap()
+        swarm = Swarm(group, tmp_path, address)
+        liar = DHT(initial_peers=[address], host="127.0.0.1")
+        tracker = ProgressTracker(liar, RUN_ID, 256)
+        try:
+            tracker.report(epoch=50, samples=0, samples_per_second=100.0, loss=1.0)
+            for i, name in enumerate(["p1", "p2"]):
+                swarm.join(name, shard=f"{i}/2")
+            for name in ("p1", "p2"):
+                group.wait_for(name, r"the swarm is at epoch 50", timeout=60)
+            t0 = time.monotonic()
+            swarm.wait_until("training next to a record that offers no state",
+                             lambda: all(swarm.epoch(n) >= 3 for n in ("p1", "p2")), ["p1", "p2"], timeout=30)
+            elapsed = time.monotonic() - t0
+            for name in ("p1", "p2"):
+                assert max(r["epoch"] for r in swarm.records(name)) < 50
+                assert group.log(name).count("downloading the current state") < 5 * (elapsed + 10), name
+        finally:
+            tracker.shutdown()
+            liar.shutdown()
