@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from averaging import Averager, AveragingError
-from dht import DHT
+from dht import DHT, get_dht_time
 
 from .progress import GlobalProgress, ProgressTracker
 from .state import StateFormatError, TrainingState, optimizer_state_from_tensors, optimizer_state_to_tensors, \
@@ -123,6 +123,7 @@ class Optimizer:
         self.last_loss: float | None = None
         self.last_averaging: Any = None  # StepResult or the exception of the latest round
         self._last_step_time: float | None = None
+        self._counted_epoch, self._epoch_started = -1, 0.0  # the epoch whose start _swarm_samples counts from
         self._pending = None  # DiLoCo overlap: (future, snapshot)
         self.state_hash: str | None = None
         self._hash_before_round: str | None = None
@@ -292,16 +293,25 @@ class Optimizer:
         self._last_step_time = now
 
     def _report(self) -> None:
+        if self._counted_epoch != self.local_epoch:  # this peer just entered an epoch (or loaded a state)
+            self._counted_epoch, self._epoch_started = self.local_epoch, get_dht_time()
+            self._last_step_time = None  # the speed counts training time, not the averaging pause
         self.tracker.report(self.local_epoch, self.local_samples, self.samples_per_second, self.last_loss,
                             self.bytes_sent, self.bytes_received)
 
     def _swarm_samples(self, progress: GlobalProgress) -> tuple[int, int]:
         """(samples the swarm accumulated at this peer's epoch, peers at it), counting this peer live."""
         me = str(self.dht.peer_id)
+        now = get_dht_time()
         others = [r for r in progress.peers if r.peer_id != me]
-        at_epoch = [r for r in others if r.epoch == self.local_epoch]
-        samples = sum(r.samples + int(r.samples_per_second * min(max(progress.fetched_at - r.time, 0.0), 2.0))
-                      for r in at_epoch)
+        samples = 0
+        for r in others:
+            if r.epoch == self.local_epoch:  # extrapolated to now: reports are up to a second or two old
+                samples += r.samples + int(r.samples_per_second * min(max(now - r.time, 0.0), 2.0))
+            elif r.epoch < self.local_epoch and r.time < self._epoch_started and now - r.time < 3.0:
+                # a live peer whose latest report we have predates our epoch: when epochs are shorter
+                # than the progress refresh, it most likely entered this epoch with us; count its speed
+                samples += int(r.samples_per_second * min(now - self._epoch_started, 2.0))
         # peers that reported recently: our view of their epoch may be stale by a few epochs when
         # epochs are short, and a peer that is truly behind catches up by downloading the state
         peers = sum(1 for r in others if progress.fetched_at - r.time < 10.0)
