@@ -119,6 +119,7 @@ class Optimizer:
         self.local_samples = 0  # accumulated in this epoch
         self.inner_step_count = 0
         self.samples_per_second = 0.0
+        self._seconds_per_sample = 0.0  # moving average of the training time per sample
         self.bytes_sent = self.bytes_received = 0
         self.last_loss: float | None = None
         self.last_averaging: Any = None  # StepResult or the exception of the latest round
@@ -288,8 +289,12 @@ class Optimizer:
     def _update_speed(self, batch_size: int) -> None:
         now = time.monotonic()
         if self._last_step_time is not None and now > self._last_step_time:
-            rate = batch_size / (now - self._last_step_time)
-            self.samples_per_second = rate if self.samples_per_second == 0 else 0.9 * self.samples_per_second + 0.1 * rate
+            # average the seconds per sample (as hivemind does), not the rates: uneven step times
+            # (threads, a shared CPU) inflate an average of rates, and with it the swarm's sample count
+            per_sample = (now - self._last_step_time) / batch_size
+            spent = self._seconds_per_sample
+            self._seconds_per_sample = per_sample if spent == 0 else 0.9 * spent + 0.1 * per_sample
+            self.samples_per_second = 1.0 / self._seconds_per_sample
         self._last_step_time = now
 
     def _report(self) -> None:
