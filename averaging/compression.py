@@ -2,12 +2,14 @@
 
 Every codec turns a 1-D float32 chunk into a msgpack-able map and back, and validates what it
 decodes (sizes, finiteness of scales), raising :class:`CodecError` on anything inconsistent.
+A chunk holding NaN or Inf never decodes to finite values: the receiver gets NaN/Inf or a
+CodecError (and the all-reduce excludes the sender); error feedback forgets non-finite values.
 
 =============  ========================================================  =====================
 name           what is sent                                               bytes per value
 =============  ========================================================  =====================
 ``none``       float32                                                    4
-``float16``    float16 (values beyond ±65504 are clamped)                2
+``float16``    float16 (finite values beyond ±65504 are clamped)         2
 ``uint8``      8-bit uniform levels between the chunk's min and max       1 (+8 per chunk)
 ``blockwise8`` int8 per block of 256 values with a float32 absmax scale   1 (+4/256)
 ``quantile8``  index into 256 centroids from the chunk's quantiles        1 (+1 KiB per chunk)
@@ -59,6 +61,11 @@ def _floats(msg: Any, key: str, count: int) -> list[float]:
     return [float(v) for v in values]
 
 
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float16, finite values clamped to ±65504 (±Inf and NaN stay what they are)."""
+    return torch.where(torch.isinf(x), x, x.clamp(-FP16_MAX, FP16_MAX)).to(torch.float16)
+
+
 def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
@@ -96,7 +103,7 @@ class Float16(Codec):
     name = "float16"
 
     def encode(self, x, start=0, result=False):
-        return {"d": x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().tobytes()}
+        return {"d": _half(x).numpy().tobytes()}
 
     def decode(self, msg, length):
         return _frombuffer(_bytes(msg, "d", 2 * length), torch.float16).float()
@@ -150,6 +157,7 @@ class Quantile8(Codec):
         sample = x if x.numel() <= self.sample else x[torch.randint(0, x.numel(), (self.sample,))]
         levels = torch.linspace(0, 1, 256, dtype=torch.float32)
         codebook = torch.quantile(sample, levels).contiguous()
+        codebook[0], codebook[-1] = x.min(), x.max()  # exact extremes (NaN/Inf outside the sample show)
         boundaries = (codebook[1:] + codebook[:-1]) / 2
         q = torch.bucketize(x, boundaries).to(torch.uint8)
         return {"d": q.numpy().tobytes(), "c": codebook.numpy().tobytes()}
@@ -192,9 +200,10 @@ class TopK(Codec):
         corrected = x + residual
         k = max(1, int(n * self.fraction)) if n else 0
         index = torch.topk(corrected.abs(), k, sorted=False).indices if k else torch.empty(0, dtype=torch.long)
-        values = corrected[index].clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+        values = _half(corrected[index])
         residual.copy_(corrected)
         residual[index] -= values.float()
+        residual.nan_to_num_(0.0, 0.0, 0.0)  # a NaN/Inf (sent, so the receiver rejects it) is not carried on
         return {"i": index.to(torch.int32).numpy().tobytes(), "h": values.numpy().tobytes()}
 
     def decode(self, msg, length):
@@ -256,9 +265,13 @@ class PowerSGD(TopK):
             q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(start))
         p = torch.linalg.qr(matrix @ q).Q  # rows x rank, orthonormal columns
         q = matrix.T @ p  # cols x rank
-        self._q[start] = q
         approx = p @ q.T
         residual.copy_((matrix - approx).view(-1))
+        if torch.isfinite(q).all():
+            self._q[start] = q
+        else:  # NaN/Inf input: the factors are non-finite (the receiver rejects them); start afresh
+            self._q.pop(start, None)
+            residual.zero_()
         return {"p": p.contiguous().numpy().tobytes(), "q": q.contiguous().numpy().tobytes(), "r": rank}
 
     def decode(self, msg, length):
