@@ -68,6 +68,9 @@ class Layout:
         """Split the concatenation of ``spans`` among members by ``sizes`` (which sum to its length)."""
         ranges: list[list[tuple[int, int]]] = []
         spans = [s for s in spans if s[1] > s[0]]
+        total = sum(end - start for start, end in spans)
+        if sum(sizes) != total or any(size < 0 for size in sizes):
+            raise ValueError(f"part sizes {list(sizes)} do not split the {total} values of the spans")
         span_index, position = 0, spans[0][0] if spans else 0
         for size in sizes:
             mine: list[tuple[int, int]] = []
