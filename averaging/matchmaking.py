@@ -67,6 +67,11 @@ class Matchmaker:
         self._group_ready: asyncio.Future | None = None
         self._assembled = asyncio.Event()
         self._my_info: dict = {}
+        # a follower is committed once its join request reaches a leader (who may start at once), and
+        # a leader once it starts: never both, or one peer ends up in two groups and both fail
+        self._joining = False  # a join request is in flight: accepted followers wait, no group starts
+        self._beginning = False  # this peer starts its own group: it joins no other
+        self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
         p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join)
 
@@ -92,6 +97,7 @@ class Matchmaker:
         self._followers = {}
         self._leader = None
         self._tried = {}
+        self._joining = self._beginning = self._begin_started = False
         self._group_ready = loop.create_future()
         self._looking = True
         declare = asyncio.ensure_future(self._declare())
@@ -99,6 +105,8 @@ class Matchmaker:
             while True:
                 if self._group_ready.done():
                     return self._group_ready.result()
+                if len(self._followers) + 1 >= self.target_group_size and not self.client_mode:
+                    return await self._begin()  # filled up while we were asking a leader that declined
                 leader = await self._best_leader_candidate()
                 if leader is not None:
                     try:
@@ -173,9 +181,13 @@ class Matchmaker:
         return leader
 
     async def _try_join(self, leader: PeerID) -> tuple[GroupInfo, int] | None:
+        if self._beginning:
+            return None
+        self._joining = True
         try:
             stream = await self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None)
         except P2PError as e:
+            self._joining = False
             raise MatchmakingError(f"cannot reach {leader}: {e}") from None
         try:
             await stream.send({"key": self._key, "schema": self.schema_hash, "exp": self._expiration,
@@ -194,6 +206,7 @@ class Matchmaker:
         except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as e:
             raise MatchmakingError(f"leader {leader} failed: {e}") from None
         finally:
+            self._joining = False
             self._leader = None
             await stream.aclose()
 
@@ -243,7 +256,8 @@ class Matchmaker:
         done = asyncio.get_running_loop().create_future()
         self._followers[ctx.peer_id] = (stream, {**request, "done": done})
         await stream.send({"status": "accepted", "exp": self._expiration})
-        if len(self._followers) + 1 >= self.target_group_size:
+        if len(self._followers) + 1 >= self.target_group_size and not self._joining:
+            self._beginning = True
             asyncio.ensure_future(self._begin())
         try:
             await done  # resolved by _begin or _disband; the follower's stream stays open until then
@@ -253,6 +267,9 @@ class Matchmaker:
     async def _begin(self) -> tuple[GroupInfo, int]:
         if self._group_ready is None or self._group_ready.done():
             return self._group_ready.result()
+        if self._begin_started:  # another call is sending the begin messages: the same group
+            return await asyncio.shield(self._group_ready)
+        self._beginning = True
         followers = dict(self._followers)
         members = [self.p2p.peer_id, *followers]
         infos = [self._my_info, *(req.get("info") for _, req in followers.values())]
@@ -270,6 +287,8 @@ class Matchmaker:
         sizes = part_sizes(total, bandwidths, min_part=int(self._my_info.get("min_part", 0)))
         begin = {"status": "begin", "group_id": os.urandom(20), "members": [m.raw for m in members], "addrs": addrs,
                  "sizes": sizes, "bandwidths": bandwidths, "client": clients, "gathered": infos}
+        result = self._parse_begin(begin)
+        self._begin_started = True
         for peer_id, (stream, request) in followers.items():
             try:
                 await stream.send(begin, end=True)
@@ -277,7 +296,6 @@ class Matchmaker:
                 pass
             if not request["done"].done():
                 request["done"].set_result(None)
-        result = self._parse_begin(begin)
         if not self._group_ready.done():
             self._group_ready.set_result(result)
         return result
