@@ -224,6 +224,10 @@ class _Owner:
                 self.exclude(member, f"stream failed: {receiver.exception()}")
 
 
+class _LocalError(AveragingError):
+    """This member could not send its own values (e.g. its codec failed): it, not the owner, failed."""
+
+
 def _size(message: Any) -> int:
     if isinstance(message, dict):
         return sum(len(v) if isinstance(v, (bytes, bytearray)) else 8 for v in message.values())
@@ -284,6 +288,13 @@ class _Phase:
                 self.bytes_sent += _size(message)
 
         sender = asyncio.ensure_future(send())
+
+        def sender_done(task: asyncio.Future) -> None:  # a local error (not the stream's) fails the exchange now
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, P2PError):
+                stream.cancel(_LocalError(f"sending my values failed: {type(error).__name__}: {error}"))
+
+        sender.add_done_callback(sender_done)
         try:
             for lo, hi in chunks:
                 message = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
@@ -300,6 +311,10 @@ class _Phase:
             self.part_reports[owner] = (sorted(contributors), mixed)
             if self.me not in contributors:
                 self.failed.add(self.me)
+        except _LocalError as e:
+            logger.warning("averaging round %s: %s", self.group_id.hex()[:8], e)
+            self.failed.add(self.me)
+            stream.cancel()
         except (P2PError, asyncio.TimeoutError, CodecError, AveragingError, KeyError, TypeError) as e:
             reason = "no answer for %.1f s" % self.reducer_timeout if isinstance(e, asyncio.TimeoutError) else str(e)
             if isinstance(e, RemoteError) and e.code == "excluded":

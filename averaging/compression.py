@@ -31,6 +31,7 @@ PowerSGD its warm-start factors), so each averager needs its own instance (:func
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,7 @@ class TopK(Codec):
             raise ValueError("fraction must lie in (0, 1]")
         self.fraction = fraction
         self._residual: torch.Tensor | None = None
+        self._lock = threading.Lock()  # chunks are encoded in several threads at once; the residual is shared
 
     def _residual_for(self, start: int, n: int) -> torch.Tensor:
         if self._residual is None or self._residual.numel() < start + n:
@@ -196,6 +198,10 @@ class TopK(Codec):
             if nonzero.numel() * 8 >= n * 4:
                 return {"d": x.numpy().tobytes()}
             return {"i": nonzero.numpy().tobytes(), "v": x[nonzero.long()].numpy().tobytes()}
+        with self._lock:
+            return self._encode_contribution(x, start, n)
+
+    def _encode_contribution(self, x: torch.Tensor, start: int, n: int) -> dict:
         residual = self._residual_for(start, n)
         corrected = x + residual
         k = max(1, int(n * self.fraction)) if n else 0
@@ -240,6 +246,7 @@ class PowerSGD(TopK):
             raise ValueError("rank must be at least 1")
         self.rank = rank
         self._residual = None
+        self._lock = threading.Lock()
         self._q: dict[int, torch.Tensor] = {}  # warm-start factor per chunk offset
         self._half = Float16()
 
@@ -258,6 +265,10 @@ class PowerSGD(TopK):
         rank = min(self.rank, rows, cols)
         if n == 0 or rank * (rows + cols) >= n:  # too small to gain anything: send it exactly
             return {"d": x.numpy().tobytes()}
+        with self._lock:
+            return self._encode_factors(x, start, n, rows, cols, rank)
+
+    def _encode_factors(self, x: torch.Tensor, start: int, n: int, rows: int, cols: int, rank: int) -> dict:
         residual = self._residual_for(start, n)
         matrix = (x + residual).view(rows, cols)
         q = self._q.get(start)

@@ -38,13 +38,17 @@ logger = logging.getLogger(__name__)
 
 
 def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int) -> str:
-    """A new key for each member of a group: distinct for up to ``2**len(bits)`` members."""
+    """A new key for each member of a group: distinct for up to ``2**len(bits)`` members; a larger
+    group is spread evenly over all keys (each gets ``group_size / 2**len(bits)`` members, +-1)."""
     if not bits:
         return bits
     rng = random.Random(group_id)
     buckets = 2 ** len(bits)
-    symbols = rng.sample(range(buckets), min(group_size, buckets))
-    symbol = symbols[my_index] if my_index < len(symbols) else rng.randrange(buckets)
+    if group_size <= buckets:
+        symbol = rng.sample(range(buckets), group_size)[my_index]
+    else:  # distinct positions modulo the number of keys: balanced, so next round's groups are full
+        offset = rng.randrange(buckets)
+        symbol = (rng.sample(range(group_size), group_size)[my_index] + offset) % buckets
     return format(symbol, f"0{len(bits)}b")
 
 
