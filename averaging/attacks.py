@@ -237,21 +237,21 @@ def part_ranges(d: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def collude_on_part(honest: torch.Tensor, b: int, *, part: tuple[int, int] = (0, 0), attack: str = "sign_flip",
+def collude_on_part(honest: torch.Tensor, b: int, *, part: tuple[int, int] = (0, 0), inner: str = "sign_flip",
                     generator: torch.Generator | None = None, **params: Any) -> torch.Tensor:
     """Colluders targeting one part owner: inside ``part = (start, end)`` (the columns one peer reduces
-    in the butterfly, see :func:`part_ranges`) all attackers send ``attack`` (a name of :data:`ATTACKS`,
-    with ``params``) computed on that slice; elsewhere they send their own honest updates, so every
+    in the butterfly, see :func:`part_ranges`) all attackers send the attack named ``inner`` (of
+    :data:`ATTACKS`, with ``params``) computed on that slice; elsewhere they send their own honest updates, so every
     other owner sees nothing wrong."""
     _check(honest, b)
     lo, hi = part
     if not 0 <= lo <= hi <= honest.shape[1]:
         raise ValueError(f"collude_on_part: part must satisfy 0 <= start <= end <= {honest.shape[1]}, got {part}")
-    if attack == "collude_on_part":
+    if inner == "collude_on_part":
         raise ValueError("collude_on_part: the inner attack cannot be collude_on_part")
     out = _own(honest, b).clone()
     if hi > lo:
-        out[:, lo:hi] = get(attack, **params)(honest[:, lo:hi].contiguous(), b, generator=generator)
+        out[:, lo:hi] = get(inner, **params)(honest[:, lo:hi].contiguous(), b, generator=generator)
     return out
 
 

@@ -609,11 +609,13 @@ def test_colluding_on_one_part():
     h = torch.randn(6, 100, dtype=torch.float64)
     parts = attacks.part_ranges(100, 4)
     assert parts == [(0, 25), (25, 50), (50, 75), (75, 100)]
-    bad = attacks.collude_on_part(h, 2, part=parts[2], attack="sign_flip", scale=50.0)
+    bad = attacks.collude_on_part(h, 2, part=parts[2], inner="sign_flip", scale=50.0)
     assert torch.equal(bad[:, :50], h[:2, :50]) and torch.equal(bad[:, 75:], h[:2, 75:])
     assert torch.equal(bad[:, 50:75], -50 * h[:2, 50:75])
     with pytest.raises(ValueError, match="part"):
         attacks.collude_on_part(h, 2, part=(90, 120))
+    x = attacks.make_inputs(h, 2, "collude_on_part", part=parts[0], inner="gaussian", sigma=3.0)
+    assert x.shape == (8, 100) and torch.equal(x[6:, 25:], h[:2, 25:])
 
 
 def test_label_flipping():
