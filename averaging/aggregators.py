@@ -1,7 +1,8 @@
 """Byzantine-robust aggregators: pure tensor functions ``f(x [n, d], weights [n] | None, **params) -> [d]``.
 
 Rows of ``x`` are the inputs of ``n`` peers (gradients, pseudo-gradients or parameters), ``weights``
-their non-negative sample weights (default 1; rows of weight 0 are ignored). Every function raises
+their non-negative sample weights (default 1; rows of weight 0 are ignored). float32 and float64 are
+kept (float16/bfloat16 are computed and returned as float32); CPU tensors. Every function raises
 :class:`ValueError` on NaN/Inf input, a wrong shape or bad parameters, and :class:`TooFewInputs` (a
 ``ValueError``) when ``n`` is too small for the guarantee asked for. Specs: design notes
 ``algorithms.md`` sections 2.1 (CenteredClip), 3 (Flag Aggregator) and 4 (the others).
@@ -31,6 +32,8 @@ part and rescale themselves. Selection rules (Krum, Bulyan) may select different
 parts; the Flag Aggregator normalises each part separately. Robust mode caps self-reported weights
 (:func:`cap_weights`, applied by :func:`as_reducer`) so that a peer cannot win by claiming a huge
 batch. NaN/Inf contributions never reach an aggregator there: the all-reduce excludes their sender.
+``Averager(aggregator="centered_clip")`` uses the defaults; for other parameters pass
+``aggregator=as_reducer(get("centered_clip", tau=0.5))`` (a bare callable gets no weight cap).
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def _prepare(x: Any, weights: Any, name: str) -> tuple[torch.Tensor, torch.Tenso
             raise ValueError(f"{name}: x must be a float tensor of shape [n, d], got {type(x).__name__}") from e
     if not x.is_floating_point():
         raise ValueError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 2 or x.shape[0] < 1:
-        raise ValueError(f"{name}: x must have shape [n, d] with n >= 1, got {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{name}: x must have shape [n, d] with n, d >= 1, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     bad = ~(torch.isfinite(x.amax(dim=1)) & torch.isfinite(x.amin(dim=1)))  # amax/amin propagate NaN

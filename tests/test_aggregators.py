@@ -436,7 +436,7 @@ def test_bad_inputs_raise(name):
         y[1, 2] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             f(y)
-    for shape in [(4,), (2, 3, 4), (0, 4)]:
+    for shape in [(4,), (2, 3, 4), (0, 4), (3, 0)]:
         with pytest.raises(ValueError, match="shape"):
             f(torch.randn(shape))
     with pytest.raises(ValueError, match="floating"):
