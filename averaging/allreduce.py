@@ -464,6 +464,9 @@ class AllReduceService:
         finally:
             self._phases.pop(key, None)
             self._phase_ready.pop(key, None)
+            # the phase and its owner referred to each other: every round's snapshot, result and encoded
+            # part stayed alive until the cyclic GC happened to run (memory grew round after round)
+            phase.owner = phase.flat = phase.result = None
         return phase
 
     async def _agree(self, group: GroupInfo, me: int, failed: set[int], timeout: float) -> list[int]:
