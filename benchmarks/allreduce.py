@@ -22,7 +22,9 @@ The three systems' peers are all started first; then rounds alternate between th
 alike. Per round:
 
 * all-reduce seconds: from the first peer starting its all-reduce to the last one finishing it,
-  matchmaking excluded. Ours: each peer's ``StepResult`` gives the time of its all-reduce.
+  matchmaking excluded. Ours: a peer's all-reduce starts when its matchmaking ends (step start +
+  ``StepResult.matchmaking_seconds``) and ends when ``step`` returns, so the snapshot copy and the
+  write-back into the tensor are counted as all-reduce.
   hivemind: ``step(require_trigger=True)`` stops every peer after matchmaking (stage
   AWAITING_TRIGGER); when all are there the driver triggers them at once (``allow_allreduce``).
 * with matchmaking: from the first peer being told to step to the last one finishing.
@@ -30,7 +32,8 @@ alike. Per round:
 Printed per configuration and system: median of the timed rounds (and min/max), MB/s per peer
 against the butterfly's ``2(N-1)/N x S x 4`` bytes sent per peer, the ratio to ours, peak memory
 per peer (the largest, over the peers, of the peak proportional set size of the peer's process
-tree: hivemind's DHT/averager processes and p2pd daemons included, sampled every 0.1 s) and its
+tree: hivemind's DHT/averager processes and p2pd daemons included, sampled every 0.1 s during the
+start and the warm-up rounds only, since reading it costs CPU) and its
 extra over the peer holding just its tensor (in multiples of the tensor's size), and the accuracy:
 every peer's result at 1024 sampled positions against the float64 mean of the inputs there, and
 whether the peers' results are bit-identical (sha256 of the whole vector). Before each round every
@@ -97,15 +100,17 @@ def tree_pss_mb(root: int) -> float:
 
 
 class MemorySampler(threading.Thread):
-    """Keeps the peak of :func:`tree_pss_mb` of this process, sampled every ``period`` seconds."""
+    """Keeps the peak of :func:`tree_pss_mb` of this process while ``on`` (reading smaps_rollup of a
+    large process costs milliseconds of CPU: the driver samples during warm-up rounds only)."""
 
     def __init__(self, period: float = 0.1):
         super().__init__(daemon=True)
-        self.period, self.peak = period, 0.0
+        self.period, self.peak, self.on = period, 0.0, True
 
     def run(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+            if self.on:
+                self.peak = max(self.peak, tree_pss_mb(os.getpid()))
             time.sleep(self.period)
 
 
@@ -149,12 +154,15 @@ def ours_worker(args: argparse.Namespace) -> None:
                 t_cmd = time.time()
                 result = averager.step(weight=1.0, timeout=args.step_timeout)
                 t_end = time.time()
-                emit({"ok": True, "t_cmd": t_cmd, "t_start": t_end - result.allreduce_seconds, "t_end": t_end,
+                # all-reduce from the end of matchmaking to the step's return: the snapshot copy taken before
+                # matchmaking and the write-back into the tensor count as all-reduce (hivemind's do too)
+                emit({"ok": True, "t_cmd": t_cmd, "t_start": t_cmd + result.matchmaking_seconds, "t_end": t_end,
                       "in": before, "out": tensor[positions].tolist(),
-                      "sha": hashlib.sha256(tensor.numpy().tobytes()).hexdigest(),
+                      "sha": hashlib.sha256(tensor.numpy().data).hexdigest(),
                       "bytes_sent": result.bytes_sent, "survivors": len(result.survivors)})
-            elif op == "mem":
-                emit({"peak_mb": sampler.peak, "baseline_mb": baseline})
+            elif op == "mem":  # the peak so far; sampling stops
+                sampler.on = False
+                emit({"peak_mb": max(sampler.peak, tree_pss_mb(os.getpid())), "baseline_mb": baseline})
             elif op == "quit":
                 emit({"ok": True})
                 break
@@ -231,8 +239,9 @@ def tcp_worker(args: argparse.Namespace) -> None:
                 t_start = time.time()
                 await asyncio.gather(*(exchange(peer) for peer in connections))
                 emit({"ok": True, "t_cmd": t_start, "t_start": t_start, "t_end": time.time()})
-            elif op == "mem":
-                emit({"peak_mb": sampler.peak, "baseline_mb": baseline})
+            elif op == "mem":  # the peak so far; sampling stops
+                sampler.on = False
+                emit({"peak_mb": max(sampler.peak, tree_pss_mb(os.getpid())), "baseline_mb": baseline})
             elif op == "quit":
                 emit({"ok": True})
                 break
@@ -384,7 +393,13 @@ def bench_config(n: int, size: int, systems: list[str], args: argparse.Namespace
         for system in systems:
             started[system] = start_system(system, n, size, directory, args)
         timings: dict[str, list[dict]] = {s: [] for s in systems}
+        memory: dict[str, list[dict]] = {}
         for round_ in range(args.warmup + args.rounds):
+            if round_ == args.warmup:  # memory is sampled up to here: sampling costs CPU, timed rounds go without
+                for system in systems:
+                    for w in started[system]:
+                        w.send("mem")
+                    memory[system] = [w.read(30) for w in started[system]]
             for system in systems:
                 outcome = run_round(system, started[system], args.step_timeout + 60)
                 if round_ >= args.warmup:
@@ -393,15 +408,11 @@ def bench_config(n: int, size: int, systems: list[str], args: argparse.Namespace
                       f" all-reduce {outcome['allreduce']:.3f} s, with matchmaking {outcome['with_mm']:.3f} s",
                       flush=True)
         for system in systems:
-            memory = []
-            for w in started[system]:
-                w.send("mem")
-                memory.append(w.read(30))
             allreduce = [t["allreduce"] for t in timings[system]]
             with_mm = [t["with_mm"] for t in timings[system]]
             row = {"allreduce": statistics.median(allreduce), "min": min(allreduce), "max": max(allreduce),
-                   "with_mm": statistics.median(with_mm), "peak_mb": max(m["peak_mb"] for m in memory),
-                   "extra_mb": max(m["peak_mb"] - m["baseline_mb"] for m in memory)}
+                   "with_mm": statistics.median(with_mm), "peak_mb": max(m["peak_mb"] for m in memory[system]),
+                   "extra_mb": max(m["peak_mb"] - m["baseline_mb"] for m in memory[system])}
             if system != "tcp":
                 errors, identical = zip(*(check_accuracy(t["answers"]) for t in timings[system]))
                 row.update(error=max(errors), identical=all(identical))
@@ -458,7 +469,7 @@ def main() -> None:
                         help="comma-separated PEERSxVALUES (default: 4x1M,8x1M,4x25M; full matrix: "
                              "4x1M,8x1M,4x25M,8x25M)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per system (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (memory is measured in them)")
     parser.add_argument("--skip", default="", help="comma-separated systems to leave out: ours, hivemind, tcp")
     parser.add_argument("--min-matchmaking-time", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=1.0)

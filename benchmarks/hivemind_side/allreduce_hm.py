@@ -19,6 +19,7 @@ per stdin command:
                        (``in``/``out``: the tensor at the sampled positions before/after)
     {"op": "mem"}   -> {"peak_mb", "baseline_mb"}: PSS of this peer's process tree (this process,
                        the DHT and averager processes and their p2pd daemons), sampled every 0.1 s
+                       from the start until this command (the driver sends it after the warm-up)
     {"op": "quit"}
 
 A hard time limit (``--lifetime``) ends the process regardless.
@@ -64,13 +65,17 @@ def tree_pss_mb(root: int) -> float:
 
 
 class MemorySampler(threading.Thread):
+    """Keeps the peak of :func:`tree_pss_mb` of this process while ``on`` (reading smaps_rollup of a
+    large process costs milliseconds of CPU: the driver samples during warm-up rounds only)."""
+
     def __init__(self, period: float = 0.1):
         super().__init__(daemon=True)
-        self.period, self.peak = period, 0.0
+        self.period, self.peak, self.on = period, 0.0, True
 
     def run(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+            if self.on:
+                self.peak = max(self.peak, tree_pss_mb(os.getpid()))
             time.sleep(self.period)
 
 
@@ -145,10 +150,11 @@ def main() -> None:
                 t_end = time.time()
                 with averager.get_tensors() as (current,):
                     after = current[positions].tolist()
-                    sha = hashlib.sha256(current.numpy().tobytes()).hexdigest()
+                    sha = hashlib.sha256(current.numpy().data).hexdigest()
                 emit({"ok": True, "t_go": t_go, "t_end": t_end, "in": before, "out": after, "sha": sha})
-            elif op == "mem":
-                emit({"peak_mb": sampler.peak, "baseline_mb": baseline})
+            elif op == "mem":  # the peak so far; sampling stops
+                sampler.on = False
+                emit({"peak_mb": max(sampler.peak, tree_pss_mb(os.getpid())), "baseline_mb": baseline})
             elif op == "quit":
                 emit({"ok": True})
                 break
