@@ -30,8 +30,11 @@ class FrameChannel(abc.ABC):
         return f"peer {self.remote_peer_id.short()} at {self.endpoint}" if self.remote_peer_id else self.endpoint
 
     @abc.abstractmethod
-    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue one frame for sending (never blocks; call :meth:`drain` for backpressure)."""
+    def write_frame(self, data: bytes | bytearray | memoryview, head: bytes = b"") -> None:
+        """Queue the frame ``head || data`` for sending (never blocks; call :meth:`drain` for backpressure).
+
+        ``data`` may be a view of the caller's memory: it is copied (or encrypted) before this returns.
+        """
 
     @abc.abstractmethod
     async def drain(self) -> None:

@@ -38,6 +38,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -54,6 +55,33 @@ MAX_HANDSHAKE_FRAME = 4096
 TAG_SIZE = 16
 FRAME_HEADER_ROOM = 64  # room for the multiplexer's frame header beyond max_frame_size
 _LEN = struct.Struct("!I")
+_BULK = 64 << 10  # frames at least this long are sealed without joining head and data, into a reused buffer
+
+
+class _FrameCipher:
+    """One direction's AEAD key: ``encrypt``/``decrypt`` as the AEAD, plus :meth:`seal_into`."""
+
+    def __init__(self, name: str, key: bytes):
+        self.name, self._key, self._aead = name, key, CIPHERS[name](key)
+        self.encrypt, self.decrypt = self._aead.encrypt, self._aead.decrypt
+
+    def seal_into(self, nonce: bytes, head: bytes, data: bytes | bytearray | memoryview, aad: bytes,
+                  out: memoryview) -> None:
+        """Write AEAD(head || data) and its tag into ``out`` (exactly len(head) + len(data) + 16 bytes).
+
+        For AES-GCM and long data, the incremental GCM context encrypts both pieces in place of a
+        joined copy (same ciphertext and tag as the one-shot AEAD); otherwise they are joined.
+        """
+        if self.name != "aes256gcm" or len(data) < _BULK:
+            self._aead.encrypt_into(nonce, bytes(head) + bytes(data) if head else data, aad, out)
+            return
+        context = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        context.authenticate_additional_data(aad)
+        # update_into wants len(input) + 15 bytes of room: the tag's 16 bytes after the data give it
+        written = context.update_into(head, out) if head else 0
+        written += context.update_into(data, out[written:])
+        context.finalize()
+        out[written:written + TAG_SIZE] = context.tag
 
 
 @dataclass
@@ -94,17 +122,27 @@ class SecureChannel(FrameChannel):
         self._send_counter, self._recv_counter = send_counter, recv_counter
         self._max_ciphertext = max_frame_size + FRAME_HEADER_ROOM + TAG_SIZE
         self._drain_lock = asyncio.Lock()
+        self._spare: bytearray | None = None  # the last bulk frame's buffer, reused once written out
 
-    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
+    def write_frame(self, data: bytes | bytearray | memoryview, head: bytes = b"") -> None:
         if self._writer.is_closing():
             raise ConnectionLostError(f"connection to {self.describe()} is closed")
-        n = len(data) + TAG_SIZE
-        buf = bytearray(4 + n)
+        n = len(head) + len(data) + TAG_SIZE
+        bulk = n >= _BULK
+        buf = self._spare
+        # reuse the previous bulk buffer only when the transport holds nothing (it may keep a
+        # reference to a buffer it has not written yet); fresh large buffers cost page faults
+        if not (bulk and buf is not None and len(buf) >= 4 + n
+                and self._writer.transport.get_write_buffer_size() == 0):
+            buf = bytearray(4 + n)
+        frame = memoryview(buf)[:4 + n]
         _LEN.pack_into(buf, 0, n)
         nonce = _nonce(self._send_counter)
         self._send_counter += 1
-        self._send_cipher.encrypt_into(nonce, data, bytes(buf[:4]), memoryview(buf)[4:])
-        self._writer.write(buf)
+        self._send_cipher.seal_into(nonce, head, data, bytes(frame[:4]), frame[4:])
+        self._writer.write(frame)
+        if bulk:
+            self._spare = buf
 
     async def drain(self) -> None:
         async with self._drain_lock:
@@ -201,8 +239,8 @@ def _derive(own_ephemeral: X25519PrivateKey, remote_ephemeral: Any, transcript_h
     except ValueError as e:  # e.g. an all-zero (low-order) point
         raise HandshakeError(f"{what}: bad ephemeral key ({e})") from None
     okm = HKDF(hashes.SHA256(), 64, salt=transcript_hash, info=f"{PROTOCOL_NAME}/1 keys".encode()).derive(shared)
-    make = CIPHERS[cipher_name]
-    return make(okm[:32]), make(okm[32:])  # initiator->responder, responder->initiator
+    # initiator->responder, responder->initiator
+    return _FrameCipher(cipher_name, okm[:32]), _FrameCipher(cipher_name, okm[32:])
 
 
 def _check_identity(message: dict, transcript_hash: bytes, role: str, what: str) -> tuple[PeerID, PeerInfo]:

@@ -48,9 +48,10 @@ class MemoryChannel(FrameChannel):
         self._in_flight: collections.deque[tuple[float, bytes | None]] = collections.deque()
         self._pump: asyncio.TimerHandle | None = None
 
-    def write_frame(self, data: bytes | bytearray | memoryview) -> None:
+    def write_frame(self, data: bytes | bytearray | memoryview, head: bytes = b"") -> None:
         if self._closed:
             raise ConnectionLostError(f"connection to {self.describe()} is closed")
+        data = head + bytes(data) if head else data
         if data[0] == OPEN and self._network.loss and self._network.rng.random() < self._network.loss:
             return
         self._send(bytes(data))

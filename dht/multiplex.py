@@ -47,6 +47,8 @@ OPEN, DATA, END, ERROR, CANCEL, WINDOW, PING, PONG, GOAWAY = range(1, 10)
 FLAG_MORE, FLAG_END = 1, 2
 HEADER = struct.Struct("!BBI")
 _U32 = struct.Struct("!I")
+_BIN32 = b"\xc6"  # msgpack's bin 32 type byte; a u32 length follows
+_BULK_BYTES = 64 << 10  # payloads from this size on are framed without joining copies
 MAX_METHOD_NAME = 256
 
 
@@ -118,15 +120,31 @@ class Stream:
 
     # ---- sending ---------------------------------------------------------------------------
     async def send(self, message: Any, *, end: bool = False) -> None:
-        """Send one msgpack-serializable message; with ``end=True`` also half-close."""
+        """Send one msgpack-serializable message; with ``end=True`` also half-close.
+
+        Long bytes-like messages (e.g. tensor chunks) are framed without an intermediate msgpack copy.
+        """
+        if isinstance(message, (bytes, bytearray, memoryview)) and len(message) >= _BULK_BYTES:
+            view = memoryview(message).cast("B")
+            if len(view) < (1 << 32):
+                await self.send_packed(view, end=end, prefix=_BIN32 + _U32.pack(len(view)))
+                return
         await self.send_packed(_pack(message), end=end)
 
-    async def send_packed(self, payload: bytes, *, end: bool = False) -> None:
-        """Send a message that is already msgpack-encoded (avoids packing twice when broadcasting)."""
+    async def send_packed(self, payload: bytes | bytearray | memoryview, *, end: bool = False,
+                          prefix: bytes = b"") -> None:
+        """Send a message that is already msgpack-encoded (avoids packing twice when broadcasting).
+
+        The message is ``prefix || payload`` (a prefix of at most 16 bytes, such as a msgpack bin
+        header, rides in the first frame beyond ``max_frame_size``: the frame header room covers it).
+        """
+        total = len(prefix) + len(payload)
         limit = min(self._conn.limits.max_message_size, self._conn.channel.remote_info.max_message_size)
-        if len(payload) > limit:
-            raise MessageTooLargeError(f"message of {len(payload)} bytes for {self._describe()} exceeds the "
+        if total > limit:
+            raise MessageTooLargeError(f"message of {total} bytes for {self._describe()} exceeds the "
                                        f"limit of {limit} bytes; send large tensors in chunks")
+        if len(prefix) > 16:
+            raise ValueError("a message prefix is at most 16 bytes")
         async with self._send_lock:
             self._check_can_send()
             while self._send_credit <= 0:
@@ -135,13 +153,14 @@ class Stream:
                 self._check_can_send()
             frame_size = self._conn.limits.max_frame_size
             view = memoryview(payload)
-            total = len(payload)
             offset = 0
+            head = prefix
             while True:
-                last = offset + frame_size >= total
+                last = offset + frame_size >= len(view)
                 flags = (0 if last else FLAG_MORE) | (FLAG_END if last and end else 0)
-                self._conn.write_frame(DATA, flags, self.id, view[offset:offset + frame_size])
+                self._conn.write_frame(DATA, flags, self.id, view[offset:offset + frame_size], head)
                 offset += frame_size
+                head = b""
                 if last:
                     break
                 await self._conn.drain()
@@ -367,10 +386,15 @@ class Connection:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    def write_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
+    def write_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"",
+                    prefix: bytes = b"") -> None:
+        """Queue one frame whose payload is ``prefix || payload``."""
         if self.closed:
             raise ConnectionLostError(f"connection to {self.channel.describe()} is closed: {self.close_reason}")
-        self.channel.write_frame(HEADER.pack(ftype, flags, stream_id) + payload)
+        if len(payload) >= _BULK_BYTES:  # no joined copy of a long payload: the channel seals the pieces
+            self.channel.write_frame(payload, HEADER.pack(ftype, flags, stream_id) + prefix)
+        else:
+            self.channel.write_frame(HEADER.pack(ftype, flags, stream_id) + prefix + payload)
 
     async def drain(self) -> None:
         if self.closed:
