@@ -20,6 +20,8 @@ from .identity import IdentityError, PeerID
 __all__ = ["PeerAddress", "AddressError", "interface_addresses"]
 
 _HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+_PARSED: dict[str, "PeerAddress"] = {}  # DHT replies repeat the same few addresses: parse each once
+_PARSED_MAX = 8192
 
 
 class AddressError(ValueError):
@@ -40,6 +42,16 @@ class PeerAddress:
         """Parse the printed form; AddressError says what is wrong."""
         if not isinstance(text, str):
             raise AddressError(f"peer address must be a string, got {type(text).__name__}")
+        parsed = _PARSED.get(text)
+        if parsed is None:
+            parsed = cls._parse(text)
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[text] = parsed
+        return parsed
+
+    @classmethod
+    def _parse(cls, text: str) -> "PeerAddress":
         parts = text.strip().split("/")
         if len(parts) < 3 or parts[0] != "":
             raise AddressError(f"{text!r}: expected /ip4/HOST/tcp/PORT/p2p/PEERID")

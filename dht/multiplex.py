@@ -48,7 +48,8 @@ FLAG_MORE, FLAG_END = 1, 2
 HEADER = struct.Struct("!BBI")
 _U32 = struct.Struct("!I")
 _BIN32 = b"\xc6"  # msgpack's bin 32 type byte; a u32 length follows
-_BULK_BYTES = 64 << 10  # payloads from this size on are framed without joining copies
+_BULK_BYTES = 64 << 10
+_timeout_at = getattr(asyncio, "timeout_at", None)  # payloads from this size on are framed without joining copies
 MAX_METHOD_NAME = 256
 
 
@@ -234,7 +235,11 @@ class Stream:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            await asyncio.wait_for(event.wait(), remaining)
+            if _timeout_at is not None:  # Python >= 3.11: no extra task per wait
+                async with _timeout_at(self.deadline):
+                    await event.wait()
+            else:
+                await asyncio.wait_for(event.wait(), remaining)
         except asyncio.TimeoutError:
             self.cancel(DeadlineExceededError(f"call {self._describe()} exceeded its deadline"))
             raise self._error from None
@@ -502,6 +507,9 @@ class Connection:
             coro = serve()
             if timeout is None:
                 await coro
+            elif _timeout_at is not None and stream.deadline is not None:
+                async with _timeout_at(stream.deadline):
+                    await coro
             else:
                 await asyncio.wait_for(coro, timeout)
             if not stream.done and stream._error is None:

@@ -133,6 +133,9 @@ class P2P:
         """Open a bidirectional stream to ``method`` at ``peer``; use it as ``async with``."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        conn = self._usable_connection(peer)
+        if conn is not None:  # the common case: no dial, so no timer task either
+            return conn.open_stream(method, timeout)
         try:
             conn = await asyncio.wait_for(self._connection_to(peer), timeout)
         except asyncio.TimeoutError:
@@ -182,6 +185,16 @@ class P2P:
     def disconnect(self, peer_id: PeerID, reason: str = "disconnected") -> None:
         for conn in list(self._connections.get(peer_id, ())):
             conn.close(reason)
+
+    def _usable_connection(self, peer: PeerLike) -> Connection | None:
+        """An open connection to ``peer`` if there is one (identified by PeerID), else None."""
+        peer_id = peer.peer_id if isinstance(peer, PeerAddress) else peer if isinstance(peer, PeerID) else None
+        if peer_id is None or self._closed:
+            return None
+        for conn in reversed(self._connections.get(peer_id, ())):
+            if conn.usable:
+                return conn
+        return None
 
     async def _connection_to(self, peer: PeerLike) -> Connection:
         if self._closed:
