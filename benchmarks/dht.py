@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/dht.py                                 # 32 peers, 2 rounds (~2-3 minutes)
     .venv/bin/python benchmarks/dht.py --rounds 3 --keys-per-peer 40   # more samples
     .venv/bin/python benchmarks/dht.py --skip hivemind                 # ours only
+    .venv/bin/python benchmarks/dht.py --replicas 5                    # ours with hivemind's replica count
 
 Both swarms have ``--processes`` (8) OS processes of ``--peers-per-process`` (4) peers each, all on
 127.0.0.1, and use each library's defaults:
@@ -58,6 +59,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 HM_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 HM_WORKER = ROOT / "benchmarks" / "hivemind_side" / "dht_hm.py"
+REPLICAS: int | None = None  # --replicas, for our workers (set by the driver)
 SYSTEMS = ("ours", "hivemind")
 
 
@@ -98,7 +100,7 @@ def ours_worker(args: argparse.Namespace) -> None:
         try:
             for index in range(args.peers):
                 started = time.perf_counter()
-                nodes.append(await DHTNode.create(initial, host="127.0.0.1"))
+                nodes.append(await DHTNode.create(initial, host="127.0.0.1", num_replicas=args.replicas))
                 join_s.append(time.perf_counter() - started)
                 if index == 0:
                     initial.append(str(nodes[0].p2p.get_visible_addresses()[0]))
@@ -264,7 +266,10 @@ class Worker:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "worker"]
         else:
             cmd = [str(HM_PYTHON), str(HM_WORKER)]
-        cmd += ["--peers", str(peers), "--lifetime", str(lifetime), *initial]
+        cmd += ["--peers", str(peers), "--lifetime", str(lifetime)]
+        if system == "ours" and REPLICAS is not None:
+            cmd += ["--replicas", str(REPLICAS)]
+        cmd += initial
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"swarm-dht-bench-{os.getpid()}-{name}.log"
         with open(self.stderr_path, "w") as err:  # a file: a chatty worker never blocks on a full pipe
@@ -547,13 +552,17 @@ class TimeLimit(Exception):
 
 
 def main_driver(args: argparse.Namespace) -> int:
+    global REPLICAS
+    REPLICAS = args.replicas
+
     def on_alarm(signum, frame):
         raise TimeLimit(f"time limit of {args.time_limit:g} s exceeded")
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(args.time_limit))
     systems = [s for s in SYSTEMS if s not in args.skip]
-    notes = {"ours": "dht.DHTNode defaults (k=20, alpha=3, 20 replicas), uvloop if importable"}
+    replicas = "20 replicas" if args.replicas is None else f"{args.replicas} replicas (--replicas)"
+    notes = {"ours": f"dht.DHTNode defaults (k=20, alpha=3, {replicas}), uvloop if importable"}
     if "hivemind" in systems and not os.access(HM_PYTHON, os.X_OK):
         notes["hivemind"] = "skipped: .bench-venv is missing (bash benchmarks/bench_venv.sh)"
         systems.remove("hivemind")
@@ -600,6 +609,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="store + get rounds (fresh keys each)")
     parser.add_argument("--keys-per-peer", type=int, default=20, help="keys stored by each peer per round")
     parser.add_argument("--concurrency", type=int, default=4, help="operations in flight per peer")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="ours: replicas per record (default: DHTNode's, k = 20; hivemind's default is 5)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of rest after both swarms started")
