@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-from typing import Any
 
 from dht import P2P, DHTNode, P2PError, PeerID, Stream, get_dht_time
 from dht.p2p import CallContext

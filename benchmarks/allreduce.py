@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HM_PYTHON = ROOT / ".bench-venv" / "bin" / "python"

@@ -69,7 +69,7 @@ from dht.identity import Identity  # noqa: E402
 from dht.memory_transport import MemoryNetwork  # noqa: E402
 from dht.multiplex import Limits  # noqa: E402
 from dht.node import DHTNode  # noqa: E402
-from dht.routing import ID_BITS, DHTID  # noqa: E402
+from dht.routing import ID_BITS  # noqa: E402
 
 EPOCH = 1.7e9  # DHT time at virtual time 0
 YEAR = 365 * 86400.0

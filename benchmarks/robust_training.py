@@ -99,11 +99,13 @@ def run_once(task, aggregator: str, attack: str, seed: int, peers: int, attacker
     run_id = f"robust-{aggregator}-{attack}-{seed}-{time.time_ns()}"
     results: dict[int, float] = {}
     ready = threading.Barrier(peers)
+    torch.manual_seed(seed)  # one initial model for all peers (the global RNG is not per thread)
+    initial_state = task.model().state_dict()
 
     def peer(i: int) -> None:
         byzantine = attack != "none" and i >= peers - attackers
-        torch.manual_seed(seed)
         model = task.model()
+        model.load_state_dict(initial_state)
         batches = task.batches(i, peers, 32, seed * 100 + i)
         flip = byzantine and attack == "label_flip"
 

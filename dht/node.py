@@ -29,7 +29,7 @@ from .errors import BadRequestError, P2PError
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .p2p import P2P, CallContext
-from .protocol import (VERSION, DHTLimits, StoreItem, decode_entry, encode_entry, parse_find, parse_find_response,
+from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry, parse_find, parse_find_response,
                        parse_ping, parse_store, parse_store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration

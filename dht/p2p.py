@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Union
 
 from .addresses import PeerAddress
 from .channel import FrameChannel
-from .errors import ConnectionLostError, HandshakeError, P2PError, PeerUnreachableError
+from .errors import HandshakeError, P2PError, PeerUnreachableError
 from .identity import Identity, PeerID
 from .multiplex import Connection, Limits, Stream
 from .transport import Transport

@@ -5,7 +5,6 @@ Handlers: ``echo`` (unary), ``sink`` (stream: counts bytes until END, replies th
 """
 
 import asyncio
-import sys
 
 from dht import P2P
 
