@@ -109,6 +109,7 @@ def run_once(task, aggregator: str, attack: str, seed: int, peers: int, attacker
         batches = task.batches(i, peers, 32, seed * 100 + i)
         flip = byzantine and attack == "label_flip"
 
+        @torch.enable_grad()  # called from the optimizer's step, which runs under no_grad
         def estimate():
             xb, yb = next(batches)
             grads = []
