@@ -230,7 +230,8 @@ class _LocalError(AveragingError):
 
 def _size(message: Any) -> int:
     if isinstance(message, dict):
-        return sum(len(v) if isinstance(v, (bytes, bytearray)) else 8 for v in message.values())
+        return sum(v.nbytes if isinstance(v, memoryview) else len(v) if isinstance(v, (bytes, bytearray)) else 8
+                   for v in message.values())
     return 8
 
 

@@ -46,12 +46,19 @@ class CodecError(ValueError):
     """A compressed chunk is malformed or does not match its expected size."""
 
 
-def _bytes(msg: Any, key: str, expected: int) -> bytes:
+def _bytes(msg: Any, key: str, expected: int) -> bytes | bytearray | memoryview:
     data = msg.get(key) if isinstance(msg, dict) else None
-    if not isinstance(data, (bytes, bytearray)) or len(data) != expected:
+    if isinstance(data, memoryview):  # a message encoded here (see _raw), not one from the wire
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != expected:
         raise CodecError(f"field {key!r}: expected {expected} bytes, got "
-                         f"{len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__}")
+                         f"{len(data) if isinstance(data, (bytes, bytearray, memoryview)) else type(data).__name__}")
     return data
+
+
+def _raw(x: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor without copying them (the message keeps the tensor alive)."""
+    return memoryview(x.contiguous().numpy()).cast("B")
 
 
 def _floats(msg: Any, key: str, count: int) -> list[float]:
@@ -67,7 +74,7 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), x, x.clamp(-FP16_MAX, FP16_MAX)).to(torch.float16)
 
 
-def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _frombuffer(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
@@ -75,7 +82,10 @@ class Codec:
     """Base class: ``encode(x, start, result)`` -> map; ``decode(map, length)`` -> float32 tensor.
 
     ``start`` is the chunk's offset in the flat vector (used by stateful codecs); ``result`` is True
-    for averaged results sent back by a part's owner, False for a member's own contribution."""
+    for averaged results sent back by a part's owner, False for a member's own contribution. A map's
+    byte fields may be memoryviews of tensors (no copy; the transport frames them as they are), so
+    the tensor given to ``encode`` must not change until the map is sent; ``decode`` accepts maps
+    as ``encode`` made them and as they arrive (bytes)."""
 
     name = "abstract"
     lossless = False
@@ -94,7 +104,7 @@ class NoCompression(Codec):
     name, lossless = "none", True
 
     def encode(self, x, start=0, result=False):
-        return {"d": x.numpy().tobytes()}
+        return {"d": _raw(x)}  # shares x's memory: x must not change until the message is sent
 
     def decode(self, msg, length):
         return _frombuffer(_bytes(msg, "d", 4 * length), torch.float32)
@@ -104,7 +114,7 @@ class Float16(Codec):
     name = "float16"
 
     def encode(self, x, start=0, result=False):
-        return {"d": _half(x).numpy().tobytes()}
+        return {"d": _raw(_half(x))}
 
     def decode(self, msg, length):
         return _frombuffer(_bytes(msg, "d", 2 * length), torch.float16).float()
@@ -119,7 +129,7 @@ class Uniform8(Codec):
         lo, hi = float(x.min()), float(x.max())
         scale = (hi - lo) / 255 or 1.0
         q = ((x - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)
-        return {"d": q.numpy().tobytes(), "r": [lo, scale]}
+        return {"d": _raw(q), "r": [lo, scale]}
 
     def decode(self, msg, length):
         lo, scale = _floats(msg, "r", 2)

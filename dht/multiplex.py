@@ -49,7 +49,34 @@ HEADER = struct.Struct("!BBI")
 _U32 = struct.Struct("!I")
 _BIN32 = b"\xc6"  # msgpack's bin 32 type byte; a u32 length follows
 _BULK_BYTES = 64 << 10
-_timeout_at = getattr(asyncio, "timeout_at", None)  # payloads from this size on are framed without joining copies
+_timeout_at = getattr(asyncio, "timeout_at", None)
+FRAME_SLACK = 48  # message bytes a frame may carry beyond max_frame_size (6-byte header + 48 < 64 of room)
+
+
+def _split_bulk(message: Any) -> tuple[bytes, memoryview] | None:
+    """``(prefix, view)`` whose concatenation is the msgpack encoding of ``message``, if ``message``
+    is a long bytes-like value or a small map with exactly one (its other fields short); else None."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        big_key, value, rest = None, message, None
+    elif isinstance(message, dict) and 0 < len(message) < 16:
+        bulky = [k for k, v in message.items() if isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= _BULK_BYTES]
+        if len(bulky) != 1:
+            return None
+        big_key = bulky[0]
+        value, rest = message[big_key], [(k, v) for k, v in message.items() if k != big_key]
+    else:
+        return None
+    try:
+        view = memoryview(value).cast("B")
+    except TypeError:  # not C-contiguous: let msgpack deal with it (or say why it cannot)
+        return None
+    if len(view) < _BULK_BYTES or len(view) >= (1 << 32):
+        return None
+    header = _BIN32 + _U32.pack(len(view))
+    if rest is None:
+        return header, view
+    prefix = bytes([0x80 | len(message)]) + b"".join(_pack(k) + _pack(v) for k, v in rest) + _pack(big_key) + header
+    return (prefix, view) if len(prefix) <= FRAME_SLACK else None  # payloads from this size on are framed without joining copies
 MAX_METHOD_NAME = 256
 
 
@@ -123,29 +150,33 @@ class Stream:
     async def send(self, message: Any, *, end: bool = False) -> None:
         """Send one msgpack-serializable message; with ``end=True`` also half-close.
 
-        Long bytes-like messages (e.g. tensor chunks) are framed without an intermediate msgpack copy.
+        A long bytes-like message, or a map with one long bytes-like value (a tensor chunk), is framed
+        without packing that value into an intermediate copy.
         """
-        if isinstance(message, (bytes, bytearray, memoryview)) and len(message) >= _BULK_BYTES:
-            view = memoryview(message).cast("B")
-            if len(view) < (1 << 32):
-                await self.send_packed(view, end=end, prefix=_BIN32 + _U32.pack(len(view)))
-                return
-        await self.send_packed(_pack(message), end=end)
+        split = _split_bulk(message)
+        if split is not None:
+            prefix, view = split
+            await self.send_packed(view, end=end, prefix=prefix)
+        else:
+            await self.send_packed(_pack(message), end=end)
 
     async def send_packed(self, payload: bytes | bytearray | memoryview, *, end: bool = False,
                           prefix: bytes = b"") -> None:
         """Send a message that is already msgpack-encoded (avoids packing twice when broadcasting).
 
-        The message is ``prefix || payload`` (a prefix of at most 16 bytes, such as a msgpack bin
-        header, rides in the first frame beyond ``max_frame_size``: the frame header room covers it).
+        The message is ``prefix || payload``; a prefix (at most ``FRAME_SLACK`` bytes, e.g. a msgpack
+        header) rides in the first frame. A frame carries up to ``max_frame_size`` bytes of the
+        message, or ``FRAME_SLACK`` more when that makes it the last one (the frame header room of
+        the transport covers it), so a chunk of exactly ``max_frame_size`` data bytes plus its
+        msgpack header is one frame, which the receiver parses without reassembling.
         """
         total = len(prefix) + len(payload)
         limit = min(self._conn.limits.max_message_size, self._conn.channel.remote_info.max_message_size)
         if total > limit:
             raise MessageTooLargeError(f"message of {total} bytes for {self._describe()} exceeds the "
                                        f"limit of {limit} bytes; send large tensors in chunks")
-        if len(prefix) > 16:
-            raise ValueError("a message prefix is at most 16 bytes")
+        if len(prefix) > FRAME_SLACK:
+            raise ValueError(f"a message prefix is at most {FRAME_SLACK} bytes")
         async with self._send_lock:
             self._check_can_send()
             while self._send_credit <= 0:
@@ -157,10 +188,11 @@ class Stream:
             offset = 0
             head = prefix
             while True:
-                last = offset + frame_size >= len(view)
+                last = len(view) - offset + len(head) <= frame_size + FRAME_SLACK
+                take = len(view) - offset if last else frame_size - len(head)
                 flags = (0 if last else FLAG_MORE) | (FLAG_END if last and end else 0)
-                self._conn.write_frame(DATA, flags, self.id, view[offset:offset + frame_size], head)
-                offset += frame_size
+                self._conn.write_frame(DATA, flags, self.id, view[offset:offset + take], head)
+                offset += take
                 head = b""
                 if last:
                     break
