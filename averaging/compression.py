@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -75,7 +76,12 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _frombuffer(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    """A tensor over ``data`` without copying it (read-only bytes included: see Codec.decode)."""
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():  # torch warns that bytes are not writable; decoded tensors are only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype)
 
 
 class Codec:
@@ -85,7 +91,8 @@ class Codec:
     for averaged results sent back by a part's owner, False for a member's own contribution. A map's
     byte fields may be memoryviews of tensors (no copy; the transport frames them as they are), so
     the tensor given to ``encode`` must not change until the map is sent; ``decode`` accepts maps
-    as ``encode`` made them and as they arrive (bytes)."""
+    as ``encode`` made them and as they arrive (bytes), and its result may share memory with the
+    map: read it, or ``clone()`` it before changing it in place."""
 
     name = "abstract"
     lossless = False
@@ -300,7 +307,7 @@ class PowerSGD(TopK):
             raise CodecError("powersgd chunk must be a map")
         if "d" in msg:
             data = msg["d"]
-            if isinstance(data, (bytes, bytearray)) and len(data) == 2 * length:
+            if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == 2 * length:  # float16 (results)
                 return self._half.decode(msg, length)
             return _frombuffer(_bytes(msg, "d", 4 * length), torch.float32)
         rank = msg.get("r")

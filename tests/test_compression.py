@@ -401,3 +401,23 @@ def test_field_specific_validation():
             powersgd.decode({**good, "r": rank}, 400)
     with pytest.raises(CodecError, match="finite"):
         powersgd.decode({**good, "p": np.full(rows * 2, np.inf, np.float32).tobytes()}, 400)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(width=32), st.sampled_from([3e38, -3e38, float("inf"), float("nan")])),
+                       min_size=0, max_size=64))
+def test_all_finite_matches_elementwise_check(values):
+    """The all-reduce's fast finiteness check (a sum first) agrees with isfinite().all(), overflow included."""
+    from averaging.allreduce import all_finite
+
+    x = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(x) == bool(torch.isfinite(x).all())
+
+
+def test_weighted_mean_matches_float64_reference():
+    from averaging.allreduce import weighted_mean
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 1001, generator=g), torch.rand(7, generator=g) + 0.1
+    expected = (w.double()[:, None] * x.double()).sum(0) / w.double().sum()
+    assert torch.allclose(weighted_mean(x, w).double(), expected, rtol=1e-5, atol=1e-6)
