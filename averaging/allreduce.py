@@ -195,7 +195,7 @@ class _Owner:
                 message = await stream.recv()
                 self.run.bytes_received += _size(message)
                 try:
-                    values, finite = await loop.run_in_executor(None, _decode_checked, self.run.codec, message, hi - lo)
+                    values, finite = await _run(loop, self.run.codec, _decode_checked, self.run.codec, message, hi - lo)
                 except CodecError as e:
                     self.exclude(member, f"sent a malformed chunk ({e})")
                     return
@@ -230,6 +230,14 @@ class _Owner:
             await asyncio.gather(receiver, return_exceptions=True)
             if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
                 self.exclude(member, f"stream failed: {receiver.exception()}")
+
+
+async def _run(loop: asyncio.AbstractEventLoop, codec: Codec, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the default executor, or right here for codecs that do no per-value work (a
+    thread hop costs more than checking and copying one chunk)."""
+    if codec.inline:
+        return fn(*args)
+    return await loop.run_in_executor(None, fn, *args)
 
 
 def _decode_checked(codec: Codec, message: Any, length: int) -> tuple[torch.Tensor, bool]:
@@ -306,7 +314,7 @@ class _Phase:
         async def send() -> None:
             await stream.send(self.header())
             for lo, hi in chunks:
-                message = await loop.run_in_executor(None, self.codec.encode, self.flat[lo:hi], lo, False)
+                message = await _run(loop, self.codec, self.codec.encode, self.flat[lo:hi], lo, False)
                 await stream.send(message)
                 self.bytes_sent += _size(message)
 
@@ -322,7 +330,7 @@ class _Phase:
             for lo, hi in chunks:
                 message = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
                 self.bytes_received += _size(message)
-                if not await loop.run_in_executor(None, _decode_into, self.codec, message, self.result, lo, hi):
+                if not await _run(loop, self.codec, _decode_into, self.codec, message, self.result, lo, hi):
                     raise AveragingError("the owner returned NaN/Inf")
             done = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
             contributors, mixed = done["done"], done["mixed"]

@@ -96,6 +96,7 @@ class Codec:
 
     name = "abstract"
     lossless = False
+    inline = False  # True: encode/decode do no per-value work, so the all-reduce calls them on its event loop
 
     def encode(self, x: torch.Tensor, start: int = 0, result: bool = False) -> dict:
         raise NotImplementedError
@@ -108,7 +109,7 @@ class Codec:
 
 
 class NoCompression(Codec):
-    name, lossless = "none", True
+    name, lossless, inline = "none", True, True
 
     def encode(self, x, start=0, result=False):
         return {"d": _raw(x)}  # shares x's memory: x must not change until the message is sent
