@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/allreduce.py                      # bounded default (a few minutes)
     .venv/bin/python benchmarks/allreduce.py --configs 4x1M,8x1M,4x25M,8x25M --rounds 5   # full matrix
     .venv/bin/python benchmarks/allreduce.py --configs 8x25M --skip hivemind              # one cell, ours only
+    .venv/bin/python benchmarks/allreduce.py --configs 8x25M --one-at-a-time              # no idle neighbours
 
 For every configuration ``NxS`` (N peers, S float32 values; ``M`` = 10^6) three systems run side by
 side in one run, all on 127.0.0.1, every peer a separate OS process with one torch thread:
@@ -40,7 +41,10 @@ whether the peers' results are bit-identical (sha256 of the whole vector). Befor
 peer sets its tensor to ``index - tensor`` (untimed), so the inputs differ in every round.
 
 This machine has few cores shared by all peers (and other users): with 8 peers the figures are CPU
-bound and noisy; compare ratios within one run, not absolute numbers across runs.
+bound and noisy; compare ratios within one run, not absolute numbers across runs. With all systems
+alive, each pays for the others' idle background work (hivemind's 2N DHT/averager processes and N
+p2pd daemons cost ours about a quarter of its 8x25M time); ``--one-at-a-time`` starts, times and
+stops one system after the other instead (same configurations, same run).
 """
 
 from __future__ import annotations
@@ -474,6 +478,8 @@ def main() -> None:
     parser.add_argument("--min-matchmaking-time", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=1.0)
     parser.add_argument("--step-timeout", type=float, default=180.0)
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="run each system's peers alone (the others stopped) instead of all alive, alternating")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.role == "ours":
@@ -489,13 +495,19 @@ def main() -> None:
         peers, values = item.lower().split("x")
         configs.append((int(peers), parse_size(values)))
     print(f"all-reduce on 127.0.0.1, {os.cpu_count()} CPU cores; systems: {', '.join(systems)}; "
-          f"{args.warmup} warm-up + {args.rounds} timed rounds each, alternating", flush=True)
+          f"{args.warmup} warm-up + {args.rounds} timed rounds each, "
+          f"{'one system at a time' if args.one_at_a_time else 'alternating'}", flush=True)
     results = {}
     logs = Path(tempfile.mkdtemp(prefix="bench-allreduce-"))
     print(f"worker logs: {logs}", flush=True)
     for n, size in configs:
         started = time.monotonic()
-        results[(n, size)] = bench_config(n, size, systems, args, logs)
+        if args.one_at_a_time:
+            results[(n, size)] = {}
+            for system in systems:
+                results[(n, size)].update(bench_config(n, size, [system], args, logs))
+        else:
+            results[(n, size)] = bench_config(n, size, systems, args, logs)
         print(f"  {n}x{size} done in {time.monotonic() - started:.0f} s", flush=True)
     print_table(results, systems)
     if args.json:
