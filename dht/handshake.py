@@ -29,6 +29,7 @@ frame is the multiplexer's ``type u8 | flags u8 | stream id u32 | payload`` (:mo
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ MAX_HANDSHAKE_FRAME = 4096
 TAG_SIZE = 16
 FRAME_HEADER_ROOM = 64  # room for the multiplexer's frame header beyond max_frame_size
 _LEN = struct.Struct("!I")
+_READ_LIMIT = 4 << 20  # decrypted bytes waiting for the multiplexer before reading pauses
 _BULK = 64 << 10  # frames at least this long are sealed without joining head and data, into a reused buffer
 
 
@@ -109,6 +111,117 @@ class PeerInfo:
         return cls(list(addrs), window, max_msg)
 
 
+class _FrameReader(asyncio.BufferedProtocol):
+    """Receives the encrypted frames of a SecureChannel: the transport reads straight into one buffer
+    and each complete frame is decrypted from there (the StreamReader it replaces after the
+    handshake copied every byte twice). Writing keeps going through the StreamWriter: flow-control
+    and connection-lost callbacks are passed on to the protocol that served it."""
+
+    _INITIAL = 64 << 10  # buffer bytes of a connection that never received a large frame
+
+    def __init__(self, channel: "SecureChannel", transport: asyncio.BaseTransport, previous: Any,
+                 leftover: bytes):
+        self._channel, self._transport, self._previous = channel, transport, previous
+        self._buf = bytearray(max(self._INITIAL, 2 * len(leftover)))
+        self._view = memoryview(self._buf)
+        self._buf[:len(leftover)] = leftover
+        self._start, self._end = 0, len(leftover)  # unparsed bytes: buf[start:end]
+        self._need = 4  # bytes the frame at start takes (4 until its length is known)
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+
+    # ---- the transport's side ------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._start + self._need > len(self._buf) or self._end == len(self._buf):
+            self._make_room()
+        return self._view[self._end:]
+
+    def _make_room(self) -> None:
+        pending = self._end - self._start
+        size = len(self._buf)
+        if self._need > size // 2:  # room for this frame twice, so that moving it is rare
+            size = min(2 * self._need, 2 * (self._channel._max_ciphertext + 4))
+        if size != len(self._buf):
+            buf = bytearray(size)
+            buf[:pending] = self._view[self._start:self._end]
+            self._view.release()
+            self._buf, self._view = buf, memoryview(buf)
+        else:
+            self._view[:pending] = self._view[self._start:self._end]
+        self._start, self._end = 0, pending
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        channel = self._channel
+        try:
+            while self._end - self._start >= 4:
+                (n,) = _LEN.unpack_from(self._buf, self._start)
+                if not TAG_SIZE <= n <= channel._max_ciphertext:
+                    raise ProtocolError(f"{channel.describe()} sent a frame of {n} bytes "
+                                        f"(limit {channel._max_ciphertext})")
+                self._need = 4 + n
+                if self._end - self._start < self._need:
+                    break
+                start = self._start
+                plaintext = channel._open(self._view[start + 4:start + 4 + n], bytes(self._view[start:start + 4]))
+                self._frames.append(plaintext)
+                self._queued += len(plaintext)
+                self._start += 4 + n
+                self._need = 4
+        except ProtocolError as e:
+            self._error = e
+            self._transport.close()
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._queued > _READ_LIMIT and not self._paused and self._error is None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self._error is None:
+            self._error = ConnectionLostError(f"connection to {self._channel.describe()} closed by the peer")
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            cause = f" ({type(exc).__name__})" if exc is not None else ""
+            self._error = ConnectionLostError(f"connection to {self._channel.describe()} closed{cause}")
+        self._wake()
+        self._previous.connection_lost(exc)  # the StreamWriter's drain() and wait_closed() rely on it
+
+    def pause_writing(self) -> None:
+        self._previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._previous.resume_writing()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # ---- the channel's side --------------------------------------------------------------
+    async def read(self) -> bytes:
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        self._queued -= len(frame)
+        if self._paused and self._queued <= _READ_LIMIT // 2:
+            self._paused = False
+            self._transport.resume_reading()
+        return frame
+
+
 class SecureChannel(FrameChannel):
     """An authenticated, encrypted frame channel over an asyncio stream pair."""
 
@@ -123,6 +236,15 @@ class SecureChannel(FrameChannel):
         self._max_ciphertext = max_frame_size + FRAME_HEADER_ROOM + TAG_SIZE
         self._drain_lock = asyncio.Lock()
         self._spare: bytearray | None = None  # the last bulk frame's buffer, reused once written out
+        self._frames: _FrameReader | None = None
+        leftover = getattr(reader, "_buffer", None)  # read past the handshake, not parsed yet
+        previous = writer.transport.get_protocol()
+        if isinstance(leftover, bytearray) and reader.exception() is None and not reader.at_eof():
+            self._frames = _FrameReader(self, writer.transport, previous, bytes(leftover))
+            leftover.clear()
+            writer.transport.set_protocol(self._frames)
+            writer.transport.resume_reading()  # in case the StreamReader had paused it
+            self._frames.buffer_updated(0)  # frames that arrived with the handshake's last message
 
     def write_frame(self, data: bytes | bytearray | memoryview, head: bytes = b"") -> None:
         if self._writer.is_closing():
@@ -151,8 +273,19 @@ class SecureChannel(FrameChannel):
             except (ConnectionError, RuntimeError) as e:
                 raise ConnectionLostError(f"connection to {self.describe()} lost: {e}") from None
 
-    async def read_frame(self) -> bytes:
+    def _open(self, ciphertext: bytes | memoryview, header: bytes) -> bytes:
+        """Decrypt the next frame (ProtocolError if it fails authentication)."""
         try:
+            plaintext = self._recv_cipher.decrypt(_nonce(self._recv_counter), ciphertext, header)
+        except InvalidTag:
+            raise ProtocolError(f"{self.describe()} sent a frame that fails authentication") from None
+        self._recv_counter += 1
+        return plaintext
+
+    async def read_frame(self) -> bytes:
+        if self._frames is not None:
+            return await self._frames.read()
+        try:  # a StreamReader without the buffer we take over: read through it
             header = await self._reader.readexactly(4)
             (n,) = _LEN.unpack(header)
             if not TAG_SIZE <= n <= self._max_ciphertext:
@@ -160,12 +293,7 @@ class SecureChannel(FrameChannel):
             ciphertext = await self._reader.readexactly(n)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise ConnectionLostError(f"connection to {self.describe()} closed ({type(e).__name__})") from None
-        try:
-            plaintext = self._recv_cipher.decrypt(_nonce(self._recv_counter), ciphertext, header)
-        except InvalidTag:
-            raise ProtocolError(f"{self.describe()} sent a frame that fails authentication") from None
-        self._recv_counter += 1
-        return plaintext
+        return self._open(ciphertext, header)
 
     def close(self) -> None:
         if not self._writer.is_closing():

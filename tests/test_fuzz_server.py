@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dht import P2P, ConnectionLostError, HandshakeError, IncompatibleVersionError, Limits
+from dht import P2P, ConnectionLostError, HandshakeError, IncompatibleVersionError, Limits, ProtocolError
 from dht.handshake import PeerInfo, SecureChannel, initiate, respond
 from dht.identity import Identity
 from dht.multiplex import (CANCEL, DATA, END, ERROR, FLAG_END, FLAG_MORE, GOAWAY, HEADER, OPEN, PING, PONG,
@@ -641,3 +641,54 @@ def test_z_server_survived_everything(server):
 
     asyncio.run(many())
     assert_alive(server)
+
+
+# ---- g. the encrypted frame reader, raw -------------------------------------------------------
+
+
+def test_g_frames_sent_with_the_last_handshake_message_and_of_every_size():
+    """Frames written right behind M4 (they reach the responder in the same read as M4, before its
+    channel exists), then frames from 0 bytes to beyond max_frame_size in one burst, arrive intact
+    and in order; a frame that fails authentication ends the channel with ProtocolError."""
+
+    async def go():
+        received: asyncio.Queue = asyncio.Queue()
+
+        async def on_client(reader, writer):
+            channel = await respond(reader, writer, Identity(), PeerInfo(), "test", MAX_FRAME)
+            try:
+                while True:
+                    await received.put(await channel.read_frame())
+            except Exception as e:  # noqa: BLE001 - handed to the test
+                await received.put(e)
+            finally:
+                channel.close()
+
+        listener = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            channel = await initiate(reader, writer, Identity(), PeerInfo(), "test", None, MAX_FRAME)
+            sizes = [1, 5, 0, 70_000, MAX_FRAME + 40, 3, (64 << 10) - 1, MAX_FRAME // 2, 17]
+            frames = [bytes([i]) * n for i, n in enumerate(sizes)]
+            for frame in frames[:2]:  # no await since initiate() returned: same segment as M4
+                channel.write_frame(frame)
+            for frame in frames[2:]:  # the rest in one burst, each as head + data
+                channel.write_frame(frame[1:], head=frame[:1])
+            await channel.drain()
+            for expected in frames:
+                got = await asyncio.wait_for(received.get(), 10)
+                assert isinstance(got, bytes) and got == expected, (len(expected), got if isinstance(got, Exception) else len(got))
+            # a tampered frame: flip one ciphertext byte on the wire
+            n = 16 + 10
+            raw = bytearray(struct.pack("!I", n) + os.urandom(n))
+            writer.write(bytes(raw))
+            await writer.drain()
+            outcome = await asyncio.wait_for(received.get(), 10)
+            assert isinstance(outcome, ProtocolError) and "authentication" in str(outcome)
+            channel.close()
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(go())
