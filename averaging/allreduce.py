@@ -424,12 +424,15 @@ class AllReduceService:
     # ---- running ---------------------------------------------------------------------------
     async def run(self, group: GroupInfo, me: int, flat: torch.Tensor, weight: float, codec: Codec,
                   reducer: Reducer = weighted_mean, chunk_elems: int = 1 << 18, sender_timeout: float = 5.0,
-                  reducer_timeout: float | None = None) -> tuple[torch.Tensor, AllReduceResult]:
-        """Average ``flat`` with the group; returns (result vector, what happened) or raises AveragingError."""
+                  reducer_timeout: float | None = None, result: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, AllReduceResult]:
+        """Average ``flat`` with the group; returns (result vector, what happened) or raises AveragingError.
+
+        ``result``: where to put the averages (a vector like ``flat``; default: a new one)."""
         reducer_timeout = reducer_timeout or 2 * sender_timeout
         n = len(group.members)
         start = time.monotonic()
-        result = torch.empty_like(flat)
+        result = torch.empty_like(flat) if result is None else result
         layout = Layout.contiguous(group.part_sizes)
         everyone = list(range(n))
         self._reports[group.group_id] = {i: asyncio.get_running_loop().create_future() for i in everyone if i != me}

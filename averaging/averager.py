@@ -82,6 +82,10 @@ class Averager:
     - ``sender_timeout`` (5 s): a member silent this long mid-round is excluded;
       ``reducer_timeout`` (2 x sender_timeout): an owner silent this long has failed.
     - ``default_timeout`` (60 s): a step's limit when ``step(timeout=None)``.
+
+    Memory: a round holds a snapshot and a result vector (float32, as many values as the tensors);
+    after a round that succeeded both are kept for the next one, so an averager holds 2x the
+    tensors' float32 size between rounds (re-allocating them cost a page fault per 4 KiB per round).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, target_group_size: int = 16,
@@ -110,6 +114,10 @@ class Averager:
         schema = repr([(tuple(t.shape), str(t.dtype)) for t in self.tensors] + [self.codec.name, self.aggregator_name])
         self.schema_hash = hashlib.sha256(schema.encode()).digest()[:16]
         self._shutdown = False
+        # vectors of self.size float32 kept from rounds that succeeded, for the next snapshot and result:
+        # fresh ones cost a page fault per 4 KiB every round (up to 2 kept: 2x the tensors' memory)
+        self._buffers: list[torch.Tensor] = []
+        self._buffers_lock = threading.Lock()
 
         async def setup(_, node):
             service = AllReduceService(node.p2p, prefix, round_timeout=default_timeout * 2)
@@ -158,7 +166,7 @@ class Averager:
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
         with self.lock:
-            snapshot = flatten(self.tensors)
+            snapshot = flatten(self.tensors, out=self._take_buffer())
         future = asyncio.run_coroutine_threadsafe(
             self._step(snapshot, float(weight), timeout or self.default_timeout, gather, matchmaking_timeout, scope),
             self.dht.loop)
@@ -180,9 +188,10 @@ class Averager:
         try:
             result, outcome = await asyncio.wait_for(
                 self._service.run(group, me, snapshot, weight, self.codec, self.reducer, self.chunk_elems,
-                                  self.sender_timeout, self.reducer_timeout), remaining)
+                                  self.sender_timeout, self.reducer_timeout, result=self._take_buffer()), remaining)
         except asyncio.TimeoutError:
             raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
+        # (after a failure the buffers are dropped: a cancelled executor job may still write into them)
         self._matchmaker.group_bits = next_group_bits(self._matchmaker.group_bits, group.group_id, me, len(group.members))
 
         def write_back() -> None:
@@ -190,6 +199,7 @@ class Averager:
                 unflatten_into(result, self.tensors)
 
         await loop.run_in_executor(None, write_back)
+        self._give_back(snapshot, result)
         if outcome.seconds > 0 and not self.client_mode:
             rate = (outcome.bytes_sent + outcome.bytes_received) / 2 / outcome.seconds / 1e6
             self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.7 * self.measured_bandwidth + 0.3 * rate
@@ -199,6 +209,15 @@ class Averager:
         return StepResult(group.group_id.hex(), outcome.members, outcome.survivors, outcome.parts,
                           outcome.recovered_ranges, gathered, outcome.bytes_sent, outcome.bytes_received,
                           matchmaking_seconds, outcome.seconds, outcome.recovery_seconds)
+
+    def _take_buffer(self) -> torch.Tensor | None:
+        with self._buffers_lock:
+            return self._buffers.pop() if self._buffers else None
+
+    def _give_back(self, *buffers: torch.Tensor) -> None:
+        with self._buffers_lock:
+            self._buffers.extend(buffers)
+            del self._buffers[2:]
 
     def shutdown(self) -> None:
         """Stop serving this prefix (idempotent). The DHT is left running."""

@@ -16,10 +16,13 @@ import torch
 __all__ = ["Layout", "flatten", "unflatten_into", "chunk_ranges"]
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A new 1-D float32 tensor holding all values of ``tensors`` (a snapshot)."""
+def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1-D float32 tensor holding all values of ``tensors`` (a snapshot): ``out`` if given (a
+    float32 vector of exactly that length, e.g. a buffer kept from an earlier round), else a new one."""
     total = sum(t.numel() for t in tensors)
-    flat = torch.empty(total, dtype=torch.float32)
+    if out is not None and (out.dtype != torch.float32 or out.shape != (total,)):
+        raise ValueError(f"out must be a float32 vector of {total} values, got {out.dtype} {tuple(out.shape)}")
+    flat = torch.empty(total, dtype=torch.float32) if out is None else out
     offset = 0
     with torch.no_grad():
         for t in tensors:
