@@ -236,6 +236,7 @@ class SecureChannel(FrameChannel):
         self._max_ciphertext = max_frame_size + FRAME_HEADER_ROOM + TAG_SIZE
         self._drain_lock = asyncio.Lock()
         self._spare: bytearray | None = None  # the last bulk frame's buffer, reused once written out
+        self._small: list[bytearray] = []  # small frames of this loop iteration, written with one call
         self._frames: _FrameReader | None = None
         leftover = getattr(reader, "_buffer", None)  # read past the handshake, not parsed yet
         previous = writer.transport.get_protocol()
@@ -250,12 +251,21 @@ class SecureChannel(FrameChannel):
         if self._writer.is_closing():
             raise ConnectionLostError(f"connection to {self.describe()} is closed")
         n = len(head) + len(data) + TAG_SIZE
-        bulk = n >= _BULK
+        if n < _BULK:  # e.g. a call's OPEN and request and the other side's reply: one syscall each way
+            buf = bytearray(4 + n)
+            _LEN.pack_into(buf, 0, n)
+            nonce = _nonce(self._send_counter)
+            self._send_counter += 1
+            self._send_cipher.seal_into(nonce, head, data, bytes(buf[:4]), memoryview(buf)[4:])
+            if not self._small:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._small.append(buf)
+            return
+        self._flush()
         buf = self._spare
         # reuse the previous bulk buffer only when the transport holds nothing (it may keep a
         # reference to a buffer it has not written yet); fresh large buffers cost page faults
-        if not (bulk and buf is not None and len(buf) >= 4 + n
-                and self._writer.transport.get_write_buffer_size() == 0):
+        if not (buf is not None and len(buf) >= 4 + n and self._writer.transport.get_write_buffer_size() == 0):
             buf = bytearray(4 + n)
         frame = memoryview(buf)[:4 + n]
         _LEN.pack_into(buf, 0, n)
@@ -263,10 +273,17 @@ class SecureChannel(FrameChannel):
         self._send_counter += 1
         self._send_cipher.seal_into(nonce, head, data, bytes(frame[:4]), frame[4:])
         self._writer.write(frame)
-        if bulk:
-            self._spare = buf
+        self._spare = buf
+
+    def _flush(self) -> None:
+        """Write the small frames queued in this loop iteration (in order, with one call)."""
+        if self._small:
+            small, self._small = self._small, []
+            if not self._writer.is_closing():
+                self._writer.writelines(small) if len(small) > 1 else self._writer.write(small[0])
 
     async def drain(self) -> None:
+        self._flush()
         async with self._drain_lock:
             try:
                 await self._writer.drain()
@@ -296,6 +313,7 @@ class SecureChannel(FrameChannel):
         return self._open(ciphertext, header)
 
     def close(self) -> None:
+        self._flush()  # e.g. a GOAWAY written just before
         if not self._writer.is_closing():
             self._writer.close()
 

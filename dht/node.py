@@ -471,7 +471,7 @@ class DHTNode:
         for raw in keys:
             key_id = DHTID.from_bytes20(raw)
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
-            contacts = [[p.raw, [str(a.without_peer_id()) for a in self.p2p.get_addresses(p)]]
+            contacts = [[p.raw, self.p2p.get_address_texts(p)]
                         for p, _ in self.routing_table.nearest(key_id, k, exclude=ctx.peer_id)]
             results.append([encode_entry(entry), contacts])
         self._on_success(ctx.peer_id, server)

@@ -63,6 +63,7 @@ class P2P:
         self._connections: dict[PeerID, list[Connection]] = {}
         self._dialing: dict[PeerID, asyncio.Future] = {}
         self._address_book: dict[PeerID, list[PeerAddress]] = {}
+        self._address_texts: dict[PeerID, list[str]] = {}  # printed form of each book, made on demand
         self._visible: list[PeerAddress] = []
         self._closed = False
         self.add_unary_handler("p2p.ping", _ping_handler)
@@ -167,10 +168,18 @@ class P2P:
             if address in book:
                 book.remove(address)
             book.insert(0, address)
+            self._address_texts.pop(peer_id, None)
         del book[16:]
 
     def get_addresses(self, peer_id: PeerID) -> list[PeerAddress]:
         return [a.with_peer_id(peer_id) for a in self._address_book.get(peer_id, [])]
+
+    def get_address_texts(self, peer_id: PeerID) -> list[str]:
+        """Where ``peer_id`` listens, printed without ``/p2p/...`` (as the DHT tells others; cached)."""
+        texts = self._address_texts.get(peer_id)
+        if texts is None:
+            texts = self._address_texts[peer_id] = [str(a) for a in self._address_book.get(peer_id, [])]
+        return texts
 
     def get_visible_addresses(self) -> list[PeerAddress]:
         """Addresses others can dial to reach this peer, with ``/p2p/<our PeerID>``."""

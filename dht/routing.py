@@ -24,6 +24,9 @@ ID_BITS = 160
 ID_MAX = 1 << ID_BITS
 
 
+_PEER_IDS: dict[bytes, "DHTID"] = {}  # of_peer, memoized: lookups meet the same few peers over and over
+
+
 class DHTID(int):
     """A 160-bit identifier on the Kademlia ring."""
 
@@ -33,7 +36,12 @@ class DHTID(int):
 
     @classmethod
     def of_peer(cls, peer_id: PeerID) -> "DHTID":
-        return cls.of_bytes(b"swarm-node:" + peer_id.raw)
+        node_id = _PEER_IDS.get(peer_id.raw)
+        if node_id is None:
+            if len(_PEER_IDS) >= 65536:
+                _PEER_IDS.clear()
+            node_id = _PEER_IDS[peer_id.raw] = cls.of_bytes(b"swarm-node:" + peer_id.raw)
+        return node_id
 
     @classmethod
     def of_key(cls, key_bytes: bytes) -> "DHTID":

@@ -334,7 +334,7 @@ async def test_long_bytes_messages_over_real_sockets(peers):
 
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(0, 200_000), others=st.dictionaries(st.sampled_from(["r", "s", "t", 1]),
-                                                             st.one_of(st.integers(), st.floats(allow_nan=False),
+                                                             st.one_of(st.integers(-2 ** 63, 2 ** 63 - 1), st.floats(allow_nan=False),
                                                                        st.lists(st.floats(allow_nan=False), max_size=2),
                                                                        st.binary(max_size=8)), max_size=3),
        as_view=st.booleans())
