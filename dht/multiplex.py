@@ -21,6 +21,11 @@ Flow control is per stream and counts whole messages: the receiver announces a w
 handshake; a sender may start a message while fewer than W bytes it sent are unconsumed, so at
 most W + one message is buffered per stream (messages are capped by ``Limits.max_message_size``).
 A slow reader therefore slows its sender down instead of growing memory.
+
+A DATA frame carries at most ``Limits.max_frame_size`` message bytes, or ``FRAME_SLACK`` (48) more
+when that ends the message (so a tensor chunk of exactly ``max_frame_size`` bytes plus its msgpack
+header travels as one frame). Long byte strings are framed from the caller's memory, without a
+packed copy (:func:`_split_bulk`).
 """
 
 from __future__ import annotations
