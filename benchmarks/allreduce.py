@@ -66,6 +66,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: procmem
+from procmem import children, tree_pss_mb  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HM_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 HM_WORKER = ROOT / "benchmarks" / "hivemind_side" / "allreduce_hm.py"
@@ -75,32 +78,8 @@ SYSTEMS = ("ours", "hivemind", "tcp")
 # ------------------------------------------------------------------------------------ memory
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
 
 
-def tree_pss_mb(root: int) -> float:
-    """Proportional set size (MB) of ``root`` and all its descendants (shared pages split fairly)."""
-    total_kb, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack += _children(pid)
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total_kb += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total_kb / 1024
 
 
 class MemorySampler(threading.Thread):
@@ -314,11 +293,11 @@ class Worker:
 
 
 def _descendants(pid: int) -> list[int]:
-    found, stack = [], _children(pid)
+    found, stack = [], children(pid)
     while stack:
         child = stack.pop()
         found.append(child)
-        stack += _children(child)
+        stack += children(child)
     return found
 
 

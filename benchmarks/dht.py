@@ -56,6 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: procmem
+from procmem import tree_memory_mb  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HM_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 HM_WORKER = ROOT / "benchmarks" / "hivemind_side" / "dht_hm.py"
@@ -200,35 +203,8 @@ def _key_id(key: str) -> int:
 # ------------------------------------------------------------------------------------ memory
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
 
 
-def tree_memory_mb(root: int) -> tuple[float, float]:
-    """(PSS, RSS) in MB of ``root`` and all its descendants; PSS splits shared pages fairly."""
-    pss_kb = rss_kb = 0
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        stack += _children(pid)
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss_kb += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss_kb += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return pss_kb / 1024, rss_kb / 1024
 
 
 class MemorySampler(threading.Thread):

@@ -34,34 +34,10 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
-
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
-
-
-def tree_pss_mb(root: int) -> float:
-    """Proportional set size (MB) of ``root`` and all its descendants (shared pages split fairly)."""
-    total_kb, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack += _children(pid)
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total_kb += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total_kb / 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: procmem
+from procmem import tree_pss_mb  # noqa: E402
 
 
 class MemorySampler(threading.Thread):
