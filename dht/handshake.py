@@ -32,6 +32,7 @@ import asyncio
 import collections
 import hashlib
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -117,7 +118,8 @@ class _FrameReader(asyncio.BufferedProtocol):
     handshake copied every byte twice). Writing keeps going through the StreamWriter: flow-control
     and connection-lost callbacks are passed on to the protocol that served it."""
 
-    _INITIAL = 64 << 10  # buffer bytes of a connection that never received a large frame
+    _INITIAL = 16 << 10  # buffer bytes of a connection without recent large frames
+    _SHRINK_AFTER = 2.0  # seconds without a large frame after which a grown buffer is given back
 
     def __init__(self, channel: "SecureChannel", transport: asyncio.BaseTransport, previous: Any,
                  leftover: bytes):
@@ -132,6 +134,7 @@ class _FrameReader(asyncio.BufferedProtocol):
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        self._last_large = 0.0  # time.monotonic() of the last frame that did not fit the initial buffer
 
     # ---- the transport's side ------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -171,11 +174,17 @@ class _FrameReader(asyncio.BufferedProtocol):
                 self._queued += len(plaintext)
                 self._start += 4 + n
                 self._need = 4
+                if n > self._INITIAL // 2:
+                    self._last_large = time.monotonic()
         except ProtocolError as e:
             self._error = e
             self._transport.close()
         if self._start == self._end:
             self._start = self._end = 0
+            if len(self._buf) > self._INITIAL and time.monotonic() - self._last_large > self._SHRINK_AFTER:
+                self._view.release()  # bulk traffic is over: keep idle connections small
+                self._buf = bytearray(self._INITIAL)
+                self._view = memoryview(self._buf)
         if self._queued > _READ_LIMIT and not self._paused and self._error is None:
             self._paused = True
             self._transport.pause_reading()

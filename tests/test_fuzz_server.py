@@ -646,16 +646,22 @@ def test_z_server_survived_everything(server):
 # ---- g. the encrypted frame reader, raw -------------------------------------------------------
 
 
-def test_g_frames_sent_with_the_last_handshake_message_and_of_every_size():
+def test_g_frames_sent_with_the_last_handshake_message_and_of_every_size(monkeypatch):
     """Frames written right behind M4 (they reach the responder in the same read as M4, before its
     channel exists), then frames from 0 bytes to beyond max_frame_size in one burst, arrive intact
-    and in order; a frame that fails authentication ends the channel with ProtocolError."""
+    and in order, also after the receive buffer shrank back; a frame that fails authentication ends
+    the channel with ProtocolError."""
+    from dht.handshake import _FrameReader
+
+    monkeypatch.setattr(_FrameReader, "_SHRINK_AFTER", 0.0)  # shrink as soon as the buffer is empty
 
     async def go():
         received: asyncio.Queue = asyncio.Queue()
+        server_channels: list[SecureChannel] = []
 
         async def on_client(reader, writer):
             channel = await respond(reader, writer, Identity(), PeerInfo(), "test", MAX_FRAME)
+            server_channels.append(channel)
             try:
                 while True:
                     await received.put(await channel.read_frame())
@@ -679,6 +685,12 @@ def test_g_frames_sent_with_the_last_handshake_message_and_of_every_size():
             for expected in frames:
                 got = await asyncio.wait_for(received.get(), 10)
                 assert isinstance(got, bytes) and got == expected, (len(expected), got if isinstance(got, Exception) else len(got))
+            reader_side = server_channels[0]._frames
+            assert reader_side is not None and len(reader_side._buf) == _FrameReader._INITIAL  # grew, then shrank
+            for frame in (b"after", bytes(range(256)) * 4000, b"small again"):
+                channel.write_frame(frame)
+                await channel.drain()
+                assert await asyncio.wait_for(received.get(), 10) == frame
             # a tampered frame: flip one ciphertext byte on the wire
             n = 16 + 10
             raw = bytearray(struct.pack("!I", n) + os.urandom(n))
