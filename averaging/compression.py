@@ -75,13 +75,17 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), x, x.clamp(-FP16_MAX, FP16_MAX)).to(torch.float16)
 
 
+# torch warns (once) that a tensor over bytes could be written through; decoded tensors are only read.
+# A filter scoped to this module: warnings.catch_warnings() around the call is not thread-safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def _frombuffer(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:
     """A tensor over ``data`` without copying it (read-only bytes included: see Codec.decode)."""
     if not data:
         return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():  # torch warns that bytes are not writable; decoded tensors are only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype)
 
 
 class Codec:

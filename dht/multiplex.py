@@ -53,7 +53,7 @@ FLAG_MORE, FLAG_END = 1, 2
 HEADER = struct.Struct("!BBI")
 _U32 = struct.Struct("!I")
 _BIN32 = b"\xc6"  # msgpack's bin 32 type byte; a u32 length follows
-_BULK_BYTES = 64 << 10
+_BULK_BYTES = 64 << 10  # payloads from this size on are framed without joining copies
 _timeout_at = getattr(asyncio, "timeout_at", None)
 FRAME_SLACK = 48  # message bytes a frame may carry beyond max_frame_size (6-byte header + 48 < 64 of room)
 
@@ -81,7 +81,7 @@ def _split_bulk(message: Any) -> tuple[bytes, memoryview] | None:
     if rest is None:
         return header, view
     prefix = bytes([0x80 | len(message)]) + b"".join(_pack(k) + _pack(v) for k, v in rest) + _pack(big_key) + header
-    return (prefix, view) if len(prefix) <= FRAME_SLACK else None  # payloads from this size on are framed without joining copies
+    return (prefix, view) if len(prefix) <= FRAME_SLACK else None
 MAX_METHOD_NAME = 256
 
 
