@@ -5,7 +5,8 @@ its owner marker as the subkey (so only it can write its record), and reads ever
 From them it derives the swarm's :class:`GlobalProgress`: the global epoch (the highest epoch of
 peers that train), the samples the swarm accumulated towards it, the number of peers and the swarm's
 samples/s. Records expire ``expiration`` seconds (default 60) after their last refresh, so peers
-that vanish drop out on their own.
+that vanish drop out on their own; a peer that shuts down cleanly overwrites its record with one
+that says it left (``"left": true``), so the others stop counting it at their next refresh.
 
 The tracker runs on the DHT's event loop: publishing and fetching never block the training thread,
 which reads :attr:`ProgressTracker.global_progress` (refreshed every ``refresh_period`` seconds).
@@ -41,6 +42,7 @@ class PeerProgress:
     client_mode: bool = False
     bytes_sent: int = 0
     bytes_received: int = 0
+    left: bool = False  # the peer shut down: its last word, which overrides its earlier records
 
     @classmethod
     def parse(cls, value: Any) -> "PeerProgress | None":
@@ -51,7 +53,8 @@ class PeerProgress:
             record = cls(str(value["peer_id"]), int(value["epoch"]), int(value["samples"]),
                          float(value["samples_per_second"]), None if value.get("loss") is None else float(value["loss"]),
                          float(value["time"]), bool(value.get("client_mode", False)),
-                         int(value.get("bytes_sent", 0)), int(value.get("bytes_received", 0)))
+                         int(value.get("bytes_sent", 0)), int(value.get("bytes_received", 0)),
+                         bool(value.get("left", False)))
         except (KeyError, TypeError, ValueError):
             return None
         if record.epoch < 0 or record.samples < 0 or not record.samples_per_second >= 0:
@@ -79,7 +82,9 @@ class GlobalProgress:
 
 
 def summarize(records: list[PeerProgress], target_batch_size: int, now: float) -> GlobalProgress:
-    """The swarm's progress from the peers' records (pure; used by the tracker and by ``swarm runs``)."""
+    """The swarm's progress from the peers' records (pure; used by the tracker and by ``swarm runs``).
+    Records of peers that left are ignored."""
+    records = [r for r in records if not r.left]
     training = [r for r in records if not r.client_mode] or records
     epoch = max((r.epoch for r in training), default=0)
     at_epoch = [r for r in records if r.epoch == epoch]
@@ -202,12 +207,28 @@ class ProgressTracker:
                 logger.debug("progress tracker: %s", e)
                 await asyncio.sleep(self.refresh_period)
 
-    def shutdown(self) -> None:
-        """Stop publishing; the record expires on its own."""
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop publishing and tell the swarm that this peer left (waits at most ``timeout`` seconds for
+        that; if it cannot be stored, the record expires on its own)."""
         if self._closed:
             return
         self._closed = True
+
+        async def leave(_dht, node):
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            if self._local is not None:
+                now = get_dht_time()
+                await node.store(self.key, dict(self._local, time=now, left=True), now + self.expiration,
+                                 subkey=self._subkey)
+
         try:
-            self.dht.loop.call_soon_threadsafe(self._task.cancel)
-        except RuntimeError:
-            pass
+            if not self.dht.loop.is_running():
+                raise RuntimeError("the DHT is shut down")
+            self.dht.run_coroutine(leave, return_future=True).result(timeout)
+        except Exception as e:  # noqa: BLE001 - the DHT may be gone or unreachable: the record expires
+            logger.debug("could not announce leaving: %s", e)
+            try:
+                self.dht.loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass

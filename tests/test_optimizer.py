@@ -320,3 +320,35 @@ def test_diloco_overlap_and_a_client_mode_peer(dhts):
                 opt.shutdown()
     finally:
         client.shutdown()
+
+
+def test_a_peer_that_shuts_down_is_no_longer_counted(dhts):
+    """A cleanly leaving peer overwrites its progress record with a 'left' one: the others stop counting
+    it at their next refresh instead of after the record's 60 s expiration; `swarm runs` alike."""
+    from swarm.progress import ProgressTracker
+
+    a, b, c = dhts(3)
+    trackers = [ProgressTracker(d, "leaving-run", 100) for d in (a, b)]
+    try:
+        for i, tracker in enumerate(trackers):
+            tracker.report(epoch=3, samples=10 * (i + 1), samples_per_second=5.0, loss=1.0)
+        deadline = time.monotonic() + 15
+        while trackers[0].refresh().num_peers < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert trackers[0].refresh().num_peers == 2
+        trackers[1].shutdown()
+        deadline = time.monotonic() + 15
+        while trackers[0].refresh().num_peers != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        progress = trackers[0].refresh()
+        assert progress.num_peers == 1 and progress.samples == 10, progress  # well before the expiration
+        assert time.monotonic() < deadline
+    finally:
+        for tracker in trackers:
+            tracker.shutdown()
+    # the last one left as well: a third peer's view (as `swarm runs` reads it) counts nobody
+    progress = ProgressTracker(c, "leaving-run", 100)
+    try:
+        assert progress.refresh().num_peers == 0
+    finally:
+        progress.shutdown()
