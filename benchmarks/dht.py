@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/dht.py --rounds 3 --keys-per-peer 40   # more samples
     .venv/bin/python benchmarks/dht.py --skip hivemind                 # ours only
     .venv/bin/python benchmarks/dht.py --replicas 5                    # ours with hivemind's replica count
+    .venv/bin/python benchmarks/dht.py --one-at-a-time                 # each swarm without the other's idle load
 
 Both swarms have ``--processes`` (8) OS processes of ``--peers-per-process`` (4) peers each, all on
 127.0.0.1, and use each library's defaults:
@@ -18,7 +19,9 @@ Both swarms have ``--processes`` (8) OS processes of ``--peers-per-process`` (4)
 Peer 0 of process 0 starts the DHT; every other process joins through it, and the other peers of a
 process through it and their process's peer 0. Both swarms are up at the same time; then, per round,
 the phases alternate between them (ours store, hivemind store, ours get, hivemind get) so that load
-from other users of this machine hits both alike:
+from other users of this machine hits both alike (each also pays for the other's idle background
+work: hivemind's 32 DHT processes and p2pd daemons cost ours ~15% of its store rate;
+``--one-at-a-time`` runs each swarm alone instead, one after the other):
 
 * store: every peer stores ``--keys-per-peer`` fresh keys (a ~100-byte dict value, TTL 10 min), at
   most ``--concurrency`` (4) at once per peer; stores/s = successful stores / phase wall time (the
@@ -550,18 +553,34 @@ def main_driver(args: argparse.Namespace) -> int:
     swarms: dict[str, Swarm] = {}
     rc = 0
     try:
-        for system in systems:
-            swarm = swarms[system] = Swarm(system, args)
-            swarm.start(sampler)
-            log(f"{system}: {len(swarm.peers)} peers ready in {swarm.wall_to_ready:.1f} s")
-        sampler.start()
-        time.sleep(args.settle)  # let both swarms finish their joins' follow-up traffic
-        stats = {system: Stats() for system in swarms}
-        rng = random.Random(args.seed)
-        for r in range(args.rounds):
-            run_round(r, swarms, stats, args, rng)
-        routing = {system: swarm.routing_sizes() for system, swarm in swarms.items()}
-        memory_end = sampler.sample()
+        if args.one_at_a_time:  # each swarm alone: started, measured and stopped before the next one
+            sampler.start()
+            stats, routing, memory_end = {}, {}, {s: [0.0, 0.0] for s in SYSTEMS}
+            for system in systems:
+                swarm = swarms[system] = Swarm(system, args)
+                swarm.start(sampler)
+                log(f"{system}: {len(swarm.peers)} peers ready in {swarm.wall_to_ready:.1f} s")
+                time.sleep(args.settle)
+                stats[system] = Stats()
+                rng = random.Random(args.seed)
+                for r in range(args.rounds):
+                    run_round(r, {system: swarm}, stats, args, rng)
+                routing[system] = swarm.routing_sizes()
+                memory_end[system] = sampler.sample()[system]
+                swarm.close()
+        else:
+            for system in systems:
+                swarm = swarms[system] = Swarm(system, args)
+                swarm.start(sampler)
+                log(f"{system}: {len(swarm.peers)} peers ready in {swarm.wall_to_ready:.1f} s")
+            sampler.start()
+            time.sleep(args.settle)  # let both swarms finish their joins' follow-up traffic
+            stats = {system: Stats() for system in swarms}
+            rng = random.Random(args.seed)
+            for r in range(args.rounds):
+                run_round(r, swarms, stats, args, rng)
+            routing = {system: swarm.routing_sizes() for system, swarm in swarms.items()}
+            memory_end = sampler.sample()
         sampler.stopped.set()
         signal.alarm(0)
         figures = report(args, swarms, stats, routing, memory_end, sampler.peak, notes)
@@ -588,6 +607,8 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=None,
                         help="ours: replicas per record (default: DHTNode's, k = 20; hivemind's default is 5)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="run each swarm alone (the other stopped) instead of both alive, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of rest after both swarms started")
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds for one process to be ready")
