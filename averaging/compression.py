@@ -156,7 +156,7 @@ class Blockwise8(Codec):
     def encode(self, x, start=0, result=False):
         n = x.numel()
         padded = torch.nn.functional.pad(x, (0, (-n) % self.block)).view(-1, self.block)
-        scales = padded.abs().amax(dim=1).clamp_min_(1e-30)
+        scales = padded.abs().amax(dim=1).clamp_min_(torch.finfo(torch.float32).tiny)  # tiny blocks keep their values
         q = (padded / scales[:, None] * 127).round_().clamp_(-127, 127).to(torch.int8)
         return {"d": q.view(-1)[:n].numpy().tobytes(), "s": scales.numpy().tobytes()}
 

@@ -30,7 +30,7 @@ from .identity import Identity, PeerID
 from .multiplex import Limits
 from .p2p import P2P, CallContext
 from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry, parse_find, parse_find_response,
-                       parse_ping, parse_store, parse_store_response)
+                       parse_ping, parse_store, parse_store_contacts, parse_store_near, parse_store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
@@ -225,19 +225,20 @@ class DHTNode:
             self._on_failure(peer_id, e)
             return None
         self._on_success(peer_id, True)
-        parsed = []
-        for entry, peers in results:
-            contacts = []
-            for contact, addresses in peers:
-                if contact == self.peer_id:
-                    continue
-                try:
-                    self.p2p.add_addresses(contact, addresses)
-                except ValueError:
-                    continue
-                contacts.append((contact, DHTID.of_peer(contact)))
-            parsed.append((entry, contacts))
-        return parsed
+        return [(entry, self._learn(peers)) for entry, peers in results]
+
+    def _learn(self, peers: list[tuple[PeerID, list[str]]]) -> list[tuple[PeerID, int]]:
+        """Remember where the contacts of a reply listen; returns them as (peer, node id), ours left out."""
+        contacts = []
+        for contact, addresses in peers:
+            if contact == self.peer_id:
+                continue
+            try:
+                self.p2p.add_addresses(contact, addresses)
+            except ValueError:
+                continue
+            contacts.append((contact, DHTID.of_peer(contact)))
+        return contacts
 
     def _initial_contacts(self, target: int) -> list[tuple[PeerID, int]]:
         return [(p, i) for p, i in self.routing_table.nearest(target, self.k * 2) if not self._excluded(p)][:self.k]
@@ -283,6 +284,8 @@ class DHTNode:
 
     async def _store_prepared(self, prepared: list[tuple[int, StoreItem]], exclude: PeerID | None = None) -> list[bool]:
         key_ids = sorted({key_id for key_id, _ in prepared})
+        if len(key_ids) == 1 and exclude is None and len(prepared) <= self.limits.max_items_per_store:
+            return await self._store_while_looking_up(key_ids[0], prepared)
         nearest: dict[int, list[tuple[PeerID, int]]] = {}
         semaphore = asyncio.Semaphore(64)
 
@@ -318,6 +321,43 @@ class DHTNode:
                     outcome[i] |= answer is True
 
         await asyncio.gather(*(send(p, idx) for p, idx in per_peer.items()))
+        return outcome
+
+    async def _store_while_looking_up(self, key_id: int, prepared: list[tuple[int, StoreItem]]) -> list[bool]:
+        """Store items of one key on the ``num_replicas`` nodes closest to it, with the store RPCs as the
+        queries of the iterative lookup (each reply also names the replier's contacts near the key):
+        with a good routing table the first candidates are the closest nodes already, so a store costs
+        about ``num_replicas`` RPCs instead of a lookup's and as many stores again. Nodes the lookup
+        queried beyond the closest ones keep a spare replica."""
+        outcome = [False] * len(prepared)
+        request = self._request(items=[[item.key, item.subkey, item.value, item.expiration_time, False]
+                                       for _, item in prepared], near=self.k)
+
+        async def query(peer_id: PeerID) -> list[tuple[PeerID, int]] | None:
+            try:
+                response = await self._call(peer_id, "dht.store", request)
+            except (P2PError, asyncio.TimeoutError):
+                return None  # _call recorded the failure
+            try:
+                answers = parse_store_response(response, len(prepared))
+                contacts = parse_store_contacts(response)
+            except P2PError as e:
+                self._on_failure(peer_id, e)
+                return None
+            self._on_success(peer_id, True)
+            for i, answer in enumerate(answers):
+                outcome[i] |= answer is True
+            return self._learn(contacts)
+
+        result = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.num_replicas,
+                                        alpha=self.alpha, exclude=self.peer_id)
+        self.last_lookup = result
+        nearest = result.nearest
+        if not self.client_mode and (len(nearest) < self.num_replicas or
+                                     self.node_id ^ key_id < nearest[-1][1] ^ key_id):
+            now = self.clock()
+            for i, (_, item) in enumerate(prepared):
+                outcome[i] |= self._store_locally(key_id, item, now, origin=self.peer_id) is True
         return outcome
 
     def _store_locally(self, key_id: int, item: StoreItem, now: float, origin: Any) -> bool | str:
@@ -462,7 +502,15 @@ class DHTNode:
                 continue
             answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id))
         self._on_success(ctx.peer_id, server)
+        near = parse_store_near(request)
+        if near is not None and items:
+            return {"v": VERSION, "ok": answers, "near": self._contacts_near(DHTID.of_key(items[0].key), near,
+                                                                             ctx.peer_id)}
         return {"v": VERSION, "ok": answers}
+
+    def _contacts_near(self, key_id: int, k: int, exclude: PeerID) -> list:
+        """The ``k`` contacts nearest to ``key_id`` as the wire carries them (``exclude``: the asker)."""
+        return [[p.raw, self.p2p.get_address_texts(p)] for p, _ in self.routing_table.nearest(key_id, k, exclude=exclude)]
 
     async def _rpc_find(self, request: Any, ctx: CallContext) -> dict:
         server, keys, k = parse_find(request, self.limits)
@@ -471,9 +519,7 @@ class DHTNode:
         for raw in keys:
             key_id = DHTID.from_bytes20(raw)
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
-            contacts = [[p.raw, self.p2p.get_address_texts(p)]
-                        for p, _ in self.routing_table.nearest(key_id, k, exclude=ctx.peer_id)]
-            results.append([encode_entry(entry), contacts])
+            results.append([encode_entry(entry), self._contacts_near(key_id, k, ctx.peer_id)])
         self._on_success(ctx.peer_id, server)
         return {"v": VERSION, "results": results}
 

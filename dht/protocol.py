@@ -26,8 +26,8 @@ from .errors import BadRequestError, ProtocolError
 from .identity import IdentityError, PeerID
 from .storage import Entry
 
-__all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_find", "encode_entry", "decode_entry",
-           "parse_find_response", "parse_store_response", "StoreItem"]
+__all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_store_near", "parse_store_contacts", "parse_find",
+           "encode_entry", "decode_entry", "parse_find_response", "parse_store_response", "StoreItem"]
 
 VERSION = 1
 
@@ -142,18 +142,42 @@ def parse_find_response(response: Any, num_keys: int) -> list[tuple[Entry | None
         raise ProtocolError(f"find response has {len(results)} results for {num_keys} keys")
     parsed = []
     for result in results:
-        if not isinstance(result, list) or len(result) != 2 or not isinstance(result[1], list) or len(result[1]) > 64:
+        if not isinstance(result, list) or len(result) != 2:
             raise ProtocolError("malformed find result")
-        peers = []
-        for peer in result[1]:
-            try:
-                raw, addrs = peer
-                if isinstance(addrs, list) and len(addrs) <= 16 and all(isinstance(a, str) and len(a) < 256 for a in addrs):
-                    peers.append((PeerID(raw), addrs))
-            except (TypeError, ValueError, IdentityError):
-                continue  # skip a malformed contact, keep the rest
-        parsed.append((decode_entry(result[0]), peers))
+        parsed.append((decode_entry(result[0]), _parse_contacts(result[1])))
     return parsed
+
+
+def _parse_contacts(contacts: Any) -> list[tuple[PeerID, list[str]]]:
+    """``[[peer id bytes, [address, ...]], ...]`` (at most 64); malformed contacts are skipped."""
+    if not isinstance(contacts, list) or len(contacts) > 64:
+        raise ProtocolError("malformed contact list")
+    peers = []
+    for peer in contacts:
+        try:
+            raw, addrs = peer
+            if isinstance(addrs, list) and len(addrs) <= 16 and all(isinstance(a, str) and len(a) < 256 for a in addrs):
+                peers.append((PeerID(raw), addrs))
+        except (TypeError, ValueError, IdentityError):
+            continue  # skip a malformed contact, keep the rest
+    return peers
+
+
+def parse_store_near(request: dict) -> int | None:
+    """The optional ``near`` of a store request (already parsed by :func:`parse_store`): the number of
+    contacts near the first item's key the storing node wants back, so that a store can double as
+    the lookup step of its own replication."""
+    near = request.get("near")
+    _require(near is None or (isinstance(near, int) and not isinstance(near, bool) and 1 <= near <= 64),
+             "'near' must be an integer in [1, 64]")
+    return near
+
+
+def parse_store_contacts(response: Any) -> list[tuple[PeerID, list[str]]]:
+    """The contacts of a store response (none if the responder did not send any)."""
+    if not isinstance(response, dict) or response.get("near") is None:
+        return []
+    return _parse_contacts(response["near"])
 
 
 def parse_store_response(response: Any, num_items: int) -> list[bool | str]:

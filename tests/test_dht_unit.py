@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from dht.errors import BadRequestError
+from dht.errors import BadRequestError, ProtocolError
 from dht.identity import Identity, PeerID
-from dht.protocol import DHTLimits, parse_find, parse_ping, parse_store
+from dht.protocol import DHTLimits, parse_find, parse_ping, parse_store, parse_store_contacts, parse_store_near
 from dht.routing import ID_MAX, DHTID, RoutingTable
 from dht.storage import Storage, StoreRefused
 from dht.traverse import iterative_lookup
@@ -500,6 +500,25 @@ def test_parse_find_rejects_malformed(request_):
 def test_parse_ping_rejects_malformed(request_):
     with pytest.raises(BadRequestError):
         parse_ping(request_)
+
+
+@pytest.mark.parametrize("near", [0, 65, -1, "5", 2.0, True, [3]])
+def test_parse_store_near_rejects_malformed(near):
+    with pytest.raises(BadRequestError, match="near"):
+        parse_store_near({"v": 1, "items": [GOOD_ITEM], "near": near})
+
+
+def test_store_contacts_parsing():
+    assert parse_store_near({"v": 1, "items": [GOOD_ITEM]}) is None
+    assert parse_store_near({"v": 1, "items": [GOOD_ITEM], "near": 20}) == 20
+    peer = Identity().peer_id
+    assert parse_store_contacts({"ok": [True]}) == []  # a responder that sent none (or an older one)
+    assert parse_store_contacts({"ok": [True], "near": [[peer.raw, ["/ip4/127.0.0.1/tcp/1"]], ["junk"], 5]}) == \
+        [(peer, ["/ip4/127.0.0.1/tcp/1"])]  # malformed contacts are skipped, the rest kept
+    with pytest.raises(ProtocolError):
+        parse_store_contacts({"ok": [True], "near": "x"})
+    with pytest.raises(ProtocolError):
+        parse_store_contacts({"ok": [True], "near": [[peer.raw, []]] * 65})
 
 
 def test_bad_request_error_names_the_problem():
