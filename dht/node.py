@@ -39,6 +39,7 @@ from .validation import CompositeValidator, DHTRecord, RecordValidator, Signatur
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
 
 logger = logging.getLogger(__name__)
+STORE_NEAR = 6  # contacts near the key that each store reply brings back (a find brings k)
 MAX_CLOCK_SKEW = 3.0  # seconds; peers further off than this are warned about
 
 
@@ -331,7 +332,7 @@ class DHTNode:
         queried beyond the closest ones keep a spare replica."""
         outcome = [False] * len(prepared)
         request = self._request(items=[[item.key, item.subkey, item.value, item.expiration_time, False]
-                                       for _, item in prepared], near=self.k)
+                                       for _, item in prepared], near=STORE_NEAR)
 
         async def query(peer_id: PeerID) -> list[tuple[PeerID, int]] | None:
             try:
