@@ -6,7 +6,9 @@ True
 >>> await node.get("key")
 ValueWithExpiration(value={'any': 'msgpack value'}, expiration_time=...)
 
-Stores go to the ``num_replicas`` (default k = 20) nodes closest to the key; gets walk towards the
+Stores go to the ``num_replicas`` (default k = 20) nodes closest to the key (a store of one key is
+its own lookup: each store reply names contacts nearer the key, so nodes asked on the way before
+closer ones turned up keep a spare copy until it expires); gets walk towards the
 key and stop at the first live value (``latest=True``: ask all k closest and merge, newest wins),
 then cache the value at the closest node on the path that lacked it. Nodes republish what they hold
 every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
