@@ -94,8 +94,19 @@ class Limits:
     stream_window: int = 8 << 20  # bytes buffered per stream before the sender waits
     max_streams_per_connection: int = 1024  # concurrent inbound calls per connection
     max_connections: int = 4096  # inbound connections (handshakes beyond it are refused)
-    max_pending_handshakes: int = 256
+    max_pending_handshakes: int = 256  # unauthenticated sockets in total
+    max_pending_handshakes_per_ip: int = 8  # unauthenticated sockets from one source IP
+    first_byte_timeout: float = 3.0  # an accepted socket that sends nothing this long is closed
     handshake_timeout: float = 10.0
+    max_connections_per_ip: int = 64  # authenticated connections from one source IP (all identities)
+    max_connections_per_peer: int = 8  # connections with one PeerID
+    max_inbound_streams_per_peer: int = 256  # concurrent inbound calls of one PeerID, all connections
+    stream_memory: int = 16 << 20  # bytes of unfinished/unread inbound messages per stream
+    connection_memory: int = 32 << 20  # same, per connection (frame buffers included)
+    peer_memory: int = 64 << 20  # same, per PeerID (all its connections)
+    ip_memory: int = 128 << 20  # same, per source IP (all its identities)
+    system_memory: int = 1 << 30  # same, all peers together
+    default_handler_timeout: float = 300.0  # server-side deadline of calls whose caller gives none
     dial_timeout: float = 5.0
     keepalive_interval: float = 15.0  # ping when idle this long; close after 3 silent intervals
 
