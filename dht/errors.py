@@ -14,6 +14,7 @@ __all__ = [
     "MessageTooLargeError",
     "StreamClosedError",
     "BadRequestError",
+    "OverloadedError",
 ]
 
 
@@ -69,3 +70,10 @@ class BadRequestError(P2PError):
     """Raised by a handler for a request that fails validation; the caller gets RemoteError("bad_request")."""
 
     code = "bad_request"
+
+
+class OverloadedError(P2PError):
+    """Raised by a handler whose per-peer or total concurrency budget is spent; the caller gets
+    RemoteError("overloaded") and may retry later or ask another peer."""
+
+    code = "overloaded"
