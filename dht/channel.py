@@ -19,12 +19,17 @@ __all__ = ["FrameChannel"]
 
 
 class FrameChannel(abc.ABC):
-    """One connection's frame pipe; ``remote_peer_id`` is authenticated by the transport."""
+    """One connection's frame pipe; ``remote_peer_id`` is authenticated by the transport,
+    ``remote_host`` is the observed source IP (for per-IP budgets; None if the transport has none)."""
 
-    def __init__(self, remote_peer_id: PeerID, remote_info: "PeerInfo", endpoint: str):
+    def __init__(self, remote_peer_id: PeerID, remote_info: "PeerInfo", endpoint: str,
+                 remote_host: str | None = None):
         self.remote_peer_id = remote_peer_id
         self.remote_info = remote_info
         self.endpoint = endpoint  # where the other side is, for messages (e.g. "127.0.0.1:4001")
+        # the other side's IP address as observed on the socket ("127.0.0.1", "::1"; IPv4-mapped IPv6
+        # addresses in IPv4 form), not what it announced; None where there is none (in-memory transport)
+        self.remote_host = remote_host
 
     def describe(self) -> str:
         return f"peer {self.remote_peer_id.short()} at {self.endpoint}" if self.remote_peer_id else self.endpoint

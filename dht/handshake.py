@@ -237,7 +237,7 @@ class SecureChannel(FrameChannel):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send_cipher: Any,
                  recv_cipher: Any, remote_peer_id: PeerID, remote_info: PeerInfo, endpoint: str,
                  max_frame_size: int, version: int, send_counter: int = 1, recv_counter: int = 1):
-        super().__init__(remote_peer_id, remote_info, endpoint)
+        super().__init__(remote_peer_id, remote_info, endpoint, observed_host(writer))
         self.version = version
         self._reader, self._writer = reader, writer
         self._send_cipher, self._recv_cipher = send_cipher, recv_cipher
@@ -331,6 +331,20 @@ class SecureChannel(FrameChannel):
             await self._writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+def observed_host(writer: asyncio.StreamWriter) -> str | None:
+    """The other side's IP address as seen on the socket (IPv4-mapped IPv6 in IPv4 form), or None."""
+    try:
+        peername = writer.get_extra_info("peername")
+        host = peername[0] if isinstance(peername, tuple) and peername else None
+    except Exception:
+        return None
+    if not isinstance(host, str):
+        return None
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host.split("%", 1)[0]  # no IPv6 zone index
 
 
 def _nonce(counter: int) -> bytes:
