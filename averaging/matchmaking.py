@@ -187,11 +187,12 @@ class Matchmaker:
         if self._beginning:
             return None
         self._joining = True
-        try:
-            stream = await self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None)
-        except P2PError as e:
+        try:  # a leader that does not answer quickly (dead, preempted) is skipped, not waited for
+            stream = await asyncio.wait_for(self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None),
+                                            self.request_timeout)
+        except (P2PError, asyncio.TimeoutError) as e:
             self._joining = False
-            raise MatchmakingError(f"cannot reach {leader}: {e}") from None
+            raise MatchmakingError(f"cannot reach {leader}: {str(e) or f'no answer within {self.request_timeout} s'}") from None
         try:
             await stream.send({"key": self._key, "schema": self.schema_hash, "exp": self._expiration,
                                "info": self._my_info, "client": self.client_mode,
