@@ -144,8 +144,11 @@ class DHTNode:
                 peer_id = await asyncio.wait_for(self.p2p.connect(address), self.rpc_timeout * 2)
                 if not await self.ping(peer_id):
                     raise P2PError("no answer to the DHT ping")
-            except (P2PError, ValueError, asyncio.TimeoutError) as e:
-                failures.append(f"{address}: {e or type(e).__name__}")
+            except (P2PError, ValueError) as e:
+                failures.append(f"{address}: {str(e) or type(e).__name__}")
+            except asyncio.TimeoutError:  # it accepted TCP (a refused dial fails at once) but never answered
+                failures.append(f"{address}: timed out after {self.rpc_timeout * 2:g} s waiting for the handshake "
+                                "(is this a swarm peer? is the port right?)")
 
         await asyncio.gather(*(contact(a) for a in initial_peers))
         if initial_peers and failures and len(failures) == len(initial_peers) and ensure_success:
