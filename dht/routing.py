@@ -6,6 +6,11 @@ Buckets split when they cover this node's own id or when their depth is not a mu
 ``depth_modulo`` (hivemind's relaxation, which keeps more contacts far from us). A full bucket keeps
 newcomers in a replacement cache and asks the caller to ping its least-recently-seen node: if that
 node answers it stays (stable nodes are preferred), otherwise it is replaced.
+
+Diversity filter (go-libp2p-kad-dht's idea): each contact may carry a *group*, the IP prefix it was
+reached at (:func:`dht.admission.prefix_of`); at most ``max_per_group_per_bucket`` contacts of one
+group sit in one bucket and ``max_per_group`` in the whole table (replacement caches included), so
+one address with many identities cannot fill the table. Contacts without a group are not limited.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ ID_MAX = 1 << ID_BITS
 
 
 _PEER_IDS: dict[bytes, "DHTID"] = {}  # of_peer, memoized: lookups meet the same few peers over and over
+_PEER_IDS_MAX = 8192  # bounded: throw-away identities must not pile up (cleared when full)
 
 
 class DHTID(int):
@@ -38,7 +44,7 @@ class DHTID(int):
     def of_peer(cls, peer_id: PeerID) -> "DHTID":
         node_id = _PEER_IDS.get(peer_id.raw)
         if node_id is None:
-            if len(_PEER_IDS) >= 65536:
+            if len(_PEER_IDS) >= _PEER_IDS_MAX:
                 _PEER_IDS.clear()
             node_id = _PEER_IDS[peer_id.raw] = cls.of_bytes(b"swarm-node:" + peer_id.raw)
         return node_id
@@ -92,20 +98,36 @@ class KBucket:
 
 
 class RoutingTable:
-    """The k-bucket table of one node (``own_id``); not thread-safe, used from one event loop."""
+    """The k-bucket table of one node (``own_id``); not thread-safe, used from one event loop.
 
-    def __init__(self, own_id: DHTID, bucket_size: int = 20, depth_modulo: int = 5):
+    ``max_per_group_per_bucket`` / ``max_per_group``: diversity limits (None: unlimited), see the
+    module docstring."""
+
+    def __init__(self, own_id: DHTID, bucket_size: int = 20, depth_modulo: int = 5,
+                 max_per_group_per_bucket: int | None = None, max_per_group: int | None = None):
         self.own_id = own_id
         self.bucket_size = bucket_size
         self.depth_modulo = depth_modulo
+        self.max_per_group_per_bucket, self.max_per_group = max_per_group_per_bucket, max_per_group
         self.buckets = [KBucket(0, ID_MAX, 0, bucket_size)]
         self._ids: dict[PeerID, DHTID] = {}
+        self._spares: dict[PeerID, DHTID] = {}  # peers in replacement caches
+        self._groups: dict[PeerID, str] = {}  # group of each node or spare that has one
+        self._group_counts: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __contains__(self, peer_id: PeerID) -> bool:
         return peer_id in self._ids
+
+    def knows(self, peer_id: PeerID) -> bool:
+        """In the table or in a replacement cache."""
+        return peer_id in self._ids or peer_id in self._spares
+
+    def group_count(self, group: str) -> int:
+        """Nodes and spares of ``group``."""
+        return self._group_counts.get(group, 0)
 
     def bucket_index(self, node_id: int) -> int:
         lo, hi = 0, len(self.buckets)
@@ -119,11 +141,40 @@ class RoutingTable:
                 return mid
         raise ValueError("id out of range")
 
-    def add_or_update(self, peer_id: PeerID, node_id: DHTID | None = None) -> PeerID | None:
-        """Record that ``peer_id`` was seen. Returns a least-recently-seen node to ping when the
+    def admits(self, node_id: int, group: str | None) -> bool:
+        """Whether a new contact of ``group`` at ``node_id`` fits the diversity limits now."""
+        if group is None:
+            return True
+        if self.max_per_group is not None and self._group_counts.get(group, 0) >= self.max_per_group:
+            return False
+        if self.max_per_group_per_bucket is not None:
+            bucket = self.buckets[self.bucket_index(node_id)]
+            same = sum(self._groups.get(p) == group for p in bucket.nodes) + \
+                sum(self._groups.get(p) == group for p in bucket.replacements)
+            if same >= self.max_per_group_per_bucket:
+                return False
+        return True
+
+    def _set_group(self, peer_id: PeerID, group: str | None) -> None:
+        if group is not None and peer_id not in self._groups:
+            self._groups[peer_id] = group
+            self._group_counts[group] += 1
+
+    def _drop_group(self, peer_id: PeerID) -> None:
+        group = self._groups.pop(peer_id, None)
+        if group is not None:
+            self._group_counts[group] -= 1
+            if self._group_counts[group] <= 0:
+                del self._group_counts[group]
+
+    def add_or_update(self, peer_id: PeerID, node_id: DHTID | None = None, group: str | None = None) -> PeerID | None:
+        """Record that ``peer_id`` was seen (``group``: where it was reached, for the diversity limits;
+        a newcomer over them is not added). Returns a least-recently-seen node to ping when the
         bucket is full (the newcomer waits in the replacement cache), else None."""
         node_id = node_id if node_id is not None else DHTID.of_peer(peer_id)
         if node_id == self.own_id:
+            return None
+        if not self.knows(peer_id) and not self.admits(node_id, group):
             return None
         while True:
             index = self.bucket_index(node_id)
@@ -134,28 +185,38 @@ class RoutingTable:
             if len(bucket.nodes) < bucket.size:
                 bucket.nodes[peer_id] = node_id
                 bucket.replacements.pop(peer_id, None)
+                self._spares.pop(peer_id, None)
                 self._ids[peer_id] = node_id
+                self._set_group(peer_id, group)
                 return None
             if bucket.covers(self.own_id) or bucket.depth % self.depth_modulo != 0:
                 self.buckets[index:index + 1] = bucket.split()
                 continue
             bucket.replacements[peer_id] = node_id
             bucket.replacements.move_to_end(peer_id)
+            self._spares[peer_id] = node_id
+            self._set_group(peer_id, group)
             while len(bucket.replacements) > bucket.size:
-                bucket.replacements.popitem(last=False)
+                old, _ = bucket.replacements.popitem(last=False)
+                self._spares.pop(old, None)
+                self._drop_group(old)
             return next(iter(bucket.nodes))
 
     def remove(self, peer_id: PeerID) -> bool:
         """Drop an unresponsive node; its bucket's most recent replacement takes its place."""
         node_id = self._ids.pop(peer_id, None)
         if node_id is None:
-            for bucket in self.buckets:
-                bucket.replacements.pop(peer_id, None)
+            spare = self._spares.pop(peer_id, None)
+            if spare is not None:
+                self.buckets[self.bucket_index(spare)].replacements.pop(peer_id, None)
+                self._drop_group(peer_id)
             return False
+        self._drop_group(peer_id)
         bucket = self.buckets[self.bucket_index(node_id)]
         bucket.nodes.pop(peer_id, None)
         if bucket.replacements:
             new_peer, new_id = bucket.replacements.popitem(last=True)
+            self._spares.pop(new_peer, None)
             bucket.nodes[new_peer] = new_id
             self._ids[new_peer] = new_id
         return True
