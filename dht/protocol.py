@@ -45,6 +45,25 @@ class DHTLimits:
     max_entries_per_peer: int = 20_000  # entries stored on behalf of one peer
     store_rate: float = 5000.0  # items per second one peer may store here (token bucket)
     store_burst: float = 50_000.0
+    # routing-table admission and per-caller work (dht.admission): Sybil limits, bounded work per message
+    max_peers_per_prefix_per_bucket: int = 2  # table slots (spares included) per /24 (IPv4) or /48 (IPv6) per bucket
+    max_peers_per_prefix: int = 8  # same, in the whole table
+    diversity_for_local_addresses: bool = False  # apply the per-prefix limits to loopback/private addresses too
+    dial_back_concurrency: int = 8  # callers verified (dialled back) at once
+    max_pending_dial_backs: int = 256  # callers waiting to be verified; more are ignored
+    dial_back_rate: float = 2.0  # callers verified per second per source prefix (burst: dial_back_burst)
+    dial_back_burst: float = 20.0
+    dial_back_retry_after: float = 60.0  # seconds before a caller that failed verification is tried again
+    find_rate: float = 1000.0  # keys per second one peer may look up here (token bucket; over it: 'overloaded')
+    find_burst: float = 4000.0
+    find_rate_per_prefix: float = 4000.0  # same, all peers of one IP prefix together
+    find_burst_per_prefix: float = 16_000.0
+    handover_rate: float = 1.0  # record hand-overs to newcomers started per second (burst: handover_burst)
+    handover_burst: float = 4.0
+    max_queued_handovers: int = 32  # newcomers waiting for their records; more are skipped (republish covers them)
+    handover_chunk: int = 256  # records scanned between yields to the event loop
+    max_tracked_peers: int = 4096  # per-identity bookkeeping (rate buckets, backoff, ...): LRU size
+    forget_after: float = 60.0  # seconds after which a peer neither connected nor in the table is forgotten
 
 
 @dataclass(frozen=True)
