@@ -15,6 +15,7 @@ __all__ = [
     "StreamClosedError",
     "BadRequestError",
     "OverloadedError",
+    "ResourceLimitError",
 ]
 
 
@@ -77,3 +78,14 @@ class OverloadedError(P2PError):
     RemoteError("overloaded") and may retry later or ask another peer."""
 
     code = "overloaded"
+
+
+class ResourceLimitError(P2PError):
+    """A reservation would exceed a resource budget (:mod:`dht.resources`); ``scope`` names the one
+    ("stream", "connection", "peer", "ip", "system"). The other side gets ``too_large`` when a single
+    stream's budget is spent, ``overloaded`` otherwise."""
+
+    def __init__(self, scope: str, message: str):
+        super().__init__(message)
+        self.scope = scope
+        self.code = "too_large" if scope == "stream" else "overloaded"

@@ -22,6 +22,16 @@ handshake; a sender may start a message while fewer than W bytes it sent are unc
 most W + one message is buffered per stream (messages are capped by ``Limits.max_message_size``).
 A slow reader therefore slows its sender down instead of growing memory.
 
+Budgets (:mod:`dht.resources`): every inbound message byte is reserved against the budgets of its
+stream, connection, peer, source IP and the whole peer before it is buffered, and given back when the
+message is consumed or the stream closes (whatever the reason). Reassembly buffers grow as fragments
+arrive, never from an announced size. A message beyond the stream's limit (``max_message_size``, at
+most ``stream_memory``, or the method's own ``max_message_size``) fails the stream with ``too_large``;
+a spent connection/peer/IP/system budget fails it with ``overloaded``; the connection keeps serving.
+An OPEN beyond the inbound stream caps (per connection, per peer over all its connections, per IP,
+in total) is answered at once with ERROR ``overloaded``, nothing allocated. Every handler runs under
+a server-side deadline: the caller's (cut to ``max_handler_timeout``) or ``default_handler_timeout``.
+
 A DATA frame carries at most ``Limits.max_frame_size`` message bytes, or ``FRAME_SLACK`` (48) more
 when that ends the message (so a tensor chunk of exactly ``max_frame_size`` bytes plus its msgpack
 header travels as one frame). Long byte strings are framed from the caller's memory, without a
@@ -40,13 +50,17 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from .channel import FrameChannel
-from .errors import (ConnectionLostError, DeadlineExceededError, MessageTooLargeError, P2PError, ProtocolError,
-                     RemoteError, StreamClosedError)
+from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, MessageTooLargeError, P2PError,
+                     ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
 from .identity import PeerID
+from .resources import ResourceManager, StreamScope
+from .untrusted import LogLimiter, brief
 
 __all__ = ["Limits", "Stream", "Connection"]
 
 logger = logging.getLogger(__name__)
+_remote_log = LogLimiter()  # lines a remote peer can trigger: per peer id / source IP
+_bug_log = LogLimiter(rate=1 / 60, burst=3)  # tracebacks of failing handlers: per method
 
 OPEN, DATA, END, ERROR, CANCEL, WINDOW, PING, PONG, GOAWAY = range(1, 10)
 FLAG_MORE, FLAG_END = 1, 2
@@ -89,7 +103,7 @@ MAX_METHOD_NAME = 256
 class Limits:
     """Resource limits of a peer (bytes and seconds)."""
 
-    max_message_size: int = 64 << 20  # largest message accepted or sent; bigger tensors go in chunks
+    max_message_size: int = 16 << 20  # largest message accepted or sent (at most stream_memory is accepted)
     max_frame_size: int = 1 << 20  # payload bytes per frame; longer messages are split
     stream_window: int = 8 << 20  # bytes buffered per stream before the sender waits
     max_streams_per_connection: int = 1024  # concurrent inbound calls per connection
@@ -101,12 +115,16 @@ class Limits:
     max_connections_per_ip: int = 64  # authenticated connections from one source IP (all identities)
     max_connections_per_peer: int = 8  # connections with one PeerID
     max_inbound_streams_per_peer: int = 256  # concurrent inbound calls of one PeerID, all connections
+    max_inbound_streams_per_ip: int = 1024  # concurrent inbound calls from one source IP (IPv6: its /64)
+    max_inbound_streams: int = 8192  # concurrent inbound calls from all peers together
     stream_memory: int = 16 << 20  # bytes of unfinished/unread inbound messages per stream
     connection_memory: int = 32 << 20  # same, per connection (frame buffers included)
     peer_memory: int = 64 << 20  # same, per PeerID (all its connections)
     ip_memory: int = 128 << 20  # same, per source IP (all its identities)
     system_memory: int = 1 << 30  # same, all peers together
     default_handler_timeout: float = 300.0  # server-side deadline of calls whose caller gives none
+    max_known_peers: int = 4096  # peers in the address book (LRU; peers neither connected nor routed to are dropped)
+    max_handler_timeout: float = 3600.0  # a longer deadline asked for by a caller is cut to this
     dial_timeout: float = 5.0
     keepalive_interval: float = 15.0  # ping when idle this long; close after 3 silent intervals
 
@@ -115,6 +133,15 @@ class Limits:
             raise ValueError("stream_window and max_message_size must lie in [64 KiB, 16 GiB]")
         if not 1024 <= self.max_frame_size <= (16 << 20):
             raise ValueError("max_frame_size must lie in [1 KiB, 16 MiB]")
+        budgets = (self.stream_memory, self.connection_memory, self.peer_memory, self.ip_memory, self.system_memory)
+        if min(budgets) < (1 << 16):
+            raise ValueError("stream, connection, peer, ip and system memory budgets must be at least 64 KiB")
+        streams = (self.max_streams_per_connection, self.max_inbound_streams_per_peer,
+                   self.max_inbound_streams_per_ip, self.max_inbound_streams)
+        if min(streams) < 1:
+            raise ValueError("the inbound stream limits must be at least 1")
+        if not 0 < self.default_handler_timeout <= self.max_handler_timeout:
+            raise ValueError("default_handler_timeout must lie in (0, max_handler_timeout]")
 
 
 def _pack(message: Any) -> bytes:
@@ -137,8 +164,12 @@ class Stream:
     when it was opened bounds every wait: DeadlineExceededError, and the other side is told.
     """
 
-    def __init__(self, conn: "Connection", stream_id: int, method: str, deadline: float | None, initiator: bool):
+    def __init__(self, conn: "Connection", stream_id: int, method: str, deadline: float | None, initiator: bool,
+                 scope: StreamScope):
         self._conn = conn
+        self._scope = scope  # the memory of its unread/unfinished inbound messages is reserved here
+        # largest inbound message accepted (a handler's P2P registration may lower it)
+        self.max_message_size = min(conn.limits.max_message_size, conn.limits.stream_memory)
         self.id = stream_id
         self.method = method
         self.deadline = deadline  # loop time, or None
@@ -242,6 +273,7 @@ class Stream:
         while True:
             if self._inbox:
                 message, size = self._inbox.popleft()
+                self._scope.release(size)
                 self._give_credit(size)
                 return message
             if self._error is not None:
@@ -350,32 +382,39 @@ class Stream:
         if not self._closed:
             self._closed = True
             self._partial = None
+            if self.initiator:
+                self._scope.close()
+            else:  # the inbound stream slot is held until the handler returns (Connection._serve)
+                self._scope.release_memory()
             self._conn._forget(self)
 
     # ---- frames from the connection ------------------------------------------------------
     def _on_data(self, payload: memoryview, flags: int) -> None:
         if self._remote_ended:
             return self._violation("DATA after END")
-        self._recv_outstanding += len(payload)
+        size = len(payload)
+        self._recv_outstanding += size
         limits = self._conn.limits
         if self._recv_outstanding > limits.stream_window + limits.max_message_size + limits.max_frame_size:
             return self._violation("sent past its flow-control window")
-        if self._partial is None and not flags & FLAG_MORE:
+        partial = self._partial
+        if (0 if partial is None else len(partial)) + size > self.max_message_size:
+            return self._refuse("too_large", f"message exceeds the limit of {self.max_message_size} bytes")
+        try:
+            self._scope.reserve(size)  # before the bytes are kept: given back by recv() or when closed
+        except ResourceLimitError as e:
+            return self._refuse(e.code, str(e))
+        if partial is None and not flags & FLAG_MORE:
             data: bytes | bytearray | memoryview = payload
         else:
-            if self._partial is None:
-                self._partial = bytearray()
-            if len(self._partial) + len(payload) > limits.max_message_size:
-                text = f"message exceeds the limit of {limits.max_message_size} bytes"
-                self.fail_remote("too_large", text)
-                self._error = MessageTooLargeError(f"{self._describe()}: {text}")
-                return
-            self._partial += payload
+            if partial is None:
+                partial = self._partial = bytearray()  # grows as fragments arrive
+            partial += payload
             if flags & FLAG_MORE:
                 return
-            data, self._partial = self._partial, None
+            data, self._partial = partial, None
         try:
-            message = _unpack(data, limits.max_message_size)
+            message = _unpack(data, self.max_message_size)
         except Exception as e:
             self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
@@ -396,6 +435,18 @@ class Stream:
         if self._send_credit > 0:
             self._writable.set()
 
+    def _refuse(self, code: str, text: str) -> None:
+        """An inbound message over a limit or budget: fail the stream (the connection goes on)."""
+        self.fail_remote(code, text)
+        if not self.initiator:  # its handler cannot reply any more: stop it (as an ERROR from the caller does)
+            task = self._conn._handlers.get(self.id)
+            if task is not None:
+                task.cancel()
+        if code == "too_large":
+            self._error = MessageTooLargeError(f"{self._describe()}: {text}")
+        else:
+            self._error = RemoteError(code, f"{self._describe()}: refused here: {text}")
+
     def _violation(self, what: str) -> None:
         self.fail_remote("protocol", what)
         self._error = ProtocolError(f"{self._describe()}: the peer {what}")
@@ -409,19 +460,29 @@ class Connection:
 
     ``dispatch(stream)`` is called for each stream the other side opens and returns a function that
     makes the coroutine serving it (LookupError for an unknown method); ``on_close(connection)`` runs
-    when the connection stops taking new calls (GOAWAY received) and when it closes.
+    when the connection stops taking new calls (GOAWAY received) and when it closes. ``resources`` is
+    the peer's :class:`~dht.resources.ResourceManager` (shared by its connections; a private one if
+    None); ``scope`` is this connection's budget in it.
     """
 
     def __init__(self, channel: FrameChannel, limits: Limits, initiator: bool,
-                 dispatch: Dispatcher, on_close: Callable[["Connection"], None]):
+                 dispatch: Dispatcher, on_close: Callable[["Connection"], None],
+                 resources: ResourceManager | None = None):
         self.channel = channel
         self.peer_id = channel.remote_peer_id
         self.limits = limits
+        self.resources = resources if resources is not None else ResourceManager(limits)
+        self.scope = self.resources.open_connection(self.peer_id, getattr(channel, "remote_host", None),
+                                                    channel.endpoint)
         self._dispatch = dispatch
         self._on_close = on_close
         self._streams: dict[int, Stream] = {}
         self._handlers: dict[int, asyncio.Task] = {}
         self._next_id = 1 if initiator else 2
+        # calls this side opens wait (P2P.open_stream) while the other side would refuse them as too many
+        self.max_outbound_streams = min(limits.max_inbound_streams_per_peer, limits.max_streams_per_connection)
+        self._outbound_open = 0
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self.closed = False
         self.close_reason = ""
         self._remote_goaway: str | None = None
@@ -438,6 +499,51 @@ class Connection:
     @property
     def num_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def stream_slot_free(self) -> bool:
+        """True if a call opened now would not exceed ``max_outbound_streams`` (and nobody waits)."""
+        return self._outbound_open < self.max_outbound_streams and not self._slot_waiters
+
+    async def wait_for_stream_slot(self, deadline: float | None) -> None:
+        """Wait until fewer than ``max_outbound_streams`` calls this side opened are open here (the
+        other side refuses more from one peer), at most until ``deadline`` (loop time):
+        DeadlineExceededError past it. Returns at once if the connection closes (opening then fails)."""
+        loop = asyncio.get_running_loop()
+        first = True
+        while self.usable and (self._outbound_open >= self.max_outbound_streams or (first and self._slot_waiters)):
+            waiter = loop.create_future()
+            if first:
+                self._slot_waiters.append(waiter)
+            else:  # woken but beaten to the slot: keep the place in the queue
+                self._slot_waiters.appendleft(waiter)
+            first = False
+            try:
+                if deadline is None:
+                    await waiter
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                raise DeadlineExceededError(f"no call slot to {self.channel.describe()} became free before the "
+                                            f"deadline ({self.max_outbound_streams} calls in flight)") from None
+            finally:
+                try:
+                    self._slot_waiters.remove(waiter)
+                except ValueError:
+                    pass
+                if not waiter.done():
+                    waiter.cancel()
+                self._wake_slot_waiter()  # pass on a wake-up this waiter may not use
+
+    def _wake_slot_waiter(self) -> None:
+        if self._outbound_open < self.max_outbound_streams or not self.usable:
+            for waiter in self._slot_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
 
     def write_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"",
                     prefix: bytes = b"") -> None:
@@ -461,13 +567,18 @@ class Connection:
                                       f"{self.close_reason or self._remote_goaway}")
         stream_id, self._next_id = self._next_id, self._next_id + 2
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        stream = Stream(self, stream_id, method, deadline, initiator=True)
+        stream = Stream(self, stream_id, method, deadline, initiator=True,
+                        scope=self.scope.open_stream(inbound=False))
         self._streams[stream_id] = stream
+        self._outbound_open += 1
         self.write_frame(OPEN, 0, stream_id, _pack({"m": method, "t": timeout}))
         return stream
 
     def _forget(self, stream: Stream) -> None:
-        self._streams.pop(stream.id, None)
+        if self._streams.pop(stream.id, None) is not None and stream.initiator:
+            self._outbound_open -= 1
+            if self._slot_waiters:
+                self._wake_slot_waiter()
 
     # ---- reading ---------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -511,13 +622,14 @@ class Connection:
         except ConnectionLostError as e:
             reason = f"closed by the peer ({self._remote_goaway})" if self._remote_goaway else str(e)
         except ProtocolError as e:
-            logger.warning("closing connection: %s", e)
-            reason = str(e)
+            reason = str(e)[:500]
+            _remote_log.log(logger, logging.WARNING, self.scope.ip, "closing connection: %s", reason)
         except asyncio.CancelledError:
             reason = self.close_reason or "closed"
         except Exception as e:  # a bug in a frame handler must not leave the connection half-alive
-            logger.exception("connection to %s failed", self.channel.describe())
-            reason = f"internal error: {type(e).__name__}: {e}"
+            if _bug_log.allow("read_loop")[0]:
+                logger.exception("connection to %s failed", self.channel.describe())
+            reason = f"internal error: {_error_text(e)}"
         self._shutdown(reason, send_goaway=False)
 
     def _on_open(self, stream_id: int, payload: memoryview) -> None:
@@ -535,49 +647,71 @@ class Connection:
             return
         if self._remote_goaway is not None or self.closed:
             return
-        if len(self._handlers) >= self.limits.max_streams_per_connection:
-            self.write_frame(ERROR, 0, stream_id, _pack(
-                {"c": "overloaded", "m": f"too many concurrent calls (limit {self.limits.max_streams_per_connection})"}))
+        try:  # the per-connection, per-peer (all its connections), per-IP and total caps
+            scope = self.scope.open_stream(inbound=True)
+        except ResourceLimitError as e:
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": "overloaded", "m": str(e)[:200]}))
             return
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        stream = Stream(self, stream_id, method, deadline, initiator=False)
+        limits = self.limits
+        timeout = min(limits.default_handler_timeout if timeout is None else timeout, limits.max_handler_timeout)
+        stream = Stream(self, stream_id, method, loop.time() + timeout, initiator=False, scope=scope)
         try:
             serve = self._dispatch(stream)
         except LookupError:
+            scope.close()
             self.write_frame(ERROR, 0, stream_id, _pack({"c": "unknown_method", "m": f"unknown method {method!r}"}))
             return
         self._streams[stream_id] = stream
         self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
 
-    async def _serve(self, stream: Stream, serve: Callable[[], Awaitable[None]], timeout: float | None) -> None:
+    async def _serve(self, stream: Stream, serve: Callable[[], Awaitable[None]], timeout: float) -> None:
+        """Run a handler under its server-side deadline; its failures go back to the caller as ERROR
+        codes with bounded texts. Remote mistakes (bad_request, ValueError/TypeError/KeyError) log at
+        most a rate-limited line per peer; other exceptions a rate-limited traceback per method."""
+        deadline = stream.deadline
+        assert deadline is not None  # inbound streams always have one (_on_open)
         try:
             coro = serve()
-            if timeout is None:
-                await coro
-            elif _timeout_at is not None and stream.deadline is not None:
-                async with _timeout_at(stream.deadline):
+            if _timeout_at is not None:
+                async with _timeout_at(deadline):
                     await coro
             else:
-                await asyncio.wait_for(coro, timeout)
+                await asyncio.wait_for(coro, max(deadline - asyncio.get_running_loop().time(), 0.0))
             if not stream.done and stream._error is None:
                 await stream.end()
         except asyncio.TimeoutError:
-            if stream.deadline is not None and asyncio.get_running_loop().time() >= stream.deadline:
+            if asyncio.get_running_loop().time() >= deadline:
                 stream.fail_remote("deadline", f"the call exceeded its deadline of {timeout:.3g} s")
             else:
                 stream.fail_remote("handler_error", "TimeoutError inside the handler")
         except asyncio.CancelledError:
             stream.fail_remote("cancelled", "the handler was cancelled")  # no-op if the caller cancelled
+        except BadRequestError as e:
+            text = _error_text(e)
+            stream.fail_remote("bad_request", text)
+            _remote_log.log(logger, logging.INFO, self.peer_id, "bad request to %s from %s: %s",
+                            brief(stream.method), self.channel.describe(), text)
         except P2PError as e:
-            stream.fail_remote(getattr(e, "code", "handler_error"), f"{type(e).__name__}: {e}")
+            code = getattr(e, "code", None)
+            stream.fail_remote(code[:64] if isinstance(code, str) else "handler_error", _error_text(e))
+        except (ValueError, TypeError, KeyError) as e:  # most likely input the handler did not expect
+            text = _error_text(e)
+            stream.fail_remote("handler_error", text)
+            _remote_log.log(logger, logging.WARNING, self.peer_id, "handler of %s failed for %s: %s",
+                            brief(stream.method), self.channel.describe(), text)
         except Exception as e:
-            logger.exception("handler of %r failed for %s", stream.method, self.channel.describe())
-            stream.fail_remote("handler_error", f"{type(e).__name__}: {e}")
+            text = _error_text(e)
+            stream.fail_remote("handler_error", text)
+            allowed, suppressed = _bug_log.allow(stream.method)
+            if allowed:
+                logger.exception("handler of %s failed for %s%s", brief(stream.method), self.channel.describe(),
+                                 f" ({suppressed} similar failures not logged)" if suppressed else "")
         finally:
             self._handlers.pop(stream.id, None)
             if not stream.done and stream._local_ended:
                 stream._release()  # the reply is complete; ignore whatever the caller still sends
+            stream._scope.close()  # the inbound stream slot and any memory left
 
     def _on_error(self, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)
@@ -585,7 +719,9 @@ class Connection:
             return
         try:
             body = _unpack(payload, 65536)
-            code, text = str(body["c"])[:64], str(body["m"])[:4000]
+            code, text = body["c"], body["m"]
+            code = code[:64] if isinstance(code, str) else "protocol"
+            text = text[:1000] if isinstance(text, str) else brief(text)
         except Exception:
             code, text = "protocol", "malformed ERROR frame"
         where = f"{stream.method!r} on {self.channel.describe()}"
@@ -643,6 +779,10 @@ class Connection:
         for task in list(self._handlers.values()):
             task.cancel()
         self._handlers.clear()
+        self.scope.close()  # every reservation of the connection and its streams is given back
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self.channel.close()
         current = asyncio.current_task()
         for task in (self._reader, self._keepalive):
@@ -657,6 +797,22 @@ class Connection:
 
 def _goaway_reason(payload: memoryview) -> str:
     try:
-        return str(_unpack(payload, 4096)["m"])[:500]
+        reason = _unpack(payload, 4096)["m"]
+        return reason[:500] if isinstance(reason, str) else brief(reason)
     except Exception:
         return "going away"
+
+
+def _error_text(e: BaseException) -> str:
+    """``"TypeName: message"`` of an exception, bounded (about 1,000 characters), without calling
+    ``str()`` on arguments that are not strings (they may be untrusted values)."""
+    name = type(e).__name__[:60]
+    try:
+        args = e.args
+        if len(args) == 1 and isinstance(args[0], str):
+            detail = args[0][:1000]
+        else:
+            detail = ", ".join(brief(a) for a in args[:4])
+    except Exception:
+        detail = ""
+    return f"{name}: {detail}" if detail else name
