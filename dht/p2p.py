@@ -28,6 +28,7 @@ from .channel import FrameChannel
 from .errors import HandshakeError, P2PError, PeerUnreachableError
 from .identity import Identity, PeerID
 from .multiplex import Connection, Limits, Stream
+from .resources import ResourceManager
 from .transport import Transport
 
 __all__ = ["P2P", "CallContext", "PeerLike"]
@@ -59,7 +60,8 @@ class P2P:
         self.peer_id: PeerID = identity.peer_id
         self.limits = limits
         self._transport = transport
-        self._handlers: dict[str, tuple[bool, Callable]] = {}
+        self._handlers: dict[str, tuple[bool, Callable, int | None]] = {}
+        self.resources = ResourceManager(limits)  # memory and stream budgets of every connection
         self._connections: dict[PeerID, list[Connection]] = {}
         self._dialing: dict[PeerID, asyncio.Future] = {}
         self._address_book: dict[PeerID, list[PeerAddress]] = {}
@@ -95,19 +97,24 @@ class P2P:
         self._visible = await self._transport.listen(self._on_inbound)
 
     # ---- handlers --------------------------------------------------------------------------
-    def add_unary_handler(self, method: str, handler: UnaryHandler) -> None:
-        """Serve ``method`` with ``async handler(request, ctx) -> response``."""
-        self._handlers[method] = (False, handler)
+    def add_unary_handler(self, method: str, handler: UnaryHandler, *, max_message_size: int | None = None) -> None:
+        """Serve ``method`` with ``async handler(request, ctx) -> response``. ``max_message_size``
+        (bytes; default: ``Limits.max_message_size``) refuses a bigger request with ``too_large``
+        while it arrives, before it is buffered past the limit."""
+        self._handlers[method] = (False, handler, max_message_size)
 
-    def add_stream_handler(self, method: str, handler: StreamHandler) -> None:
-        """Serve ``method`` with ``async handler(stream, ctx)``: it may recv and send any number of messages."""
-        self._handlers[method] = (True, handler)
+    def add_stream_handler(self, method: str, handler: StreamHandler, *, max_message_size: int | None = None) -> None:
+        """Serve ``method`` with ``async handler(stream, ctx)``: it may recv and send any number of messages.
+        ``max_message_size``: as for :meth:`add_unary_handler`, for each message the caller sends."""
+        self._handlers[method] = (True, handler, max_message_size)
 
     def remove_handler(self, method: str) -> None:
         self._handlers.pop(method, None)
 
     def _dispatch(self, stream: Stream) -> Callable[[], Awaitable[None]]:
-        is_stream, handler = self._handlers[stream.method]  # KeyError (a LookupError): unknown method
+        is_stream, handler, max_message_size = self._handlers[stream.method]  # KeyError (a LookupError): unknown
+        if max_message_size is not None:
+            stream.max_message_size = min(stream.max_message_size, max_message_size)
         ctx = CallContext(stream.peer_id, stream._conn.channel.endpoint, stream.method, stream.deadline)
         if is_stream:
             return functools.partial(handler, stream, ctx)
@@ -135,12 +142,14 @@ class P2P:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         conn = self._usable_connection(peer)
-        if conn is not None:  # the common case: no dial, so no timer task either
+        if conn is not None and conn.stream_slot_free:  # the common case: no dial, so no timer task either
             return conn.open_stream(method, timeout)
-        try:
-            conn = await asyncio.wait_for(self._connection_to(peer), timeout)
-        except asyncio.TimeoutError:
-            raise PeerUnreachableError(f"could not connect to {peer} within {timeout} s") from None
+        if conn is None:
+            try:
+                conn = await asyncio.wait_for(self._connection_to(peer), timeout)
+            except asyncio.TimeoutError:
+                raise PeerUnreachableError(f"could not connect to {peer} within {timeout} s") from None
+        await conn.wait_for_stream_slot(deadline)  # the other side refuses more concurrent calls from us
         remaining = None if deadline is None else max(deadline - loop.time(), 1e-3)
         return conn.open_stream(method, remaining)
 
@@ -261,7 +270,8 @@ class P2P:
         self._adopt(channel, initiator=False)
 
     def _adopt(self, channel: FrameChannel, initiator: bool) -> Connection:
-        conn = Connection(channel, self.limits, initiator, self._dispatch, self._on_connection_closed)
+        conn = Connection(channel, self.limits, initiator, self._dispatch, self._on_connection_closed,
+                          resources=self.resources)
         self._connections.setdefault(conn.peer_id, []).append(conn)
         if channel.remote_info.addresses:
             try:
