@@ -17,11 +17,13 @@ On failure ``step`` raises :class:`AveragingError` and leaves the tensors unchan
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import hashlib
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -36,6 +38,18 @@ from .matchmaking import Matchmaker, next_group_bits
 from .partition import flatten, unflatten_into
 
 __all__ = ["Averager", "StepResult"]
+
+_live: "weakref.WeakSet[Averager]" = weakref.WeakSet()  # shut down at interpreter exit, before their DHTs
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    # registered after dht.facade's hook (this module imports dht first), so it runs before it
+    for averager in list(_live):
+        try:
+            averager.shutdown(timeout=5.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 @dataclass
@@ -128,6 +142,7 @@ class Averager:
             return service, matchmaker
 
         self._service, self._matchmaker = dht.run_coroutine(setup)
+        _live.add(self)
 
     @property
     def target_group_size(self) -> int:
@@ -219,20 +234,22 @@ class Averager:
             self._buffers.extend(buffers)
             del self._buffers[2:]
 
-    def shutdown(self) -> None:
-        """Stop serving this prefix (idempotent). The DHT is left running."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop serving this prefix (idempotent; waits at most ``timeout`` seconds for the DHT's loop).
+        The DHT is left running. An averager left running is shut down at interpreter exit."""
         if self._shutdown:
             return
         self._shutdown = True
+        _live.discard(self)
 
         async def teardown(_, node):
             self._service.close()
             self._matchmaker.close()
 
         try:
-            self.dht.run_coroutine(teardown)
-        except RuntimeError:
-            pass  # the DHT's loop is already gone
+            self.dht.run_coroutine(teardown, return_future=True).result(timeout)
+        except (RuntimeError, concurrent.futures.TimeoutError):
+            pass  # the DHT's loop is already gone (or stopped)
 
     def __enter__(self) -> "Averager":
         return self

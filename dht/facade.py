@@ -18,9 +18,11 @@ Upper layers (averaging, training) run their asyncio code on the same loop and P
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import threading
+import weakref
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 from .identity import PeerID
@@ -31,6 +33,23 @@ from .validation import RecordValidator
 __all__ = ["DHT", "get_dht_time"]
 
 T = TypeVar("T")
+
+# DHTs still running, shut down at interpreter exit (weakly held: an unreferenced DHT is collected as usual)
+_live: "weakref.WeakSet[DHT]" = weakref.WeakSet()
+EXIT_SHUTDOWN_TIMEOUT = 5.0  # seconds a DHT left running gets to leave at interpreter exit
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """Stop every DHT left running before the interpreter finalises: a background event loop (uvloop's
+    above all) still running while modules are torn down can crash the process (rc 139) after the
+    script itself succeeded. Registered when :mod:`dht.facade` is imported, so it runs after the
+    exit hooks of the layers above (averagers, optimizers), which use the DHT while they leave."""
+    for dht in list(_live):
+        try:
+            dht._shutdown(EXIT_SHUTDOWN_TIMEOUT, cancel_tasks=True)
+        except Exception:  # noqa: BLE001 - exiting anyway; the next DHT still gets its turn
+            pass
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -68,6 +87,7 @@ class DHT:
         except BaseException:
             self._stop_loop()
             raise
+        _live.add(self)
 
     def _run(self, coro: Awaitable[T], return_future: bool = False, timeout: float | None = None) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -116,19 +136,29 @@ class DHT:
         return self._run(fn(self, self.node), return_future)
 
     def shutdown(self) -> None:
-        """Leave the DHT: close connections and stop the background thread (idempotent)."""
+        """Leave the DHT: close connections and stop the background thread (idempotent). A DHT left
+        running is shut down like this at interpreter exit (with at most 5 s to leave)."""
+        self._shutdown(30.0)
+
+    def _shutdown(self, timeout: float, cancel_tasks: bool = False) -> None:
         if self._shutdown_done:
             return
         self._shutdown_done = True
+        _live.discard(self)
         try:
-            self._run(self.node.shutdown(), timeout=30)
-        except concurrent.futures.TimeoutError:
+            self._run(self.node.shutdown(), timeout=timeout)
+            if cancel_tasks:  # what upper layers left on the loop, so that closing it destroys nothing pending
+                self._run(_cancel_other_tasks(), timeout=timeout)
+        except (concurrent.futures.TimeoutError, RuntimeError):
             pass
         finally:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:  # already closed
+            return
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
@@ -148,3 +178,12 @@ class DHT:
 
     def __repr__(self) -> str:
         return f"DHT({self.peer_id}, {len(self.node.routing_table)} peers in the routing table)"
+
+
+async def _cancel_other_tasks() -> None:
+    current = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not current]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=1.0)

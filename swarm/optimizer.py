@@ -33,10 +33,12 @@ the same epoch re-downloads it.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import math
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -52,6 +54,18 @@ from .state_sharing import StateDownloadError, StateSharing
 __all__ = ["Optimizer"]
 
 logger = logging.getLogger(__name__)
+
+_live: "weakref.WeakSet[Optimizer]" = weakref.WeakSet()  # shut down at interpreter exit, before averagers and DHTs
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    # registered after averaging's and dht's hooks (this module imports them first), so it runs before them
+    for opt in list(_live):
+        try:
+            opt.shutdown(timeout=5.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 class Optimizer:
@@ -149,6 +163,7 @@ class Optimizer:
         self.sharing = StateSharing(dht, run_id, serve=share_state)
         self._publish_state()
         self._report()
+        _live.add(self)
 
     # ------------------------------------------------------------------ public API
 
@@ -251,11 +266,17 @@ class Optimizer:
         self._report()
         return True
 
-    def shutdown(self) -> None:
-        """Leave the run: stop publishing and serving (the DHT is left running)."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Leave the run: stop publishing and serving (idempotent; the DHT is left running). Waits at
+        most ``timeout`` seconds (default ``averaging_timeout``) for a background averaging round. An
+        optimizer left running is shut down at interpreter exit (with a 5 s timeout)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        _live.discard(self)
         if self._pending is not None:
             try:
-                self._pending[0].result(self.averaging_timeout)
+                self._pending[0].result(self.averaging_timeout if timeout is None else timeout)
             except Exception:  # noqa: BLE001 - leaving anyway
                 pass
             self._pending = None
