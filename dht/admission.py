@@ -97,6 +97,10 @@ class BoundedLRU(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
+    def peek(self, key: K, default: V | None = None) -> V | None:
+        """Like :meth:`get`, without making ``key`` the most recently used."""
+        return self._items.get(key, default)
+
     def __setitem__(self, key: K, value: V) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
@@ -124,7 +128,7 @@ class KeyedBuckets:
         self._buckets: BoundedLRU[Hashable, TokenBucket] = BoundedLRU(max_keys)
 
     def take(self, key: Hashable, n: float = 1.0, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
+        now = time.monotonic() if now is None else now  # or the event loop's time (virtual clocks)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = TokenBucket(self.rate, self.burst, now)
@@ -133,6 +137,14 @@ class KeyedBuckets:
 
     def forget(self, key: Hashable) -> None:
         self._buckets.pop(key)
+
+    def forget_refilled(self, now: float) -> int:
+        """Drop the buckets that are full again (they carry no information); returns how many."""
+        full = [key for key in self._buckets.keys()
+                if (b := self._buckets.peek(key)).tokens + max(now - b.updated, 0.0) * b.rate >= b.burst]
+        for key in full:
+            self._buckets.pop(key)
+        return len(full)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -173,7 +185,7 @@ class DialBacks:
         if self._closed or peer_id in self._pending or peer_id in self._running:
             return False
         failed_until = self._failed.get(peer_id)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if failed_until is not None:
             if failed_until > now:
                 return False
@@ -207,10 +219,18 @@ class DialBacks:
                 self._admit(peer_id)
             else:
                 self.refused += 1
-                self._failed[peer_id] = time.monotonic() + self.retry_after
+                self._failed[peer_id] = asyncio.get_running_loop().time() + self.retry_after
 
     def forget(self, peer_id: PeerID) -> None:
         self._failed.pop(peer_id)
+
+    def forget_expired(self) -> int:
+        """Drop the failures whose retry time has come; returns how many."""
+        now = asyncio.get_running_loop().time()
+        expired = [p for p in self._failed.keys() if self._failed.peek(p, 0.0) <= now]
+        for peer_id in expired:
+            self._failed.pop(peer_id)
+        return len(expired)
 
     def remembered(self) -> int:
         """Peers whose failed verification is remembered."""

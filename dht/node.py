@@ -18,6 +18,7 @@ buckets every ``refresh_interval``, and drop peers that stop answering.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -27,7 +28,8 @@ from typing import Any, Callable, Iterable, Sequence
 import msgpack
 
 from .addresses import PeerAddress
-from .errors import BadRequestError, P2PError
+from .admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, host_of, prefix_of
+from .errors import BadRequestError, OverloadedError, P2PError, RemoteError
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .p2p import P2P, CallContext
@@ -93,14 +95,27 @@ class DHTNode:
         self.refresh_interval, self.republish_interval = refresh_interval, republish_interval
         self.clock = clock
         self.rng = rng or random.Random()
-        self.routing_table = RoutingTable(self.node_id, bucket_size, depth_modulo)
+        lim = self.limits
+        self.routing_table = RoutingTable(self.node_id, bucket_size, depth_modulo,
+                                          lim.max_peers_per_prefix_per_bucket, lim.max_peers_per_prefix)
         self.storage = Storage(self.limits.max_entries, self.limits.max_entries_per_peer)
         self.cache = Storage(cache_size, cache_size)
         self.signature_validator = SignatureValidator(p2p.identity)
         self.validator = CompositeValidator([self.signature_validator, *record_validators])
-        self._buckets: dict[PeerID, _TokenBucket] = {}
-        self._backoff: dict[PeerID, tuple[float, int]] = {}  # peer -> (excluded until, failures)
-        self._skew_warned: set[PeerID] = set()
+        # per-identity bookkeeping, all bounded (LRU) and swept by forget_departed()
+        self._buckets: BoundedLRU[PeerID, _TokenBucket] = BoundedLRU(lim.max_tracked_peers)
+        self._backoff: BoundedLRU[PeerID, tuple[float, int]] = BoundedLRU(lim.max_tracked_peers)  # (excluded until, failures)
+        self._skew_warned: BoundedLRU[PeerID, bool] = BoundedLRU(lim.max_tracked_peers)
+        self._find_rates = KeyedBuckets(lim.find_rate, lim.find_burst, lim.max_tracked_peers)
+        self._find_rates_per_prefix = KeyedBuckets(lim.find_rate_per_prefix, lim.find_burst_per_prefix,
+                                                   lim.max_tracked_peers)
+        self._dial_backs = DialBacks(self._verify, self._admit_verified, concurrency=lim.dial_back_concurrency,
+                                     max_pending=lim.max_pending_dial_backs, rate=lim.dial_back_rate,
+                                     burst=lim.dial_back_burst, retry_after=lim.dial_back_retry_after,
+                                     max_remembered=lim.max_tracked_peers)
+        self._handovers: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # newcomers waiting
+        self._handover_bucket: TokenBucket | None = None
+        self._handover_running = False
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self.is_alive = True
@@ -128,7 +143,8 @@ class DHTNode:
         except BaseException:
             await node.shutdown()
             raise
-        node._background = [asyncio.ensure_future(node._refresh_loop()), asyncio.ensure_future(node._republish_loop())]
+        node._background = [asyncio.ensure_future(node._refresh_loop()), asyncio.ensure_future(node._republish_loop()),
+                            asyncio.ensure_future(node._forget_loop())]
         return node
 
     # ---- joining ---------------------------------------------------------------------------
@@ -174,17 +190,71 @@ class DHTNode:
         self._backoff[peer_id] = (time.monotonic() + min(5.0 * 2 ** failures, 300.0), failures + 1)
 
     def _on_success(self, peer_id: PeerID, server: bool) -> None:
+        """A call of ours to ``peer_id`` was answered (``server``: it says it accepts calls)."""
         self._backoff.pop(peer_id, None)
-        if server:
+        if not server:
+            return
+        if peer_id in self.routing_table:
+            self.routing_table.add_or_update(peer_id)
+        elif self.p2p.dialed_address(peer_id) is not None:
+            self._add_contact(peer_id)  # we dialled it ourselves and it answered: admitted
+        else:  # it answered over a connection it opened: check that it can be dialled first
+            self._dial_backs.request(peer_id, self._prefix(self.p2p.observed_host(peer_id)))
+
+    def _on_inbound_call(self, ctx: CallContext, server: bool) -> None:
+        """``ctx.peer_id`` called us. A caller claiming to be a server enters the routing table only
+        after a dial-back (:meth:`_verify`); callers from a prefix whose table slots are all taken
+        are not even dialled back."""
+        peer_id = ctx.peer_id
+        if not server:
+            return
+        if peer_id in self.routing_table:
+            self.routing_table.add_or_update(peer_id)
+            return
+        source = self._prefix(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint))
+        if source is not None and not self.routing_table.knows(peer_id) and \
+                not self.routing_table.admits(DHTID.of_peer(peer_id), source):
+            return
+        self._dial_backs.request(peer_id, source)
+
+    def _prefix(self, host: str | None) -> str | None:
+        return prefix_of(host, self.limits.diversity_for_local_addresses)
+
+    def _group(self, peer_id: PeerID) -> str | None:
+        """The IP prefix a peer's table slot is charged to: where we reached it (dial or dial-back)."""
+        address = self.p2p.dialed_address(peer_id)
+        if address is not None and address.protocol in ("ip4", "ip6"):
+            return self._prefix(address.host)
+        return self._prefix(self.p2p.observed_host(peer_id))
+
+    async def _verify(self, peer_id: PeerID) -> bool:
+        """Dial-back of a caller: one of the addresses it announced must reach it (unless we dialled it
+        before), and it must answer a DHT ping of ours as a server."""
+        if not self.is_alive:
+            return False
+        if self.p2p.dialed_address(peer_id) is None and await self.p2p.dial_back(peer_id, self.rpc_timeout) is None:
+            return False
+        self.rpcs_sent += 1
+        try:
+            response = await self.p2p.call(peer_id, "dht.ping", self._request(t=self.clock()), timeout=self.rpc_timeout)
+            server, _ = parse_ping(response)
+        except (P2PError, asyncio.TimeoutError):
+            return False
+        return server
+
+    def _admit_verified(self, peer_id: PeerID) -> None:
+        if self.is_alive:
             self._add_contact(peer_id)
 
     def _add_contact(self, peer_id: PeerID) -> None:
+        """Put a verified server in the routing table (diversity limits permitting); a newcomer gets
+        the records it is now responsible for (queued, see :meth:`_handover_loop`)."""
         is_new = peer_id not in self.routing_table
-        stale = self.routing_table.add_or_update(peer_id)
+        stale = self.routing_table.add_or_update(peer_id, group=self._group(peer_id))
         if stale is not None:
             self._spawn(self._check_stale(stale))
         elif is_new and peer_id in self.routing_table and len(self.storage):
-            self._spawn(self._hand_over_records(peer_id))
+            self._queue_handover(peer_id)
 
     async def _call(self, peer_id: PeerID, method: str, request: dict) -> Any:
         self.rpcs_sent += 1
@@ -193,7 +263,8 @@ class DHTNode:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._on_failure(peer_id, e)
+            if not (isinstance(e, RemoteError) and e.code == "overloaded"):  # busy is not dead
+                self._on_failure(peer_id, e)
             raise
         return response
 
@@ -208,7 +279,7 @@ class DHTNode:
         if their_time is not None:
             skew = their_time - (sent + self.clock()) / 2
             if abs(skew) > MAX_CLOCK_SKEW and peer_id not in self._skew_warned:
-                self._skew_warned.add(peer_id)
+                self._skew_warned[peer_id] = True
                 logger.warning("the clock of peer %s is %.1f s off ours: expirations will be inaccurate; "
                                "check that NTP is running (here or there)", peer_id, skew)
         self._on_success(peer_id, server)
@@ -240,7 +311,7 @@ class DHTNode:
             if contact == self.peer_id:
                 continue
             try:
-                self.p2p.add_addresses(contact, addresses)
+                self.p2p.add_addresses(contact, addresses, third_party=True)
             except ValueError:
                 continue
             contacts.append((contact, DHTID.of_peer(contact)))
@@ -489,16 +560,14 @@ class DHTNode:
     # ---- RPC server side -------------------------------------------------------------------
     async def _rpc_ping(self, request: Any, ctx: CallContext) -> dict:
         server, _ = parse_ping(request)
-        self._on_success(ctx.peer_id, server)
+        self._on_inbound_call(ctx, server)
         return {"v": VERSION, "server": not self.client_mode, "t": self.clock()}
 
     async def _rpc_store(self, request: Any, ctx: CallContext) -> dict:
         server, items = parse_store(request, self.limits)
         now = self.clock()
         bucket = self._buckets.get(ctx.peer_id)
-        if bucket is None:
-            if len(self._buckets) > 10_000:
-                self._buckets.clear()
+        if bucket is None:  # (a bounded LRU: _buckets)
             bucket = self._buckets[ctx.peer_id] = _TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
         allowed = bucket.take(len(items), time.monotonic())
         answers: list[bool | str] = []
@@ -507,7 +576,7 @@ class DHTNode:
                 answers.append("rate limit: too many stores from this peer, retry later")
                 continue
             answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id))
-        self._on_success(ctx.peer_id, server)
+        self._on_inbound_call(ctx, server)
         near = parse_store_near(request)
         if near is not None and items:
             return {"v": VERSION, "ok": answers, "near": self._contacts_near(DHTID.of_key(items[0].key), near,
@@ -520,24 +589,65 @@ class DHTNode:
 
     async def _rpc_find(self, request: Any, ctx: CallContext) -> dict:
         server, keys, k = parse_find(request, self.limits)
+        self._charge_finds(ctx, len(keys))
         now = self.clock()
         results = []
         for raw in keys:
             key_id = DHTID.from_bytes20(raw)
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
             results.append([encode_entry(entry), self._contacts_near(key_id, k, ctx.peer_id)])
-        self._on_success(ctx.peer_id, server)
+        self._on_inbound_call(ctx, server)
         return {"v": VERSION, "results": results}
 
     # ---- maintenance -----------------------------------------------------------------------
+    def _charge_finds(self, ctx: CallContext, num_keys: int) -> None:
+        """Per-peer and per-prefix token buckets of looked-up keys; OverloadedError when spent."""
+        now = asyncio.get_running_loop().time()
+        cost = max(num_keys, 1)
+        if not self._find_rates.take(ctx.peer_id, cost, now):
+            raise OverloadedError(f"too many lookups from this peer (limit {self.limits.find_rate:g} keys/s)")
+        source = self._prefix(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint))
+        if source is not None and not self._find_rates_per_prefix.take(source, cost, now):
+            raise OverloadedError(f"too many lookups from {source} (limit {self.limits.find_rate_per_prefix:g} keys/s)")
+
+    def _queue_handover(self, newcomer: PeerID) -> None:
+        if newcomer in self._handovers or len(self._handovers) >= self.limits.max_queued_handovers:
+            return  # a skipped newcomer gets its records at the next republish
+        self._handovers[newcomer] = None
+        if not self._handover_running:
+            self._handover_running = True
+            self._spawn(self._handover_loop())
+
+    async def _handover_loop(self) -> None:
+        """Hand records to queued newcomers one at a time, at most ``handover_rate`` per second."""
+        loop = asyncio.get_running_loop()
+        rate = max(self.limits.handover_rate, 1e-3)
+        if self._handover_bucket is None:
+            self._handover_bucket = TokenBucket(rate, max(self.limits.handover_burst, 1.0), loop.time())
+        try:
+            while self._handovers and self.is_alive:
+                while not self._handover_bucket.take(1.0, loop.time()):
+                    await asyncio.sleep(1.0 / rate)
+                newcomer, _ = self._handovers.popitem(last=False)
+                if newcomer in self.routing_table:
+                    await self._hand_over_records(newcomer)
+        finally:
+            self._handover_running = False
+
     async def _hand_over_records(self, newcomer: PeerID) -> None:
-        """Give a new neighbour the records it is now among the closest nodes for."""
+        """Give a new neighbour the records it is now among the ``num_replicas`` closest nodes for (at
+        most ``max_items_per_store`` items). Scans ``handover_chunk`` records between yields to the
+        event loop, with an O(log n) test per record (:meth:`RoutingTable.among_nearest`)."""
         now = self.clock()
-        new_id = DHTID.of_peer(newcomer)
+        among = self.routing_table.among_nearest(DHTID.of_peer(newcomer), self.num_replicas, exclude=newcomer)
+        chunk = max(self.limits.handover_chunk, 1)
         items = []
-        for key_id, entry in self.storage.items(now):
-            nearest = self.routing_table.nearest(key_id, self.num_replicas)
-            if (newcomer, new_id) not in nearest:
+        for scanned, (key_id, entry) in enumerate(self.storage.items(now), 1):
+            if scanned % chunk == 0:
+                await asyncio.sleep(0)
+                if newcomer not in self.routing_table or not self.is_alive:
+                    return
+            if not among(key_id):
                 continue
             if entry.regular is not None:
                 items.append([entry.key_bytes, None, entry.regular[0], entry.regular[1], False])
@@ -547,9 +657,46 @@ class DHTNode:
                 break
         if items:
             try:
-                await self._call(newcomer, "dht.store", self._request(items=items))
+                await self._call(newcomer, "dht.store", self._request(items=items[:self.limits.max_items_per_store]))
             except (P2PError, asyncio.TimeoutError):
                 pass
+
+    def forget_departed(self) -> int:
+        """Drop the bookkeeping of peers that are neither connected nor in the routing table (nor a
+        spare): addresses not mentioned for ``limits.forget_after`` seconds, refilled rate buckets,
+        expired backoffs and dial-back failures, clock warnings. Returns how many peers' addresses
+        went. Runs every ``forget_after / 2`` seconds (at most 30 s) in nodes made by :meth:`create`."""
+        table = self.routing_table
+
+        def keep(peer_id: PeerID) -> bool:
+            return table.knows(peer_id) or self.p2p.is_connected(peer_id)
+
+        forgotten = self.p2p.forget_peers(table.knows, self.limits.forget_after)
+        now, mono = asyncio.get_running_loop().time(), time.monotonic()
+        for peer_id in self._buckets.keys():
+            bucket = self._buckets.peek(peer_id)
+            refilled = bucket.tokens + (mono - bucket.updated) * bucket.rate >= bucket.burst
+            if refilled and not keep(peer_id):
+                self._buckets.pop(peer_id)
+        for peer_id in self._backoff.keys():
+            if self._backoff.peek(peer_id, (0.0, 0))[0] + 300.0 < mono and not table.knows(peer_id):
+                self._backoff.pop(peer_id)
+        for peer_id in self._skew_warned.keys():
+            if not keep(peer_id):
+                self._skew_warned.pop(peer_id)
+        for rates in (self._find_rates, self._find_rates_per_prefix):
+            rates.forget_refilled(now)
+        self._dial_backs.forget_expired()
+        return forgotten
+
+    async def _forget_loop(self) -> None:
+        interval = min(max(self.limits.forget_after / 2, 0.05), 30.0)
+        while self.is_alive:
+            await asyncio.sleep(interval)
+            try:
+                self.forget_departed()
+            except Exception:
+                logger.exception("forgetting departed peers failed")
 
     async def _refresh_buckets(self, max_buckets: int = 8) -> None:
         buckets = [b for b in self.routing_table.buckets if not b.covers(self.node_id)]
@@ -604,5 +751,6 @@ class DHTNode:
         self.is_alive = False
         for task in [*self._background, *self._tasks]:
             task.cancel()
+        await self._dial_backs.close()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
         await self.p2p.shutdown()

@@ -16,6 +16,7 @@ so does cancellation of the calling task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -64,8 +65,10 @@ class P2P:
         self.resources = ResourceManager(limits)  # memory and stream budgets of every connection
         self._connections: dict[PeerID, list[Connection]] = {}
         self._dialing: dict[PeerID, asyncio.Future] = {}
-        self._address_book: dict[PeerID, list[PeerAddress]] = {}
+        # address book: peer -> {address: rank} (newest last), least recently used peer first; bounded
+        self._address_book: collections.OrderedDict[PeerID, _Book] = collections.OrderedDict()
         self._address_texts: dict[PeerID, list[str]] = {}  # printed form of each book, made on demand
+        self._dialed: collections.OrderedDict[PeerID, PeerAddress] = collections.OrderedDict()  # our dials that worked
         self._visible: list[PeerAddress] = []
         self._closed = False
         self.add_unary_handler("p2p.ping", _ping_handler)
@@ -165,30 +168,151 @@ class P2P:
         return conn.peer_id
 
     # ---- peers and addresses ---------------------------------------------------------------
-    def add_addresses(self, peer_id: PeerID, addresses: list[PeerAddress | str]) -> None:
-        """Remember where ``peer_id`` listens (the newest addresses are tried first)."""
-        book = self._address_book.setdefault(peer_id, [])
+    def add_addresses(self, peer_id: PeerID, addresses: list[PeerAddress | str], *, third_party: bool = False) -> None:
+        """Remember where ``peer_id`` listens. Addresses we dialled successfully are tried first, then
+        those the peer announced itself (its handshake) or the local program gave, then those
+        ``third_party`` peers told us (e.g. DHT replies; at most 4 per peer), newest first within each
+        rank. At most 16 addresses per peer and ``Limits.max_known_peers`` peers are kept (least
+        recently used dropped first, connected peers last). ValueError for a malformed address."""
+        rank = _THIRD_PARTY if third_party else _ANNOUNCED
+        parsed = []
         for address in addresses:
             address = PeerAddress.parse(address) if isinstance(address, str) else address
             if address.peer_id is not None:
+                if address.peer_id != peer_id:
+                    continue  # an address of some other peer
                 address = address.without_peer_id()
-            if book and book[0] == address:
-                continue  # already the newest (the common case: the DHT relearns known contacts)
-            if address in book:
-                book.remove(address)
-            book.insert(0, address)
+            parsed.append(address)
+        book = self._address_book.get(peer_id)
+        if book is None:
+            if not parsed:
+                return
+            book = self._address_book[peer_id] = _Book()
+            self._trim_address_book()
+        else:
+            self._address_book.move_to_end(peer_id)
+        book.touched = time.monotonic()
+        if book.add(parsed, rank):
             self._address_texts.pop(peer_id, None)
-        del book[16:]
 
     def get_addresses(self, peer_id: PeerID) -> list[PeerAddress]:
-        return [a.with_peer_id(peer_id) for a in self._address_book.get(peer_id, [])]
+        """Where ``peer_id`` listens, in the order they are dialled (see :meth:`add_addresses`)."""
+        book = self._address_book.get(peer_id)
+        return [] if book is None else [a.with_peer_id(peer_id) for a, _ in book.ranked()]
 
     def get_address_texts(self, peer_id: PeerID) -> list[str]:
-        """Where ``peer_id`` listens, printed without ``/p2p/...`` (as the DHT tells others; cached)."""
+        """Where ``peer_id`` listens, printed without ``/p2p/...`` (as the DHT tells others; cached):
+        third-party addresses only if there is no better one, so hearsay is not passed on."""
         texts = self._address_texts.get(peer_id)
         if texts is None:
-            texts = self._address_texts[peer_id] = [str(a) for a in self._address_book.get(peer_id, [])]
+            book = self._address_book.get(peer_id)
+            ranked = [] if book is None else book.ranked()
+            if ranked and ranked[0][1] < _THIRD_PARTY:
+                ranked = [(a, r) for a, r in ranked if r < _THIRD_PARTY]
+            texts = self._address_texts[peer_id] = [str(a) for a, _ in ranked]
         return texts
+
+    def dialed_address(self, peer_id: PeerID) -> PeerAddress | None:
+        """The address at which our latest successful dial (or dial-back) of ``peer_id`` found it."""
+        return self._dialed.get(peer_id)
+
+    def observed_host(self, peer_id: PeerID) -> str | None:
+        """The IP address of ``peer_id``'s newest usable connection as seen on the socket, or None."""
+        from .admission import host_of
+
+        for conn in reversed(self._connections.get(peer_id, ())):
+            if conn.usable:
+                return getattr(conn.channel, "remote_host", None) or host_of(conn.channel.endpoint)
+        return None
+
+    async def dial_back(self, peer_id: PeerID, timeout: float) -> PeerAddress | None:
+        """Check that ``peer_id`` listens where it says: dial the addresses it announced itself (up to
+        4, never third-party ones) on fresh connections until a handshake proves ``peer_id`` there,
+        then close that connection. Returns the address, or None (after ``timeout`` seconds at most)."""
+        book = self._address_book.get(peer_id)
+        candidates = [] if book is None else [a for a, r in book.ranked() if r < _THIRD_PARTY][:4]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for address in candidates:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                break
+            try:
+                channel = await asyncio.wait_for(self._transport.dial(address, peer_id), remaining)
+            except asyncio.TimeoutError:
+                break
+            except HandshakeError as e:
+                self._drop_address(peer_id, address, e)
+                continue
+            except P2PError:
+                continue
+            channel.close()
+            self._confirm(peer_id, address)
+            return address.with_peer_id(peer_id)
+        return None
+
+    def forget_peers(self, keep: Callable[[PeerID], bool], idle: float = 0.0) -> int:
+        """Drop the addresses (and dial records) of peers that are not connected, not ``keep(peer)``,
+        and not mentioned for ``idle`` seconds; returns how many peers were forgotten."""
+        now = time.monotonic()
+        gone = [pid for pid, book in self._address_book.items()
+                if now - book.touched >= idle and not self.is_connected(pid) and not keep(pid)]
+        for pid in gone:
+            del self._address_book[pid]
+            self._address_texts.pop(pid, None)
+            self._dialed.pop(pid, None)
+        for pid in [p for p in self._dialed if p not in self._address_book and not self.is_connected(p) and not keep(p)]:
+            del self._dialed[pid]
+        return len(gone)
+
+    def known_peers(self) -> int:
+        """Peers in the address book."""
+        return len(self._address_book)
+
+    def _trim_address_book(self) -> None:
+        limit = getattr(self.limits, "max_known_peers", 4096)
+        while len(self._address_book) > limit:
+            victim = next(iter(self._address_book))
+            for index, pid in enumerate(self._address_book):  # prefer a peer we are not connected to
+                if index >= 64:
+                    break
+                if not self.is_connected(pid):
+                    victim = pid
+                    break
+            del self._address_book[victim]
+            self._address_texts.pop(victim, None)
+            self._dialed.pop(victim, None)
+
+    def _confirm(self, peer_id: PeerID, address: PeerAddress) -> None:
+        """Our dial of ``address`` found ``peer_id``: rank the address first and remember the dial."""
+        address = address.without_peer_id()
+        book = self._address_book.get(peer_id)
+        if book is None:
+            book = self._address_book[peer_id] = _Book()
+            self._trim_address_book()
+        book.touched = time.monotonic()
+        book.add([address], _CONFIRMED)
+        self._address_texts.pop(peer_id, None)
+        self._dialed[peer_id] = address
+        self._dialed.move_to_end(peer_id)
+        while len(self._dialed) > getattr(self.limits, "max_known_peers", 4096):
+            self._dialed.popitem(last=False)
+
+    def _drop_address(self, peer_id: PeerID, address: PeerAddress, error: HandshakeError) -> None:
+        """A handshake at ``address`` failed: the peer there is someone else (a stale or poisoned
+        address) or could not prove its key. A third-party address is forgotten on any such failure,
+        the peer's own only when another peer answered there."""
+        book = self._address_book.get(peer_id)
+        if book is None:
+            return
+        address = address.without_peer_id()
+        rank = book.addresses.get(address)
+        if rank is None or not (rank == _THIRD_PARTY or "expected peer" in str(error)):
+            return
+        del book.addresses[address]
+        self._address_texts.pop(peer_id, None)
+        if self._dialed.get(peer_id) == address:
+            del self._dialed[peer_id]
 
     def get_visible_addresses(self) -> list[PeerAddress]:
         """Addresses others can dial to reach this peer, with ``/p2p/<our PeerID>``."""
@@ -250,16 +374,30 @@ class P2P:
                 del self._dialing[peer_id]
 
     async def _dial_any(self, peer_id: PeerID | None, addresses: list[PeerAddress]) -> Connection:
-        failures = []
-        for address in addresses:
+        """Dial ``addresses`` in order (at most 8) until one works. An address where the handshake
+        fails (someone else is there: stale, or poisoned by a third party) is dropped from the book
+        and the next one is tried, so nobody can make a peer unreachable by advertising a wrong
+        address for it. HandshakeError if every attempt failed that way, else PeerUnreachableError."""
+        failures: list[str] = []
+        handshake_errors: list[HandshakeError] = []
+        for address in addresses[:_MAX_DIAL_ATTEMPTS]:
             try:
                 channel = await self._transport.dial(address, peer_id)
-            except HandshakeError:
-                raise  # a peer that cannot prove its identity is not retried at another address
+            except HandshakeError as e:
+                if peer_id is not None:
+                    self._drop_address(peer_id, address, e)
+                failures.append(str(e))
+                handshake_errors.append(e)
+                continue
             except P2PError as e:
                 failures.append(str(e))
                 continue
+            self._confirm(channel.remote_peer_id, address)
             return self._adopt(channel, initiator=True)
+        if handshake_errors and len(handshake_errors) == len(failures):
+            if len(handshake_errors) == 1:
+                raise handshake_errors[0]
+            raise HandshakeError("; ".join(failures))
         who = f"peer {peer_id}" if peer_id else str(addresses[0])
         raise PeerUnreachableError(f"could not reach {who}: " + "; ".join(failures))
 
@@ -307,6 +445,46 @@ class P2P:
 
     def __repr__(self) -> str:
         return f"P2P({self.peer_id}, {len(self._connections)} peers connected)"
+
+
+_CONFIRMED, _ANNOUNCED, _THIRD_PARTY = 0, 1, 2  # address ranks: our dial worked / the peer's own / hearsay
+_MAX_ADDRESSES_PER_PEER = 16
+_MAX_THIRD_PARTY_PER_PEER = 4
+_MAX_DIAL_ATTEMPTS = 8
+
+
+class _Book:
+    """One peer's addresses: ``{address: rank}`` in insertion order (newest last)."""
+
+    __slots__ = ("addresses", "touched")
+
+    def __init__(self) -> None:
+        self.addresses: dict[PeerAddress, int] = {}
+        self.touched = 0.0
+
+    def add(self, addresses: list[PeerAddress], rank: int) -> bool:
+        """Add or refresh; an address keeps its best rank. Returns whether the book changed."""
+        changed = False
+        for address in addresses:
+            old = self.addresses.get(address)
+            if old is not None and (rank == _THIRD_PARTY or next(reversed(self.addresses)) == address) and old <= rank:
+                continue  # known already (the common case: the DHT relearns known contacts)
+            self.addresses.pop(address, None)
+            self.addresses[address] = rank if old is None else min(old, rank)
+            changed = True
+        if changed:
+            third = [a for a, r in self.addresses.items() if r == _THIRD_PARTY]
+            for address in third[:max(len(third) - _MAX_THIRD_PARTY_PER_PEER, 0)]:
+                del self.addresses[address]
+            while len(self.addresses) > _MAX_ADDRESSES_PER_PEER:
+                worst = max(self.addresses.values())
+                del self.addresses[next(a for a, r in self.addresses.items() if r == worst)]
+        return changed
+
+    def ranked(self) -> list[tuple[PeerAddress, int]]:
+        """Best rank first, newest first within a rank."""
+        items = list(self.addresses.items())
+        return [items[i] for i in sorted(range(len(items)), key=lambda i: (items[i][1], -i))]
 
 
 async def _serve_unary(handler: UnaryHandler, stream: Stream, ctx: CallContext) -> None:

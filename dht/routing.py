@@ -20,6 +20,7 @@ import hashlib
 import heapq
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from .identity import PeerID
 
@@ -233,3 +234,25 @@ class RoutingTable:
 
     def all_peers(self) -> list[PeerID]:
         return list(self._ids)
+
+    def among_nearest(self, node_id: int, k: int, exclude: PeerID | None = None) -> "Callable[[int], bool]":
+        """A test ``key_id -> bool``: would ``node_id`` be among the ``k`` nodes of this table (less
+        ``exclude``) closest to ``key_id``? Each test costs O(log n), not O(n): a table node t is
+        closer to a key than ``node_id`` exactly when the key's bit at the highest bit where t and
+        ``node_id`` differ is set in ``key ^ node_id``, so nodes are counted per such bit."""
+        counts: collections.Counter[int] = collections.Counter()
+        for peer_id, other in self._ids.items():
+            if peer_id != exclude and other != node_id:
+                counts[(other ^ node_id).bit_length() - 1] += 1
+        levels = sorted(counts.items(), reverse=True)
+
+        def test(key_id: int) -> bool:
+            x, closer = key_id ^ node_id, 0
+            for bit, count in levels:
+                if x >> bit & 1:
+                    closer += count
+                    if closer >= k:
+                        return False
+            return True
+
+        return test
