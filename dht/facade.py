@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import os
 import threading
 import weakref
@@ -52,6 +53,13 @@ def _shutdown_at_exit() -> None:
             pass
 
 
+async def _settle(timeout: float = 4.0) -> None:
+    """Wait (at most ``timeout`` s) for the loop's other tasks, e.g. a cancelled node closing itself."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=timeout)
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -80,11 +88,16 @@ class DHT:
         self._thread = threading.Thread(target=self._loop.run_forever, name="dht-event-loop", daemon=True)
         self._thread.start()
         self._shutdown_done = False
+        creating = self._run(DHTNode.create(
+            list(initial_peers), host=host, port=port, identity_path=None if identity_path is None else str(identity_path),
+            client_mode=client_mode, record_validators=list(record_validators), **node_kwargs), return_future=True)
         try:
-            self.node: DHTNode = self._run(DHTNode.create(
-                list(initial_peers), host=host, port=port, identity_path=None if identity_path is None else str(identity_path),
-                client_mode=client_mode, record_validators=list(record_validators), **node_kwargs))
+            self.node: DHTNode = creating.result()
         except BaseException:
+            if not creating.done():  # interrupted (e.g. Ctrl+C) while joining: let the node close, then stop
+                creating.cancel()
+                with contextlib.suppress(BaseException):
+                    self._run(_settle(), timeout=5.0)
             self._stop_loop()
             raise
         _live.add(self)
