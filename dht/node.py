@@ -33,7 +33,7 @@ from .errors import BadRequestError, OverloadedError, P2PError, RemoteError
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .p2p import P2P, CallContext
-from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry, parse_find, parse_find_response,
+from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry_within, parse_find, parse_find_response,
                        parse_ping, parse_store, parse_store_contacts, parse_store_near, parse_store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
@@ -98,8 +98,13 @@ class DHTNode:
         lim = self.limits
         self.routing_table = RoutingTable(self.node_id, bucket_size, depth_modulo,
                                           lim.max_peers_per_prefix_per_bucket, lim.max_peers_per_prefix)
-        self.storage = Storage(self.limits.max_entries, self.limits.max_entries_per_peer)
-        self.cache = Storage(cache_size, cache_size)
+        self.storage = Storage(lim.max_entries, lim.max_entries_per_peer, max_bytes=lim.max_bytes,
+                               max_bytes_per_peer=lim.max_bytes_per_peer, max_bytes_per_ip=lim.max_bytes_per_ip,
+                               max_subkeys_per_key=lim.max_subkeys_per_key, own_id=self.node_id,
+                               is_foreign=self._is_foreign)
+        self.cache = Storage(cache_size, cache_size, max_bytes=lim.max_cache_bytes,
+                             max_bytes_per_peer=lim.max_cache_bytes // 4, max_bytes_per_ip=lim.max_cache_bytes // 2,
+                             max_subkeys_per_key=lim.max_subkeys_per_key)
         self.signature_validator = SignatureValidator(p2p.identity)
         self.validator = CompositeValidator([self.signature_validator, *record_validators])
         # per-identity bookkeeping, all bounded (LRU) and swept by forget_departed()
@@ -437,8 +442,16 @@ class DHTNode:
                 outcome[i] |= self._store_locally(key_id, item, now, origin=self.peer_id) is True
         return outcome
 
-    def _store_locally(self, key_id: int, item: StoreItem, now: float, origin: Any) -> bool | str:
-        """Validate and store one incoming item; True, False (older than ours) or a refusal reason."""
+    def _is_foreign(self, key_id: int) -> bool:
+        """Whether ``num_replicas`` known peers are closer to ``key_id`` than we are (storage evicts such
+        keys first when full: their closest nodes hold them)."""
+        nearest = self.routing_table.nearest(key_id, self.num_replicas)
+        return len(nearest) >= self.num_replicas and self.node_id ^ key_id > nearest[-1][1] ^ key_id
+
+    def _store_locally(self, key_id: int, item: StoreItem, now: float, origin: Any,
+                       source: str | None = None) -> bool | str:
+        """Validate and store one incoming item; True, False (older than ours) or a refusal reason.
+        ``origin``: the storing peer, ``source``: its address range (per-peer and per-range budgets)."""
         if len(item.value) > self.limits.max_value_size:
             return f"value of {len(item.value)} bytes exceeds the limit of {self.limits.max_value_size}"
         if item.expiration_time > now + self.limits.max_ttl:
@@ -451,7 +464,7 @@ class DHTNode:
             return f"invalid record: {e}"
         target = self.cache if item.in_cache else self.storage
         try:
-            return target.store(key_id, item.key, item.subkey, item.value, item.expiration_time, now, origin)
+            return target.store(key_id, item.key, item.subkey, item.value, item.expiration_time, now, origin, source)
         except StoreRefused as e:
             return str(e)
 
@@ -496,11 +509,16 @@ class DHTNode:
         if best is None:
             return None
         if best.regular is not None:  # dictionaries grow across peers: a cached copy would hide new subkeys
-            self.cache.store(key_id, key_bytes, None, *best.regular, now, origin=None)
+            try:
+                self.cache.store(key_id, key_bytes, None, *best.regular, now, origin=None)
+            except StoreRefused:
+                pass  # the cache is full of what we looked up ourselves: not cached
         return self._to_user_value(best)
 
     def _merge(self, best: Entry | None, entry: Entry | None, key_bytes: bytes) -> Entry | None:
-        """Merge a (validated) entry into the best so far: newest regular value or subkey wins."""
+        """Merge a (validated) entry into the best so far: the newest version of each subkey wins; a
+        regular value wins over a dictionary only if newer than every subkey and if the dictionary has
+        no signed subkey (so a replica's fake "newer" value cannot hide signed subkeys)."""
         if entry is None:
             return best
         now = self.clock()
@@ -518,6 +536,10 @@ class DHTNode:
         if best is None:
             return valid
         if valid.regular is not None or best.regular is not None:
+            if valid.has_signed_subkeys:
+                return valid
+            if best.has_signed_subkeys:
+                return best
             return valid if valid.expiration_time > best.expiration_time else best
         merged = Entry(key_bytes, subkeys=dict(best.subkeys))
         for subkey, (value, exp) in valid.subkeys.items():
@@ -552,6 +574,12 @@ class DHTNode:
     async def _cache_at(self, peer_id: PeerID, key_id: int, entry: Entry) -> None:
         items = [[entry.key_bytes, None, *entry.regular, True]] if entry.regular else \
             [[entry.key_bytes, s, v, e, True] for s, (v, e) in entry.subkeys.items()]
+        budget, size = self.limits.max_find_reply_bytes, 0  # a store request within the message limit too
+        for count, item in enumerate(items):
+            size += len(item[0]) + len(item[1] or b"") + len(item[2]) + 32
+            if size > budget:
+                items = items[:count]
+                break
         try:
             await self._call(peer_id, "dht.store", self._request(items=items[:self.limits.max_items_per_store]))
         except (P2PError, asyncio.TimeoutError):
@@ -571,11 +599,13 @@ class DHTNode:
             bucket = self._buckets[ctx.peer_id] = _TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
         allowed = bucket.take(len(items), time.monotonic())
         answers: list[bool | str] = []
+        # storage budgets count every address range, loopback and private ones included
+        source = prefix_of(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint), local_too=True)
         for index, item in enumerate(items):
             if index >= allowed:
                 answers.append("rate limit: too many stores from this peer, retry later")
                 continue
-            answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id))
+            answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id, source=source))
         self._on_inbound_call(ctx, server)
         near = parse_store_near(request)
         if near is not None and items:
@@ -592,10 +622,17 @@ class DHTNode:
         self._charge_finds(ctx, len(keys))
         now = self.clock()
         results = []
+        # the reply stays far below the message limit whatever we hold: entries share a byte budget
+        # (a dictionary sends its smallest subkeys first, see protocol.encode_entry_within)
+        limits = self.p2p.limits
+        budget = min(self.limits.max_find_reply_bytes,
+                     min(limits.max_message_size, getattr(limits, "stream_memory", limits.max_message_size)) // 2)
         for raw in keys:
             key_id = DHTID.from_bytes20(raw)
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
-            results.append([encode_entry(entry), self._contacts_near(key_id, k, ctx.peer_id)])
+            encoded, used = encode_entry_within(entry, budget)
+            budget -= used
+            results.append([encoded, self._contacts_near(key_id, k, ctx.peer_id)])
         self._on_inbound_call(ctx, server)
         return {"v": VERSION, "results": results}
 

@@ -11,7 +11,10 @@ method         request -> response
 =============  ======================================================================================
 
 ``key``, ``subkey`` and ``value`` are msgpack bytes; an ``entry`` is ``[key, value, expiration]``
-for a regular value or ``[key, [[subkey, value, expiration], ...]]`` for a dictionary. ``server``
+for a regular value or ``[key, [[subkey, value, expiration], ...]]`` for a dictionary, or
+``[key, [...], omitted]`` for a dictionary cut to fit the reply (``omitted`` subkeys left out: a
+find reply's entries fit in ``DHTLimits.max_find_reply_bytes``, smallest subkeys first, so a key can
+never be made unreadable by large subkeys; a regular value that does not fit is sent as None). ``server``
 says whether the sender accepts inbound calls (client-mode peers are never put in routing tables).
 The caller's PeerID is not in the message: the transport authenticated it.
 """
@@ -27,7 +30,7 @@ from .identity import IdentityError, PeerID
 from .storage import Entry
 
 __all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_store_near", "parse_store_contacts", "parse_find",
-           "encode_entry", "decode_entry", "parse_find_response", "parse_store_response", "StoreItem"]
+           "encode_entry", "encode_entry_within", "decode_entry", "parse_find_response", "parse_store_response", "StoreItem"]
 
 VERSION = 1
 
@@ -43,11 +46,21 @@ class DHTLimits:
     max_ttl: float = 30 * 86400.0  # expirations further in the future are "absurd" and refused
     max_entries: int = 200_000  # stored entries (each subkey counts)
     max_entries_per_peer: int = 20_000  # entries stored on behalf of one peer
+    # stored bytes (key + subkey + value + storage.RECORD_OVERHEAD per record): in total, per storing
+    # peer, per source address range (/24 IPv4, /48 IPv6); see dht.storage for the eviction order
+    max_bytes: int = 256 << 20
+    max_bytes_per_peer: int = 16 << 20
+    max_bytes_per_ip: int = 32 << 20
+    max_subkeys_per_key: int = 1000  # over it, the source with the most subkeys under the key loses its oldest
+    max_cache_bytes: int = 32 << 20  # the cache of looked-up values (a quarter per peer, half per address range)
+    max_find_reply_bytes: int = 8 << 20  # entries of one find reply (also at most half the P2P message limit)
     store_rate: float = 5000.0  # items per second one peer may store here (token bucket)
     store_burst: float = 50_000.0
     # routing-table admission and per-caller work (dht.admission): Sybil limits, bounded work per message
     max_peers_per_prefix_per_bucket: int = 2  # table slots (spares included) per /24 (IPv4) or /48 (IPv6) per bucket
     max_peers_per_prefix: int = 8  # same, in the whole table
+    max_lookup_peers_per_prefix: int = 4  # contacts of one prefix considered by one lookup
+    max_lookup_queries: int = 256  # RPCs one lookup may send
     diversity_for_local_addresses: bool = False  # apply the per-prefix limits to loopback/private addresses too
     dial_back_concurrency: int = 8  # callers verified (dialled back) at once
     max_pending_dial_backs: int = 256  # callers waiting to be verified; more are ignored
@@ -124,12 +137,43 @@ def parse_find(request: Any, limits: DHTLimits) -> tuple[bool, list[bytes], int]
     return request.get("server", False), keys, k
 
 
+_ITEM_OVERHEAD = 24  # msgpack bytes around one [subkey, value, expiration] (array, bin headers, float64)
+
+
 def encode_entry(entry: Entry | None) -> list | None:
+    """An entry as the wire carries it, whole."""
+    return encode_entry_within(entry, None)[0]
+
+
+def encode_entry_within(entry: Entry | None, max_bytes: int | None) -> tuple[list | None, int]:
+    """An entry cut to at most about ``max_bytes`` bytes of msgpack (None: no limit), and its size.
+
+    A dictionary keeps its smallest subkeys first (then the latest-expiring), so every subkey of at
+    most ``max_bytes / number of subkeys`` bytes is always sent whatever else the key holds; the rest
+    is counted in the third element. A regular value that does not fit is sent as None."""
     if entry is None:
-        return None
+        return None, 0
+    limit = float("inf") if max_bytes is None else max_bytes
+    used = len(entry.key_bytes) + _ITEM_OVERHEAD
     if entry.regular is not None:
-        return [entry.key_bytes, entry.regular[0], entry.regular[1]]
-    return [entry.key_bytes, [[s, v, e] for s, (v, e) in entry.subkeys.items()]]
+        used += len(entry.regular[0])
+        if used > limit:
+            return None, 0
+        return [entry.key_bytes, entry.regular[0], entry.regular[1]], used
+    if max_bytes is None:
+        return [entry.key_bytes, [[s, v, e] for s, (v, e) in entry.subkeys.items()]], \
+            used + sum(len(s) + len(v) + _ITEM_OVERHEAD for s, (v, _) in entry.subkeys.items())
+    items = sorted(entry.subkeys.items(), key=lambda item: (len(item[0]) + len(item[1][0]), -item[1][1]))
+    sent = []
+    for subkey, (value, exp) in items:
+        size = len(subkey) + len(value) + _ITEM_OVERHEAD
+        if used + size > limit:
+            break
+        used += size
+        sent.append([subkey, value, exp])
+    if len(sent) < len(items):
+        return [entry.key_bytes, sent, len(items) - len(sent)], used + 9
+    return [entry.key_bytes, sent], used
 
 
 def decode_entry(data: Any) -> Entry | None:
@@ -137,11 +181,12 @@ def decode_entry(data: Any) -> Entry | None:
     if data is None:
         return None
     try:
-        if len(data) == 3:
+        if len(data) == 3 and not isinstance(data[1], list):
             key, value, exp = data
             if isinstance(key, bytes) and isinstance(value, bytes) and _finite(exp):
                 return Entry(key, regular=(value, float(exp)))
-        elif len(data) == 2 and isinstance(data[0], bytes) and isinstance(data[1], list) and len(data[1]) <= 65536:
+        elif (len(data) == 2 or (len(data) == 3 and isinstance(data[2], int) and not isinstance(data[2], bool))) \
+                and isinstance(data[0], bytes) and isinstance(data[1], list) and len(data[1]) <= 65536:
             entry = Entry(data[0])
             for subkey, value, exp in data[1]:
                 if not (isinstance(subkey, bytes) and isinstance(value, bytes) and _finite(exp)):

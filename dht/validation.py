@@ -24,7 +24,7 @@ import msgpack
 from .identity import Identity, b58decode, b58encode, verify_signature
 
 __all__ = ["DHTRecord", "ValidationError", "RecordValidator", "CompositeValidator", "SignatureValidator",
-           "SchemaValidator"]
+           "SchemaValidator", "has_owner_marker"]
 
 
 class ValidationError(ValueError):
@@ -89,6 +89,20 @@ class CompositeValidator(RecordValidator):
 _OWNER = re.compile(rb"\[owner:([1-9A-HJ-NP-Za-km-z]{40,50})\]")
 _SIG_PREFIX = b"[signature:"
 _SIG_SUFFIX_LEN = len(_SIG_PREFIX) + 64 + 1
+
+
+def has_owner_marker(data: bytes | None) -> bool:
+    """Whether ``data`` (a serialized key or subkey) carries a well-formed ``[owner:...]`` marker, i.e.
+    whether records under it must be signed (storage protects such subkeys from being replaced)."""
+    if data is None or b"[owner:" not in data:
+        return False
+    for match in _OWNER.finditer(data):
+        try:
+            b58decode(match.group(1).decode())
+            return True
+        except ValueError:
+            continue
+    return False
 
 
 class SignatureValidator(RecordValidator):

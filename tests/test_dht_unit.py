@@ -237,9 +237,13 @@ def test_quotas_per_peer_and_total():
     assert s.store(1, b"k1", None, b"v2", 11.0, now=0.0, origin="p")  # replacing does not count twice
     s.store(3, b"k3", None, b"v", 10.0, now=0.0, origin="q")
     s.store(4, b"k4", None, b"v", 30.0, now=0.0, origin="q")
+    # full: a newcomer's store evicts the oldest record of the peer holding the most bytes (p: k2),
+    # and the heaviest peer itself is refused
+    assert s.store(5, b"k5", None, b"v", 10.0, now=0.0, origin="r")
+    assert s.get(2, 0.0) is None and s.get(1, 0.0) is not None and len(s) == 4
+    assert s.store(5, b"k5", None, b"v" * 2000, 10.5, now=0.0, origin="r")  # r: the most bytes now
     with pytest.raises(StoreRefused, match="full"):
-        s.store(5, b"k5", None, b"v", 10.0, now=0.0, origin="r")
-    assert len(s) == 4
+        s.store(8, b"k8", None, b"v", 10.0, now=0.0, origin="r")
     # expired entries free their quota (also when a get noticed the expiry first)
     assert s.get(1, 12.0) is None and s.get(2, 12.0) is None
     assert len(s) == 1
