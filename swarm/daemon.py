@@ -1,23 +1,34 @@
 """The peer daemon behind ``swarm join``: load a task, join (or create) its run, train until stopped.
 
-Steps, each with a clear message when it fails (exit codes: 2 bad task, 3 run/task mismatch,
-4 network, 5 checkpoint, 130 interrupted):
+Steps, each with a clear message when it fails (exit codes: 2 bad task or arguments, 3 run/task
+mismatch, 4 network, 5 checkpoint, 130 interrupted):
 
-1. load the task (:func:`swarm.task.load_task`) and hash its code;
-2. start a DHT peer and join through ``--initial-peers``;
-3. find the run's announcement: none -> this peer creates the run and says so; otherwise refuse to go
-   on if the announced task hash differs from ours;
-4. build the model (seeded by the run id, so all peers start from the same parameters) and the
-   :class:`swarm.Optimizer`; resume from the newest checkpoint in ``--checkpoint-dir`` if any; then
-   download the swarm's state if the swarm is ahead;
-5. train: a live progress line, evaluation every ``task.eval_every`` epochs, checkpoints every
-   ``--checkpoint-every`` epochs and on exit; stop on Ctrl-C/SIGTERM, ``--max-epochs``,
-   ``--max-seconds`` or (``--stop-at-target``) when the task's target is met.
+1. load the task (:func:`swarm.task.load_task`), hash its code and check the arguments;
+2. build the model (seeded by the run id, so all peers start from the same parameters) and run one
+   batch through ``data``, the model, ``loss`` and ``optimizer`` ("task error in loss(): ..."),
+   all before any networking;
+3. start a DHT peer and join through ``--initial-peers`` (Ctrl-C is honoured at once while waiting);
+4. find the run's announcement: none -> this peer creates the run and says so; otherwise refuse to go
+   on (one line per field) if the announced task hash or a pinned setting differs from ours: the
+   task attribute, the optimizer mode and options (:data:`swarm.optimizer.PINNED_OPTIONS`), the
+   task's ``batch_size`` and ``target_batch_size``, and the hyperparameters;
+5. build the :class:`swarm.Optimizer`; resume from the newest checkpoint in ``--checkpoint-dir`` if
+   any; then download the swarm's state from a live donor if the swarm is ahead (retried for a while
+   rather than starting at epoch 0 while live donors exist);
+6. train: a live progress line, evaluation every ``task.eval_every`` epochs, checkpoints every
+   ``--checkpoint-every`` epochs and on exit; stop on Ctrl-C/SIGTERM/SIGHUP, ``--max-epochs``,
+   ``--max-seconds`` or (``--stop-at-target``) when the task's target is met. Every way out
+   announces the departure (progress record, state announcement), so the others do not wait for it.
+
+Without ``--threads``, torch gets ``max(1, cores // local swarm peers)`` threads
+(:mod:`swarm.local_peers`), re-checked every ``THREADS_RECHECK`` seconds while training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -27,13 +38,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["run_join", "default_identity_path", "add_join_arguments"]
 
 logger = logging.getLogger("swarm.join")
 
 EXIT_TASK, EXIT_RUN, EXIT_NETWORK, EXIT_CHECKPOINT = 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+THREADS_RECHECK = 10.0  # seconds between two counts of the local peers (default --threads only)
+CATCH_UP_PATIENCE = 30.0  # seconds a joiner keeps trying live donors before it trains from its own epoch
+# options the daemon sets itself (a task's optimizer_options must not)
+_DAEMON_OPTIONS = ("target_batch_size", "batch_size_per_step", "client_mode", "bandwidth")
 
 
 def default_identity_path() -> Path:
@@ -72,7 +88,8 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at-target", action="store_true", help="stop once the task's target metric is met")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="train on data shard I of N (default: a shard picked from this peer's id out of 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(4, CPU count))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the CPU cores divided among the swarm peers on this machine)")
     p.add_argument("--matchmaking-time", type=float, default=None, help="seconds to wait for a group (default 3)")
     p.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="append one JSON line per epoch (time, epoch, loss, evaluation, bytes) to PATH")
@@ -85,46 +102,237 @@ class _Fatal(Exception):
         self.code = code
 
 
-def run_join(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+class _Interrupted(Exception):
+    """A signal arrived while the daemon waited on the network before training."""
+
+
+class _Signals:
+    """SIGINT/SIGTERM/SIGHUP set ``stop`` (the training loop ends at the next step); inside
+    :meth:`interruptible` (blocking network waits before training) they also raise at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._raise = False
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.stop.set()
+        if self._raise:
+            self._raise = False  # once: the cleanup that follows runs undisturbed
+            raise _Interrupted(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.stop.is_set():
+            raise _Interrupted("signal")
+        self._raise = True
         try:
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            yield
+        finally:
+            self._raise = False
+
+
+def run_join(args: argparse.Namespace) -> int:
+    signals = _Signals()
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, signals.handle)
         except (ValueError, OSError):  # not the main thread, or unsupported
             pass
     try:
-        return _join(args, stop)
+        return _join(args, signals)
     except _Fatal as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.code
+    except _Interrupted:
+        print("interrupted: left before training started", flush=True)
+        return EXIT_INTERRUPTED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _join(args: argparse.Namespace, stop: threading.Event) -> int:
-    from .task import TaskLoadError, load_task, task_code_hash
+def _parse_arguments(args: argparse.Namespace) -> tuple[int, int]:
+    """Check the numeric arguments before anything else happens; returns (shard, num_shards)."""
+    def bad(message: str) -> _Fatal:
+        return _Fatal(EXIT_TASK, message)
+
+    if args.shard:
+        try:
+            shard, num_shards = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise bad(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
+        if not 0 <= shard < num_shards:
+            raise bad(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+    else:
+        shard, num_shards = 0, 1
+    for name, minimum in (("batch_size", 1), ("threads", 1), ("checkpoint_every", 1), ("max_epochs", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise bad(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    for name in ("max_seconds", "matchmaking_time", "bandwidth"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise bad(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    return shard, num_shards
+
+
+def _optimizer_options(task: Any, args: argparse.Namespace) -> tuple[dict, dict]:
+    """(options for :class:`swarm.Optimizer`, the pinned ones) from the task and the arguments."""
+    from .optimizer import pinned_options
+
+    options: dict[str, Any] = dict(task.optimizer_options)
+    reserved = sorted(set(options) & set(_DAEMON_OPTIONS))
+    if reserved:
+        raise _Fatal(EXIT_TASK, f"task error in optimizer_options: {', '.join(map(repr, reserved))} is set by "
+                                "swarm join itself (from the Task's fields and the command line)")
+    if args.matchmaking_time is not None:
+        options["matchmaking_time"] = args.matchmaking_time
+    try:
+        pinned = pinned_options(options)
+    except TypeError as e:
+        raise _Fatal(EXIT_TASK, f"task error in optimizer_options: {e}") from None
+    if pinned["mode"] not in ("sync", "diloco"):
+        raise _Fatal(EXIT_TASK, f"task error in optimizer_options: mode must be 'sync' or 'diloco', "
+                                f"got {pinned['mode']!r}")
+    return options, pinned
+
+
+def _describe_error(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
+
+
+def _to_device(batch: Any, device: Any) -> Any:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _check_task(task: Any, model: Any, device: Any, batch_size: int | None, shard: int, num_shards: int) -> None:
+    """Run one batch through ``data``, the model, ``loss`` (with a backward pass) and ``optimizer``, on
+    a copy of the model (the real one stays untouched): a task error shows before any networking."""
+    import torch
+
+    def fail(where: str, e: BaseException) -> _Fatal:
+        return _Fatal(EXIT_TASK, f"task error in {where}: {_describe_error(e)}")
+
+    try:
+        trial = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied: build another
+        try:
+            trial = task.model().to(device)
+        except Exception as e:  # noqa: BLE001
+            raise fail("model()", e) from None
+    size = batch_size or task.batch_size
+    batches = None
+    try:
+        batches = iter(task.data(shard, num_shards, size, 0))
+        batch = next(batches)
+    except StopIteration:
+        raise _Fatal(EXIT_TASK, f"task error in data(): data({shard}, {num_shards}, {size}, seed) yielded no "
+                                "batch") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is reported
+        raise fail("data()", e) from None
+    finally:
+        close = getattr(batches, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+    batch = _to_device(batch, device)
+    try:
+        samples = task.samples_in(batch)
+        if samples <= 0:
+            raise ValueError(f"a batch holds {samples} samples")
+    except Exception as e:  # noqa: BLE001
+        raise fail("count_samples()" if task.count_samples is not None else "data() (counting a batch's samples)",
+                   e) from None
+    trial.train()
+    try:
+        loss = task.loss(trial, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss() must return a scalar tensor, got "
+                            f"{'a tensor of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        if not loss.requires_grad:
+            raise TypeError("the loss does not depend on the model's parameters (it has no gradient)")
+        loss.backward()
+    except Exception as e:  # noqa: BLE001
+        raise fail("loss()", e) from None
+    try:
+        optimizer = task.optimizer(list(trial.parameters()))
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer() must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    except Exception as e:  # noqa: BLE001
+        raise fail("optimizer()", e) from None
+    del trial, optimizer, loss
+
+
+def _choose_threads(args: argparse.Namespace, local: Any) -> int:
+    import torch
+
+    from .local_peers import available_cores, default_threads
+
+    if args.threads is not None:
+        threads = args.threads
+        print(f"torch threads: {threads} (--threads)", flush=True)
+    else:
+        peers = local.count()
+        threads = default_threads(peers)
+        print(f"torch threads: {threads} ({available_cores()} CPU cores shared by {peers} local swarm "
+              f"peer{'s' if peers != 1 else ''}; --threads N to choose)", flush=True)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _join(args: argparse.Namespace, signals: _Signals) -> int:
+    from .local_peers import LocalPeers
+    from .task import TaskLoadError, load_task, split_task_ref, task_code_hash
 
     try:
         task = load_task(args.task)
         code_hash = task_code_hash(args.task, task)
     except TaskLoadError as e:
         raise _Fatal(EXIT_TASK, str(e)) from None
+    shard, num_shards = _parse_arguments(args)
+    options, pinned = _optimizer_options(task, args)
     import torch
 
-    threads = args.threads or min(4, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Fatal(EXIT_TASK, "--device cuda was asked for, but torch sees no CUDA device")
     device = torch.device(args.device)
     run_id = args.run_id or task.name
-    identity = Path(args.identity or default_identity_path())
-    lock = _lock_identity(identity)
+    local = LocalPeers(default_identity_path().parent / "peers")
     try:
-        return _join_with_identity(args, stop, task, code_hash, identity, run_id, device)
+        _choose_threads(args, local)
+        seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "little")
+        torch.manual_seed(seed)  # every peer of the run starts from the same parameters
+        try:
+            model = task.model().to(device)
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise _Fatal(EXIT_TASK, f"task error in model(): {_describe_error(e)}") from None
+        _check_task(task, model, device, args.batch_size, shard, num_shards)
+        settings = {"task attribute": split_task_ref(args.task)[1], "batch_size": task.batch_size,
+                    "target_batch_size": task.target_batch_size,
+                    **{f"optimizer {name}": value for name, value in pinned.items()}}
+        identity = Path(args.identity or default_identity_path())
+        lock = _lock_identity(identity)
+        try:
+            return _join_with_identity(args, signals, task, code_hash, identity, run_id, device, model, options,
+                                       settings, shard, num_shards, local)
+        finally:
+            lock.unlink(missing_ok=True)
     finally:
-        lock.unlink(missing_ok=True)
+        local.close()
 
 
 def _lock_identity(identity: Path) -> Path:
@@ -152,18 +360,18 @@ def _lock_identity(identity: Path) -> Path:
     raise _Fatal(EXIT_TASK, f"cannot lock identity {identity} ({lock})")
 
 
-def _join_with_identity(args, stop, task, code_hash, identity, run_id, device) -> int:
-    import torch
-
+def _join_with_identity(args, signals, task, code_hash, identity, run_id, device, model, options, settings,
+                        shard, num_shards, local) -> int:
     from dht import DHT, P2PError
 
     from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
     from .optimizer import Optimizer
-    from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run
+    from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run, settings_differences
 
     try:
-        dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port, identity_path=identity,
-                  client_mode=args.client_mode)
+        with signals.interruptible():
+            dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port, identity_path=identity,
+                      client_mode=args.client_mode)
     except (P2PError, OSError, ValueError) as e:
         raise _Fatal(EXIT_NETWORK, f"could not join the swarm: {e}") from None
     announcer = opt = None
@@ -171,29 +379,30 @@ def _join_with_identity(args, stop, task, code_hash, identity, run_id, device) -
         print(f"peer {dht.peer_id}" + ("" if args.client_mode else " reachable at:"), flush=True)
         for address in dht.get_visible_addresses():
             print(f"  {address}", flush=True)
-        announcement = find_run(dht, run_id)
+        with signals.interruptible():
+            announcement = find_run(dht, run_id)
         if announcement is None:
             announcement = RunAnnouncement(run_id, args.task, code_hash, str(dht.peer_id), time.time(),
-                                           task.target_batch_size, dict(task.hyperparameters))
-            announce_run(dht, announcement)
+                                           task.target_batch_size, dict(task.hyperparameters), dict(settings))
+            with signals.interruptible():
+                announce_run(dht, announcement)
             announcer = RunAnnouncer(dht, announcement)
             print(f"run {run_id!r} is new: this peer created it (task {args.task}, code {code_hash[:12]})", flush=True)
-        elif announcement.task_hash != code_hash:
-            raise _Fatal(EXIT_RUN, f"run {run_id!r} was announced with task code {announcement.task_hash[:12]} "
-                                   f"(task {announcement.task!r}), but {args.task} hashes to {code_hash[:12]}: "
-                                   "refusing to train different code in the same run")
         else:
+            differences = settings_differences(announcement, args.task, code_hash, settings,
+                                               dict(task.hyperparameters))
+            if differences:
+                raise _Fatal(EXIT_RUN, f"refusing to join run {run_id!r}: it differs from this peer in "
+                                       f"{len(differences)} field{'s' if len(differences) != 1 else ''} (give this "
+                                       "peer the run's task and settings, or another --run-id):\n  " +
+                                       "\n  ".join(differences))
             print(f"joining run {run_id!r} created by {announcement.creator} (task code {code_hash[:12]} matches)",
                   flush=True)
+            if announcement.settings:
+                print(f"  and so do the run's {len(announcement.settings)} pinned settings", flush=True)
             if announcement.creator == str(dht.peer_id):
                 announcer = RunAnnouncer(dht, announcement)
 
-        seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "little")
-        torch.manual_seed(seed)  # every peer of the run starts from the same parameters
-        model = task.model().to(device)
-        options: dict[str, Any] = dict(task.optimizer_options)
-        if args.matchmaking_time is not None:
-            options["matchmaking_time"] = args.matchmaking_time
         opt = Optimizer(dht=dht, run_id=run_id, optimizer=task.optimizer, params=model.parameters(),
                         target_batch_size=task.target_batch_size, batch_size_per_step=args.batch_size or task.batch_size,
                         client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
@@ -207,22 +416,12 @@ def _join_with_identity(args, stop, task, code_hash, identity, run_id, device) -
             except (CheckpointError, ValueError, RuntimeError, KeyError) as e:
                 raise _Fatal(EXIT_CHECKPOINT, f"cannot resume from {args.checkpoint_dir}: {e} (move the file away "
                                               "to start without it)") from None
-        progress = opt.tracker.refresh()
-        if progress.epoch > opt.local_epoch:
-            print(f"the swarm is at epoch {progress.epoch}: downloading its state...", flush=True)
-            if opt.load_state_from_peers():
-                print(f"downloaded the swarm's state; joining at epoch {opt.local_epoch}", flush=True)
+        with signals.interruptible():
+            _catch_up_at_start(opt)
 
-        if args.shard:
-            try:
-                shard, num_shards = (int(v) for v in args.shard.split("/"))
-                assert 0 <= shard < num_shards
-            except (ValueError, AssertionError):
-                raise _Fatal(EXIT_TASK, f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
-        else:
-            shard, num_shards = 0, 1
         data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.raw).digest()[:4], "little")
-        return _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_seed, run_id, save_checkpoint)
+        return _train(args, task, model, opt, dht, signals.stop, device, shard, num_shards, data_seed, run_id,
+                      save_checkpoint, local)
     finally:
         if opt is not None:
             opt.shutdown()
@@ -231,23 +430,40 @@ def _join_with_identity(args, stop, task, code_hash, identity, run_id, device) -
         dht.shutdown()
 
 
-def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_seed, run_id, save_checkpoint) -> int:
+def _catch_up_at_start(opt: Any) -> None:
+    """If the swarm is ahead, download its state from a live donor; while live donors exist, keep
+    trying (up to ``CATCH_UP_PATIENCE`` s) rather than train from this peer's own epoch."""
+    deadline = time.monotonic() + CATCH_UP_PATIENCE
+    progress = opt.tracker.refresh()
+    if progress.epoch <= opt.local_epoch:
+        return
+    print(f"the swarm is at epoch {progress.epoch}: downloading its state...", flush=True)
+    while True:
+        if opt.load_state_from_peers():
+            print(f"downloaded the swarm's state; joining at epoch {opt.local_epoch}", flush=True)
+            return
+        progress = opt.tracker.refresh()
+        if progress.epoch <= opt.local_epoch or time.monotonic() > deadline or not opt.live_donors():
+            break
+        time.sleep(1.0)  # the donors were busy or just died: the view drops dead ones within seconds
+    print(f"no live peer could give the swarm's state yet: training from epoch {opt.local_epoch}, "
+          "catching up later", flush=True)
+
+
+def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_seed, run_id, save_checkpoint,
+           local) -> int:
     import torch
 
+    from .local_peers import default_threads
+
     started = time.monotonic()
+    threads_checked = started
     metrics_file = open(args.metrics_file, "a", buffering=1) if args.metrics_file else None
     batches = task.batches(shard, num_shards, args.batch_size, data_seed)
     last_line = 0.0
     last_eval: dict = {}
     last_checkpoint_epoch = opt.local_epoch
     reason = "stopped"
-
-    def to_device(batch):
-        if isinstance(batch, torch.Tensor):
-            return batch.to(device)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(to_device(b) for b in batch)
-        return batch
 
     def checkpoint() -> None:
         nonlocal last_checkpoint_epoch
@@ -258,7 +474,14 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
 
     try:
         while not stop.is_set():
-            batch = to_device(next(batches))
+            if args.threads is None and time.monotonic() - threads_checked > THREADS_RECHECK:
+                threads_checked = time.monotonic()
+                peers, threads = local.count(), torch.get_num_threads()
+                if default_threads(peers) != threads:
+                    torch.set_num_threads(default_threads(peers))
+                    logger.info("torch threads: %d -> %d (%d local swarm peers now)", threads, default_threads(peers),
+                                peers)
+            batch = _to_device(next(batches), device)
             model.train()
             loss = task.loss(model, batch)
             if not torch.isfinite(loss):
@@ -307,4 +530,4 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
             if metrics_file is not None:
                 metrics_file.close()
     print(f"{reason}; epoch {opt.local_epoch}, {(opt.bytes_sent + opt.bytes_received) / 1e6:.1f} MB exchanged", flush=True)
-    return 130 if reason.startswith("interrupted") else 0
+    return EXIT_INTERRUPTED if reason.startswith("interrupted") else 0

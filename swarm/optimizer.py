@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
+import inspect
 import logging
 import math
 import time
@@ -51,7 +53,7 @@ from .state import StateFormatError, TrainingState, optimizer_state_from_tensors
     pack_state, state_hash, unpack_state
 from .state_sharing import StateDownloadError, StateSharing
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "PINNED_OPTIONS", "pinned_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,33 @@ def _shutdown_at_exit() -> None:
             opt.shutdown(timeout=5.0)
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
+
+
+# the options every peer of a run must share (a run announcement pins them): the rest
+# (matchmaking_time, client_mode, bandwidth, load_state_timeout, share_state, verbose) is per peer
+PINNED_OPTIONS = ("mode", "inner_steps", "outer_lr", "outer_momentum", "overlap", "averaging_timeout",
+                  "target_group_size", "compression", "aggregator", "average_state_every")
+
+
+def pinned_options(options: dict) -> dict[str, Any]:
+    """The :data:`PINNED_OPTIONS` of an ``Optimizer(**options)``, defaults filled in, as scalars
+    (a codec or aggregator object as its type and repr). Raises TypeError naming an unknown option."""
+    parameters = inspect.signature(Optimizer.__init__).parameters
+    unknown = sorted(set(options) - set(parameters) | set(options) & {"self", "dht", "run_id", "optimizer", "params"})
+    if unknown:
+        raise TypeError(f"unknown optimizer option(s) {', '.join(map(repr, unknown))} (known: "
+                        f"{', '.join(n for n in parameters if n not in ('self', 'dht', 'run_id', 'optimizer', 'params'))})")
+    pinned = {}
+    for name in PINNED_OPTIONS:
+        value = options.get(name, parameters[name].default)
+        if name == "compression" and value == "auto":
+            value = "float16" if pinned["mode"] == "diloco" else None
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            text = repr(value)
+            value = f"{type(value).__module__}.{type(value).__qualname__}" + (
+                f" {text[:120]}" if " at 0x" not in text else "")
+        pinned[name] = value
+    return pinned
 
 
 class Optimizer:
@@ -122,6 +151,7 @@ class Optimizer:
         self.inner_steps, self.overlap = inner_steps, overlap
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self.matchmaking_timeout = 3 * matchmaking_time  # then give up on the group and step with local values
+        self.alone_grace = 0.5  # s without any other peer online before a round is given up
         self.max_group_size = target_group_size
         self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
         self.client_mode = dht.client_mode if client_mode is None else client_mode
@@ -234,12 +264,25 @@ class Optimizer:
         """The packed state (what checkpoints hold and joiners download)."""
         return pack_state(self._training_state())
 
+    def live_donors(self) -> list:
+        """The peers that announce a state and are online in the progress view (:class:`swarm.state_sharing.Donor`)."""
+        online = self.tracker.online_peers()
+        try:
+            return [d for d in self.sharing.donors() if str(d.peer_id) in online]
+        except Exception as e:  # noqa: BLE001 - the DHT may be briefly unreachable
+            logger.debug("could not read the state announcements: %s", e)
+            return []
+
     def load_state_from_peers(self, min_epoch: int | None = None) -> bool:
         """Download the swarm's agreed state (newest epoch, majority hash) from peers and adopt it.
         Returns False when no peer offers a state at ``min_epoch`` (default: this peer's epoch + 1)."""
         min_epoch = self.local_epoch + 1 if min_epoch is None else min_epoch
-        try:
-            found = self.sharing.download(min_epoch=min_epoch, timeout=self.load_state_timeout)
+        if not self.tracker.global_progress.fetched_at:
+            self.tracker.refresh()  # right after start: no view of who is online yet
+        online = self.tracker.online_peers()
+        try:  # only donors online: a dead donor's announcement outlives it by up to a minute
+            found = self.sharing.download(min_epoch=min_epoch, timeout=self.load_state_timeout,
+                                          alive=lambda donor: str(donor.peer_id) in online)
         except StateDownloadError as e:
             # the newest epoch's donors are unreachable (their records outlive them by up to a minute):
             # train on at this epoch and retry in a few seconds rather than stall the training
@@ -338,10 +381,10 @@ class Optimizer:
                 # a live peer whose latest report we have predates our epoch: when epochs are shorter
                 # than the progress refresh, it most likely entered this epoch with us; count its speed
                 samples += int(r.samples_per_second * min(now - self._epoch_started, 2.0))
-        # peers that reported recently: our view of their epoch may be stale by a few epochs when
-        # epochs are short, and a peer that is truly behind catches up by downloading the state
-        peers = sum(1 for r in others if progress.fetched_at - r.time < 10.0)
-        return samples + self.local_samples, peers + 1
+        # every peer online (the tracker drops those not heard from for a few seconds): our view of
+        # their epoch may be stale by a few epochs when epochs are short, and a peer that is truly
+        # behind catches up by downloading the state
+        return samples + self.local_samples, len(others) + 1
 
     def _ready(self, progress: GlobalProgress) -> bool:
         if self._pending is not None:
@@ -364,9 +407,10 @@ class Optimizer:
         averager.target_group_size = max(2, min(self.max_group_size, peers))
         try:
             self._hash_before_round = self.state_hash
-            result = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
-                                   gather=self._gather(),
+            future = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
+                                   gather=self._gather(), wait=False,
                                    matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
+            result = self._wait_for_round(future)
         except AveragingError as e:
             self.last_averaging = e
             logger.warning("averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
@@ -374,6 +418,26 @@ class Optimizer:
         self._account(result)
         self._check_agreement(result)
         return True
+
+    def _wait_for_round(self, future: concurrent.futures.Future) -> Any:
+        """The round's result; the round is cancelled (AveragingError) once the progress view has
+        shown no other peer online for ``alone_grace`` seconds (they left or died: nobody to wait for;
+        live members of a round publish heartbeats, so a round with them is never cancelled this way)."""
+        alone_since = None
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                pass
+            except concurrent.futures.CancelledError:
+                raise AveragingError("the round was cancelled") from None
+            if self.tracker.online_peers() - {str(self.dht.peer_id)}:
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since >= self.alone_grace:
+                future.cancel()
+                raise AveragingError("every other peer left the swarm (none is online in the progress view)")
 
     def _account(self, result: Any) -> None:
         self.last_averaging = result

@@ -4,9 +4,13 @@ Every peer of a run publishes its own record under the DHT dictionary key ``{run
 its owner marker as the subkey (so only it can write its record), and reads everyone's records.
 From them it derives the swarm's :class:`GlobalProgress`: the global epoch (the highest epoch of
 peers that train), the samples the swarm accumulated towards it, the number of peers and the swarm's
-samples/s. Records expire ``expiration`` seconds (default 60) after their last refresh, so peers
-that vanish drop out on their own; a peer that shuts down cleanly overwrites its record with one
-that says it left (``"left": true``), so the others stop counting it at their next refresh.
+samples/s. Records expire ``expiration`` seconds (default 60) after their last refresh; a peer that
+shuts down cleanly overwrites its record with one that says it left (``"left": true``), so the
+others stop counting it at their next refresh. A live peer republishes its record at least every
+``heartbeat`` seconds (default 1), even while it is busy averaging, so a peer killed without a word
+(``kill -9``, a preempted machine) is no longer counted once no new version of its record arrived
+for ``online_window`` seconds (default 4, measured on this peer's own clock, so clock skew between
+machines does not matter); its record stays known until it expires, should it come back.
 
 The tracker runs on the DHT's event loop: publishing and fetching never block the training thread,
 which reads :attr:`ProgressTracker.global_progress` (refreshed every ``refresh_period`` seconds).
@@ -81,10 +85,12 @@ class GlobalProgress:
         return 0.0 if missing == 0 else (missing / self.samples_per_second if self.samples_per_second > 0 else float("inf"))
 
 
-def summarize(records: list[PeerProgress], target_batch_size: int, now: float) -> GlobalProgress:
+def summarize(records: list[PeerProgress], target_batch_size: int, now: float,
+              online_window: float | None = None) -> GlobalProgress:
     """The swarm's progress from the peers' records (pure; used by the tracker and by ``swarm runs``).
-    Records of peers that left are ignored."""
-    records = [r for r in records if not r.left]
+    Records of peers that left are ignored, and with ``online_window`` (seconds) also records whose
+    DHT time is older than that (for a one-off listing; the tracker filters on its own clock)."""
+    records = [r for r in records if not r.left and (online_window is None or now - r.time <= online_window)]
     training = [r for r in records if not r.client_mode] or records
     epoch = max((r.epoch for r in training), default=0)
     at_epoch = [r for r in records if r.epoch == epoch]
@@ -105,17 +111,24 @@ class ProgressTracker:
       is stored in the background (at once when the epoch changes, else at most every
       ``min_publish_period`` seconds, and at least every ``expiration / 3`` seconds).
     - ``global_progress``: the latest :class:`GlobalProgress` (refreshed every ``refresh_period`` s;
-      ``refresh()`` forces a fetch and returns it).
+      ``refresh()`` forces a fetch and returns it). It counts only peers online: a new version of
+      their record arrived within ``online_window`` seconds (this peer's clock), and they did not leave.
+    - ``heartbeat`` (1 s): the longest time between two publications of this peer's record.
     """
 
     def __init__(self, dht: DHT, run_id: str, target_batch_size: int, *, client_mode: bool = False,
-                 refresh_period: float = 0.5, min_publish_period: float = 0.5, expiration: float = 60.0):
+                 refresh_period: float = 0.5, min_publish_period: float = 0.5, expiration: float = 60.0,
+                 heartbeat: float = 1.0, online_window: float = 4.0):
+        if not 0 < heartbeat < online_window:
+            raise ValueError(f"need 0 < heartbeat < online_window, got {heartbeat} and {online_window}")
         self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size
         self.key = progress_key(run_id)
         self.client_mode = client_mode
         self.refresh_period, self.min_publish_period, self.expiration = refresh_period, min_publish_period, expiration
+        self.heartbeat, self.online_window = heartbeat, online_window
         self._local: dict | None = None
         self._known: dict[str, PeerProgress] = {}
+        self._heard: dict[str, float] = {}  # peer id -> time.monotonic() when a new version of its record arrived
         self._local_epoch_published = -1
         self._published_at = 0.0
         self._dirty = asyncio.Event()
@@ -137,6 +150,10 @@ class ProgressTracker:
             self.dht.loop.call_soon_threadsafe(self._dirty.set)
         except RuntimeError:
             pass  # the DHT is shut down
+
+    def online_peers(self) -> set[str]:
+        """Peer ids (base58) of the peers counted in :attr:`global_progress`, this one included."""
+        return {r.peer_id for r in self.global_progress.peers}
 
     def refresh(self, timeout: float = 10.0) -> GlobalProgress:
         """Fetch the swarm's progress now (blocking, at most ``timeout`` seconds)."""
@@ -167,10 +184,16 @@ class ProgressTracker:
                 record = PeerProgress.parse(getattr(item, "value", None))
                 known = self._known.get(record.peer_id) if record is not None else None
                 if record is not None and (known is None or record.time >= known.time):
+                    if known is None:  # first sight: as old as its DHT time says (a dead peer's last word)
+                        self._heard[record.peer_id] = time.monotonic() - min(max(now - record.time, 0.0), self.expiration)
+                    elif record.time > known.time:
+                        self._heard[record.peer_id] = time.monotonic()
                     self._known[record.peer_id] = record
         # a lookup that misses some replicas must not make peers vanish: records stay until they expire
         self._known = {k: r for k, r in self._known.items() if now - r.time < self.expiration}
-        records = list(self._known.values())
+        self._heard = {k: t for k, t in self._heard.items() if k in self._known}
+        heard_since = time.monotonic() - self.online_window
+        records = [r for k, r in self._known.items() if self._heard.get(k, 0.0) >= heard_since]
         if self._local is not None and not any(r.peer_id == self._local["peer_id"] for r in records):
             mine = PeerProgress.parse(dict(self._local, time=get_dht_time()))
             if mine is not None:
@@ -182,7 +205,7 @@ class ProgressTracker:
         next_fetch = 0.0
         while not self._closed:
             try:
-                timeout = max(min(next_fetch - time.monotonic(), self.min_publish_period), 0.0)
+                timeout = max(min(next_fetch - time.monotonic(), self.min_publish_period, self.heartbeat), 0.0)
                 try:
                     await asyncio.wait_for(self._dirty.wait(), timeout)
                 except asyncio.TimeoutError:
@@ -196,8 +219,8 @@ class ProgressTracker:
                         await self._publish(node)
                     else:
                         await asyncio.sleep(wait)  # throttled: publish on the next pass
-                elif local is not None and now - self._published_at >= self.expiration / 3:
-                    await self._publish(node)
+                elif local is not None and now - self._published_at >= min(self.heartbeat, self.expiration / 3):
+                    await self._publish(node)  # the heartbeat: others count this peer as online
                 if time.monotonic() >= next_fetch:
                     await self._fetch(node)
                     next_fetch = time.monotonic() + self.refresh_period

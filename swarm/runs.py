@@ -5,8 +5,9 @@ its announcement under the subkey ``"R [owner:<creator's public key>]"``: the DH
 validator accepts that record only with the creator's signature, so nobody else can change or extend
 it (another peer can only add a *competing* record under its own key; the earliest-created record of a
 run wins, and a record whose creation time lies in the future is ignored). The announcement holds the
-run id, the task reference, the sha256 of the task's code, the hyperparameters, the creator's peer id
-and the creation time. The creator refreshes it every ``refresh_period`` seconds with an expiration of
+run id, the task reference, the sha256 of the task's code, the hyperparameters, the settings every
+peer must share (task attribute, optimizer mode and options, batch sizes: see
+:func:`settings_differences`), the creator's peer id and the creation time. The creator refreshes it every ``refresh_period`` seconds with an expiration of
 ``expiration`` seconds (default one hour); if every creator's record expired, the next peer to join
 creates the run anew.
 
@@ -21,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dht import DHT, get_dht_time
+from dht.untrusted import brief
 
 from .progress import PeerProgress, progress_key, summarize
 
-__all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "find_run", "announce_run", "list_runs", "RunAnnouncer"]
+__all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "find_run", "announce_run", "list_runs", "RunAnnouncer",
+           "settings_differences"]
 
 logger = logging.getLogger(__name__)
 RUNS_KEY = "swarm.runs"
@@ -39,6 +42,9 @@ class RunAnnouncement:
     created: float  # DHT time
     target_batch_size: int = 0
     hyperparameters: dict = field(default_factory=dict)
+    # what every peer must share besides the code (task attribute, optimizer mode and options, batch
+    # sizes...): name -> scalar; see :func:`settings_differences`. Empty in announcements of old versions.
+    settings: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, value: Any) -> "RunAnnouncement | None":
@@ -47,13 +53,63 @@ class RunAnnouncement:
         try:
             return cls(str(value["run_id"]), str(value["task"]), str(value["task_hash"]), str(value["creator"]),
                        float(value["created"]), int(value.get("target_batch_size", 0)),
-                       dict(value.get("hyperparameters") or {}))
+                       dict(value.get("hyperparameters") or {}), _parse_settings(value.get("settings")))
         except (KeyError, TypeError, ValueError):
             return None
 
 
+MAX_SETTINGS, MAX_SETTING_CHARS = 64, 200
+
+
+def _parse_settings(value: Any) -> dict:
+    """An announcement's settings, from the DHT (untrusted): at most ``MAX_SETTINGS`` entries of a
+    short string name and a scalar value (strings at most ``MAX_SETTING_CHARS``); anything else is
+    refused (ValueError), so a malformed record is ignored as a whole."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_SETTINGS:
+        raise ValueError("bad settings")
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > 64:
+            raise ValueError("bad setting name")
+        if not (item is None or isinstance(item, (bool, int, float)) or
+                (isinstance(item, str) and len(item) <= MAX_SETTING_CHARS)):
+            raise ValueError("bad setting value")
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > 2 ** 63:
+            raise ValueError("bad setting value")
+    return dict(value)
+
+
+def settings_differences(announcement: RunAnnouncement, task_ref: str, task_hash: str, settings: dict,
+                         hyperparameters: dict) -> list[str]:
+    """One line per field in which this peer differs from the run's announcement (empty: it may
+    join): the task code's hash, then every pinned setting and hyperparameter. Values from the
+    announcement are untrusted and shown through :func:`dht.untrusted.brief`."""
+    lines = []
+    if announcement.task_hash != task_hash:
+        lines.append(f"task code: run {announcement.run_id!r} was announced with task code "
+                     f"{brief(announcement.task_hash[:12])} (task {brief(announcement.task)}), but {task_ref} hashes "
+                     f"to {task_hash[:12]}: refusing to train different code in the same run")
+    if announcement.settings:  # an old version's announcement pins the code only
+        for name in sorted(set(announcement.settings) | set(settings)):
+            theirs, mine = announcement.settings.get(name, "(not set)"), settings.get(name, "(not set)")
+            if theirs != mine or type(theirs) is not type(mine):
+                lines.append(f"{name}: the run has {brief(theirs)}, this peer {brief(mine)}")
+    for name in sorted(set(announcement.hyperparameters) | set(hyperparameters), key=str)[:MAX_SETTINGS]:
+        theirs = announcement.hyperparameters.get(name, "(not set)")
+        mine = hyperparameters.get(name, "(not set)")
+        if theirs != mine:
+            lines.append(f"hyperparameters[{brief(name)}]: the run has {brief(theirs)}, this peer {brief(mine)}")
+    return lines
+
+
 @dataclass
 class RunInfo:
+    """One run as ``swarm runs`` lists it. ``peers``, ``samples_per_second`` and ``loss`` count the
+    peers online now (a record newer than ``online_window`` s); ``epoch`` is the newest epoch any
+    record shows (the last known one for a dead run), ``last_seen`` the DHT time of the newest
+    record (None: no record left, the run's peers are gone for longer than the records live)."""
+
     run_id: str
     peers: int
     samples_per_second: float

@@ -27,6 +27,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from dht import DHT, PeerID, get_dht_time
 from dht.errors import BadRequestError, P2PError
@@ -159,13 +160,16 @@ class StateSharing:
         (digest, size), _ = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
         return digest, epoch, size, [d for d in donors if d.epoch == epoch and d.hash == digest]
 
-    def download(self, min_epoch: int = 0, timeout: float = 600.0) -> tuple[bytes, int] | None:
+    def download(self, min_epoch: int = 0, timeout: float = 600.0,
+                 alive: Callable[[Donor], bool] | None = None) -> tuple[bytes, int] | None:
         """Download the swarm's agreed state: (blob, epoch), or None when nobody offers one at
-        ``min_epoch`` or later. Raises :class:`StateDownloadError` when every donor failed."""
+        ``min_epoch`` or later. ``alive`` (optional): only donors it accepts are considered (e.g. the
+        peers online in the progress view: a dead donor's announcement outlives it). Raises
+        :class:`StateDownloadError` when every donor failed."""
         deadline = time.monotonic() + timeout
         error: StateDownloadError | None = None
         for _attempt in range(3):  # donors move on to newer states; re-read the announcements and retry
-            choice = self.agreed(self.donors(), min_epoch)
+            choice = self.agreed([d for d in self.donors() if alive is None or alive(d)], min_epoch)
             if choice is None:
                 if error is not None:
                     raise error
@@ -238,8 +242,9 @@ class StateSharing:
                                      f"match the agreed hash {digest[:12]}", corrupt=True)
         return blob
 
-    def shutdown(self) -> None:
-        """Stop serving and announcing (idempotent; the announcement expires on its own)."""
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop serving and announcing, and withdraw the announcement (waits at most ``timeout``
+        seconds for that; idempotent; if it cannot be stored, the announcement expires on its own)."""
         if not self.serve or not self.dht.loop.is_running():
             self.serve = False
             return
@@ -248,8 +253,10 @@ class StateSharing:
             node.p2p.remove_handler(self.method)
             if self._announcer is not None:
                 self._announcer.cancel()
+            if self._hash is not None:  # withdraw the announcement: joiners must not ask a peer that left
+                await node.store(self.key, None, get_dht_time() + self.expiration, subkey=self._subkey)
         try:
-            self.dht.run_coroutine(stop)
-        except RuntimeError:
-            pass
+            self.dht.run_coroutine(stop, return_future=True).result(timeout)
+        except Exception as e:  # noqa: BLE001 - the announcement expires on its own
+            logger.debug("could not withdraw the state announcement: %s", e)
         self.serve = False

@@ -1,0 +1,98 @@
+"""Preemption with real ``swarm join`` processes on loopback (issue 20, point 4).
+
+Three peers train ``examples/digits.py`` with the default matchmaking settings; one is killed with
+``kill -9`` (a preempted machine). The survivors must not stall: the longest gap between their epochs
+after the kill stays under 5 s, their progress view stops counting the dead peer within seconds, and a
+peer that joins after the kill starts from a live donor's state (never from epoch 0). A clean exit
+(``--max-seconds``) announces the departure, so the partner does not wait for it either.
+
+Every peer runs with ``--max-seconds`` as a safety net; the processes are killed by PID when the test
+ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .processes import ProcessGroup, read_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")]
+
+TASK = "examples/digits.py"
+MAX_SECONDS = 150
+MAX_GAP = 5.0  # seconds between two epochs of a survivor after the kill (the issue's bound)
+
+
+def _join(group: ProcessGroup, tmp_path: Path, name: str, run_id: str, address: str, *extra: str) -> Path:
+    metrics = tmp_path / f"{name}.jsonl"
+    group.spawn(name, [
+        "-m", "swarm", "--log-level", "INFO", "join", TASK, "--run-id", run_id, "--initial-peers", address,
+        "--host", "127.0.0.1", "--threads", "1", "--identity", str(tmp_path / f"{name}.key"),
+        "--metrics-file", str(metrics), "--quiet", *extra] + ([] if "--max-seconds" in extra else
+                                                               ["--max-seconds", str(MAX_SECONDS)]))
+    return metrics
+
+
+def _epochs(metrics: Path) -> list[tuple[float, int]]:
+    return [(r["time"], r["epoch"]) for r in read_jsonl(metrics)]
+
+
+def _wait(group: ProcessGroup, what: str, condition, names: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for name in names:
+            if group.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited ({group.procs[name].returncode}) while waiting for {what}:\n"
+                                     f"{group.log(name)[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s\n" +
+                                 "\n".join(f"--- {n}\n{group.log(n)[-2000:]}" for n in names))
+        time.sleep(0.2)
+
+
+def _longest_gap(epochs: list[tuple[float, int]], since: float) -> float:
+    """The longest time between two epochs (or from ``since`` to the first one) after ``since``."""
+    times = [since] + [t for t, _ in epochs if t > since]
+    return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
+
+
+def test_kill_9_does_not_stall_the_survivors_and_a_joiner_starts_from_a_live_donor(tmp_path):
+    run_id = "preempt-digits"
+    with ProcessGroup(tmp_path / "logs") as group:
+        address = group.bootstrap()
+        names = ["p0", "p1", "p2"]
+        metrics = {}
+        for i, name in enumerate(names):
+            metrics[name] = _join(group, tmp_path, name, run_id, address, "--shard", f"{i}/3")
+            if i == 0:
+                group.wait_for("p0", r"this peer created it", timeout=60)
+        _wait(group, "3 epochs on every peer", lambda: all(len(_epochs(metrics[n])) >= 3 for n in names),
+              names, timeout=90)
+        survivors = ["p0", "p2"]
+        group.kill("p1")
+        killed_at = time.time()
+        _wait(group, "12 s of training after the kill",
+              lambda: all(_epochs(metrics[n]) and _epochs(metrics[n])[-1][0] > killed_at + 12 for n in survivors),
+              survivors, timeout=60)
+        for name in survivors:
+            records = read_jsonl(metrics[name])
+            gap = _longest_gap(_epochs(metrics[name]), killed_at)
+            assert gap <= MAX_GAP, (name, gap, [(round(t - killed_at, 2), e) for t, e in _epochs(metrics[name])
+                                                if t > killed_at - 5], group.log(name)[-3000:])
+            # the progress view stops counting the dead peer within seconds
+            late = [r["peers"] for r in records if r["time"] > killed_at + 8]
+            assert late and all(p == 2 for p in late), (name, late)
+
+        # a joiner after the kill downloads the state from a live donor, at the swarm's epoch
+        swarm_epoch = max(_epochs(metrics[n])[-1][1] for n in survivors)
+        metrics["p3"] = _join(group, tmp_path, "p3", run_id, address)
+        loaded = int(group.wait_for("p3", r"loaded the swarm's state at epoch (\d+)", timeout=60).group(1))
+        assert loaded >= swarm_epoch, (loaded, swarm_epoch, group.log("p3")[-3000:])
+        _wait(group, "an epoch of the joiner", lambda: len(_epochs(metrics["p3"])) >= 1, ["p3"], timeout=30)
+        assert _epochs(metrics["p3"])[0][1] > swarm_epoch, _epochs(metrics["p3"])[:3]
+        for name in survivors + ["p3"]:
+            assert group.stop(name) in (0, 130), group.log(name)[-2000:]
