@@ -47,18 +47,26 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .channel import FrameChannel
 from .errors import ConnectionLostError, HandshakeError, IncompatibleVersionError, ProtocolError
 from .identity import Identity, PeerID, verify_signature
+from .untrusted import brief
 
-__all__ = ["PROTOCOL_NAME", "SUPPORTED_VERSIONS", "PeerInfo", "SecureChannel", "initiate", "respond"]
+__all__ = ["PROTOCOL_NAME", "SUPPORTED_VERSIONS", "PeerInfo", "PeerBusyError", "SecureChannel", "initiate",
+           "respond", "refuse_busy", "observed_host"]
 
 PROTOCOL_NAME = "swarm-p2p"
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 CIPHERS: dict[str, Callable[[bytes], Any]] = {"aes256gcm": AESGCM, "chacha20poly1305": ChaCha20Poly1305}
 MAX_HANDSHAKE_FRAME = 4096
+MAX_HANDSHAKE_DEPTH = 4  # containers nested in a handshake message (M3's info is map > map > list)
 TAG_SIZE = 16
 FRAME_HEADER_ROOM = 64  # room for the multiplexer's frame header beyond max_frame_size
 _LEN = struct.Struct("!I")
 _READ_LIMIT = 4 << 20  # decrypted bytes waiting for the multiplexer before reading pauses
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 _BULK = 64 << 10  # frames at least this long are sealed without joining head and data, into a reused buffer
+
+
+class PeerBusyError(HandshakeError):
+    """The responder has too many handshakes pending from our address; retrying shortly may work."""
 
 
 class _FrameCipher:
@@ -108,7 +116,7 @@ class PeerInfo:
             raise HandshakeError("peer info: 'addrs' must be a list of at most 32 short strings")
         for name, value in (("window", window), ("max_msg", max_msg)):
             if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
-                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {value!r}")
+                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {brief(value)}")
         return cls(list(addrs), window, max_msg)
 
 
@@ -138,15 +146,20 @@ class _FrameReader(asyncio.BufferedProtocol):
 
     # ---- the transport's side ------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._start + self._need > len(self._buf) or self._end == len(self._buf):
+        size = len(self._buf)
+        if self._end == size or (self._start > 0 and self._start + self._need > size):
             self._make_room()
         return self._view[self._end:]
 
     def _make_room(self) -> None:
+        """Move the unparsed bytes to the front, doubling the buffer first when they fill more than
+        half of it (up to room for two of the largest frames). The buffer grows with the bytes that
+        arrived, never with the length a frame announces: a peer that announces a 1 MiB frame and
+        sends 4 bytes costs nothing, and the buffer stays within max(16 KiB, 4 x bytes received)."""
         pending = self._end - self._start
         size = len(self._buf)
-        if self._need > size // 2:  # room for this frame twice, so that moving it is rare
-            size = min(2 * self._need, 2 * (self._channel._max_ciphertext + 4))
+        if pending > size // 2:
+            size = min(2 * size, 2 * (self._channel._max_ciphertext + 4))
         if size != len(self._buf):
             buf = bytearray(size)
             buf[:pending] = self._view[self._start:self._end]
@@ -333,6 +346,16 @@ class SecureChannel(FrameChannel):
             pass
 
 
+async def within(awaitable: Any, seconds: float) -> Any:
+    """``await awaitable`` for at most ``seconds`` (asyncio.TimeoutError after), in this task: unlike
+    ``asyncio.wait_for`` on Python < 3.12 no inner task, whose exception nobody would retrieve when the
+    socket is aborted while this task is being cancelled."""
+    if _timeout is None:
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _timeout(seconds):
+        return await awaitable
+
+
 def observed_host(writer: asyncio.StreamWriter) -> str | None:
     """The other side's IP address as seen on the socket (IPv4-mapped IPv6 in IPv4 form), or None."""
     try:
@@ -351,21 +374,54 @@ def _nonce(counter: int) -> bytes:
     return b"\0\0\0\0" + counter.to_bytes(8, "little")
 
 
-async def _read_plain(reader: asyncio.StreamReader, what: str) -> tuple[bytes, dict]:
+def _unpack_handshake(raw: bytes, what: str) -> dict:
+    """A handshake message: a msgpack map of at most MAX_HANDSHAKE_FRAME bytes whose containers
+    nest at most MAX_HANDSHAKE_DEPTH deep (so that nothing downstream recurses on it)."""
     try:
-        (n,) = _LEN.unpack(await reader.readexactly(4))
+        message = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=MAX_HANDSHAKE_FRAME, max_bin_len=MAX_HANDSHAKE_FRAME,
+                                  max_array_len=MAX_HANDSHAKE_FRAME, max_map_len=MAX_HANDSHAKE_FRAME,
+                                  max_ext_len=0)
+    except Exception:
+        raise HandshakeError(f"{what}: malformed handshake message") from None
+    if not isinstance(message, dict):
+        raise HandshakeError(f"{what}: handshake message is not a map")
+    if not _shallow(message, MAX_HANDSHAKE_DEPTH):
+        raise HandshakeError(f"{what}: handshake message nested deeper than {MAX_HANDSHAKE_DEPTH} levels")
+    return message
+
+
+def _shallow(value: Any, max_depth: int) -> bool:
+    """Whether lists and maps in ``value`` nest at most ``max_depth`` deep (iterative: no recursion)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return False
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return True
+
+
+async def _read_plain(reader: asyncio.StreamReader, what: str,
+                      first_byte_timeout: float | None = None) -> tuple[bytes, dict]:
+    try:
+        if first_byte_timeout is None:
+            head = await reader.readexactly(4)
+        else:  # an accepted socket that sends nothing is closed early, not after the whole handshake timeout
+            try:
+                first = await within(reader.readexactly(1), first_byte_timeout)
+            except asyncio.TimeoutError:
+                raise HandshakeError(f"{what}: nothing received within {first_byte_timeout:g} s") from None
+            head = first + await reader.readexactly(3)
+        (n,) = _LEN.unpack(head)
         if not 0 < n <= MAX_HANDSHAKE_FRAME:
             raise HandshakeError(f"{what}: frame of {n} bytes (limit {MAX_HANDSHAKE_FRAME}); not a swarm peer?")
         raw = await reader.readexactly(n)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
-    try:
-        message = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception:
-        raise HandshakeError(f"{what}: malformed handshake message") from None
-    if not isinstance(message, dict):
-        raise HandshakeError(f"{what}: handshake message is not a map")
-    return raw, message
+    return raw, _unpack_handshake(raw, what)
 
 
 def _write_plain(writer: asyncio.StreamWriter, message: dict) -> bytes:
@@ -390,14 +446,12 @@ async def _read_sealed(reader: asyncio.StreamReader, cipher: Any, what: str) -> 
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
     try:
-        message = msgpack.unpackb(cipher.decrypt(_nonce(0), ciphertext, header), raw=False)
+        plaintext = cipher.decrypt(_nonce(0), ciphertext, header)
     except InvalidTag:
         raise HandshakeError(f"{what}: handshake frame fails authentication") from None
     except Exception:
         raise HandshakeError(f"{what}: malformed sealed handshake message") from None
-    if not isinstance(message, dict):
-        raise HandshakeError(f"{what}: handshake message is not a map")
-    return message
+    return _unpack_handshake(plaintext, what)
 
 
 def _derive(own_ephemeral: X25519PrivateKey, remote_ephemeral: Any, transcript_hash: bytes, cipher_name: str, what: str):
@@ -435,12 +489,18 @@ async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i
     m1 = _write_plain(writer, {"p": PROTOCOL_NAME, "versions": list(versions), "ciphers": list(CIPHERS), "e": eph_pub})
     m2, reply = await _read_plain(reader, what)
     if "error" in reply:
+        error = reply["error"]
+        error = error[:200] if isinstance(error, str) else brief(error)
+        if reply.get("busy") is True:
+            raise PeerBusyError(f"{what}: refused for now: {error}")
         theirs = reply.get("versions")
+        theirs = [v for v in theirs if isinstance(v, int)][:16] if isinstance(theirs, list) else brief(theirs)
         raise IncompatibleVersionError(
-            f"{what}: refused: {str(reply['error'])[:200]} (they support versions {theirs}, we support {list(versions)})")
+            f"{what}: refused: {error} (they support versions {theirs}, we support {list(versions)})")
     version, cipher_name = reply.get("version"), reply.get("cipher")
     if version not in versions or cipher_name not in CIPHERS:
-        raise HandshakeError(f"{what}: peer chose version {version!r} / cipher {cipher_name!r}, which we did not offer")
+        raise HandshakeError(f"{what}: peer chose version {brief(version)} / cipher {brief(cipher_name)}, "
+                             f"which we did not offer")
     transcript = hashlib.sha256(m1 + m2).digest()
     send_cipher, recv_cipher = _derive(eph, reply.get("e"), transcript, cipher_name, what)
     proof = await _read_sealed(reader, recv_cipher, what)
@@ -456,12 +516,14 @@ async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i
 
 async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
                   local_info: PeerInfo, endpoint: str, max_frame_size: int,
-                  versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> SecureChannel:
-    """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause."""
+                  versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                  first_byte_timeout: float | None = None) -> SecureChannel:
+    """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause.
+    ``first_byte_timeout`` (seconds, None: no separate limit) bounds the wait for the first byte."""
     what = f"handshake from {endpoint}"
-    m1, hello = await _read_plain(reader, what)
+    m1, hello = await _read_plain(reader, what, first_byte_timeout)
     if hello.get("p") != PROTOCOL_NAME:
-        raise HandshakeError(f"{what}: not a {PROTOCOL_NAME} peer (protocol {str(hello.get('p'))[:40]!r})")
+        raise HandshakeError(f"{what}: not a {PROTOCOL_NAME} peer (protocol {brief(hello.get('p'), 40)})")
     offered, ciphers = hello.get("versions"), hello.get("ciphers")
     if not isinstance(offered, list) or not isinstance(ciphers, list):
         raise HandshakeError(f"{what}: malformed hello")
@@ -475,7 +537,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, id
             f"{what}: incompatible protocol versions (they offer {offered_text}, we support {list(versions)})")
     cipher_name = next((c for c in CIPHERS if c in ciphers), None)
     if cipher_name is None:
-        raise HandshakeError(f"{what}: no common cipher (they offer {[str(c)[:32] for c in ciphers[:8]]})")
+        raise HandshakeError(f"{what}: no common cipher (they offer {[brief(c, 32) for c in ciphers[:8]]})")
     eph, eph_pub = _ephemeral()
     version = max(common)
     m2 = _write_plain(writer, {"version": version, "cipher": cipher_name, "e": eph_pub})
@@ -490,8 +552,14 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, id
                          max_frame_size, version)
 
 
+def refuse_busy(writer: asyncio.StreamWriter, reason: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+    """Answer a hello with ``{"error": reason, "busy": true, ...}`` (a plain M2): the initiator raises
+    PeerBusyError and may retry later. The caller closes the connection."""
+    _write_plain(writer, {"error": reason[:200], "busy": True, "versions": list(versions)})
+
+
 async def _drain_quietly(writer: asyncio.StreamWriter) -> None:
     try:
-        await asyncio.wait_for(writer.drain(), 1.0)
+        await within(writer.drain(), 1.0)
     except (ConnectionError, asyncio.TimeoutError, RuntimeError):
         pass

@@ -24,17 +24,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Union
 
+import msgpack
+
 from .addresses import PeerAddress
 from .channel import FrameChannel
 from .errors import HandshakeError, P2PError, PeerUnreachableError
 from .identity import Identity, PeerID
-from .multiplex import Connection, Limits, Stream
+from .multiplex import GOAWAY, HEADER, Connection, Limits, Stream
 from .resources import ResourceManager
+from .resources import ip_key
 from .transport import Transport
+from .untrusted import LogLimiter
 
 __all__ = ["P2P", "CallContext", "PeerLike"]
 
 logger = logging.getLogger(__name__)
+_refusals = LogLimiter(rate=0.2, burst=5.0)  # log lines about refused connections, per source IP
+_GOAWAY_GRACE = 10.0  # seconds a connection may stay open after the peer's GOAWAY before we close it
 
 PeerLike = Union[PeerID, PeerAddress, str]
 
@@ -71,6 +77,11 @@ class P2P:
         self._dialed: collections.OrderedDict[PeerID, PeerAddress] = collections.OrderedDict()  # our dials that worked
         self._visible: list[PeerAddress] = []
         self._closed = False
+        # every open connection (those past a GOAWAY too) -> (inbound, source IP key or None)
+        self._live: dict[Connection, tuple[bool, str | None]] = {}
+        self._per_peer: dict[PeerID, int] = {}  # open connections per PeerID, both directions
+        self._inbound_per_ip: dict[str, int] = {}  # open inbound connections per observed source IP
+        self._num_inbound = 0
         self.add_unary_handler("p2p.ping", _ping_handler)
 
     @classmethod
@@ -402,14 +413,36 @@ class P2P:
         raise PeerUnreachableError(f"could not reach {who}: " + "; ".join(failures))
 
     def _on_inbound(self, channel: FrameChannel) -> None:
-        if self._closed or sum(len(c) for c in self._connections.values()) >= self.limits.max_connections:
-            channel.close()
+        """An authenticated inbound channel: adopted, or refused with a GOAWAY saying which limit."""
+        limits = self.limits
+        ip = ip_key(channel.remote_host) if channel.remote_host else None
+        if self._closed:
+            reason = "peer shutting down"
+        elif self._num_inbound >= limits.max_connections:
+            reason = f"too many connections (limit {limits.max_connections})"
+        elif self._per_peer.get(channel.remote_peer_id, 0) >= limits.max_connections_per_peer:
+            reason = f"too many connections with peer {channel.remote_peer_id} (limit {limits.max_connections_per_peer})"
+        elif ip is not None and self._inbound_per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            reason = f"too many connections from {ip} (limit {limits.max_connections_per_ip})"
+        else:
+            self._adopt(channel, initiator=False)
             return
-        self._adopt(channel, initiator=False)
+        _refusals.log(logger, logging.INFO, ip, "refused connection from %s: %s", channel.describe(), reason)
+        _refuse(channel, reason)
 
     def _adopt(self, channel: FrameChannel, initiator: bool) -> Connection:
+        if self._closed:
+            channel.close()
+            raise P2PError("this peer is shut down")
         conn = Connection(channel, self.limits, initiator, self._dispatch, self._on_connection_closed,
                           resources=self.resources)
+        ip = ip_key(channel.remote_host) if channel.remote_host and not initiator else None
+        self._live[conn] = (not initiator, ip)
+        self._per_peer[conn.peer_id] = self._per_peer.get(conn.peer_id, 0) + 1
+        if not initiator:
+            self._num_inbound += 1
+            if ip is not None:
+                self._inbound_per_ip[ip] = self._inbound_per_ip.get(ip, 0) + 1
         self._connections.setdefault(conn.peer_id, []).append(conn)
         if channel.remote_info.addresses:
             try:
@@ -424,6 +457,18 @@ class P2P:
             conns.remove(conn)
             if not conns:
                 del self._connections[conn.peer_id]
+        if not conn.closed:  # a GOAWAY came: the peer closes it at once; make sure it does not linger
+            asyncio.get_running_loop().call_later(_GOAWAY_GRACE, conn.close, "closed after the peer's GOAWAY")
+            return
+        entry = self._live.pop(conn, None)
+        if entry is None:
+            return
+        inbound, ip = entry
+        _decrement(self._per_peer, conn.peer_id)
+        if inbound:
+            self._num_inbound -= 1
+            if ip is not None:
+                _decrement(self._inbound_per_ip, ip)
 
     async def shutdown(self) -> None:
         """Stop listening, tell connected peers (GOAWAY), fail calls in flight, close every connection."""
@@ -431,7 +476,7 @@ class P2P:
             return
         self._closed = True
         await self._transport.close()
-        conns = [c for cs in self._connections.values() for c in cs]
+        conns = list(self._live)
         for conn in conns:
             conn.close("peer shutting down")
         await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)
@@ -445,6 +490,21 @@ class P2P:
 
     def __repr__(self) -> str:
         return f"P2P({self.peer_id}, {len(self._connections)} peers connected)"
+
+
+def _refuse(channel: FrameChannel, reason: str) -> None:
+    """Close an authenticated channel at once, telling the other side why (a GOAWAY frame)."""
+    try:
+        channel.write_frame(HEADER.pack(GOAWAY, 0, 0) + msgpack.packb({"m": reason[:500]}))
+    except P2PError:
+        pass
+    channel.close()
+
+
+def _decrement(counts: dict, key: Any) -> None:
+    left = counts.pop(key, 1) - 1
+    if left > 0:
+        counts[key] = left
 
 
 _CONFIRMED, _ANNOUNCED, _THIRD_PARTY = 0, 1, 2  # address ranks: our dial worked / the peer's own / hearsay

@@ -1,23 +1,99 @@
-"""The real transport: TCP (asyncio streams) + the secure handshake of :mod:`dht.handshake`."""
+"""The real transport: TCP (asyncio streams) + the secure handshake of :mod:`dht.handshake`.
+
+Unauthenticated sockets are bounded on every path (``Limits``): at most ``max_pending_handshakes_per_ip``
+(8) pending handshakes per source IP (an IPv6 source counts by its /64) and ``max_pending_handshakes``
+(256) in all; a socket that sends nothing for ``first_byte_timeout`` (3 s) is closed, and every accepted
+socket is closed within ``handshake_timeout`` (10 s) whatever arrives. A newcomer from an IP at its cap
+gets a short "busy" answer (its dialer retries a few times within its timeouts) and is closed; when the
+pool is full, the oldest pending socket of the most represented IP makes room for the newcomer, so a
+flood from one address cannot lock other peers out.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import random
+import sys
+import time
 from typing import Callable
 
 from .addresses import PeerAddress, interface_addresses
 from .channel import FrameChannel
 from .errors import HandshakeError, P2PError, PeerUnreachableError
-from .handshake import PeerInfo, initiate, respond
+from .handshake import (MAX_HANDSHAKE_FRAME, PeerBusyError, PeerInfo, initiate, observed_host, refuse_busy, respond,
+                        within)
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .transport import Transport
+from .untrusted import LogLimiter, brief
 
-__all__ = ["TCPTransport"]
+__all__ = ["TCPTransport", "raise_fd_limit"]
 
 logger = logging.getLogger(__name__)
-_READ_LIMIT = 4 << 20  # asyncio.StreamReader buffer (reading pauses at twice this)
+# StreamReader buffer during the handshake (reading pauses at twice this): handshake messages are at
+# most 4 KiB, and an unauthenticated peer must not make us buffer megabytes; after the handshake the
+# channel's own frame reader takes over
+_READ_LIMIT = 64 << 10
+_BUSY_RETRIES = 5  # a dial refused as busy is retried this many times, after 50, 100, 200, 400, 800 ms
+_REFUSALS_PER_IP = 4  # sockets being refused per IP, in units of the per-IP cap (beyond: closed without a word)
+_REFUSAL_LINGER = 0.5  # seconds a refused socket may take to send its hello (read, so closing sends FIN, not RST)
+_refusals = LogLimiter(rate=0.2, burst=5.0)  # log lines about refused sockets, per source IP
+
+
+def ip_key(host: str | None) -> str:
+    """The key of a source address for per-IP limits: the IPv4 address, or the /64 of an IPv6 one."""
+    if not host:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:100]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+_fd_limit_raised = False
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit of open files towards the hard limit (once per process; not on
+    Windows; silently keeps the old limit where the system refuses)."""
+    global _fd_limit_raised
+    if _fd_limit_raised or sys.platform == "win32":
+        return
+    _fd_limit_raised = True
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        for value in (target, min(target, 1 << 16), min(target, 10240)):  # macOS caps at OPEN_MAX
+            if soft != resource.RLIM_INFINITY and soft >= value:
+                return
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (value, hard))
+                logger.debug("raised the open files limit from %s to %s", soft, value)
+                return
+            except (ValueError, OSError):
+                continue
+    except Exception as e:  # no resource module, or an exotic platform
+        logger.debug("could not raise the open files limit: %s", type(e).__name__)
+
+
+class _Pending:
+    """An accepted socket whose handshake has not finished (or that is being refused)."""
+
+    __slots__ = ("ip", "writer", "task", "since")
+
+    def __init__(self, ip: str, writer: asyncio.StreamWriter):
+        self.ip, self.writer = ip, writer
+        self.task: asyncio.Task | None = None
+        self.since = time.monotonic()
 
 
 class TCPTransport(Transport):
@@ -35,21 +111,27 @@ class TCPTransport(Transport):
         self.announce = announce
         self.client_mode = client_mode
         self._server: asyncio.base_events.Server | None = None
-        self._pending: set[asyncio.Task] = set()
+        # pending handshakes, oldest first, in all and per source IP; and sockets being refused
+        self._pending: dict[_Pending, None] = {}
+        self._pending_by_ip: dict[str, dict[_Pending, None]] = {}
+        self._refusing: dict[_Pending, None] = {}
+        self._refusing_by_ip: dict[str, int] = {}
+        self._closing = False
         self._addresses: list[PeerAddress] = []
         self._info = PeerInfo([], limits.stream_window, limits.max_message_size)
+        raise_fd_limit()
 
+    # ---- accepting ---------------------------------------------------------------------------
     async def listen(self, on_channel: Callable[[FrameChannel], None]) -> list[PeerAddress]:
         if self.client_mode:
             return []
 
         def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if len(self._pending) >= self.limits.max_pending_handshakes:
-                writer.close()
-                return
-            task = asyncio.get_running_loop().create_task(self._accept(reader, writer, on_channel))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            try:
+                self._on_client(reader, writer, on_channel)
+            except BaseException:  # never leave an accepted socket behind
+                writer.transport.abort()
+                raise
 
         host = None if self.host in ("", "::") else self.host
         self._server = await asyncio.start_server(on_client, host, self.port, limit=_READ_LIMIT)
@@ -65,49 +147,163 @@ class TCPTransport(Transport):
         self._info.addresses = [str(a) for a in self._addresses]
         return list(self._addresses)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def pending_handshakes(self, host: str | None = None) -> int:
+        """Unauthenticated sockets now held (from ``host``'s IP, or in all), refusals included."""
+        if host is None:
+            return len(self._pending) + len(self._refusing)
+        key = ip_key(host)
+        return len(self._pending_by_ip.get(key, ())) + self._refusing_by_ip.get(key, 0)
+
+    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   on_channel: Callable[[FrameChannel], None]) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
+        ip = ip_key(observed_host(writer))
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        same_ip = self._pending_by_ip.get(ip)
+        if same_ip is not None and len(same_ip) >= limits.max_pending_handshakes_per_ip:
+            if self._refusing_by_ip.get(ip, 0) >= _REFUSALS_PER_IP * limits.max_pending_handshakes_per_ip or \
+                    len(self._refusing) >= limits.max_pending_handshakes:
+                writer.transport.abort()  # refusing politely is itself bounded
+                return
+            entry = _Pending(ip, writer)
+            self._refusing[entry] = None
+            self._refusing_by_ip[ip] = self._refusing_by_ip.get(ip, 0) + 1
+            entry.task = loop.create_task(self._refuse(entry, reader))
+            return
+        if len(self._pending) >= limits.max_pending_handshakes:
+            self._evict()
+        entry = _Pending(ip, writer)
+        self._pending[entry] = None
+        self._pending_by_ip.setdefault(ip, {})[entry] = None
+        entry.task = loop.create_task(self._accept(entry, reader, writer, on_channel))
+
+    def _evict(self) -> None:
+        """Close the oldest pending socket of the source IP with the most pending sockets."""
+        crowd = max(self._pending_by_ip.values(), key=len)
+        victim = next(iter(crowd))
+        self._forget(victim)
+        victim.writer.transport.abort()
+        if victim.task is not None:
+            victim.task.cancel()
+        _refusals.log(logger, logging.INFO, victim.ip, "closed a pending handshake from %s to make room "
+                      "(%d pending from there)", victim.ip, len(crowd) + 1)
+
+    def _forget(self, entry: _Pending) -> None:
+        if entry in self._pending:
+            del self._pending[entry]
+            same_ip = self._pending_by_ip[entry.ip]
+            del same_ip[entry]
+            if not same_ip:
+                del self._pending_by_ip[entry.ip]
+
+    async def _refuse(self, entry: _Pending, reader: asyncio.StreamReader) -> None:
+        """Tell a socket over its IP's cap that we are busy, read its hello (closing a socket with
+        unread data resets the connection, which could drop our answer), then close it."""
+        limit = self.limits.max_pending_handshakes_per_ip
+        try:
+            refuse_busy(entry.writer, f"too many pending handshakes from {entry.ip} (limit {limit}); retry later")
+            await within(reader.read(MAX_HANDSHAKE_FRAME + 4), min(self.limits.first_byte_timeout, _REFUSAL_LINGER))
+        except Exception:  # a timeout, a reset: it is closed either way
+            pass
+        finally:
+            entry.writer.transport.abort()
+            self._refusing.pop(entry, None)
+            left = self._refusing_by_ip.pop(entry.ip, 1) - 1
+            if left > 0:
+                self._refusing_by_ip[entry.ip] = left
+            _refusals.log(logger, logging.INFO, entry.ip, "refused a connection from %s: too many pending "
+                          "handshakes from there (limit %d)", entry.ip, limit)
+
+    async def _accept(self, entry: _Pending, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       on_channel: Callable[[FrameChannel], None]) -> None:
         peername = writer.get_extra_info("peername")
-        endpoint = f"{peername[0]}:{peername[1]}" if peername else "unknown"
+        endpoint = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) and len(peername) >= 2 else "unknown"
+        channel = None
         try:
-            channel = await asyncio.wait_for(
-                respond(reader, writer, self.identity, self._info, endpoint, self.limits.max_frame_size),
+            channel = await within(
+                respond(reader, writer, self.identity, self._info, endpoint, self.limits.max_frame_size,
+                        first_byte_timeout=self.limits.first_byte_timeout),
                 self.limits.handshake_timeout)
-        except (HandshakeError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-            logger.info("refused connection from %s: %s", endpoint,
-                        e if not isinstance(e, asyncio.TimeoutError) else "handshake timed out")
-            writer.close()
+        except asyncio.TimeoutError:
+            _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: handshake timed out "
+                          "after %g s", endpoint, self.limits.handshake_timeout)
+        except HandshakeError as e:
+            _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: %s", endpoint, brief(str(e), 300))
+        except (ConnectionError, OSError) as e:
+            _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: %s", endpoint, type(e).__name__)
+        except asyncio.CancelledError:
+            raise  # evicted or shutting down: the finally clause closes the socket
+        except Exception as e:  # whatever arrives, the socket is closed (and this is a bug worth a line)
+            _refusals.log(logger, logging.WARNING, entry.ip, "refused connection from %s: unexpected %s during "
+                          "the handshake", endpoint, type(e).__name__)
+        finally:
+            self._forget(entry)
+            if channel is None:
+                writer.transport.abort()
+        if channel is None:
             return
-        on_channel(channel)
+        try:
+            on_channel(channel)
+        except Exception as e:
+            channel.close()
+            _refusals.log(logger, logging.WARNING, entry.ip, "dropped connection from %s: %s in the connection "
+                          "handler", endpoint, type(e).__name__)
 
+    # ---- dialing -----------------------------------------------------------------------------
     async def dial(self, address: PeerAddress, expected: PeerID | None) -> FrameChannel:
         if address.protocol == "memory":
             raise PeerUnreachableError(f"{address}: the TCP transport cannot dial in-memory addresses")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.limits.dial_timeout + self.limits.handshake_timeout
+        delay = 0.05
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                return await self._dial_once(address, expected)
+            except PeerBusyError:
+                pause = delay * random.uniform(1.0, 1.5)
+                if attempt == _BUSY_RETRIES or loop.time() + pause >= give_up:
+                    raise
+            await asyncio.sleep(pause)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _dial_once(self, address: PeerAddress, expected: PeerID | None) -> FrameChannel:
         endpoint = f"[{address.host}]:{address.port}" if address.protocol == "ip6" else f"{address.host}:{address.port}"
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(address.host, address.port, limit=_READ_LIMIT), self.limits.dial_timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            cause = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            cause = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e)[:200])
             raise PeerUnreachableError(f"cannot connect to {address}: {cause}") from None
         try:
-            return await asyncio.wait_for(
+            return await within(
                 initiate(reader, writer, self.identity, self._info, endpoint, expected, self.limits.max_frame_size),
                 self.limits.handshake_timeout)
         except asyncio.TimeoutError:
-            writer.close()
+            writer.transport.abort()
             raise HandshakeError(f"handshake with {endpoint} timed out after {self.limits.handshake_timeout} s") from None
+        except (ConnectionError, OSError) as e:
+            writer.transport.abort()
+            raise HandshakeError(f"handshake with {endpoint} failed: {type(e).__name__}") from None
         except BaseException:
-            writer.close()
+            writer.transport.abort()
             raise
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
-        for task in list(self._pending):
-            task.cancel()
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        entries = [*self._pending, *self._refusing]
+        tasks = [e.task for e in entries if e.task is not None]
+        for entry in entries:
+            entry.writer.transport.abort()  # a task cancelled before it started would not close its socket
+            if entry.task is not None:
+                entry.task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
