@@ -134,14 +134,17 @@ class DHTNode:
     async def create(cls, initial_peers: Sequence[str | PeerAddress] = (), *, p2p: P2P | None = None,
                      host: str = "0.0.0.0", port: int = 0, identity: Identity | None = None,
                      identity_path: str | None = None, client_mode: bool = False, p2p_limits: Limits | None = None,
-                     ensure_bootstrap_success: bool = True, **kwargs: Any) -> "DHTNode":
+                     ensure_bootstrap_success: bool = True, announce: Sequence[str] | None = None,
+                     **kwargs: Any) -> "DHTNode":
         """Start a node (and its P2P peer unless ``p2p`` is given) and join via ``initial_peers``.
+        ``announce``: the addresses told to others instead of the listening ones (port forwarding).
 
         Raises PeerUnreachableError naming every initial peer that failed if none could be reached
         (with ``ensure_bootstrap_success``, the default)."""
         if p2p is None:
             p2p = await P2P.create(host=host, port=port, identity=identity, identity_path=identity_path,
-                                   client_mode=client_mode, limits=p2p_limits)
+                                   client_mode=client_mode, limits=p2p_limits,
+                                   announce=None if announce is None else list(announce))
         node = cls(p2p, client_mode=client_mode, **kwargs)
         try:
             await node.bootstrap(initial_peers, ensure_success=ensure_bootstrap_success)

@@ -1,4 +1,5 @@
-"""The ``swarm`` command line. ``swarm --help`` lists the subcommands; each has its own ``--help``."""
+"""The ``swarm`` command line. ``swarm --help`` lists the subcommands; each has its own ``--help``.
+Exit codes: :mod:`swarm.exitcodes` (one line on stderr says what went wrong)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,49 @@ import signal
 import sys
 from typing import Any, Coroutine
 
-__all__ = ["main"]
+from .exitcodes import EXIT_CHECKPOINT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCAL, EXIT_NETWORK, \
+    EXIT_OK, EXIT_USAGE, startup_error
+
+__all__ = ["main", "build_parser", "parse_announce"]
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # SIGHUP: the terminal closed; leave cleanly as on Ctrl-C
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("swarm-training")
+    except Exception:  # noqa: BLE001 - not installed (run from a source tree)
+        return "unknown (not installed)"
+
+
+def parse_announce(values: list[str] | None) -> list[str] | None:
+    """``--announce-addr`` values (``HOST:PORT`` or ``/ip4|ip6|dns/HOST/tcp/PORT``) as addresses for
+    :meth:`dht.P2P.create` ``announce``; raises ValueError saying which one is malformed."""
+    if not values:
+        return None
+    from dht import AddressError, PeerAddress
+
+    result = []
+    for value in values:
+        try:
+            if value.startswith("/"):
+                address = PeerAddress.parse(value)
+            else:
+                host, sep, port = value.rpartition(":")
+                if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise AddressError("expected HOST:PORT")
+                address = PeerAddress.from_host_port(host.strip("[]"), int(port))
+        except (AddressError, ValueError) as e:
+            raise ValueError(f"--announce-addr {value!r}: {e} (give HOST:PORT or /ip4/HOST/tcp/PORT)") from None
+        result.append(str(address.without_peer_id()))
+    return result
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -24,9 +67,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _wait_for_stop_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for name in STOP_SIGNALS:
+        if not hasattr(signal, name):
+            continue
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(getattr(signal, name), stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C arrives as KeyboardInterrupt
             pass
     await stop.wait()
@@ -35,7 +80,14 @@ async def _wait_for_stop_signal() -> None:
 async def _peer(args: argparse.Namespace) -> int:
     from dht import P2P, P2PError
 
-    p2p = await P2P.create(host=args.host, port=args.port, identity_path=args.identity)
+    try:
+        announce = parse_announce(args.announce_addr)
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e))
+    try:
+        p2p = await P2P.create(host=args.host, port=args.port, identity_path=args.identity, announce=announce)
+    except (P2PError, OSError, ValueError) as e:
+        return _fail(*startup_error(e, args.host, args.port, args.identity))
     print(f"peer {p2p.peer_id} listening on:", flush=True)
     for address in p2p.get_visible_addresses():
         print(f"  {address}", flush=True)
@@ -69,13 +121,16 @@ async def _peer(args: argparse.Namespace) -> int:
         stopper.cancel()
         await p2p.shutdown()
         print("peer stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
 async def _ping(args: argparse.Namespace) -> int:
     from dht import P2P, P2PError
 
-    p2p = await P2P.create(host="127.0.0.1", client_mode=True)
+    try:
+        p2p = await P2P.create(host="127.0.0.1", client_mode=True)
+    except (P2PError, OSError, ValueError) as e:
+        return _fail(*startup_error(e))
     failures = 0
     try:
         for i in range(args.count):
@@ -89,7 +144,7 @@ async def _ping(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.interval)
     finally:
         await p2p.shutdown()
-    return 1 if failures == args.count else 0
+    return EXIT_FAILED if failures == args.count else EXIT_OK
 
 
 async def _dht(args: argparse.Namespace) -> int:
@@ -97,11 +152,14 @@ async def _dht(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("swarm.dht")
     try:
+        announce = parse_announce(args.announce_addr)
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e))
+    try:
         node = await DHTNode.create(args.initial_peers, host=args.host, port=args.port,
-                                    identity_path=args.identity, client_mode=args.client_mode)
+                                    identity_path=args.identity, client_mode=args.client_mode, announce=announce)
     except (P2PError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return _fail(*startup_error(e, args.host, args.port, args.identity))
     mode = "client mode (not reachable by others)" if args.client_mode else "others can join with"
     print(f"DHT peer {node.peer_id} running; {mode}:", flush=True)
     for address in node.p2p.get_visible_addresses():
@@ -122,7 +180,7 @@ async def _dht(args: argparse.Namespace) -> int:
         reporter.cancel()
         await node.shutdown()
         print("DHT peer stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _identity(args: argparse.Namespace) -> int:
@@ -131,43 +189,94 @@ def _identity(args: argparse.Namespace) -> int:
     try:
         identity = Identity.load_or_create(args.path)
     except (IdentityError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(*startup_error(e, identity=args.path))
     print(identity.peer_id)
-    return 0
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .export import export_checkpoint
+    from .task import TaskLoadError, load_task
+
+    try:
+        task = load_task(args.task)
+    except TaskLoadError as e:
+        return _fail(EXIT_USAGE, str(e))
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, task, args.run_id)
+    except CheckpointError as e:
+        return _fail(EXIT_CHECKPOINT, str(e))
+    except OSError as e:
+        return _fail(EXIT_LOCAL, f"cannot write {args.out}: {e.strerror or e}")
+    print(f"wrote the model of task {task.name!r} to {path} (load it with model.load_state_dict(torch.load(...)))")
+    return EXIT_OK
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 def _runs(args: argparse.Namespace) -> int:
     import json
 
-    from dht import DHT, P2PError
+    from dht import DHT, P2PError, get_dht_time
 
     from .runs import list_runs
 
     try:
         dht = DHT(initial_peers=args.initial_peers, host="127.0.0.1", client_mode=True)
     except (P2PError, OSError, ValueError) as e:
-        print(f"error: could not reach the swarm: {e}", file=sys.stderr)
-        return 4
+        return _fail(*startup_error(e))
     try:
         runs = list_runs(dht)
+    except Exception as e:  # noqa: BLE001 - a lookup that timed out or failed: one line, the network code
+        return _fail(EXIT_NETWORK, f"could not list the runs: {type(e).__name__}: {e}")
     finally:
         dht.shutdown()
+    now = get_dht_time()
+    hidden = 0
+    if not args.all:
+        shown = [r for r in runs if r.alive or now - (r.last_seen or r.created) <= args.hide_after]
+        hidden, runs = len(runs) - len(shown), shown
     if args.json:
         print(json.dumps([r.as_dict() for r in runs], indent=1))
-        return 0
+        return EXIT_OK
     if not runs:
-        print("no runs announced")
-        return 0
-    print(f"{'RUN':24} {'PEERS':>5} {'SAMPLES/S':>10} {'EPOCH':>6} {'LOSS':>8}  TASK")
+        print("no runs announced" if not hidden else
+              f"no live runs ({hidden} dead for over {args.hide_after:g} s hidden: --all shows them)")
+        return EXIT_OK
+    print(f"{'RUN':24} {'PEERS':>5} {'SAMPLES/S':>10} {'EPOCH':>6} {'LOSS':>8}  {'LAST SEEN':13} TASK")
     for r in runs:
         loss = "-" if r.loss is None else f"{r.loss:.4f}"
-        print(f"{r.run_id[:24]:24} {r.peers:>5} {r.samples_per_second:>10.1f} {r.epoch:>6} {loss:>8}  {r.task}")
-    return 0
+        if r.alive:
+            seen = "now"
+        elif r.last_seen is None:
+            seen = "dead (long ago)"
+        else:
+            seen = "dead, " + _ago(now - r.last_seen)
+        print(f"{r.run_id[:24]:24} {r.peers:>5} {r.samples_per_second:>10.1f} {r.epoch:>6} {loss:>8}  {seen:13} {r.task}")
+    if hidden:
+        print(f"({hidden} run{'' if hidden == 1 else 's'} dead for over {args.hide_after:g} s hidden: --all shows them)")
+    return EXIT_OK
+
+
+def add_announce_argument(p: argparse.ArgumentParser) -> None:
+    """``--announce-addr``: the address others dial, for hosts behind port forwarding or NAT."""
+    p.add_argument("--announce-addr", nargs="+", default=None, metavar="ADDR",
+                   help="address(es) to tell other peers instead of the listening ones, as HOST:PORT or "
+                        "/ip4/HOST/tcp/PORT (e.g. a public IP whose port is forwarded to --port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer training of PyTorch models.")
+    parser = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer training of PyTorch models.",
+                                     epilog=EXIT_CODES_HELP)
+    parser.add_argument("--version", action="version", version=f"swarm {_version()}")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -181,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Ed25519 key file, created (mode 0600) if missing; default: an ephemeral key")
     peer.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR",
                       help="peers to connect to, as /ip4/HOST/tcp/PORT/p2p/PEERID")
+    add_announce_argument(peer)
     peer.add_argument("--ping-interval", type=float, default=5.0, help="seconds between ping rounds (default 5)")
     peer.add_argument("--ping-rounds", type=int, default=0, help="stop after this many rounds (default 0: run forever)")
     peer.add_argument("--linger", type=float, default=2.0, help="seconds to keep serving after the last round")
@@ -204,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ed25519 key file, created (mode 0600) if missing; default: an ephemeral key")
     dht.add_argument("--client-mode", action="store_true",
                      help="do not accept inbound connections (for peers behind NAT/firewalls)")
+    add_announce_argument(dht)
     dht.add_argument("--report-interval", type=float, default=30.0,
                      help="seconds between routing-table reports (default 30)")
 
@@ -216,19 +327,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the training runs reachable from some peers",
                           description="List the runs announced in the DHT reachable from --initial-peers, with "
-                                      "their peers, samples/s, epoch and latest loss.")
+                                      "their peers online, samples/s, epoch (the last known one for a dead run), "
+                                      "latest loss and when a peer was last seen. Runs dead for longer than "
+                                      "--hide-after are hidden unless --all.")
     runs.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
                       help="peers in the swarm, as /ip4/HOST/tcp/PORT/p2p/PEERID")
     runs.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+    runs.add_argument("--all", action="store_true", help="also list runs dead for longer than --hide-after")
+    runs.add_argument("--hide-after", type=float, default=300.0, metavar="S",
+                      help="hide runs whose last peer was seen more than S seconds ago (default 300)")
 
     demo = sub.add_parser("demo", help="train a model with a local swarm on loopback and plot it",
                           description="Start a bootstrap peer and N training peers as separate processes on "
                                       "127.0.0.1, train the task to its target, print a summary and write a PNG of "
-                                      "the loss curves. Exit code 0 only if the target was reached.")
+                                      "the loss curves. Needs the demo extras: pip install 'swarm-training[demo]'. "
+                                      "Exit code 0 only if the target was reached (1: not reached, 2: bad arguments "
+                                      "or missing extras, 130: interrupted).")
     demo.add_argument("--peers", type=int, default=4, help="training peers (default 4)")
-    demo.add_argument("--task", default=None, help="task reference (default: examples/digits.py)")
+    demo.add_argument("--task", default=None,
+                      help="task reference (default: swarm.examples.digits:task, shipped with the package)")
     demo.add_argument("--out", default="demo-output", help="directory for the plot and logs (default demo-output)")
     demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
+
+    export = sub.add_parser("export", help="write a checkpoint's model as a plain PyTorch state_dict",
+                            description="Write the parameters of CHECKPOINT (a --checkpoint-dir file, or the "
+                                        "directory: its newest checkpoint) as a state_dict of TASK's model with "
+                                        "torch.save, so that model.load_state_dict(torch.load(OUT)) loads it without "
+                                        "swarm. Exit codes: 2 the task does not load, 5 the checkpoint is unusable "
+                                        "or does not fit the model, 6 OUT cannot be written.")
+    export.add_argument("checkpoint", help="checkpoint file (RUN-epochNNNNNNNN.swst) or checkpoint directory")
+    export.add_argument("out", help="output file, e.g. model.pt")
+    export.add_argument("--task", required=True,
+                        help="the task whose model it is: file.py, file.py:ATTR or package.module:ATTR")
+    export.add_argument("--run-id", default=None, help="with a directory of several runs: which run")
 
     identity = sub.add_parser("identity", help="create or read an identity file and print its PeerID")
     identity.add_argument("path", help="key file (created with mode 0600 if missing)")
@@ -254,8 +385,11 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "demo":
             from .demo import run_demo
             code = run_demo(args)
+        elif args.command == "export":
+            code = _export(args)
         else:
             code = _identity(args)
     except KeyboardInterrupt:
-        code = 130
+        print("interrupted", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
     sys.exit(code)

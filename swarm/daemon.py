@@ -1,7 +1,8 @@
 """The peer daemon behind ``swarm join``: load a task, join (or create) its run, train until stopped.
 
-Steps, each with a clear message when it fails (exit codes: 2 bad task or arguments, 3 run/task
-mismatch, 4 network, 5 checkpoint, 130 interrupted):
+Steps, each with a clear message when it fails (exit codes, :mod:`swarm.exitcodes`: 2 bad task or
+arguments, 3 run/task mismatch, 4 network, 5 checkpoint, 6 local setup: port in use, identity file
+unusable or in use, 130 interrupted):
 
 1. load the task (:func:`swarm.task.load_task`), hash its code and check the arguments;
 2. build the model (seeded by the run id, so all peers start from the same parameters) and run one
@@ -44,7 +45,7 @@ __all__ = ["run_join", "default_identity_path", "add_join_arguments"]
 
 logger = logging.getLogger("swarm.join")
 
-EXIT_TASK, EXIT_RUN, EXIT_NETWORK, EXIT_CHECKPOINT = 2, 3, 4, 5
+EXIT_TASK, EXIT_RUN, EXIT_NETWORK, EXIT_CHECKPOINT, EXIT_LOCAL = 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
 THREADS_RECHECK = 10.0  # seconds between two counts of the local peers (default --threads only)
 CATCH_UP_PATIENCE = 30.0  # seconds a joiner keeps trying live donors before it trains from its own epoch
@@ -81,13 +82,17 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
     p.add_argument("--client-mode", action="store_true", help="do not accept inbound connections (behind NAT)")
-    p.add_argument("--bandwidth", type=float, default=None, metavar="MBPS",
-                   help="announced bandwidth in MB/s for load balancing (default: measured)")
+    from .cli import add_announce_argument
+    add_announce_argument(p)
+    p.add_argument("--bandwidth", type=float, default=None, metavar="MB/S",
+                   help="announced bandwidth in megabytes per second (MB/s, not Mbit/s) for load balancing "
+                        "(default: measured)")
     p.add_argument("--max-epochs", type=int, default=None, help="stop when the swarm reaches this epoch")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--stop-at-target", action="store_true", help="stop once the task's target metric is met")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="train on data shard I of N (default: a shard picked from this peer's id out of 1)")
+                   help="train on data shard I of N (default 0/1: all the data, in an order shuffled by this "
+                        "peer's id; give each peer its own I/N to split the data)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the CPU cores divided among the swarm peers on this machine)")
     p.add_argument("--matchmaking-time", type=float, default=None, help="seconds to wait for a group (default 3)")
@@ -350,14 +355,14 @@ def _lock_identity(identity: Path) -> Path:
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and psutil.pid_exists(pid):
-                raise _Fatal(EXIT_TASK, f"identity {identity} is in use by another swarm process (PID {pid}); "
+                raise _Fatal(EXIT_LOCAL, f"identity {identity} is in use by another swarm process (PID {pid}); "
                                         "give this peer its own --identity PATH") from None
             lock.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return lock
-    raise _Fatal(EXIT_TASK, f"cannot lock identity {identity} ({lock})")
+    raise _Fatal(EXIT_LOCAL, f"cannot lock identity {identity} ({lock})")
 
 
 def _join_with_identity(args, signals, task, code_hash, identity, run_id, device, model, options, settings,
@@ -365,15 +370,17 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
     from dht import DHT, P2PError
 
     from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+    from .cli import parse_announce
+    from .exitcodes import startup_error
     from .optimizer import Optimizer
     from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run, settings_differences
 
     try:
         with signals.interruptible():
             dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port, identity_path=identity,
-                      client_mode=args.client_mode)
+                      client_mode=args.client_mode, announce=parse_announce(args.announce_addr))
     except (P2PError, OSError, ValueError) as e:
-        raise _Fatal(EXIT_NETWORK, f"could not join the swarm: {e}") from None
+        raise _Fatal(*startup_error(e, args.host, args.port, identity)) from None
     announcer = opt = None
     try:
         print(f"peer {dht.peer_id}" + ("" if args.client_mode else " reachable at:"), flush=True)
@@ -517,7 +524,8 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
                 last_line = time.monotonic()
                 g = opt.global_progress
                 line = (f"epoch {opt.local_epoch} | loss {opt.last_loss:.4f} | {opt.samples_per_second:.0f} samples/s here, "
-                        f"{g.samples_per_second:.0f} in the swarm | {g.num_peers} peers online")
+                        f"{g.samples_per_second:.0f} in the swarm | {g.num_peers} peer{'' if g.num_peers == 1 else 's'} "
+                        "online")
                 if last_eval:
                     line += " | " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float))
                 print(line, flush=True)

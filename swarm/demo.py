@@ -1,33 +1,50 @@
 """``swarm demo``: a local swarm on loopback that trains a real model, then a summary and a plot.
 
 Starts ``swarm dht`` (the bootstrap peer) and ``--peers`` ``swarm join`` processes on 127.0.0.1, each
-on its own data shard and identity, all writing per-epoch metrics (JSON lines) and logs into
-``--out``. Every peer stops when the task's target is met (``--stop-at-target``); the demo waits for
-them (at most ``--max-seconds``), stops whatever is left, prints the summary (final held-out
-metrics, time, epochs, bytes exchanged) and writes ``loss_curves.png``. Exit code 0 only if the
-target was reached.
+on its own data shard (``--shard i/N``) and identity, all writing per-epoch metrics (JSON lines) and
+logs into ``--out``. The default task is the packaged ``swarm.examples.digits:task``, so the demo runs
+from any directory. Every peer stops when the task's target is met (``--stop-at-target``); the demo
+waits for them (at most ``--max-seconds``), stops whatever is left, prints the summary (final
+held-out metrics, time, epochs, bytes exchanged) and writes ``loss_curves.png``.
+
+Exit codes: 0 the target was reached (or the task has none and no peer failed), 1 it was not (or a
+peer failed), 2 bad arguments, a task that does not load or missing demo extras (matplotlib,
+scikit-learn), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP: the peers are stopped, they leave cleanly).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_demo", "find_default_task"]
+__all__ = ["run_demo", "DEFAULT_TASK", "DEMO_EXTRAS", "missing_demo_modules"]
+
+DEFAULT_TASK = "swarm.examples.digits:task"  # shipped in the package: works from any directory
+DEMO_EXTRAS = "install the demo extras: pip install 'swarm-training[demo]'"
 
 
-def find_default_task() -> Path | None:
-    """``examples/digits.py`` next to the working directory or next to this source checkout."""
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidate = base / "examples" / "digits.py"
-        if candidate.is_file():
-            return candidate
-    return None
+def missing_demo_modules(default_task: bool) -> list[str]:
+    """The demo extras that are not installed: matplotlib (the plot), scikit-learn (the digits data)."""
+    needed = {"matplotlib": "matplotlib"}
+    if default_task:
+        needed["sklearn"] = "scikit-learn"
+    return [name for module, name in needed.items() if importlib.util.find_spec(module) is None]
+
+
+def plural(n: int, word: str) -> str:
+    """``1 peer``, ``2 peers``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+class _Interrupted(Exception):
+    pass
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -100,9 +117,16 @@ def _plot(out: Path, metrics: list[list[dict]], t0: float, target: tuple[str, fl
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    task_ref = args.task or (str(find_default_task()) if find_default_task() else None)
-    if task_ref is None:
-        print("error: no --task given and examples/digits.py not found (run from the repository root)", file=sys.stderr)
+    if args.peers < 1:
+        print(f"error: --peers must be at least 1, got {args.peers}", file=sys.stderr)
+        return 2
+    if not args.max_seconds > 0:
+        print(f"error: --max-seconds must be positive, got {args.max_seconds:g}", file=sys.stderr)
+        return 2
+    task_ref = args.task or DEFAULT_TASK
+    missing = missing_demo_modules(default_task=args.task is None)
+    if missing:
+        print(f"error: swarm demo needs {' and '.join(missing)}: {DEMO_EXTRAS}", file=sys.stderr)
         return 2
     from .task import TaskLoadError, load_task
 
@@ -120,6 +144,21 @@ def run_demo(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     started = time.monotonic()
+    interrupted: list[str] = []
+
+    def on_signal(signum, _frame) -> None:
+        interrupted.append(signal.Signals(signum).name)
+        raise _Interrupted
+
+    previous = {}
+    for sig in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, sig):
+            try:
+                previous[sig] = signal.signal(getattr(signal, sig), on_signal)
+            except (ValueError, OSError):  # not the main thread
+                pass
+    failed: list[int] = []
+    peers: list[subprocess.Popen] = []
     try:
         boot_log = out / "bootstrap.log"
         boot = _start(swarm_cmd + ["dht", "--host", "127.0.0.1", "--report-interval", "3600"], boot_log)
@@ -140,7 +179,7 @@ def run_demo(args: argparse.Namespace) -> int:
             procs.append(peers[-1])
             if i == 0:
                 time.sleep(2.0)  # the first peer creates the run; the others join it
-        print(f"{args.peers} peers training {task.name} (run {run_id}); logs in {out}/", flush=True)
+        print(f"{plural(args.peers, 'peer')} training {task.name} (run {run_id}); logs in {out}/", flush=True)
         last_print = 0.0
         while any(p.poll() is None for p in peers) and time.monotonic() - started < args.max_seconds + 30:
             time.sleep(0.5)
@@ -152,8 +191,22 @@ def run_demo(args: argparse.Namespace) -> int:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items()) if evals else "not evaluated yet"
                 print(f"  {time.monotonic() - started:5.0f} s | epochs {epochs} | latest evaluation: {shown}", flush=True)
         failed = [i for i, p in enumerate(peers) if p.poll() not in (None, 0)]
+        if any(p.poll() in (130, -signal.SIGINT, -signal.SIGTERM) for p in peers):
+            interrupted.append("a signal to the peers")  # e.g. Ctrl-C reached the peers' process group first
+    except _Interrupted:
+        pass
     finally:
-        _stop(procs)
+        try:
+            for sig in previous:  # a second Ctrl-C while the peers leave would not wait for them
+                signal.signal(getattr(signal, sig), signal.SIG_IGN)
+            _stop(procs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(getattr(signal, sig), handler)
+    if interrupted:
+        print(f"\ninterrupted ({interrupted[0]}): the peers were stopped and left the swarm; logs in {out}/",
+              file=sys.stderr, flush=True)
+        return 130
     elapsed = time.monotonic() - started
     metrics = [_read_metrics(out / f"peer{i}.jsonl") for i in range(args.peers)]
     final_evals = [next((r["eval"] for r in reversed(m) if "eval" in r), None) for m in metrics]
@@ -166,7 +219,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  peer {i}: epoch {m[-1]['epoch'] if m else 0}, {shown or 'no evaluation'}")
     print(f"  time {elapsed:.1f} s, {total_bytes / 1e6:.2f} MB exchanged by all peers (sent + received)")
     for i in failed:
-        print(f"  peer {i} exited with an error; see {out}/peer{i}.log")
+        print(f"  peer {i} exited with an error (exit code {peers[i].returncode}); see {out}/peer{i}.log")
     print(f"  plot: {plot.resolve()}")
     if task.target is None:
         return 0 if not failed else 1

@@ -189,7 +189,10 @@ class Optimizer:
         self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
         self.state_averager = None
         self._state_averager_opts = dict(averager_opts, compression=None, aggregator="mean")
-        self.tracker = ProgressTracker(dht, run_id, target_batch_size or 1, client_mode=self.client_mode)
+        # records outlive their peer by 10 min, so that `swarm runs` can tell a dead run's last epoch and when
+        # it was last seen (who is online is decided on arrival times, not on expiration)
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size or 1, client_mode=self.client_mode,
+                                       expiration=600.0)
         self.sharing = StateSharing(dht, run_id, serve=share_state)
         self._publish_state()
         self._report()

@@ -119,9 +119,14 @@ class RunInfo:
     task_hash: str
     creator: str
     created: float
+    last_seen: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.peers > 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), alive=self.alive)
 
 
 async def _announcements(node) -> list[RunAnnouncement]:
@@ -187,20 +192,29 @@ class RunAnnouncer:
             pass
 
 
-def list_runs(dht: DHT, timeout: float = 30.0) -> list[RunInfo]:
-    """Every announced run with its live progress (peers, samples/s, epoch, latest loss)."""
+def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> list[RunInfo]:
+    """Every announced run with its live progress (peers online, samples/s, latest loss), its last
+    known epoch and when a peer of it was last seen; live runs first, then by when they were seen."""
     async def go(_dht, node):
         runs = _earliest(await _announcements(node))
         ids = list(runs)
         progress = await asyncio.gather(*(node.get(progress_key(r), latest=True) for r in ids))
+        now = get_dht_time()
         infos = []
         for run_id, found in zip(ids, progress):
             records = []
             if found is not None and isinstance(found.value, dict):
                 records = [r for r in (PeerProgress.parse(getattr(v, "value", None)) for v in found.value.values()) if r]
+            records = [r for r in records if r.time <= now + 60]  # a record from the future is not evidence
             a = runs[run_id]
-            g = summarize(records, a.target_batch_size or 1, get_dht_time())
-            infos.append(RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), g.epoch, g.loss, a.task,
-                                 a.task_hash, a.creator, a.created))
-        return sorted(infos, key=lambda i: (-i.peers, i.run_id))
+            g = summarize(records, a.target_batch_size or 1, now, online_window=online_window)
+            last_seen = max((r.time for r in records), default=None)
+            epoch = max([g.epoch] + [r.epoch for r in records if not r.client_mode])
+            loss = g.loss
+            if not g.num_peers and records:  # dead: the last known loss, at the last known epoch
+                losses = [r.loss for r in records if r.loss is not None and r.epoch == epoch]
+                loss = sum(losses) / len(losses) if losses else None
+            infos.append(RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), epoch, loss, a.task,
+                                 a.task_hash, a.creator, a.created, last_seen))
+        return sorted(infos, key=lambda i: (-i.peers, -(i.last_seen or i.created), i.run_id))
     return dht.run_coroutine(go, return_future=True).result(timeout)

@@ -1,8 +1,10 @@
 """Task: a small byte-level transformer language model on text files (runs offline anywhere).
 
-    swarm join examples/charlm.py --initial-peers /ip4/127.0.0.1/tcp/PORT/p2p/PEER --shard 0/4
-    swarm demo --task examples/charlm.py
-    SWARM_CHARLM_DATA=~/my-texts swarm join examples/charlm.py ...
+    swarm join swarm.examples.charlm:task --initial-peers /ip4/127.0.0.1/tcp/PORT/p2p/PEER --shard 0/4
+    swarm demo --task swarm.examples.charlm:task
+    SWARM_CHARLM_DATA=~/my-texts swarm join swarm.examples.charlm:task ...
+
+(in a clone, ``examples/charlm.py`` is this file).
 
 Data: ``$SWARM_CHARLM_DATA``, a text file or a directory (its files, recursively, skipping hidden
 directories, ``__pycache__``, ``site-packages`` and binary files); default: the ``*.py`` files at the

@@ -1,8 +1,10 @@
 """Task: a small CNN on scikit-learn's handwritten digits (8x8 images, 10 classes; ships with
 scikit-learn, so it runs offline).
 
-    swarm join examples/digits.py --initial-peers /ip4/127.0.0.1/tcp/PORT/p2p/PEER
-    swarm demo --task examples/digits.py
+    swarm join swarm.examples.digits:task --initial-peers /ip4/127.0.0.1/tcp/PORT/p2p/PEER --shard 0/4
+    swarm demo                      # trains this task (swarm demo --task swarm.examples.digits:diloco)
+
+(in a clone, ``examples/digits.py`` is this file).
 
 The 1797 images are split once (fixed seed) into 1437 for training and 360 held out; each peer trains
 on its own shard of the training images (``shard`` of ``num_shards``), and ``evaluate`` reports the
@@ -11,11 +13,17 @@ held-out loss and accuracy.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from swarm import Task
+
+DEMO_EXTRAS = "install the demo extras: pip install 'swarm-training[demo]'"
+if importlib.util.find_spec("sklearn") is None:
+    raise ImportError(f"the digits example needs scikit-learn (its data set ships with it): {DEMO_EXTRAS}")
 
 
 def _dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

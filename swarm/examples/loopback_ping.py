@@ -1,6 +1,6 @@
 """Start a few peers as separate processes on loopback; they connect, authenticate and ping each other.
 
-    python examples/loopback_ping.py --peers 4
+    python -m swarm.examples.loopback_ping --peers 4      (in a clone: python examples/loopback_ping.py)
 
 Each peer is a ``swarm peer`` process; peer k is given the addresses of peers 0..k-1 as initial
 peers, so together they form a full mesh of authenticated, encrypted connections. The script prints
@@ -14,9 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -34,7 +31,7 @@ def main() -> int:
                    "--ping-rounds", str(args.rounds), "--linger", "3"]
             if addresses:
                 cmd += ["--initial-peers", *addresses]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             procs.append(proc)
             header = proc.stdout.readline()
             address = proc.stdout.readline().strip()

@@ -1,0 +1,1 @@
+../swarm/examples/digits.py

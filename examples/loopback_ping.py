@@ -1,0 +1,1 @@
+../swarm/examples/loopback_ping.py
