@@ -7,6 +7,8 @@ and the libp2p Noise handshake's identity payload)::
     M1  I -> R  plain  {"p": "swarm-p2p", "versions": [1, ...], "ciphers": [...], "e": X25519 ephemeral}
     M2  R -> I  plain  {"version": v, "cipher": c, "e": X25519 ephemeral}
                        or {"error": "...", "versions": [...]} and close, if no version is shared
+                       or {"error": "...", "busy": true, "versions": [...]} and close, if too many
+                          handshakes from the initiator's IP are pending (it may retry shortly)
         both:  h = SHA-256(M1 || M2)        (the raw bytes of both messages)
                k_ir || k_ri = HKDF-SHA256(X25519(e_I, e_R), salt=h, info="swarm-p2p/1 keys", 64 bytes)
     M3  R -> I  AEAD(k_ri)  {"pub": Ed25519 key, "sig": Sign("swarm-p2p/1 responder" || h), "info": {...}}
@@ -19,7 +21,8 @@ secrecy), and identities travel encrypted. A dialer that expected PeerID X abort
 responder's key hashes to X. ``info`` carries the peer's announced listen addresses and its
 receive limits (per-stream window, largest message).
 
-Handshake frames are ``u32 big-endian length || msgpack map`` (at most 4 KiB each). After the
+Handshake frames are ``u32 big-endian length || msgpack map`` (at most 4 KiB each, lists and maps
+nested at most 4 deep; anything else is refused before any field is looked at). After the
 handshake every frame is ``u32 big-endian L || AEAD ciphertext (L bytes, tag included)``, with the
 4 length bytes as associated data and a 96-bit nonce ``0x00000000 || u64 little-endian counter``
 that starts at 0 in each direction (M3 and M4 use nonce 0 of their direction). The plaintext of a

@@ -12,11 +12,9 @@ flood from one address cannot lock other peers out.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import sys
-import time
 from typing import Callable
 
 from .addresses import PeerAddress, interface_addresses
@@ -26,6 +24,7 @@ from .handshake import (MAX_HANDSHAKE_FRAME, PeerBusyError, PeerInfo, initiate, 
                         within)
 from .identity import Identity, PeerID
 from .multiplex import Limits
+from .resources import ip_key
 from .transport import Transport
 from .untrusted import LogLimiter, brief
 
@@ -40,21 +39,6 @@ _BUSY_RETRIES = 5  # a dial refused as busy is retried this many times, after 50
 _REFUSALS_PER_IP = 4  # sockets being refused per IP, in units of the per-IP cap (beyond: closed without a word)
 _REFUSAL_LINGER = 0.5  # seconds a refused socket may take to send its hello (read, so closing sends FIN, not RST)
 _refusals = LogLimiter(rate=0.2, burst=5.0)  # log lines about refused sockets, per source IP
-
-
-def ip_key(host: str | None) -> str:
-    """The key of a source address for per-IP limits: the IPv4 address, or the /64 of an IPv6 one."""
-    if not host:
-        return "unknown"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host[:100]
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 _fd_limit_raised = False
@@ -88,12 +72,11 @@ def raise_fd_limit() -> None:
 class _Pending:
     """An accepted socket whose handshake has not finished (or that is being refused)."""
 
-    __slots__ = ("ip", "writer", "task", "since")
+    __slots__ = ("ip", "writer", "task")
 
     def __init__(self, ip: str, writer: asyncio.StreamWriter):
         self.ip, self.writer = ip, writer
         self.task: asyncio.Task | None = None
-        self.since = time.monotonic()
 
 
 class TCPTransport(Transport):
@@ -159,7 +142,8 @@ class TCPTransport(Transport):
         if self._closing:
             writer.transport.abort()
             return
-        ip = ip_key(observed_host(writer))
+        host = observed_host(writer)
+        ip = ip_key(host) if host else "unknown"
         loop = asyncio.get_running_loop()
         limits = self.limits
         same_ip = self._pending_by_ip.get(ip)
