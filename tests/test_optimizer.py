@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 
@@ -271,11 +272,27 @@ def test_state_averaging_brings_diverged_peers_together(dhts):
 
 def test_diloco_overlap_and_a_client_mode_peer(dhts):
     """DiLoCo with overlap=True keeps stepping while averaging; a client-mode peer (no inbound
-    connections) still averages with the others and ends at the same global parameters."""
+    connections) still averages with the others and ends at the same global parameters, which fit
+    the data far better than the initial ones.
+
+    Deterministic under load: progress is judged by the held-out loss of the agreed global parameters
+    on fixed data, not by the latest training losses (how many inner steps land between the rounds
+    depends on timing, and with outer momentum 0.9 the global loss of this small problem oscillates
+    between ~0.15x and 0.75x of the initial one over the first epochs: a run once ended on a peak).
+    Outer momentum 0.5 (Nesterov) converges without such peaks: at least 4 epochs leave the held-out
+    loss below ~0.12x of the initial one whatever the timing, against a 0.5x bound."""
     first, = dhts(1)
     client = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1", client_mode=True)
     true_w = torch.linspace(-1, 1, 8).unsqueeze(1)
+    held_out = torch.randn(256, 8, generator=torch.Generator().manual_seed(99))
     states: dict[int, tuple[int, str]] = {}
+
+    def held_out_loss(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        return float(((held_out @ weight.T + bias - held_out @ true_w) ** 2).mean())
+
+    torch.manual_seed(7)
+    initial = torch.nn.Linear(8, 1)
+    initial_loss = held_out_loss(initial.weight.detach(), initial.bias.detach())
 
     def agreed() -> bool:
         return len(states) == 2 and len(set(states.values())) == 1
@@ -285,7 +302,7 @@ def test_diloco_overlap_and_a_client_mode_peer(dhts):
         model = torch.nn.Linear(8, 1)
         opt = Optimizer(dht=dht, run_id="test-overlap", optimizer=lambda p: torch.optim.Adam(p, 0.05),
                         params=model.parameters(), mode="diloco", inner_steps=8, overlap=True,
-                        matchmaking_time=1.5, averaging_timeout=10)
+                        outer_momentum=0.5, matchmaking_time=1.5, averaging_timeout=10)
         deadline = time.monotonic() + 20
         while opt.tracker.refresh().num_peers < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -310,11 +327,13 @@ def test_diloco_overlap_and_a_client_mode_peer(dhts):
             (opt_a, losses_a), (opt_b, losses_b) = runs
             assert opt_a.local_epoch >= 4 and opt_b.local_epoch >= 4
             assert opt_b.client_mode and opt_b.bytes_sent > 0 and opt_a.bytes_sent > 0
-            assert sum(losses_a[-4:]) < 0.5 * sum(losses_a[:4])
+            assert all(math.isfinite(v) for v in losses_a + losses_b)
             # a peer whose state diverged (e.g. it stepped alone) re-downloads the group's: they agree
             assert agreed(), states
             for ga, gb in zip(opt_a.global_params, opt_b.global_params):
                 assert torch.equal(ga, gb)
+            final_loss = held_out_loss(*opt_a.global_params)
+            assert final_loss < 0.5 * initial_loss, (final_loss, initial_loss)
         finally:
             for opt, _ in runs:
                 opt.shutdown()
