@@ -121,6 +121,9 @@ class DHTNode:
         self._handovers: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # newcomers waiting
         self._handover_bucket: TokenBucket | None = None
         self._handover_running = False
+        self._prefixes: dict[str, str | None] = {}  # host -> prefix_of(host), memoized (bounded)
+        self._diversity = dict(group_of=self._lookup_group, max_per_group=lim.max_lookup_peers_per_prefix,
+                               max_queries=lim.max_lookup_queries)  # keyword arguments of every lookup
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self.is_alive = True
@@ -226,7 +229,20 @@ class DHTNode:
         self._dial_backs.request(peer_id, source)
 
     def _prefix(self, host: str | None) -> str | None:
-        return prefix_of(host, self.limits.diversity_for_local_addresses)
+        if host is None:
+            return None
+        try:
+            return self._prefixes[host]
+        except KeyError:
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            prefix = self._prefixes[host] = prefix_of(host, self.limits.diversity_for_local_addresses)
+            return prefix
+
+    def _lookup_group(self, peer_id: PeerID) -> str | None:
+        """The prefix of the address a lookup would dial ``peer_id`` at (diversity within lookups)."""
+        address = self.p2p.best_address(peer_id)
+        return self._prefix(address.host) if address is not None and address.protocol in ("ip4", "ip6") else None
 
     def _group(self, peer_id: PeerID) -> str | None:
         """The IP prefix a peer's table slot is charged to: where we reached it (dial or dial-back)."""
@@ -336,7 +352,7 @@ class DHTNode:
             return None if found is None else found[0][1]
 
         result = await iterative_lookup(target, self._initial_contacts(target), query, k=k or self.k,
-                                        alpha=self.alpha, exclude=self.peer_id)
+                                        alpha=self.alpha, exclude=self.peer_id, **self._diversity)
         self.last_lookup = result
         return result.nearest
 
@@ -435,7 +451,7 @@ class DHTNode:
             return self._learn(contacts)
 
         result = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.num_replicas,
-                                        alpha=self.alpha, exclude=self.peer_id)
+                                        alpha=self.alpha, exclude=self.peer_id, **self._diversity)
         self.last_lookup = result
         nearest = result.nearest
         if not self.client_mode and (len(nearest) < self.num_replicas or
@@ -506,7 +522,7 @@ class DHTNode:
 
             self.last_lookup = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.k,
                                                       alpha=self.alpha, done=lambda: found_any and not latest,
-                                                      exclude=self.peer_id)
+                                                      exclude=self.peer_id, **self._diversity)
             if best is not None and lacking:
                 self._spawn(self._cache_at(min(lacking)[1], key_id, best))
         if best is None:

@@ -223,6 +223,14 @@ class P2P:
             texts = self._address_texts[peer_id] = [str(a) for a, _ in ranked]
         return texts
 
+    def best_address(self, peer_id: PeerID) -> PeerAddress | None:
+        """The address of ``peer_id`` that would be dialled first (without ``/p2p``), or None."""
+        book = self._address_book.get(peer_id)
+        if not book or not book.addresses:
+            return None
+        best = min(book.addresses.values())
+        return next(a for a in reversed(book.addresses) if book.addresses[a] == best)
+
     def dialed_address(self, peer_id: PeerID) -> PeerAddress | None:
         """The address at which our latest successful dial (or dial-back) of ``peer_id`` found it."""
         return self._dialed.get(peer_id)
@@ -238,8 +246,9 @@ class P2P:
 
     async def dial_back(self, peer_id: PeerID, timeout: float) -> PeerAddress | None:
         """Check that ``peer_id`` listens where it says: dial the addresses it announced itself (up to
-        4, never third-party ones) on fresh connections until a handshake proves ``peer_id`` there,
-        then close that connection. Returns the address, or None (after ``timeout`` seconds at most)."""
+        4, never third-party ones) on fresh connections until a handshake proves ``peer_id`` there.
+        That connection is kept (the peer may already be calling us over it: it is its newest), and
+        later calls use it. Returns the address, or None (after ``timeout`` seconds at most)."""
         book = self._address_book.get(peer_id)
         candidates = [] if book is None else [a for a, r in book.ranked() if r < _THIRD_PARTY][:4]
         loop = asyncio.get_running_loop()
@@ -257,8 +266,11 @@ class P2P:
                 continue
             except P2PError:
                 continue
-            channel.close()
             self._confirm(peer_id, address)
+            try:
+                self._adopt(channel, initiator=True)
+            except P2PError:  # shut down meanwhile
+                return None
             return address.with_peer_id(peer_id)
         return None
 

@@ -1,9 +1,15 @@
 """Kademlia's iterative lookup: query the closest known nodes, ``alpha`` at a time, until the
-``k`` closest nodes seen so far have all answered (or failed), or the caller has what it needs."""
+``k`` closest nodes seen so far have all answered (or failed), or the caller has what it needs.
+
+Diversity: with ``group_of`` (a contact's IP prefix, or None) at most ``max_per_group`` contacts of
+one group are considered in one lookup, so Sybils of one address that answer every query with each
+other cannot crowd the honest nodes out of the ``k`` closest; ``max_queries`` bounds the RPCs.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -25,18 +31,28 @@ class LookupResult:
 
 async def iterative_lookup(target: int, initial: list[tuple[PeerID, int]], query: Query, *, k: int = 20,
                            alpha: int = 3, done: Callable[[], bool] = lambda: False,
-                           exclude: PeerID | None = None) -> LookupResult:
+                           exclude: PeerID | None = None, group_of: Callable[[PeerID], str | None] | None = None,
+                           max_per_group: int | None = None, max_queries: int | None = None) -> LookupResult:
     """Find the ``k`` nodes closest to ``target``. ``done()`` is checked after every answer and stops
-    the lookup early (e.g. a value was found). Queries run with ``alpha`` in flight at once."""
+    the lookup early (e.g. a value was found). Queries run with ``alpha`` in flight at once, at most
+    ``max_queries`` in all (None: unbounded); ``group_of``/``max_per_group``: see the module docstring."""
     result = LookupResult()
     heap: list[tuple[int, PeerID, int, int]] = []  # (distance, peer, node id, hop at which it was learned)
     seen: set[PeerID] = set()
     answered: list[tuple[int, PeerID, int]] = []
     failed: set[PeerID] = set()
+    per_group: collections.Counter[str] = collections.Counter()
+    limit_groups = group_of is not None and max_per_group is not None
 
     def learn(contacts: list[tuple[PeerID, int]], hop: int) -> None:
         for peer_id, node_id in contacts:
             if peer_id not in seen and peer_id != exclude:
+                if limit_groups:
+                    group = group_of(peer_id)
+                    if group is not None:
+                        if per_group[group] >= max_per_group:
+                            continue
+                        per_group[group] += 1
                 seen.add(peer_id)
                 heapq.heappush(heap, (node_id ^ target, peer_id, node_id, hop))
 
@@ -50,7 +66,8 @@ async def iterative_lookup(target: int, initial: list[tuple[PeerID, int]], query
 
     try:
         while True:
-            while heap and len(in_flight) < alpha and not done():
+            while heap and len(in_flight) < alpha and not done() and \
+                    (max_queries is None or result.queried < max_queries):
                 bound = kth_answered_distance()
                 if bound is not None and heap[0][0] >= bound:
                     break  # every unqueried node is farther than the k closest that answered
