@@ -580,15 +580,26 @@ class DHTNode:
         def decode(subkey: bytes | None, value: bytes, exp: float) -> Any:
             return _unpack(self.validator.strip_value(DHTRecord(entry.key_bytes, subkey, value, exp)))
 
-        try:
-            if entry.regular is not None:
-                value, exp = entry.regular
+        undecodable = (ValueError, TypeError, msgpack.UnpackException)
+        if entry.regular is not None:
+            value, exp = entry.regular
+            try:
                 return ValueWithExpiration(decode(None, value, exp), exp)
-            return ValueWithExpiration({_unpack(s): ValueWithExpiration(decode(s, v, e), e)
-                                        for s, (v, e) in entry.subkeys.items()}, entry.expiration_time)
-        except (ValueError, TypeError, msgpack.UnpackException) as e:
-            logger.info("dropped an undecodable value: %s", e)
+            except undecodable as e:
+                logger.info("dropped an undecodable value (%s)", type(e).__name__)
+                return None
+        # each subkey on its own: one peer's garbage subkey must not hide the others' (signed) ones
+        subkeys, dropped = {}, 0
+        for s, (v, e) in entry.subkeys.items():
+            try:
+                subkeys[_unpack(s)] = ValueWithExpiration(decode(s, v, e), e)
+            except undecodable:
+                dropped += 1
+        if dropped:
+            logger.info("dropped %d undecodable subkeys", dropped)
+        if not subkeys:
             return None
+        return ValueWithExpiration(subkeys, max(item.expiration_time for item in subkeys.values()))
 
     async def _cache_at(self, peer_id: PeerID, key_id: int, entry: Entry) -> None:
         items = [[entry.key_bytes, None, *entry.regular, True]] if entry.regular else \

@@ -158,7 +158,8 @@ class Storage:
         self._source_peers: dict[Any, _Heaviest] = {}  # address range -> bytes per peer
         self.total_bytes = 0
         self.evicted = 0  # records evicted to make room (diagnostics)
-        self._expiry: list[tuple[float, int, bytes | None]] = []
+        self._expiry: list[tuple[float, int, int, bytes | None]] = []  # (expiration, key id, seq, subkey)
+        self._seq = itertools.count()  # (a regular value and a subkey of one key may expire together)
         self._far: list[tuple[int, int]] = []  # (-(key id ^ own id), key id): farthest key first
         self.stored_at: dict[int, float] = {}  # key id -> when it was last stored (for republishing)
 
@@ -367,7 +368,7 @@ class Storage:
                 self.stored_at[key_id] = stored_at
             raise
         self._put(key_id, key_bytes, subkey, value, expiration_time, (origin, source, cost), now)
-        heapq.heappush(self._expiry, (expiration_time, key_id, subkey))
+        heapq.heappush(self._expiry, (expiration_time, key_id, next(self._seq), subkey))
         return True
 
     def get(self, key_id: int, now: float) -> Entry | None:
@@ -380,7 +381,7 @@ class Storage:
     def purge(self, now: float) -> None:
         """Forget everything that expired by ``now``."""
         while self._expiry and self._expiry[0][0] <= now:
-            _, key_id, subkey = heapq.heappop(self._expiry)
+            _, key_id, _, subkey = heapq.heappop(self._expiry)
             entry = self._entries.get(key_id)
             if entry is None:
                 continue
