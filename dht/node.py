@@ -383,9 +383,21 @@ class DHTNode:
                                                                 record.expiration_time, False)))
         return await self._store_prepared(prepared)
 
+    def _request_budget(self) -> int:
+        """Bytes of items one dht.store request may carry: half the P2P message limit (the rest of
+        the request and msgpack framing fit in the other half)."""
+        limits = self.p2p.limits
+        return min(limits.max_message_size, getattr(limits, "stream_memory", limits.max_message_size)) // 2
+
+    @staticmethod
+    def _item_size(item: StoreItem) -> int:
+        return len(item.key) + len(item.subkey or b"") + len(item.value) + 32
+
     async def _store_prepared(self, prepared: list[tuple[int, StoreItem]], exclude: PeerID | None = None) -> list[bool]:
         key_ids = sorted({key_id for key_id, _ in prepared})
-        if len(key_ids) == 1 and exclude is None and len(prepared) <= self.limits.max_items_per_store:
+        budget = self._request_budget()
+        if len(key_ids) == 1 and exclude is None and len(prepared) <= self.limits.max_items_per_store and \
+                sum(self._item_size(item) for _, item in prepared) <= budget:
             return await self._store_while_looking_up(key_ids[0], prepared)
         nearest: dict[int, list[tuple[PeerID, int]]] = {}
         semaphore = asyncio.Semaphore(64)
@@ -409,9 +421,22 @@ class DHTNode:
                 else:
                     per_peer.setdefault(peer_id, []).append(index)
 
+        def chunks(indices: list[int]) -> Iterable[list[int]]:
+            """``indices`` in requests of at most ``max_items_per_store`` items and ``budget`` bytes."""
+            chunk: list[int] = []
+            size = 0
+            for i in indices:
+                item_size = self._item_size(prepared[i][1])
+                if chunk and (len(chunk) >= self.limits.max_items_per_store or size + item_size > budget):
+                    yield chunk
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += item_size
+            if chunk:
+                yield chunk
+
         async def send(peer_id: PeerID, indices: list[int]) -> None:
-            for start in range(0, len(indices), self.limits.max_items_per_store):
-                chunk = indices[start:start + self.limits.max_items_per_store]
+            for chunk in chunks(indices):
                 request = self._request(items=[[prepared[i][1].key, prepared[i][1].subkey, prepared[i][1].value,
                                                  prepared[i][1].expiration_time, False] for i in chunk])
                 try:
@@ -604,7 +629,7 @@ class DHTNode:
     async def _cache_at(self, peer_id: PeerID, key_id: int, entry: Entry) -> None:
         items = [[entry.key_bytes, None, *entry.regular, True]] if entry.regular else \
             [[entry.key_bytes, s, v, e, True] for s, (v, e) in entry.subkeys.items()]
-        budget, size = self.limits.max_find_reply_bytes, 0  # a store request within the message limit too
+        budget, size = min(self.limits.max_find_reply_bytes, self._request_budget()), 0  # within the message limit
         for count, item in enumerate(items):
             size += len(item[0]) + len(item[1] or b"") + len(item[2]) + 32
             if size > budget:

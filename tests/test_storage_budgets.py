@@ -374,3 +374,49 @@ async def test_300_large_subkeys_cannot_make_a_key_unreadable(net):
     for i, owner in enumerate(owners):
         assert result.value[f"run{i} {owner.signature_validator.ownership_marker}"].value == {"run": i}
     assert 3 < len(result.value) < 303
+
+
+async def test_large_batches_are_split_to_fit_the_message_limit(net):
+    from dht import Limits
+
+    p2p_limits = Limits(max_message_size=4 * MiB)
+    holder = await net.node(p2p_limits=p2p_limits)
+    writer = await net.node([addr(holder)], client_mode=True, p2p_limits=p2p_limits)
+    now = get_dht_time()
+    # 6 MiB under one key, and 6 MiB under 30 keys: each more than one 4 MiB message
+    one_key = [("big.dict", b"\0" * (200 * KiB), now + 60, f"part{i}") for i in range(30)]
+    many_keys = [(f"big/{i}", b"\1" * (200 * KiB), now + 60, None) for i in range(30)]
+    assert await writer.store_many(one_key) == [True] * 30
+    assert await writer.store_many(many_keys) == [True] * 30
+    assert len(holder.storage.get(DHTID.of_key(pack("big.dict")), get_dht_time()).subkeys) == 30
+    assert all(holder.storage.get(DHTID.of_key(pack(f"big/{i}")), get_dht_time()) is not None for i in range(30))
+    result = await writer.get("big.dict", latest=True)  # the reply is cut to fit, smallest first
+    assert 0 < len(result.value) < 30
+
+
+async def test_a_full_node_evicts_records_of_the_foreign_region_first(net):
+    first = await net.node(bucket_size=2)
+    nodes = [first] + [await net.node([addr(first)], bucket_size=2) for _ in range(7)]
+    victim = await net.node([addr(first)], bucket_size=2, limits=DHTLimits(max_entries=40))
+    await victim.find_nearest_nodes(victim.node_id)
+    size, deadline = -1, asyncio.get_running_loop().time() + 5  # let dial-backs settle (which keys are foreign)
+    while size != len(victim.routing_table) and asyncio.get_running_loop().time() < deadline:
+        size = len(victim.routing_table)
+        await asyncio.sleep(0.5)
+    assert len(victim.routing_table) >= 2
+    foreign, local = [], []
+    for i in range(2000):
+        key = f"key{i}"
+        (foreign if victim._is_foreign(DHTID.of_key(pack(key))) else local).append(key)
+    assert len(foreign) >= 40 and len(local) >= 5
+    mallory = await net.attacker()
+    now = get_dht_time()
+    assert await raw_store(mallory, victim, [[pack(k), None, pack(1), now + 600, False] for k in foreign[:40]]) \
+        == [True] * 40
+    farthest = max(foreign[:40], key=lambda k: DHTID.of_key(pack(k)) ^ victim.node_id)
+    honest = nodes[3]
+    answers = await raw_store(honest.p2p, victim, [[pack(k), None, pack(2), now + 600, False] for k in local[:5]])
+    assert answers == [True] * 5 and len(victim.storage) == 40 and victim.storage.evicted == 5
+    held = {key_id for key_id, _ in victim.storage.items(get_dht_time())}
+    assert all(DHTID.of_key(pack(k)) in held for k in local[:5])
+    assert DHTID.of_key(pack(farthest)) not in held
