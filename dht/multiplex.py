@@ -28,6 +28,9 @@ message is consumed or the stream closes (whatever the reason). Reassembly buffe
 arrive, never from an announced size. A message beyond the stream's limit (``max_message_size``, at
 most ``stream_memory``, or the method's own ``max_message_size``) fails the stream with ``too_large``;
 a spent connection/peer/IP/system budget fails it with ``overloaded``; the connection keeps serving.
+Decoded messages are budgeted too: each msgpack object (a container or an element of one) is charged
+``OBJECT_COST`` (64) bytes on top of the message's bytes, and decoding stops past the stream's budget
+(1 MiB of empty arrays would otherwise become 64 MiB of Python lists).
 An OPEN beyond the inbound stream caps (per connection, per peer over all its connections, per IP,
 in total) is answered at once with ERROR ``overloaded``, nothing allocated. Every handler runs under
 a server-side deadline: the caller's (cut to ``max_handler_timeout``) or ``default_handler_timeout``.
@@ -151,8 +154,58 @@ def _pack(message: Any) -> bytes:
         raise TypeError(f"message cannot be serialized with msgpack: {e}") from None
 
 
-def _unpack(data: bytes | bytearray | memoryview, max_size: int) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+OBJECT_COST = 64  # bytes reserved per decoded msgpack object (a Python object and its reference)
+
+
+class TooManyObjectsError(ValueError):
+    """A msgpack message decodes to more objects than its budget allows."""
+
+
+class _ObjectCount:
+    """msgpack hooks counting decoded objects (each container and its elements); past ``limit`` the
+    decoding stops (one container is also capped to ``limit`` elements, so the overshoot is bounded).
+
+    A remote peer chooses the shape of what it sends: 1 MiB of empty arrays decodes to 64 MiB of
+    Python lists (and takes ~0.4 s), so decoded objects are budgeted, not only received bytes."""
+
+    __slots__ = ("objects", "limit")
+
+    def __init__(self, limit: int):
+        self.objects, self.limit = 0, limit
+
+    def array(self, value: list) -> list:
+        self.objects += len(value) + 1
+        if self.objects > self.limit:
+            raise TooManyObjectsError(f"the message decodes to more than {self.limit} objects")
+        return value
+
+    def map(self, value: dict) -> dict:
+        self.objects += 2 * len(value) + 1
+        if self.objects > self.limit:
+            raise TooManyObjectsError(f"the message decodes to more than {self.limit} objects")
+        return value
+
+
+def _unpack_counted(data: bytes | bytearray | memoryview, max_objects: int) -> tuple[Any, int]:
+    """``(message, objects)``: decode at most ``max_objects`` objects (TooManyObjectsError beyond)."""
+    count = _ObjectCount(max_objects)
+    limit = max(max_objects, 1)
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=False, list_hook=count.array,
+                                  object_hook=count.map, max_array_len=limit, max_map_len=limit)
+    except ValueError as e:
+        if "exceeds max_" in str(e)[:200]:  # one container longer than the whole budget
+            raise TooManyObjectsError(f"the message decodes to more than {max_objects} objects") from None
+        raise
+    return message, count.objects
+
+
+def _unpack(data: bytes | bytearray | memoryview, max_size: int, max_objects: int = 64) -> Any:
+    """Decode a small control message (OPEN, ERROR, GOAWAY): ValueError past ``max_size`` bytes or
+    ``max_objects`` objects, before any work."""
+    if len(data) > max_size:
+        raise ValueError(f"control message of {len(data)} bytes (limit {max_size})")
+    return _unpack_counted(data, max_objects)[0]
 
 
 class Stream:
@@ -174,7 +227,7 @@ class Stream:
         self.method = method
         self.deadline = deadline  # loop time, or None
         self.initiator = initiator
-        self._inbox: collections.deque[tuple[Any, int]] = collections.deque()
+        self._inbox: collections.deque[tuple[Any, int, int]] = collections.deque()  # message, bytes, reserved
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -272,8 +325,8 @@ class Stream:
         """The next message; StreamClosedError when the other side ended the stream."""
         while True:
             if self._inbox:
-                message, size = self._inbox.popleft()
-                self._scope.release(size)
+                message, size, reserved = self._inbox.popleft()
+                self._scope.release(reserved)
                 self._give_credit(size)
                 return message
             if self._error is not None:
@@ -413,13 +466,21 @@ class Stream:
             if flags & FLAG_MORE:
                 return
             data, self._partial = partial, None
-        try:
-            message = _unpack(data, self.max_message_size)
+        try:  # the decoded objects are budgeted too: what the stream may still reserve bounds them
+            message, objects = _unpack_counted(data, self._scope.available // OBJECT_COST)
+        except TooManyObjectsError as e:
+            return self._refuse("too_large", str(e))
         except Exception as e:
             self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
-        self._inbox.append((message, len(data)))
+        extra = objects * OBJECT_COST
+        if extra:
+            try:
+                self._scope.reserve(extra)
+            except ResourceLimitError as e:
+                return self._refuse(e.code, str(e))
+        self._inbox.append((message, len(data), len(data) + extra))
         if flags & FLAG_END:
             self._remote_ended = True
             self._maybe_release()

@@ -92,6 +92,11 @@ class StreamScope:
         """Bytes reserved by this stream now."""
         return self._scope.memory
 
+    @property
+    def available(self) -> int:
+        """Bytes this stream may still reserve by its own budget (its parents may allow less)."""
+        return 0 if self.closed else max(self._scope.memory_limit - self._scope.memory, 0)
+
     def reserve(self, n: int) -> None:
         """Reserve ``n`` bytes in every scope up to the system, or raise ResourceLimitError (nothing reserved)."""
         if self.closed:

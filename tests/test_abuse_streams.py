@@ -114,6 +114,55 @@ async def test_unfinished_messages_on_many_streams_stay_within_the_budgets():
         await victim.shutdown()
 
 
+async def test_messages_that_decode_to_millions_of_objects_are_refused():
+    """8 streams, each one 1 MiB message of a million empty arrays, to a handler that does not read
+    yet (the old code decoded each into 64 MiB of Python lists, kept in the stream's inbox): the
+    decoded objects are budgeted, so each is refused with too_large and the victim's RSS stays low."""
+    victim = await P2P.create(host="127.0.0.1")
+    attacker = await P2P.create(host="127.0.0.1")
+    release = asyncio.Event()
+
+    async def slow_reader(stream, ctx):
+        await release.wait()
+        async for _ in stream:
+            pass
+        await stream.send("read")
+
+    try:
+        victim.add_stream_handler("slow", slow_reader)
+        victim.add_unary_handler("echo", echo)
+        address = victim.get_visible_addresses()[0]
+        await attacker.call(address, "echo", b"warm-up", timeout=10)
+        conn = attacker._connections[victim.peer_id][0]
+        n = MiB - 16
+        bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n  # array 32 of n empty fixarrays
+        rss_before = _rss()
+        streams = []
+        for _ in range(8):
+            stream = conn.open_stream("slow", 30)
+            conn.write_frame(DATA, 0, stream.id, bomb)
+            await conn.drain()
+            streams.append(stream)
+        await _sync(conn)
+        grown = _rss() - rss_before
+        assert grown < 128 * MiB, grown / MiB
+        for stream in streams:
+            with pytest.raises(MessageTooLargeError) as info:
+                await asyncio.wait_for(stream.recv(), 5)
+            assert "objects" in str(info.value)
+        # an ordinary structured message of a few thousand objects is fine
+        release.set()
+        async with await attacker.open_stream(address, "slow", timeout=30) as stream:
+            await stream.send({"items": [[b"key", None, b"value" * 10, 1.5, False] for _ in range(2000)]})
+            await stream.end()
+            assert await stream.recv() == "read"
+        assert victim.resources.stat()["system"]["memory"] == 0
+    finally:
+        release.set()
+        await attacker.shutdown()
+        await victim.shutdown()
+
+
 async def test_one_identity_cannot_hold_thousands_of_never_fed_handlers():
     """12 connections x 300 streams to a handler that waits for a request that never comes (3,600 from
     one identity; the old code started all of them): at most ``max_inbound_streams_per_peer`` (256)
