@@ -16,13 +16,35 @@ contributors are not exactly F is re-reduced among F in a recovery phase (the sa
 those ranges, split among the survivors), from the same snapshot. So every survivor ends with the
 exact weighted mean over F for the whole vector, bit-identical across members, or the round fails
 with :class:`AveragingError` and leaves the caller's tensors untouched.
+
+Messages (validated on receipt; a malformed one gets ``bad_request`` and at most the transport's
+rate-limited one-line log per peer, never a traceback):
+
+==============  ==================================================================================
+``avg.part``    stream, member -> owner. First message, the header: ``{"g": group id (bytes, 1 to
+                MAX_GROUP_ID_BYTES=64), "p": phase (int 0 or 1), "t": recovery tag (bytes, at most
+                MAX_TAG_BYTES=32; b"" in phase 0), "i": the caller's index in the group (int, 0 <= i <
+                members; must be the caller's PeerID), "w": weight (int or float, finite, >= 0)}``.
+                Then one codec map per chunk of the owner's ranges (sizes checked by the codec, NaN/Inf
+                excluded). Owner -> member: one averaged codec map per chunk, then ``{"done":
+                [member indices], "mixed": bool}``. One stream per member and phase. A header for a
+                round this peer has not started yet waits ``join_wait`` (10 s) for it, at most
+                ``max_waiting_per_peer`` (8) such streams per peer and ``max_waiting`` (256) in all
+                (beyond: ``overloaded``); the waiting table is emptied however the stream ends.
+``avg.report``  unary, member -> member: ``{"g": group id (bytes, as above), "i": the caller's index
+                (int, its PeerID), "failed": [member indices] (ints in range, at most members)}``;
+                reply ``{"failed": [member indices]}`` once this peer's own report is ready. One
+                call per member in flight (a second one gets ``bad_request``).
+==============  ==================================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -30,7 +52,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dht import P2P, P2PError, PeerID, RemoteError, Stream
+from dht.errors import BadRequestError
 from dht.p2p import CallContext
+from dht.slots import Slots
+from dht.untrusted import brief
 
 from .compression import Codec, CodecError
 from .errors import AveragingError
@@ -39,6 +64,11 @@ from .partition import Layout, chunk_ranges
 __all__ = ["GroupInfo", "AllReduceResult", "Reducer", "weighted_mean", "all_finite", "AllReduceService"]
 
 logger = logging.getLogger(__name__)
+
+MAX_GROUP_ID_BYTES = 64  # matchmaking makes 20-byte ids
+MAX_TAG_BYTES = 32  # recovery tags are 16 bytes
+MAX_REPORT_BYTES = 64 << 10  # an avg.report request (at most 4096 member indices)
+MAX_FINISHED_ROUNDS = 256  # group ids of finished rounds remembered, to refuse late streams at once
 
 # (x [n, len], weights [n]) -> [len]; a reducer with ``chunkwise = True`` may be applied to pieces of a
 # part (pipelined); any other sees each part whole, once every live member delivered all of it.
@@ -58,6 +88,23 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 weighted_mean.chunkwise = True  # type: ignore[attr-defined]  # may be applied chunk by chunk (pipelined)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _indices(value: Any, n: int) -> list[int] | None:
+    """``value`` as a sorted list of distinct member indices in ``[0, n)``, or None if it is not one."""
+    if not isinstance(value, list) or len(value) > n or not all(_is_int(v) and 0 <= v < n for v in value):
+        return None
+    return sorted(set(value))
+
+
+def _refuse(ctx: CallContext, what: str, value: Any = None) -> BadRequestError:
+    """A BadRequestError for ``ctx``'s caller naming what is wrong (``value`` described by ``brief``);
+    the transport answers ``bad_request`` and logs one rate-limited line per peer, no traceback."""
+    return BadRequestError(what if value is None else f"{what} (got {brief(value)})")
 
 
 @dataclass
@@ -100,11 +147,17 @@ class _Owner:
         self.mixed = False
         self.changed = asyncio.Event()
         self.finished = asyncio.Event()
+        self.serving: set[int] = set()  # members whose part stream is being served (one each)
         if not self.chunks:
             self.finished.set()
 
+    def abort(self) -> None:
+        """The phase is over (or was cancelled): every stream still served here ends now."""
+        self.finished.set()
+        self.changed.set()
+
     def exclude(self, member: int, reason: str) -> None:
-        if member not in self.alive:
+        if member not in self.alive or self.finished.is_set():
             return
         logger.warning("averaging round %s: excluding %s: %s", self.run.group_id.hex()[:8],
                        self.run.members[member], reason)
@@ -118,7 +171,7 @@ class _Owner:
 
     def deliver(self, member: int, index: int, values: torch.Tensor, weight: float, finite: bool | None = None) -> None:
         """``member``'s values for chunk ``index``; ``finite``: already checked (off the event loop)."""
-        if member not in self.alive:
+        if member not in self.alive or self.finished.is_set():
             return
         if not (all_finite(values) if finite is None else finite):
             self.exclude(member, "sent NaN or Inf values")
@@ -203,7 +256,13 @@ class _Owner:
                 if member not in self.alive:
                     return
 
+        def receiver_done(task: asyncio.Future) -> None:  # e.g. a codec that raised on a hostile chunk
+            if not task.cancelled() and task.exception() is not None:
+                self.exclude(member, f"its chunks could not be read: {type(task.exception()).__name__}")
+
+        self.serving.add(member)
         receiver = asyncio.ensure_future(receive())
+        receiver.add_done_callback(receiver_done)
         try:
             sent = 0
             while True:
@@ -226,10 +285,9 @@ class _Owner:
         except (P2PError, asyncio.TimeoutError) as e:
             self.exclude(member, f"stream failed: {e}")
         finally:
+            self.serving.discard(member)
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
-            if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
-                self.exclude(member, f"stream failed: {receiver.exception()}")
 
 
 async def _run(loop: asyncio.AbstractEventLoop, codec: Codec, fn: Callable[..., Any], *args: Any) -> Any:
@@ -334,10 +392,10 @@ class _Phase:
                     raise AveragingError("the owner returned NaN/Inf")
             done = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
             contributors, mixed = done["done"], done["mixed"]
-            if not (isinstance(contributors, list) and all(isinstance(c, int) for c in contributors)
-                    and isinstance(mixed, bool)):
+            contributors = _indices(contributors, len(self.members))
+            if contributors is None or not isinstance(mixed, bool):
                 raise AveragingError("malformed final message")
-            self.part_reports[owner] = (sorted(contributors), mixed)
+            self.part_reports[owner] = (contributors, mixed)
             if self.me not in contributors:
                 self.failed.add(self.me)
         except _LocalError as e:
@@ -363,63 +421,135 @@ class _Phase:
 
 
 class AllReduceService:
-    """Serves ``avg.part`` and ``avg.report`` on a P2P peer and runs rounds for one averager."""
+    """Serves ``avg.part`` and ``avg.report`` on a P2P peer and runs rounds for one averager.
 
-    def __init__(self, p2p: P2P, prefix: str, round_timeout: float = 120.0):
+    ``round_timeout`` (120 s): limit of one part stream; ``join_wait`` (10 s): how long an ``avg.part``
+    header for a round not started here yet waits for it; ``max_waiting_per_peer`` (8) and
+    ``max_waiting`` (256): such waiting streams per calling peer and in all (``overloaded`` beyond);
+    ``header_timeout`` (10 s): a part stream must send its header this soon. The messages and
+    their limits are in the module docstring.
+    """
+
+    def __init__(self, p2p: P2P, prefix: str, round_timeout: float = 120.0, *, join_wait: float = 10.0,
+                 max_waiting_per_peer: int = 8, max_waiting: int = 256, header_timeout: float = 10.0):
         self.p2p = p2p
-        self.round_timeout = round_timeout
+        self.round_timeout, self.join_wait, self.header_timeout = round_timeout, join_wait, header_timeout
         self.part_method, self.report_method = f"avg.part.{prefix}", f"avg.report.{prefix}"
         self._phases: dict[tuple[bytes, int], _Phase] = {}
-        self._phase_ready: dict[tuple[bytes, int], asyncio.Event] = {}
+        # (group id, phase) -> [event set when the phase starts, streams waiting for it]
+        self._phase_ready: dict[tuple[bytes, int], list] = {}
+        self._waiting = Slots(max_waiting_per_peer, max_waiting, "avg.part streams waiting for a round")
+        self._finished: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._groups: dict[bytes, GroupInfo] = {}
         self._reports: dict[bytes, dict[int, asyncio.Future]] = {}
         self._my_reports: dict[bytes, asyncio.Future] = {}
+        self._report_calls: set[tuple[bytes, int]] = set()  # (group id, member) with a report call in flight
         p2p.add_stream_handler(self.part_method, self._serve_part)
-        p2p.add_unary_handler(self.report_method, self._serve_report)
+        p2p.add_unary_handler(self.report_method, self._serve_report, max_message_size=MAX_REPORT_BYTES)
 
     def close(self) -> None:
         self.p2p.remove_handler(self.part_method)
         self.p2p.remove_handler(self.report_method)
 
-    # ---- serving ---------------------------------------------------------------------------
-    def _ready_event(self, key: tuple[bytes, int]) -> asyncio.Event:
-        return self._phase_ready.setdefault(key, asyncio.Event())
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in every table keyed by what peers send (for tests: back to 0 between rounds)."""
+        return {"phases": len(self._phases), "phase_ready": len(self._phase_ready), "waiting": len(self._waiting),
+                "waiting_peers": self._waiting.keys, "groups": len(self._groups), "reports": len(self._reports),
+                "my_reports": len(self._my_reports), "report_calls": len(self._report_calls)}
 
-    async def _serve_part(self, stream: Stream, ctx: CallContext) -> None:
-        header = await stream.recv()
-        if not isinstance(header, dict) or not isinstance(header.get("g"), bytes) or header.get("p") not in (0, 1):
-            raise P2PError("malformed part header")
-        key = (header["g"], header["p"])
-        try:  # the caller may have learned of the group a moment before we did
-            await asyncio.wait_for(self._ready_event(key).wait(), 10.0)
-        except asyncio.TimeoutError:
-            self._phase_ready.pop(key, None)
-            raise P2PError("unknown averaging group") from None
+    # ---- serving ---------------------------------------------------------------------------
+    def _parse_header(self, header: Any, ctx: CallContext) -> tuple[tuple[bytes, int], bytes, int, Any]:
+        """(key, tag, member index, weight) of a part header, checked for types and lengths."""
+        if not isinstance(header, dict):
+            raise _refuse(ctx, "the part header must be a map", header)
+        group_id, phase, tag, member, weight = (header.get(k) for k in ("g", "p", "t", "i", "w"))
+        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
+            raise _refuse(ctx, f"'g' must be a group id of 1 to {MAX_GROUP_ID_BYTES} bytes", group_id)
+        if not _is_int(phase) or phase not in (0, 1):
+            raise _refuse(ctx, "'p' must be the phase, 0 or 1", phase)
+        if not isinstance(tag, bytes) or len(tag) > MAX_TAG_BYTES:
+            raise _refuse(ctx, f"'t' must be a tag of at most {MAX_TAG_BYTES} bytes", tag)
+        if not _is_int(member) or not 0 <= member < (1 << 16):
+            raise _refuse(ctx, "'i' must be a member index", member)
+        if not (_is_int(weight) or isinstance(weight, float)):
+            raise _refuse(ctx, "'w' must be a number", weight)
+        return (group_id, phase), tag, member, weight
+
+    async def _wait_for_phase(self, key: tuple[bytes, int], ctx: CallContext) -> "_Phase":
+        """The phase ``key`` once it starts here (the caller may have learned of the group a moment
+        before we did); waits at most ``join_wait`` within the waiting budgets."""
+        with self._waiting.hold(ctx.peer_id):  # OverloadedError: the caller gets "overloaded"
+            entry = self._phase_ready.get(key)
+            if entry is None:
+                entry = self._phase_ready[key] = [asyncio.Event(), 0]
+            entry[1] += 1
+            try:
+                await asyncio.wait_for(entry[0].wait(), self.join_wait)
+            except asyncio.TimeoutError:
+                raise P2PError("unknown averaging group") from None
+            finally:  # however the wait ends (cancelled, timed out, disconnected): the table shrinks back
+                entry[1] -= 1
+                if entry[1] <= 0 and self._phase_ready.get(key) is entry:
+                    del self._phase_ready[key]
         phase = self._phases.get(key)
         if phase is None:
             raise P2PError("the averaging round is over")
-        member, weight = header.get("i"), header.get("w")
-        if (not isinstance(member, int) or not 0 <= member < len(phase.members)
-                or phase.members[member] != ctx.peer_id or member not in phase.owner.alive):
-            raise P2PError("not a member of this group (or already excluded)")
-        if header.get("t") != phase.tag:
-            phase.owner.exclude(member, "disagrees on the recovery plan")
+        return phase
+
+    async def _serve_part(self, stream: Stream, ctx: CallContext) -> None:
+        try:
+            header = await asyncio.wait_for(stream.recv(), self.header_timeout)
+        except asyncio.TimeoutError:
+            raise _refuse(ctx, f"no part header within {self.header_timeout:.3g} s") from None
+        key, tag, member, weight = self._parse_header(header, ctx)
+        del header
+        phase = self._phases.get(key)
+        if phase is None:
+            if key[0] in self._finished:
+                raise P2PError("the averaging round is over")
+            phase = await self._wait_for_phase(key, ctx)
+        owner = phase.owner
+        if owner is None:
+            raise P2PError("the averaging round is over")
+        if member >= len(phase.members) or phase.members[member] != ctx.peer_id:
+            raise _refuse(ctx, "not a member of this group at that index", member)
+        if member in owner.serving:
+            raise _refuse(ctx, "a second part stream for the same phase")
+        if member not in owner.alive:
+            raise P2PError("not an active member of this phase (or already excluded)")
+        if tag != phase.tag:
+            owner.exclude(member, "disagrees on the recovery plan")
             raise P2PError("recovery plan mismatch")
-        if not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
-            phase.owner.exclude(member, f"sent an invalid weight {weight!r}")
-            raise P2PError("invalid weight")
-        await phase.owner.serve(stream, member, float(weight))
+        if not (math.isfinite(weight) and weight >= 0):
+            owner.exclude(member, f"sent an invalid weight {brief(weight)}")
+            raise BadRequestError("invalid weight")
+        await owner.serve(stream, member, float(weight))
 
     async def _serve_report(self, request: Any, ctx: CallContext) -> Any:
-        group_id, member, failed = request.get("g"), request.get("i"), request.get("failed")
-        futures = self._reports.get(group_id)
-        mine = self._my_reports.get(group_id)
-        if futures is None or mine is None or member not in futures:
-            raise P2PError("unknown averaging group or member")
-        if not isinstance(failed, list) or not all(isinstance(f, int) for f in failed):
-            raise P2PError("malformed report")
-        if not futures[member].done():
-            futures[member].set_result(set(failed))
-        return {"failed": sorted(await asyncio.shield(mine))}
+        if not isinstance(request, dict):
+            raise _refuse(ctx, "a report must be a map", request)
+        group_id, member = request.get("g"), request.get("i")
+        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
+            raise _refuse(ctx, f"'g' must be a group id of 1 to {MAX_GROUP_ID_BYTES} bytes", group_id)
+        if not _is_int(member):
+            raise _refuse(ctx, "'i' must be a member index", member)
+        group, futures, mine = self._groups.get(group_id), self._reports.get(group_id), self._my_reports.get(group_id)
+        if group is None or futures is None or mine is None:
+            raise P2PError("unknown averaging group")
+        if member not in futures or group.members[member] != ctx.peer_id:
+            raise _refuse(ctx, "not a member of this group at that index", member)
+        failed = _indices(request.get("failed"), len(group.members))
+        if failed is None:
+            raise _refuse(ctx, "'failed' must be a list of member indices", request.get("failed"))
+        if (group_id, member) in self._report_calls:
+            raise _refuse(ctx, "a second report for the same round")
+        self._report_calls.add((group_id, member))
+        try:
+            if not futures[member].done():
+                futures[member].set_result(set(failed))
+            return {"failed": sorted(await asyncio.shield(mine))}
+        finally:
+            self._report_calls.discard((group_id, member))
 
     # ---- running ---------------------------------------------------------------------------
     async def run(self, group: GroupInfo, me: int, flat: torch.Tensor, weight: float, codec: Codec,
@@ -435,6 +565,7 @@ class AllReduceService:
         result = torch.empty_like(flat) if result is None else result
         layout = Layout.contiguous(group.part_sizes)
         everyone = list(range(n))
+        self._groups[group.group_id] = group
         self._reports[group.group_id] = {i: asyncio.get_running_loop().create_future() for i in everyone if i != me}
         self._my_reports[group.group_id] = asyncio.get_running_loop().create_future()
         try:
@@ -478,10 +609,14 @@ class AllReduceService:
             return result, AllReduceResult(group.members, survivor_ids, parts, spans, sent, received,
                                            time.monotonic() - start, time.monotonic() - recovery_start if spans else 0.0)
         finally:
+            self._groups.pop(group.group_id, None)
             self._reports.pop(group.group_id, None)
             mine = self._my_reports.pop(group.group_id, None)
             if mine is not None and not mine.done():
                 mine.set_result(set(range(n)))
+            self._finished[group.group_id] = None
+            while len(self._finished) > MAX_FINISHED_ROUNDS:
+                self._finished.popitem(last=False)
 
     async def _run_phase(self, group: GroupInfo, me: int, phase_no: int, tag: bytes, layout: Layout,
                          active: Sequence[int], flat: torch.Tensor, result: torch.Tensor, weight: float, codec: Codec,
@@ -490,12 +625,14 @@ class AllReduceService:
                        chunk_elems, sender_timeout, reducer_timeout)
         key = (group.group_id, phase_no)
         self._phases[key] = phase
-        self._ready_event(key).set()
+        waiting = self._phase_ready.get(key)
+        if waiting is not None:
+            waiting[0].set()  # the streams waiting for it go on (and leave the table themselves)
         try:
             await phase.run()
         finally:
             self._phases.pop(key, None)
-            self._phase_ready.pop(key, None)
+            phase.owner.abort()  # streams still served here end now, also when the round was cancelled
             # the phase and its owner referred to each other: every round's snapshot, result and encoded
             # part stayed alive until the cyclic GC happened to run (memory grew round after round)
             phase.owner = phase.flat = phase.result = None
@@ -512,9 +649,11 @@ class AllReduceService:
             try:
                 response = await self.p2p.call(group.members[peer], self.report_method,
                                                {"g": group.group_id, "i": me, "failed": sorted(failed)}, timeout=timeout)
-                report = response["failed"]
+                report = _indices(response["failed"], len(group.members))
+                if report is None:
+                    raise ValueError("malformed report")
                 if not futures[peer].done():
-                    futures[peer].set_result(set(int(x) for x in report))
+                    futures[peer].set_result(set(report))
             except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError):
                 if not futures[peer].done():
                     futures[peer].set_result(None)

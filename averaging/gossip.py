@@ -12,6 +12,21 @@ single bad push can do, at the price of exact mass conservation.
 
 Cost per step: one push of the full vector (``d`` values, compressed by ``compression`` if given),
 versus ``2d(M-1)/M`` sent per butterfly round in a group of M; see benchmarks/gossip_vs_butterfly.py.
+
+The ``gossip.push.{prefix}`` stream (pusher -> receiver), validated on receipt:
+
+=========  ===========================================================================================
+message    content and limits
+=========  ===========================================================================================
+1          ``{"w": weight}``: int or float, finite, > 0
+2          tensor header (:mod:`dht.tensor_wire`): ``{"dtype": "float64", "shape": [d], "chunk": int}``,
+           exactly our own sum's dtype and shape (anything else is refused before any allocation)
+3..        raw bytes, at most ``PUSH_CHUNK_BYTES`` (1 MiB) per message, ``8 d`` bytes in all
+reply      ``"ok"`` once the push is mixed in; ``bad_request`` for any malformed or non-finite push,
+           ``overloaded`` beyond ``max_pushes_per_peer`` (1) / ``max_pushes`` (8) pushes received at
+           once (memory: at most ``max_pushes x 8 d`` bytes), ``deadline`` for a push not complete
+           within ``request_timeout`` (it is then dropped; the pusher re-absorbs its mass)
+=========  ===========================================================================================
 """
 
 from __future__ import annotations
@@ -24,14 +39,23 @@ from typing import Any, Sequence
 
 import torch
 
-from dht import DHT, P2PError, PeerID, Stream, get_dht_time
+from dht import DHT, MessageTooLargeError, P2PError, PeerID, ProtocolError, Stream, get_dht_time
+from dht.errors import BadRequestError
 from dht.p2p import CallContext
-from dht.tensor_wire import recv_tensor, send_tensor
+from dht.slots import Slots
+from dht.tensor_wire import DEFAULT_CHUNK_BYTES, recv_tensor, send_tensor
+from dht.untrusted import brief
 
 from .errors import AveragingError
 from .partition import flatten, unflatten_into
 
 __all__ = ["Gossip"]
+
+PUSH_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # bytes per data message of a push (the handler refuses bigger ones)
+
+
+class _PushTimeout(P2PError):
+    code = "deadline"  # the pusher gets DeadlineExceededError
 
 
 class Gossip:
@@ -41,11 +65,15 @@ class Gossip:
     - ``mixing``: ``"push-sum"`` (exact mass conservation) or ``"robust"`` (clip incoming estimates
       to within ``clip_tau`` of ours before mixing).
     - ``declare_period``: seconds between refreshing this peer's entry in the DHT.
+    - ``request_timeout`` (10 s): limit of a push, sent or received.
+    - ``max_pushes_per_peer`` (1), ``max_pushes`` (8): pushes received at once from one peer and in
+      all (each holds a buffer of our sum's size until it is mixed in); beyond: ``overloaded``.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, *, weight: float = 1.0,
                  mixing: str = "push-sum", clip_tau: float = 1.0, declare_period: float = 10.0,
-                 request_timeout: float = 10.0, rng: random.Random | None = None):
+                 request_timeout: float = 10.0, rng: random.Random | None = None, max_pushes_per_peer: int = 1,
+                 max_pushes: int = 8):
         if mixing not in ("push-sum", "robust"):
             raise ValueError("mixing must be 'push-sum' or 'robust'")
         if not (math.isfinite(weight) and weight > 0):
@@ -63,9 +91,10 @@ class Gossip:
         self._method = f"gossip.push.{prefix}"
         self._peers: list[PeerID] = []
         self._declared_at = -math.inf
+        self._slots = Slots(max_pushes_per_peer, max_pushes, "gossip pushes")
 
         async def setup(_, node):
-            node.p2p.add_stream_handler(self._method, self._serve_push)
+            node.p2p.add_stream_handler(self._method, self._serve_push, max_message_size=PUSH_CHUNK_BYTES + 1024)
 
         dht.run_coroutine(setup)
 
@@ -107,22 +136,30 @@ class Gossip:
         stream = await node.p2p.open_stream(target, self._method, timeout=self.request_timeout)
         async with stream:
             await stream.send({"w": w})
-            self.bytes_sent += await send_tensor(stream, s)
+            self.bytes_sent += await send_tensor(stream, s, chunk_bytes=PUSH_CHUNK_BYTES)
             await stream.end()
             reply = await stream.recv()
             if reply != "ok":
                 raise AveragingError(f"push refused by {target}: {reply!r}")
 
     async def _serve_push(self, stream: Stream, ctx: CallContext) -> None:
+        with self._slots.hold(ctx.peer_id):  # OverloadedError: the pusher gets "overloaded"
+            try:
+                await asyncio.wait_for(self._receive_push(stream), self.request_timeout)
+            except asyncio.TimeoutError:
+                raise _PushTimeout(f"the push did not complete within {self.request_timeout:.3g} s") from None
+
+    async def _receive_push(self, stream: Stream) -> None:
         header = await stream.recv()
         w = header.get("w") if isinstance(header, dict) else None
-        if not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
-            await stream.send("bad weight", end=True)
-            return
-        s = await recv_tensor(stream, max_bytes=self.s.numel() * 8)
-        if s.dtype != torch.float64 or s.shape != self.s.shape or not torch.isfinite(s).all():
-            await stream.send("bad tensor: wrong shape, dtype or non-finite values", end=True)
-            return
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise BadRequestError(f"the first message must be {{'w': a positive finite weight}} (got {brief(w)})")
+        try:  # the header must match our own sum before anything is allocated
+            s = await recv_tensor(stream, max_bytes=self.s.numel() * 8, like=self.s)
+        except (ProtocolError, MessageTooLargeError) as e:
+            raise BadRequestError(f"bad tensor: {e}") from None
+        if not torch.isfinite(s).all():
+            raise BadRequestError("bad tensor: non-finite values")
         self.bytes_received += s.numel() * 8
         if self.mixing == "robust":
             incoming = s / w

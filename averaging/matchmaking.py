@@ -14,6 +14,25 @@ next candidate, leaders simply start without them.
 After a round, :func:`next_group_bits` gives each member a distinct new key derived from the group
 id, so group-mates land in different groups next time and information mixes across the swarm
 (Moshpit SGD).
+
+The ``avg.join.{prefix}`` stream (follower -> leader), validated on receipt (a malformed request
+gets ``bad_request`` and at most the transport's rate-limited one-line log per peer):
+
+==========  ==========================================================================================
+request     ``{"key": group key (str, at most MAX_KEY_CHARS=512), "schema": tensor schema hash (bytes,
+            at most 64), "exp": the follower's expiration (finite number), "client": bool, "addrs":
+            [str] (at most MAX_ADDRS=16, each at most 512 chars), "info": map packing to at most
+            MAX_INFO_BYTES=16 KiB (``{"size", "bandwidth", "gather", "min_part"}``)}``
+reply       ``{"status": "rejected", "reason": str}``; or ``{"status": "accepted", "exp": float}`` then,
+            when the group starts, ``{"status": "begin", "group_id": bytes (1 to 64), "members":
+            [PeerID bytes], "addrs": [[str]], "sizes": [int >= 0], "bandwidths": [float >= 0 or None],
+            "client": [bool], "gathered": [info]}`` (all lists as long as ``members``, at most
+            MAX_GROUP_SIZE=4096), or ``{"status": "disbanded", ...}``. A follower checks the same
+            bounds on what its leader sends, and waits for ``begin`` no longer than its own deadline.
+==========  ==========================================================================================
+
+Followers waiting at a leader are bounded by ``target_group_size``; each leaves the table when its
+stream ends, however it ends.
 """
 
 from __future__ import annotations
@@ -23,17 +42,70 @@ import logging
 import math
 import os
 import random
+from typing import Any
+
+import msgpack
 
 from dht import P2P, DHTNode, P2PError, PeerID, Stream, get_dht_time
+from dht.errors import BadRequestError
 from dht.p2p import CallContext
+from dht.untrusted import brief
 
-from .allreduce import GroupInfo
+from .allreduce import MAX_GROUP_ID_BYTES, GroupInfo
 from .errors import MatchmakingError
 from .load_balancing import part_sizes
 
 __all__ = ["Matchmaker", "next_group_bits"]
 
 logger = logging.getLogger(__name__)
+
+MAX_KEY_CHARS = 512
+MAX_SCHEMA_BYTES = 64
+MAX_ADDRS = 16
+MAX_ADDR_CHARS = 512
+MAX_INFO_BYTES = 16 << 10  # a member's info (with its ``gather`` value), packed
+MAX_GROUP_SIZE = 4096
+MAX_JOIN_BYTES = 64 << 10  # a join request, packed (the transport refuses a bigger one with too_large)
+
+
+def _packed_size(value: Any) -> int | None:
+    try:
+        return len(msgpack.packb(value, use_bin_type=True))
+    except Exception:  # noqa: BLE001 - not serializable (cannot come from the wire, only from a caller)
+        return None
+
+
+def _addresses(value: Any) -> list[str] | None:
+    """``value`` as a list of address strings within the bounds, or None."""
+    if not isinstance(value, list) or len(value) > MAX_ADDRS:
+        return None
+    if not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in value):
+        return None
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_join_request(request: Any) -> str | None:
+    """Why ``request`` is not a well-formed join request (None if it is one)."""
+    if not isinstance(request, dict):
+        return "the request must be a map"
+    if not isinstance(request.get("key"), str) or len(request["key"]) > MAX_KEY_CHARS:
+        return f"'key' must be a string of at most {MAX_KEY_CHARS} characters"
+    if not isinstance(request.get("schema"), bytes) or len(request["schema"]) > MAX_SCHEMA_BYTES:
+        return f"'schema' must be at most {MAX_SCHEMA_BYTES} bytes"
+    if not _is_number(request.get("exp")):
+        return "'exp' must be a finite number"
+    if not isinstance(request.get("client", False), bool):
+        return "'client' must be a bool"
+    if _addresses(request.get("addrs", [])) is None:
+        return f"'addrs' must be at most {MAX_ADDRS} strings of at most {MAX_ADDR_CHARS} characters"
+    info = request.get("info", {})
+    if not isinstance(info, dict) or (_packed_size(info) or MAX_INFO_BYTES + 1) > MAX_INFO_BYTES:
+        return f"'info' must be a map of at most {MAX_INFO_BYTES} bytes"
+    return None
 
 
 def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int) -> str:
@@ -70,13 +142,14 @@ class Matchmaker:
         self._group_ready: asyncio.Future | None = None
         self._assembled = asyncio.Event()
         self._my_info: dict = {}
+        self._deadline = 0.0
         # a follower is committed once its join request reaches a leader (who may start at once), and
         # a leader once it starts: never both, or one peer ends up in two groups and both fail
         self._joining = False  # a join request is in flight: accepted followers wait, no group starts
         self._beginning = False  # this peer starts its own group: it joins no other
         self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
-        p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join)
+        p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join, max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
         self.p2p.remove_handler(f"avg.join.{self.prefix}")
@@ -96,6 +169,7 @@ class Matchmaker:
         loop = asyncio.get_running_loop()
         self._key = self.group_key
         self._expiration = min(deadline, get_dht_time() + max(self.min_matchmaking_time, 0.0))
+        self._deadline = deadline
         self._my_info = info
         self._followers = {}
         self._leader = None
@@ -202,7 +276,11 @@ class Matchmaker:
                 return None
             self._leader = leader
             await self._disband("joined another leader", suggested=leader)
-            wait_for = max(self._expiration, float(reply.get("exp", 0.0))) - get_dht_time() + self.request_timeout
+            leader_exp = reply.get("exp", 0.0)
+            if not _is_number(leader_exp):
+                raise ValueError("bad expiration in the leader's reply")
+            # never past our own deadline, whatever the leader announced
+            wait_for = min(max(self._expiration, leader_exp), self._deadline) - get_dht_time() + self.request_timeout
             begin = await asyncio.wait_for(stream.recv(), max(wait_for, self.request_timeout))
             if not isinstance(begin, dict) or begin.get("status") != "begin":
                 return None
@@ -215,22 +293,37 @@ class Matchmaker:
             await stream.aclose()
 
     def _parse_begin(self, begin: dict) -> tuple[GroupInfo, int]:
-        members = [PeerID(raw) for raw in begin["members"]]
-        for peer_id, addrs in zip(members, begin["addrs"]):
-            if peer_id != self.p2p.peer_id and addrs:
-                self.p2p.add_addresses(peer_id, [a for a in addrs if isinstance(a, str)][:8])
-        group = GroupInfo(bytes(begin["group_id"]), members, [int(s) for s in begin["sizes"]],
-                          list(begin["bandwidths"]), [bool(c) for c in begin["client"]], list(begin["gathered"]))
-        if len({len(members), len(group.part_sizes), len(group.bandwidths), len(group.client_mode),
-                len(group.gathered)}) != 1 or self.p2p.peer_id not in members:
+        """The group a leader's ``begin`` message announces; ValueError if it breaks any bound."""
+        group_id, members, addrs = begin.get("group_id"), begin.get("members"), begin.get("addrs")
+        sizes, bandwidths, client, gathered = (begin.get(k) for k in ("sizes", "bandwidths", "client", "gathered"))
+        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
+            raise ValueError(f"bad group id {brief(group_id)}")
+        if not isinstance(members, list) or not 0 < len(members) <= MAX_GROUP_SIZE:
+            raise ValueError(f"bad member list {brief(members)}")
+        n = len(members)
+        if not all(isinstance(x, list) and len(x) == n for x in (addrs, sizes, bandwidths, client, gathered)):
             raise ValueError("inconsistent begin message")
-        return group, members.index(self.p2p.peer_id)
+        if (not all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in sizes)
+                or sum(sizes) != self._my_info.get("size", sum(sizes))):
+            raise ValueError("bad part sizes")
+        if not all(b is None or (_is_number(b) and b >= 0) for b in bandwidths):
+            raise ValueError("bad bandwidths")
+        if not all(isinstance(c, bool) for c in client) or not all(_addresses(a) is not None for a in addrs):
+            raise ValueError("bad client flags or addresses")
+        peers = [PeerID(raw) for raw in members]  # IdentityError (a ValueError) if malformed
+        if len(set(peers)) != n or self.p2p.peer_id not in peers:
+            raise ValueError("inconsistent begin message")
+        for peer_id, peer_addrs in zip(peers, addrs):
+            if peer_id != self.p2p.peer_id and peer_addrs:
+                self.p2p.add_addresses(peer_id, peer_addrs[:8])
+        group = GroupInfo(group_id, peers, list(sizes), list(bandwidths), list(client), list(gathered))
+        return group, peers.index(self.p2p.peer_id)
 
     async def _serve_join(self, stream: Stream, ctx: CallContext) -> None:
-        request = await stream.recv()
-        if not isinstance(request, dict):
-            await stream.send({"status": "rejected", "reason": "malformed request"}, end=True)
-            return
+        request = await asyncio.wait_for(stream.recv(), max(self.request_timeout, 1.0) * 5)
+        problem = check_join_request(request)
+        if problem is not None:  # the transport answers bad_request and logs one rate-limited line
+            raise BadRequestError(f"{problem} (got {brief(request)})")
         reason = None
         if not self._looking or self._group_ready is None or self._group_ready.done():
             reason = "not looking for a group"
@@ -251,10 +344,10 @@ class Matchmaker:
         if reason is not None:
             await stream.send({"status": "rejected", "reason": reason}, end=True)
             return
-        addrs = request.get("addrs")
-        if isinstance(addrs, list):
+        addrs = request.get("addrs", [])
+        if addrs:
             try:
-                self.p2p.add_addresses(ctx.peer_id, [a for a in addrs if isinstance(a, str)][:8])
+                self.p2p.add_addresses(ctx.peer_id, addrs[:8])
             except ValueError:
                 pass
         done = asyncio.get_running_loop().create_future()

@@ -2,9 +2,11 @@
 
 Small tensors travel in one message (:func:`tensor_to_wire` / :func:`tensor_from_wire`). Large ones
 stream in chunks (:func:`send_tensor` / :func:`recv_tensor`): the sender slices the tensor's own
-memory without copying it whole, the receiver writes each chunk into a preallocated tensor, so
-memory stays bounded by the tensor plus a few chunks on each side. Every field is validated on
-receipt: unknown dtypes, negative or inconsistent shapes and sizes over ``max_bytes`` are refused.
+memory without copying it whole; the receiver never allocates from a size it was only told: its
+buffer grows as the bytes arrive, or, when the caller expects a known tensor (``like=``), the
+header must match that tensor's dtype and shape before anything is allocated. Every field is
+validated on receipt: unknown dtypes, negative or inconsistent shapes and sizes over ``max_bytes``
+are refused (ProtocolError / MessageTooLargeError, texts bounded).
 This module imports torch; ``import dht`` does not import it.
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from .errors import MessageTooLargeError, ProtocolError
 from .multiplex import Stream
+from .untrusted import brief
 
 __all__ = ["tensor_to_wire", "tensor_from_wire", "send_tensor", "recv_tensor", "DTYPES"]
 
@@ -52,10 +55,10 @@ def _parse_header(message: Any, max_bytes: int | None) -> tuple[torch.dtype, lis
         raise ProtocolError("tensor header must be a map")
     dtype_name, shape = message.get("dtype"), message.get("shape")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise ProtocolError(f"unsupported tensor dtype {str(dtype_name)[:32]!r}")
+        raise ProtocolError(f"unsupported tensor dtype {brief(dtype_name, 32)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 48 for d in shape)):
-        raise ProtocolError(f"bad tensor shape {str(shape)[:100]}")
+        raise ProtocolError(f"bad tensor shape ({brief(shape)})")
     dtype = DTYPES[dtype_name]
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if max_bytes is not None and nbytes > max_bytes:
@@ -90,17 +93,33 @@ async def send_tensor(stream: Stream, tensor: torch.Tensor, *, chunk_bytes: int 
     return len(view)
 
 
-async def recv_tensor(stream: Stream, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """Receive what :func:`send_tensor` sent; ProtocolError on any inconsistency."""
+async def recv_tensor(stream: Stream, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                      like: torch.Tensor | None = None) -> torch.Tensor:
+    """Receive what :func:`send_tensor` sent; ProtocolError on any inconsistency.
+
+    ``like``: the tensor the sender must send one like (same dtype and shape; refused before any
+    allocation otherwise), received into a tensor allocated once. Without it the buffer grows as the
+    bytes arrive, so a header announcing ``max_bytes`` costs nothing until they do."""
     header = await stream.recv()
     dtype, shape, nbytes = _parse_header(header, max_bytes)
-    out = torch.empty(shape, dtype=dtype)
-    buffer = out.reshape(-1).view(torch.uint8).numpy() if nbytes else None
+    if like is not None and (dtype != like.dtype or tuple(shape) != tuple(like.shape)):
+        raise ProtocolError(f"expected a {_NAMES.get(like.dtype, like.dtype)} tensor of shape {list(like.shape)}, "
+                            f"got {_NAMES[dtype]} {brief(shape)}")
+    if like is not None or not nbytes:
+        out = torch.empty(shape, dtype=dtype)
+        buffer = out.reshape(-1).view(torch.uint8).numpy() if nbytes else None
+    else:
+        out, grown = None, bytearray()  # grows with the bytes that arrived (realloc, mostly in place)
     received = 0
     while received < nbytes:
         chunk = await stream.recv()
         if not isinstance(chunk, (bytes, bytearray)) or not chunk or received + len(chunk) > nbytes:
             raise ProtocolError(f"bad tensor chunk after {received} of {nbytes} bytes")
-        buffer[received:received + len(chunk)] = memoryview(chunk).cast("B")
+        if out is None:
+            grown += chunk
+        else:
+            buffer[received:received + len(chunk)] = memoryview(chunk).cast("B")
         received += len(chunk)
+    if out is None:
+        out = torch.frombuffer(grown, dtype=dtype).reshape(shape)
     return out
