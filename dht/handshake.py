@@ -69,7 +69,8 @@ _BULK = 64 << 10  # frames at least this long are sealed without joining head an
 
 
 class PeerBusyError(HandshakeError):
-    """The responder has too many handshakes pending from our address; retrying shortly may work."""
+    """The responder has too many handshakes pending from our address, or closed the connection
+    before its first reply (as a peer with no room for one more does); retrying shortly may work."""
 
 
 class _FrameCipher:
@@ -407,8 +408,13 @@ def _shallow(value: Any, max_depth: int) -> bool:
     return True
 
 
+class _NoReply(HandshakeError):
+    """The other side closed the connection before sending a byte."""
+
+
 async def _read_plain(reader: asyncio.StreamReader, what: str,
                       first_byte_timeout: float | None = None) -> tuple[bytes, dict]:
+    head = b""
     try:
         if first_byte_timeout is None:
             head = await reader.readexactly(4)
@@ -417,12 +423,15 @@ async def _read_plain(reader: asyncio.StreamReader, what: str,
                 first = await within(reader.readexactly(1), first_byte_timeout)
             except asyncio.TimeoutError:
                 raise HandshakeError(f"{what}: nothing received within {first_byte_timeout:g} s") from None
-            head = first + await reader.readexactly(3)
+            head = first
+            head += await reader.readexactly(3)
         (n,) = _LEN.unpack(head)
         if not 0 < n <= MAX_HANDSHAKE_FRAME:
             raise HandshakeError(f"{what}: frame of {n} bytes (limit {MAX_HANDSHAKE_FRAME}); not a swarm peer?")
         raw = await reader.readexactly(n)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
+        if not head and not getattr(e, "partial", b""):
+            raise _NoReply(f"{what}: connection closed before anything was received ({type(e).__name__})") from None
         raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
     return raw, _unpack_handshake(raw, what)
 
@@ -490,7 +499,10 @@ async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i
     what = f"handshake with {endpoint}"
     eph, eph_pub = _ephemeral()
     m1 = _write_plain(writer, {"p": PROTOCOL_NAME, "versions": list(versions), "ciphers": list(CIPHERS), "e": eph_pub})
-    m2, reply = await _read_plain(reader, what)
+    try:
+        m2, reply = await _read_plain(reader, what)
+    except _NoReply as e:  # e.g. a responder with no room for our handshake now
+        raise PeerBusyError(f"{e}; busy?") from None
     if "error" in reply:
         error = reply["error"]
         error = error[:200] if isinstance(error, str) else brief(error)
