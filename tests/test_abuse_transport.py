@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import struct
 import sys
 import time
@@ -448,6 +447,8 @@ async def test_connections_per_ip_are_capped_on_the_observed_address():
 
 
 async def test_soft_fd_limit_is_raised_at_start_up(monkeypatch):
+    import resource  # not on Windows
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 2048:
         pytest.skip("needs a finite hard limit of open files above 2048")
