@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from dht import P2P, Identity, Limits, MessageTooLargeError
+from dht import DeadlineExceededError, Identity, Limits, MessageTooLargeError
 from dht.errors import ResourceLimitError
 from dht.multiplex import DATA, FLAG_MORE
 from dht.resources import ResourceManager, ip_key
@@ -19,7 +19,7 @@ SMALL = Limits(stream_memory=256 * KiB, connection_memory=512 * KiB, peer_memory
 
 
 def _peer(n: int):
-    return Identity().peer_id if n < 0 else f"peer{n}"
+    return Identity().peer_id if n == 0 else f"peer{n}"  # real PeerIDs and plain keys alike
 
 
 # ---- the manager alone -----------------------------------------------------------------------
@@ -260,3 +260,29 @@ async def test_a_stream_over_its_budget_fails_alone(make_peer):
         await caller.call(address, "echo", b"\0" * (2 * MiB), timeout=10)
     assert await caller.call(address, "echo", b"\0" * (512 * KiB), timeout=10) == b"\0" * (512 * KiB)
     assert victim.resources.stat()["system"]["memory"] == 0
+
+
+async def test_callers_wait_for_a_stream_slot_instead_of_being_refused(make_peer):
+    """With 2 inbound streams per peer on both sides, a third concurrent call waits for a slot (and
+    runs when one is free); one whose deadline passes while waiting fails with DeadlineExceededError."""
+    limits = Limits(max_inbound_streams_per_peer=2)
+    caller, server = await make_peer(limits), await make_peer(limits)
+    gate, running, peak = asyncio.Event(), [], []
+
+    async def slow(request, ctx):
+        running.append(request)
+        peak.append(len(running))
+        await gate.wait()
+        running.remove(request)
+        return request
+
+    server.add_unary_handler("slow", slow)
+    address = server.get_visible_addresses()[0]
+    await caller.connect(address)
+    calls = [asyncio.ensure_future(caller.call(server.peer_id, "slow", i, timeout=30)) for i in range(5)]
+    await _wait_for(lambda: len(running) == 2)
+    with pytest.raises(DeadlineExceededError):
+        await caller.call(server.peer_id, "slow", 99, timeout=0.3)
+    gate.set()
+    assert sorted(await asyncio.gather(*calls)) == list(range(5))
+    assert max(peak) == 2
