@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 import sys
 import time
@@ -202,8 +203,9 @@ async def test_a_responder_sending_nested_values_gives_the_dialer_a_bounded_erro
 # ---- root cause 6: pending-handshake slots ---------------------------------------------------
 
 
-async def test_idle_socket_flood_from_one_ip_does_not_lock_other_peers_out():
+async def test_idle_socket_flood_from_one_ip_does_not_lock_other_peers_out(caplog):
     # 2,000 idle sockets held all 256 pending slots; here a sustained flood of up to 500 from one IP
+    caplog.set_level(logging.INFO, logger="dht")
     async with victim() as peer:
         port = victim_port(peer)
         async with Sockets(ATTACKER, port) as attack:
@@ -227,6 +229,9 @@ async def test_idle_socket_flood_from_one_ip_does_not_lock_other_peers_out():
             finally:
                 flood.cancel()
                 await asyncio.gather(flood, return_exceptions=True)
+    # hundreds of refused sockets, a few log lines (rate-limited per source IP)
+    lines = [r for r in caplog.records if r.name == "dht.tcp_transport"]
+    assert len(lines) <= 20, f"{len(lines)} log lines about one attacker"
 
 
 async def test_slowloris_hello_flood_from_one_ip_does_not_lock_other_peers_out():
