@@ -90,8 +90,9 @@ class Entry:
 
 
 class _Heaviest:
-    """Amounts by key with the largest one at hand: a max-heap with lazy deletion, rebuilt when
-    stale items outnumber live ones (amortized O(log n) per change)."""
+    """Amounts by key with the largest one at hand: a max-heap whose items are upper bounds of the
+    amounts (pushed when an amount grows; a stale item is replaced by the current amount when it
+    reaches the top), rebuilt when stale items outnumber live ones: amortized O(log n) per change."""
 
     __slots__ = ("amount", "_heap", "_seq")
 
@@ -101,28 +102,43 @@ class _Heaviest:
         self._seq = itertools.count()
 
     def add(self, key: Any, delta: int) -> None:
-        value = self.amount.get(key, 0) + delta
+        amount = self.amount
+        value = amount.get(key, 0) + delta
         if value <= 0:
-            self.amount.pop(key, None)
+            amount.pop(key, None)
             return
-        self.amount[key] = value
-        heapq.heappush(self._heap, (-value, next(self._seq), key))
-        if len(self._heap) > 2 * len(self.amount) + 64:
-            self._heap = [(-v, next(self._seq), k) for k, v in self.amount.items()]
-            heapq.heapify(self._heap)
+        amount[key] = value
+        if delta > 0:
+            heapq.heappush(self._heap, (-value, next(self._seq), key))
+            if len(self._heap) > 2 * len(amount) + 64:
+                self._heap = [(-v, next(self._seq), k) for k, v in amount.items()]
+                heapq.heapify(self._heap)
+
+    def _clean(self) -> None:
+        heap, amount = self._heap, self.amount
+        while heap:
+            bound, _, key = heap[0]
+            current = amount.get(key)
+            if current == -bound:
+                return
+            if current is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (-current, next(self._seq), key))
 
     def top(self, avoid: Any = None) -> Any:
         """The key with the largest amount (among equals, one other than ``avoid`` if any); None if empty."""
+        self._clean()
         heap = self._heap
-        while heap and self.amount.get(heap[0][2]) != -heap[0][0]:
-            heapq.heappop(heap)
         if not heap:
             return None
         best = heap[0]
         if best[2] == avoid and len(self.amount) > 1:  # another key with as much?
             heapq.heappop(heap)
-            while heap and self.amount.get(heap[0][2]) != -heap[0][0]:
+            self._clean()
+            while heap and heap[0][2] == avoid:  # more items of ``avoid`` (bounds of its amount): ``best`` stays
                 heapq.heappop(heap)
+                self._clean()
             runner_up = heap[0] if heap else None
             heapq.heappush(heap, best)
             if runner_up is not None and runner_up[0] == best[0]:

@@ -8,7 +8,7 @@ import os
 
 import msgpack
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -16,7 +16,7 @@ from dht import DHTLimits, DHTNode, P2P, get_dht_time
 from dht.identity import Identity
 from dht.protocol import decode_entry, encode_entry_within
 from dht.routing import DHTID
-from dht.storage import RECORD_OVERHEAD, Entry, Storage, StoreRefused
+from dht.storage import RECORD_OVERHEAD, Entry, Storage, StoreRefused, _Heaviest
 
 KiB, MiB = 1 << 10, 1 << 20
 LOOPBACK = "127.0.0.0/24"
@@ -191,6 +191,23 @@ class BudgetModel(RuleBasedStateMachine):
 
 TestBudgetModel = BudgetModel.TestCase
 TestBudgetModel.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(-50, 50), st.sampled_from([None, 0, 1, 2])), max_size=300))
+def test_heaviest_tracker_matches_brute_force(changes):
+    tracker, amounts = _Heaviest(), {}
+    for key, delta, avoid in changes:
+        tracker.add(key, delta)
+        amounts[key] = amounts.get(key, 0) + delta
+        if amounts[key] <= 0:
+            del amounts[key]
+        assert tracker.amount == amounts
+        top = tracker.top(avoid)
+        if not amounts:
+            assert top is None
+            continue
+        assert amounts[top] == max(amounts.values())
+        if top == avoid:  # only if no other key has as much
+            assert [k for k, v in amounts.items() if v == amounts[top]] == [top]
 
 # ---- dht.protocol: replies within a byte budget ---------------------------------------------------
 
