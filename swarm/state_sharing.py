@@ -15,6 +15,18 @@ byte ranges of it over the RPC method ``swarm.state.{run_id}``. A joiner:
 
 A donor answers only for the exact hash asked for (a request for a state it no longer holds gets
 an error), so a transfer never mixes two states.
+
+The ``swarm.state.{run_id}`` call (joiner -> donor), validated on receipt:
+
+=========  ===========================================================================================
+request    ``{"hash": sha256 hex (str, 64 chars), "offset": int >= 0 (< the state's size), "length":
+           int in [1, MAX_CHUNK_BYTES=16 MiB]}`` (at most 4 KiB packed; anything else: ``bad_request``)
+reply      ``{"data": bytes}``, sent from a view of the published blob (no copy); ``bad_request`` for a
+           state this donor does not hold; ``overloaded`` beyond ``max_requests_per_peer`` (2) requests
+           in flight from one peer or ``max_requests`` (8) in all (the joiner retries after a pause,
+           while its other workers go on with the other donors); a reply not sent within
+           ``request_timeout`` is abandoned, so a joiner that does not read cannot hold a slot
+=========  ===========================================================================================
 """
 
 from __future__ import annotations
@@ -29,12 +41,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from dht import DHT, PeerID, get_dht_time
+from dht import DHT, PeerID, RemoteError, get_dht_time
 from dht.errors import BadRequestError, P2PError
+from dht.slots import Slots
+from dht.untrusted import brief
 
 __all__ = ["StateSharing", "StateDownloadError", "Donor"]
 
 logger = logging.getLogger(__name__)
+
+MAX_CHUNK_BYTES = 16 << 20  # largest range a donor serves in one reply
+MAX_REQUEST_BYTES = 4096  # a request, packed
 
 
 class StateDownloadError(RuntimeError):
@@ -57,12 +74,17 @@ class Donor:
 class StateSharing:
     """Announce and serve this peer's state; download the swarm's.
 
-    ``chunk_bytes`` (4 MiB): bytes per request; ``request_timeout`` (30 s) per chunk;
-    ``expiration`` (60 s): how long an announcement lives without a refresh.
+    ``chunk_bytes`` (4 MiB): bytes per request; ``request_timeout`` (30 s) per chunk, asked or served;
+    ``expiration`` (60 s): how long an announcement lives without a refresh;
+    ``max_requests_per_peer`` (2) and ``max_requests`` (8): requests served at once per peer and in
+    all (``overloaded`` beyond: a donor's training must not starve while it serves joiners).
     """
 
     def __init__(self, dht: DHT, run_id: str, *, serve: bool = True, chunk_bytes: int = 4 << 20,
-                 request_timeout: float = 30.0, expiration: float = 60.0):
+                 request_timeout: float = 30.0, expiration: float = 60.0, max_requests_per_peer: int = 2,
+                 max_requests: int = 8):
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must lie in [1, {MAX_CHUNK_BYTES}]")
         self.dht, self.run_id = dht, run_id
         self.key, self.method = f"{run_id}.state", f"swarm.state.{run_id}"
         self.chunk_bytes, self.request_timeout, self.expiration = chunk_bytes, request_timeout, expiration
@@ -73,12 +95,14 @@ class StateSharing:
         self._epoch = -1
         self._announcer: asyncio.Task | None = None
         self.bytes_served = 0
+        self.overloaded_answers = 0  # 'overloaded' answers this peer got as a joiner (it retried)
+        self._slots = Slots(max_requests_per_peer, max_requests, "state requests")
         if self.serve:
             dht.run_coroutine(self._setup)
 
     async def _setup(self, _dht: DHT, node) -> None:
         self._subkey = node.signature_validator.ownership_marker
-        node.p2p.add_unary_handler(self.method, self._handle)
+        node.p2p.add_stream_handler(self.method, self._serve_request, max_message_size=MAX_REQUEST_BYTES)
         self._announcer = asyncio.ensure_future(self._announce_loop(node))
 
     # ---- donor side
@@ -88,6 +112,8 @@ class StateSharing:
         digest = hashlib.sha256(blob).hexdigest()
         if not self.serve:
             return digest
+        if not isinstance(blob, bytes):
+            blob = bytes(blob)  # served from views: must never change (nor be resized) afterwards
 
         def swap() -> None:
             if self._hash is not None and self._hash != digest:
@@ -112,23 +138,35 @@ class StateSharing:
             await asyncio.sleep(self.expiration / 3)
             await self._announce(node)
 
+    async def _serve_request(self, stream, ctx) -> None:
+        """One chunk request, within this peer's and the total budget of requests in flight."""
+        with self._slots.hold(ctx.peer_id):  # OverloadedError: the joiner gets "overloaded"
+            try:
+                request = await asyncio.wait_for(stream.recv(), self.request_timeout)
+                reply = await self._handle(request, ctx)
+                await asyncio.wait_for(stream.send(reply, end=True), self.request_timeout)
+            except asyncio.TimeoutError:
+                raise BadRequestError(f"the request was not sent or its reply not read within "
+                                      f"{self.request_timeout:.3g} s") from None
+        self.bytes_served += len(reply["data"])
+
     async def _handle(self, request, ctx) -> dict:
-        if not isinstance(request, dict) or not isinstance(request.get("hash"), str):
-            raise BadRequestError("expected {hash, offset, length}")
+        """``{"data": the bytes request asks for}``, a view of the blob (BadRequestError if malformed)."""
+        if not isinstance(request, dict) or not isinstance(request.get("hash"), str) or len(request["hash"]) != 64:
+            raise BadRequestError(f"expected {{hash, offset, length}} (got {brief(request)})")
         offset, length = request.get("offset"), request.get("length")
-        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= 16 << 20:
-            raise BadRequestError("offset/length out of range (length at most 16 MiB)")
+        if (not isinstance(offset, int) or not isinstance(length, int) or isinstance(offset, bool)
+                or isinstance(length, bool) or offset < 0 or not 0 < length <= MAX_CHUNK_BYTES):
+            raise BadRequestError(f"offset/length out of range (length at most {MAX_CHUNK_BYTES} bytes)")
         blob, digest = self._blob, self._hash
         if self._previous is not None and self._previous[0] == request["hash"]:
             digest, blob = self._previous
         if blob is None or digest != request["hash"]:
-            raise BadRequestError(f"this peer does not hold state {request['hash'][:12]} (it holds "
+            raise BadRequestError(f"this peer does not hold state {brief(request['hash'][:12])} (it holds "
                                   f"{(digest or 'none')[:12]})")
         if offset >= len(blob):
             raise BadRequestError("offset beyond the end of the state")
-        chunk = blob[offset:offset + length]
-        self.bytes_served += len(chunk)
-        return {"data": chunk}
+        return {"data": memoryview(blob)[offset:offset + length]}  # no copy: the transport frames the view
 
     # ---- joiner side
 
@@ -201,6 +239,7 @@ class StateSharing:
 
         async def worker(donor: Donor) -> None:
             nonlocal pending
+            backoff = 0.1
             while pending > 0:
                 if not queue:  # the rest is in flight elsewhere: stay to take back what fails
                     await asyncio.sleep(0.05)
@@ -215,12 +254,23 @@ class StateSharing:
                     if not isinstance(data, bytes) or len(data) != length:
                         raise BadRequestError(f"sent {len(data) if isinstance(data, bytes) else 'no'} bytes "
                                               f"for a {length}-byte chunk")
+                except RemoteError as e:
+                    queue.appendleft(offset)  # someone else takes it
+                    if e.code != "overloaded":
+                        failures.append(f"{donor.peer_id}: {e}")
+                        logger.info("state donor %s failed (%s); continuing with the others", donor.peer_id, e)
+                        return
+                    self.overloaded_answers += 1  # busy serving others: ask again after a pause
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, 2.0)
+                    continue
                 except (P2PError, OSError, asyncio.TimeoutError) as e:
                     queue.appendleft(offset)  # someone else takes it
                     failures.append(f"{donor.peer_id}: {e}")
                     logger.info("state donor %s failed (%s); continuing with the others", donor.peer_id, e)
                     return
                 buffer[offset:offset + length] = data
+                backoff = 0.1
                 pending -= 1
                 if pending == 0:
                     done.set()
