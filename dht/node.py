@@ -9,7 +9,8 @@ ValueWithExpiration(value={'any': 'msgpack value'}, expiration_time=...)
 Stores go to the ``num_replicas`` (default k = 20) nodes closest to the key (a store of one key is
 its own lookup: each store reply names contacts nearer the key, so nodes asked on the way before
 closer ones turned up keep a spare copy until it expires); gets walk towards the
-key and stop at the first live value (``latest=True``: ask all k closest and merge, newest wins),
+key and stop at the first live value (``latest=True``: ask all k closest and merge: the newest version
+of each subkey wins, and a plain value never hides a dictionary's signed subkeys),
 then cache the value at the closest node on the path that lacked it. Nodes republish what they hold
 every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
 buckets every ``refresh_interval``, and drop peers that stop answering.
@@ -677,17 +678,20 @@ class DHTNode:
         self._charge_finds(ctx, len(keys))
         now = self.clock()
         results = []
-        # the reply stays far below the message limit whatever we hold: entries share a byte budget
-        # (a dictionary sends its smallest subkeys first, see protocol.encode_entry_within)
-        limits = self.p2p.limits
-        budget = min(self.limits.max_find_reply_bytes,
-                     min(limits.max_message_size, getattr(limits, "stream_memory", limits.max_message_size)) // 2)
+        # the reply stays far below the message limit whatever we hold: contacts and entries share a
+        # byte budget (a dictionary sends its smallest subkeys first, see protocol.encode_entry_within)
+        budget = min(self.limits.max_find_reply_bytes, self._request_budget())
         for raw in keys:
             key_id = DHTID.from_bytes20(raw)
+            contacts = self._contacts_near(key_id, k, ctx.peer_id)
+            budget -= sum(40 + sum(len(a) + 3 for a in addresses) for _, addresses in contacts)
+            if budget < 0:
+                results.append([None, []])  # (only with hostile address books or k x 512 keys)
+                continue
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
             encoded, used = encode_entry_within(entry, budget)
             budget -= used
-            results.append([encoded, self._contacts_near(key_id, k, ctx.peer_id)])
+            results.append([encoded, contacts])
         self._on_inbound_call(ctx, server)
         return {"v": VERSION, "results": results}
 

@@ -320,11 +320,14 @@ class Storage:
                 if victim == peer or not self._evict_oldest_of(victim, source):
                     raise StoreRefused(f"quota of {self.max_bytes_per_ip} bytes for peers of this address "
                                        f"range ({source}) reached")
+        foreign_left = self.is_foreign is not None and self.own_id is not None
         while self.total_bytes + cost > self.max_bytes or len(self._origin) >= self.max_entries:
-            if self._evict_foreign(keep=key_id):
-                continue
-            if self.is_foreign is not None and self.own_id is not None and self.is_foreign(key_id):
-                raise StoreRefused("storage is full and this node is not among the closest to the key")
+            if foreign_left:
+                if self._evict_foreign(keep=key_id):
+                    continue
+                foreign_left = False  # nothing foreign left to evict for this store
+                if self.is_foreign(key_id):
+                    raise StoreRefused("storage is full and this node is not among the closest to the key")
             heavy_source = self._sources.top(avoid=source)
             victim = self._source_peers[heavy_source].top(avoid=peer) if heavy_source in self._source_peers else None
             if victim is None or (victim == peer and heavy_source == source) or \

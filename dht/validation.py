@@ -4,7 +4,9 @@
   can only be written with that owner's signature over msgpack([key, subkey, value, expiration]),
   appended to the stored value as ``[signature:<64 bytes>]``. Others cannot overwrite it (no
   signature), change it (the signature breaks) or extend an old one (the expiration is signed, and a
-  replayed older record loses to the newer one).
+  replayed older record loses to the newer one). Storage protects signed *subkeys* further: a key
+  holding one accepts only subkeys, so no unsigned plain value can replace or hide the dictionary
+  (see :mod:`dht.storage`, :func:`has_owner_marker`).
 - :class:`SchemaValidator`: values under given keys must match a pydantic model's field types,
   strictly (no coercion).
 
