@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import struct
 from dataclasses import dataclass
@@ -724,7 +725,16 @@ class Connection:
             self.write_frame(ERROR, 0, stream_id, _pack({"c": "unknown_method", "m": f"unknown method {method!r}"}))
             return
         self._streams[stream_id] = stream
-        self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
+        task = self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
+        # also when the task is cancelled before it starts (then _serve's finally never runs)
+        task.add_done_callback(functools.partial(self._handler_done, stream))
+
+    def _handler_done(self, stream: Stream, task: asyncio.Task) -> None:
+        if self._handlers.get(stream.id) is task:
+            del self._handlers[stream.id]
+        if not stream.done:
+            stream.fail_remote("cancelled", "the handler was cancelled")
+        stream._scope.close()  # the inbound stream slot and any memory left
 
     async def _serve(self, stream: Stream, serve: Callable[[], Awaitable[None]], timeout: float) -> None:
         """Run a handler under its server-side deadline; its failures go back to the caller as ERROR
@@ -769,10 +779,8 @@ class Connection:
                 logger.exception("handler of %s failed for %s%s", brief(stream.method), self.channel.describe(),
                                  f" ({suppressed} similar failures not logged)" if suppressed else "")
         finally:
-            self._handlers.pop(stream.id, None)
             if not stream.done and stream._local_ended:
                 stream._release()  # the reply is complete; ignore whatever the caller still sends
-            stream._scope.close()  # the inbound stream slot and any memory left
 
     def _on_error(self, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)

@@ -286,3 +286,34 @@ async def test_callers_wait_for_a_stream_slot_instead_of_being_refused(make_peer
     gate.set()
     assert sorted(await asyncio.gather(*calls)) == list(range(5))
     assert max(peak) == 2
+
+
+async def test_a_stream_refused_before_its_handler_started_gives_its_slot_back(make_peer):
+    """OPEN and an oversized request in one burst: the handler task is cancelled before it ever
+    runs, and the inbound stream slot is still given back (a leak would fill the caps for good)."""
+    victim, caller = await make_peer(), await make_peer()
+    ran = []
+
+    async def small(request, ctx):
+        ran.append(request)
+        return b""
+
+    victim.add_unary_handler("small", small, max_message_size=1024)
+    await caller.connect(victim.get_visible_addresses()[0])
+    conn = caller._connections[victim.peer_id][0]
+    for _ in range(2):  # 2 x 200 > max_inbound_streams_per_peer (256): leaked slots would refuse the second
+        streams = []
+        for _ in range(200):
+            stream = conn.open_stream("small", 10)
+            conn.write_frame(DATA, 0, stream.id, b"\xc5\x08\x00" + b"\0" * 2048)  # bin 16 of 2 KiB, one frame
+            streams.append(stream)
+        await conn.drain()
+        for stream in streams:
+            with pytest.raises(MessageTooLargeError):
+                await stream.recv()
+        await _wait_for(lambda: victim.resources.stat()["system"]["inbound_streams"] == 0)
+    assert ran == []
+    victim_conn = victim._connections[caller.peer_id][0]
+    await _wait_for(lambda: not victim_conn._handlers)
+    assert victim.resources.stat()["system"]["memory"] == 0
+    assert await caller.call(victim.peer_id, "small", b"ok", timeout=10) == b""
