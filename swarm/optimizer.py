@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from averaging import Averager, AveragingError
+from averaging import Averager, AveragingError, MatchmakingError
 from dht import DHT, get_dht_time
 
 from .progress import GlobalProgress, ProgressTracker
@@ -152,6 +152,7 @@ class Optimizer:
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self.matchmaking_timeout = 3 * matchmaking_time  # then give up on the group and step with local values
         self.alone_grace = 0.5  # s without any other peer online before a round is given up
+        self.moved_on_grace = 1.5  # s without any other peer at this epoch before a round is given up
         self.max_group_size = target_group_size
         self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
         self.client_mode = dht.client_mode if client_mode is None else client_mode
@@ -413,20 +414,23 @@ class Optimizer:
             future = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
                                    gather=self._gather(), wait=False,
                                    matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
-            result = self._wait_for_round(future)
+            result = self._wait_for_round(future, averager)
         except AveragingError as e:
             self.last_averaging = e
-            logger.warning("averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
+            logger.log(self._failure_level(e), "averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
             return False
         self._account(result)
         self._check_agreement(result)
         return True
 
-    def _wait_for_round(self, future: concurrent.futures.Future) -> Any:
-        """The round's result; the round is cancelled (AveragingError) once the progress view has
-        shown no other peer online for ``alone_grace`` seconds (they left or died: nobody to wait for;
-        live members of a round publish heartbeats, so a round with them is never cancelled this way)."""
-        alone_since = None
+    def _wait_for_round(self, future: concurrent.futures.Future, averager: Averager) -> Any:
+        """The round's result. A peer that leaves the view meanwhile lowers the group's target size
+        (a leader then starts without waiting for it), and the round is given up (AveragingError)
+        when nobody can be in it: the progress view shows no other peer online for ``alone_grace``
+        seconds (they left or died; live members publish heartbeats even while averaging), or none at
+        this peer's epoch for ``moved_on_grace`` seconds (the others are ahead: this peer catches up)."""
+        me = str(self.dht.peer_id)
+        since = None
         while True:
             try:
                 return future.result(timeout=0.2)
@@ -434,13 +438,29 @@ class Optimizer:
                 pass
             except concurrent.futures.CancelledError:
                 raise AveragingError("the round was cancelled") from None
-            if self.tracker.online_peers() - {str(self.dht.peer_id)}:
-                alone_since = None
-            elif alone_since is None:
-                alone_since = time.monotonic()
-            elif time.monotonic() - alone_since >= self.alone_grace:
+            others = [r for r in self.tracker.global_progress.peers if r.peer_id != me]
+            if 2 <= len(others) + 1 < averager.target_group_size:
+                averager.target_group_size = len(others) + 1  # the departed are not waited for
+            if any(r.epoch == self.local_epoch for r in others):
+                since = None
+                continue
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since >= (self.moved_on_grace if others else self.alone_grace):
                 future.cancel()
+                if others:
+                    raise AveragingError(f"no other peer is at epoch {self.local_epoch} any more (the others are at "
+                                         f"{sorted({r.epoch for r in others})[:4]})")
                 raise AveragingError("every other peer left the swarm (none is online in the progress view)")
+
+    def _failure_level(self, e: AveragingError) -> int:
+        """INFO for a failed round that is an expected event of a healthy swarm (no group formed, or no
+        other online peer is at this epoch any more: they left, or moved on and this peer catches up);
+        WARNING for the rest (a group formed and its round failed)."""
+        me = str(self.dht.peer_id)
+        if isinstance(e, MatchmakingError) or not any(
+                r.epoch == self.local_epoch for r in self.tracker.global_progress.peers if r.peer_id != me):
+            return logging.INFO
+        return logging.WARNING
 
     def _account(self, result: Any) -> None:
         self.last_averaging = result
@@ -509,7 +529,7 @@ class Optimizer:
             self._check_agreement(result)
         except AveragingError as e:
             self.last_averaging = e
-            logger.warning("averaging pseudo-gradients failed at epoch %d (%s)", self.local_epoch, e)
+            logger.log(self._failure_level(e), "averaging pseudo-gradients failed at epoch %d (%s)", self.local_epoch, e)
             if self._behind():
                 return
         self._apply_outer_step()

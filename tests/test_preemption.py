@@ -1,6 +1,6 @@
 """Preemption with real ``swarm join`` processes on loopback (issue 20, point 4).
 
-Three peers train ``examples/digits.py`` with the default matchmaking settings; one is killed with
+Three peers train ``swarm/examples/digits.py`` with the default matchmaking settings; one is killed with
 ``kill -9`` (a preempted machine). The survivors must not stall: the longest gap between their epochs
 after the kill stays under 5 s, their progress view stops counting the dead peer within seconds, and a
 peer that joins after the kill starts from a live donor's state (never from epoch 0). A clean exit
@@ -22,7 +22,7 @@ from .processes import ProcessGroup, read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")]
 
-TASK = "examples/digits.py"
+TASK = "swarm/examples/digits.py"
 MAX_SECONDS = 150
 MAX_GAP = 5.0  # seconds between two epochs of a survivor after the kill (the issue's bound)
 
@@ -96,3 +96,40 @@ def test_kill_9_does_not_stall_the_survivors_and_a_joiner_starts_from_a_live_don
         assert _epochs(metrics["p3"])[0][1] > swarm_epoch, _epochs(metrics["p3"])[:3]
         for name in survivors + ["p3"]:
             assert group.stop(name) in (0, 130), group.log(name)[-2000:]
+
+
+def test_every_clean_exit_announces_the_departure(tmp_path):
+    """Ctrl+C (SIGINT), ``--max-seconds`` and SIGTERM: the peers left behind stop counting the leaver
+    within a couple of seconds (its 'left' record) and do not stall waiting for it."""
+    run_id = "leave-digits"
+    with ProcessGroup(tmp_path / "logs") as group:
+        address = group.bootstrap()
+        metrics = {"p0": _join(group, tmp_path, "p0", run_id, address, "--shard", "0/3")}
+        group.wait_for("p0", r"this peer created it", timeout=60)
+        metrics["p1"] = _join(group, tmp_path, "p1", run_id, address, "--shard", "1/3", "--max-seconds", "30")
+        metrics["p2"] = _join(group, tmp_path, "p2", run_id, address, "--shard", "2/3")
+        names = ["p0", "p1", "p2"]
+        _wait(group, "epochs with 3 peers", lambda: all(any(r["peers"] == 3 for r in read_jsonl(metrics[n]))
+                                                         for n in names), names, timeout=90)
+
+        def check(leaver: str, left_at: float, stayers: list[str], peers: int) -> None:
+            _wait(group, f"training after {leaver} left",
+                  lambda: all(_epochs(metrics[n]) and _epochs(metrics[n])[-1][0] > left_at + 6 for n in stayers),
+                  stayers, timeout=60)
+            for name in stayers:
+                gap = _longest_gap(_epochs(metrics[name]), left_at)
+                assert gap <= MAX_GAP, (leaver, name, gap, group.log(name)[-3000:])
+                late = [r["peers"] for r in read_jsonl(metrics[name]) if r["time"] > left_at + 3]
+                assert late and all(p == peers for p in late), (leaver, name, late)
+
+        group.procs["p2"].send_signal(2)  # Ctrl+C
+        assert group.procs["p2"].wait(timeout=30) == 130, group.log("p2")[-2000:]
+        left_at = time.time()
+        assert "interrupted: leaving the swarm" in group.log("p2")
+        check("p2 (Ctrl+C)", left_at, ["p0", "p1"], peers=2)
+
+        assert group.procs["p1"].wait(timeout=60) == 0, group.log("p1")[-2000:]  # --max-seconds 30
+        left_at = time.time()
+        assert "ran --max-seconds 30" in group.log("p1")
+        check("p1 (--max-seconds)", left_at, ["p0"], peers=1)
+        assert group.stop("p0") == 130, group.log("p0")[-2000:]  # SIGTERM
