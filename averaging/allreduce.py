@@ -148,16 +148,18 @@ class _Owner:
         self.changed = asyncio.Event()
         self.finished = asyncio.Event()
         self.serving: set[int] = set()  # members whose part stream is being served (one each)
+        self.aborted = False  # the phase is over here: nothing more is delivered or excluded
         if not self.chunks:
             self.finished.set()
 
     def abort(self) -> None:
         """The phase is over (or was cancelled): every stream still served here ends now."""
+        self.aborted = True
         self.finished.set()
         self.changed.set()
 
     def exclude(self, member: int, reason: str) -> None:
-        if member not in self.alive or self.finished.is_set():
+        if member not in self.alive or self.aborted:
             return
         logger.warning("averaging round %s: excluding %s: %s", self.run.group_id.hex()[:8],
                        self.run.members[member], reason)
@@ -171,7 +173,7 @@ class _Owner:
 
     def deliver(self, member: int, index: int, values: torch.Tensor, weight: float, finite: bool | None = None) -> None:
         """``member``'s values for chunk ``index``; ``finite``: already checked (off the event loop)."""
-        if member not in self.alive or self.finished.is_set():
+        if member not in self.alive or self.aborted:
             return
         if not (all_finite(values) if finite is None else finite):
             self.exclude(member, "sent NaN or Inf values")

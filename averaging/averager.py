@@ -34,7 +34,7 @@ from dht import DHT, PeerID, get_dht_time
 from . import compression as compression_module
 from .allreduce import AllReduceService, Reducer, weighted_mean
 from .errors import AveragingError
-from .matchmaking import Matchmaker, next_group_bits
+from .matchmaking import MAX_INFO_BYTES, Matchmaker, next_group_bits, packed_size
 from .partition import flatten, unflatten_into
 
 __all__ = ["Averager", "StepResult"]
@@ -171,7 +171,8 @@ class Averager:
              gather: Any = None, matchmaking_timeout: float | None = None,
              scope: str = "") -> StepResult | concurrent.futures.Future:
         """Average once. ``weight`` (e.g. the number of samples) weighs this peer's values; ``gather``
-        (any msgpack value) is shared with the group and returned in ``StepResult.gathered``.
+        (any msgpack value, at most about 16 KiB packed: leaders refuse bigger join requests) is
+        shared with the group and returned in ``StepResult.gathered``.
         ``matchmaking_timeout`` (default: the whole ``timeout``) bounds the search for a group.
         ``scope`` (e.g. ``"epoch12"``): only peers that step with the same scope are grouped together.
         With ``wait=False`` returns a Future at once (training can go on; the tensors change only
@@ -180,6 +181,9 @@ class Averager:
             raise AveragingError("the averager is shut down")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        gather_bytes = packed_size(gather)
+        if gather_bytes is None or gather_bytes > MAX_INFO_BYTES - 1024:
+            raise ValueError(f"gather must be a msgpack value of at most {MAX_INFO_BYTES - 1024} bytes packed")
         with self.lock:
             snapshot = flatten(self.tensors, out=self._take_buffer())
         future = asyncio.run_coroutine_threadsafe(

@@ -68,7 +68,8 @@ MAX_GROUP_SIZE = 4096
 MAX_JOIN_BYTES = 64 << 10  # a join request, packed (the transport refuses a bigger one with too_large)
 
 
-def _packed_size(value: Any) -> int | None:
+def packed_size(value: Any) -> int | None:
+    """Bytes of ``value`` packed with msgpack, or None if it cannot be packed."""
     try:
         return len(msgpack.packb(value, use_bin_type=True))
     except Exception:  # noqa: BLE001 - not serializable (cannot come from the wire, only from a caller)
@@ -103,7 +104,7 @@ def check_join_request(request: Any) -> str | None:
     if _addresses(request.get("addrs", [])) is None:
         return f"'addrs' must be at most {MAX_ADDRS} strings of at most {MAX_ADDR_CHARS} characters"
     info = request.get("info", {})
-    if not isinstance(info, dict) or (_packed_size(info) or MAX_INFO_BYTES + 1) > MAX_INFO_BYTES:
+    if not isinstance(info, dict) or (packed_size(info) or MAX_INFO_BYTES + 1) > MAX_INFO_BYTES:
         return f"'info' must be a map of at most {MAX_INFO_BYTES} bytes"
     return None
 
