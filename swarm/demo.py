@@ -15,7 +15,7 @@ scikit-learn), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP: the peers are stopped
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -35,7 +35,13 @@ def missing_demo_modules(default_task: bool) -> list[str]:
     needed = {"matplotlib": "matplotlib"}
     if default_task:
         needed["sklearn"] = "scikit-learn"
-    return [name for module, name in needed.items() if importlib.util.find_spec(module) is None]
+    missing = []
+    for module, name in needed.items():
+        try:
+            importlib.import_module(module)  # (not just find_spec: a broken install counts as missing)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def plural(n: int, word: str) -> str:

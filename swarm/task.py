@@ -7,7 +7,7 @@ A task file is plain Python that every peer has locally (task code is never fetc
     from swarm import Task
 
     def batches(shard: int, num_shards: int, batch_size: int, seed: int):
-        ...  # yield batches forever, from this peer's shard of the data
+        ...  # yield batches from this peer's shard of the data (finite: it is restarted; or endless)
 
     task = Task(
         name="my-task",
@@ -52,11 +52,14 @@ class Task:
     - ``model``: a factory returning a fresh ``torch.nn.Module`` (called once per peer; every peer
       must build the same architecture; parameters are replaced by the swarm's).
     - ``optimizer``: a factory ``params -> torch.optim.Optimizer`` (the inner/local optimizer).
-    - ``data``: ``data(shard, num_shards, batch_size, seed) -> iterable of batches``; peers pass
-      different shards (from their peer id) so they do not all train on the same samples. It may be
-      finite (it is restarted) or endless.
+    - ``data``: ``data(shard, num_shards, batch_size, seed) -> iterable of batches`` of shard
+      ``shard`` of ``num_shards`` (``swarm join --shard I/N``; default ``0/1``: all the data), in an
+      order given by ``seed`` (each peer's differs: it comes from the peer id), so that peers do not
+      train on the same samples at the same time. It may be finite (it is restarted with the next
+      seed) or endless.
     - ``loss``: ``loss(model, batch) -> scalar tensor``.
-    - ``batch_size(batch)``: the number of samples in a batch (default: ``len(batch[0])``).
+    - ``count_samples``: optional ``count_samples(batch) -> int``, the number of samples in a batch
+      (default: ``len(batch[0])`` for a tuple or list, else ``len(batch)``).
     - ``evaluate``: optional ``evaluate(model) -> dict`` with at least ``"loss"`` (e.g. held-out
       loss and accuracy), run by the daemon every ``eval_every`` epochs.
     - ``target``: optional ``(metric, goal)``, e.g. ``("accuracy", 0.9)`` or ``("loss", 1.5)``:
@@ -166,7 +169,9 @@ def load_task(ref: str) -> Task:
         except BaseException as e:  # noqa: BLE001
             raise TaskLoadError(f"{location}:{attr}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(task, Task):
-        raise TaskLoadError(f"{location}:{attr} is a {type(task).__name__}, not a swarm.Task")
+        kind = type(task).__name__
+        raise TaskLoadError(f"{location}:{attr} is {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, "
+                            "not a swarm.Task")
     task._module = module  # type: ignore[attr-defined]
     return task
 

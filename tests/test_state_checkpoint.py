@@ -293,7 +293,7 @@ def test_task_code_hash_follows_the_code(tmp_path):
     ("def oops(:\n", "", "SyntaxError"),
     ("import sys\nsys.exit(3)\n", "", "SystemExit"),
     (TASK_SOURCE, ":missing", "has no attribute 'missing'"),
-    (TASK_SOURCE, ":not_a_task", "is a int, not a swarm.Task"),
+    (TASK_SOURCE, ":not_a_task", "is an int, not a swarm.Task"),
     ("task = None\n", "", "not a swarm.Task"),
     ("def task():\n    raise ValueError('bad factory')\n", "", "bad factory"),
     ("x = 1\n", "", "has no attribute 'task'"),

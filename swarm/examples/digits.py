@@ -13,8 +13,6 @@ held-out loss and accuracy.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,13 +20,13 @@ from torch import nn
 from swarm import Task
 
 DEMO_EXTRAS = "install the demo extras: pip install 'swarm-training[demo]'"
-if importlib.util.find_spec("sklearn") is None:
-    raise ImportError(f"the digits example needs scikit-learn (its data set ships with it): {DEMO_EXTRAS}")
+try:
+    from sklearn.datasets import load_digits
+except ImportError as e:
+    raise ImportError(f"the digits example needs scikit-learn (its data set ships with it): {DEMO_EXTRAS}") from e
 
 
 def _dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [n, 1, 8, 8] in [0, 1]
     y = torch.tensor(digits.target, dtype=torch.int64)
