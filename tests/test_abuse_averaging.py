@@ -319,3 +319,58 @@ def test_gossip_pushes_that_declare_tensors_they_never_send_are_refused_and_time
         other.shutdown()
         gossip.shutdown()
 
+
+
+# ---- matchmaking: a hostile leader ---------------------------------------------------------------
+
+async def test_a_hostile_leader_can_make_a_follower_neither_allocate_nor_wait_past_its_deadline():
+    """A leader accepts a follower, then sends a ``begin`` whose group id is the int 2**28 (the
+    follower ran ``bytes(2**28)``: 256 MiB) or never sends it after announcing an expiration of
+    1e300 (the follower waited that long). Now the begin message is checked field by field, and the
+    wait for it ends at the follower's own deadline."""
+    import tracemalloc
+
+    from averaging.errors import MatchmakingError
+    from dht import get_dht_time
+
+    async with tcp_peers(2) as (follower, leader):
+        behaviour = {"begin": None}
+
+        async def fake_leader(stream, ctx):
+            await stream.recv()
+            await stream.send({"status": "accepted", "exp": 1e300})
+            if behaviour["begin"] is not None:
+                await stream.send(behaviour["begin"], end=True)
+            await asyncio.sleep(3600)
+
+        leader.add_stream_handler("avg.join.abuse", fake_leader)
+        follower.add_addresses(leader.peer_id, leader.get_visible_addresses())
+        matchmaker = Matchmaker(follower, None, "abuse", b"s" * 16, target_group_size=4, min_group_size=2,
+                                min_matchmaking_time=1.0, request_timeout=0.5, client_mode=False)
+
+        def arm(seconds: float) -> None:
+            matchmaker._key, matchmaker._my_info = "abuse.0b", {"size": 10}
+            matchmaker._expiration = get_dht_time() + seconds
+            matchmaker._deadline = get_dht_time() + seconds
+
+        n = 2
+        behaviour["begin"] = {"status": "begin", "group_id": 1 << 28, "members": [follower.peer_id.raw, leader.peer_id.raw],
+                              "addrs": [[]] * n, "sizes": [5, 5], "bandwidths": [None] * n, "client": [False] * n,
+                              "gathered": [None] * n}
+        arm(1.0)
+        tracemalloc.start()
+        try:
+            with pytest.raises(MatchmakingError):
+                await asyncio.wait_for(matchmaker._try_join(leader.peer_id), 10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated for a begin message"
+
+        behaviour["begin"] = None  # accepted, then silence
+        arm(1.0)
+        started = time.monotonic()
+        with pytest.raises(MatchmakingError):
+            await asyncio.wait_for(matchmaker._try_join(leader.peer_id), 10)
+        assert time.monotonic() - started < 1.0 + 0.5 + 2.0  # deadline + request_timeout (+ slack for load)
+        matchmaker.close()
