@@ -123,6 +123,7 @@ class DHTNode:
         self._handover_bucket: TokenBucket | None = None
         self._handover_running = False
         self._prefixes: dict[str, str | None] = {}  # host -> prefix_of(host), memoized (bounded)
+        self._sources: dict[str, str | None] = {}  # endpoint -> its prefix, memoized (bounded)
         self._diversity = dict(group_of=self._lookup_group, max_per_group=lim.max_lookup_peers_per_prefix,
                                max_queries=lim.max_lookup_queries)  # keyword arguments of every lookup
         self._tasks: set[asyncio.Task] = set()
@@ -223,11 +224,26 @@ class DHTNode:
         if peer_id in self.routing_table:
             self.routing_table.add_or_update(peer_id)
             return
-        source = self._prefix(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint))
+        source = self._source(ctx)
         if source is not None and not self.routing_table.knows(peer_id) and \
                 not self.routing_table.admits(DHTID.of_peer(peer_id), source):
             return
         self._dial_backs.request(peer_id, source)
+
+    def _source(self, ctx: CallContext) -> str | None:
+        """The IP prefix a call comes from, as observed on its connection (None: not an IP, or an
+        exempt local one); memoized per endpoint."""
+        host = getattr(ctx, "remote_host", None)
+        if host is not None:
+            return self._prefix(host)
+        endpoint = ctx.endpoint
+        try:
+            return self._sources[endpoint]
+        except KeyError:
+            if len(self._sources) >= 4096:
+                self._sources.clear()
+            source = self._sources[endpoint] = self._prefix(host_of(endpoint) or self.p2p.observed_host(ctx.peer_id))
+            return source
 
     def _prefix(self, host: str | None) -> str | None:
         if host is None:
@@ -661,6 +677,8 @@ class DHTNode:
             if index >= allowed:
                 answers.append("rate limit: too many stores from this peer, retry later")
                 continue
+            if index and index % 256 == 0:  # a full request takes ~0.2 s: others get served in between
+                await asyncio.sleep(0)
             answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id, source=source))
         self._on_inbound_call(ctx, server)
         near = parse_store_near(request)
@@ -702,7 +720,7 @@ class DHTNode:
         cost = max(num_keys, 1)
         if not self._find_rates.take(ctx.peer_id, cost, now):
             raise OverloadedError(f"too many lookups from this peer (limit {self.limits.find_rate:g} keys/s)")
-        source = self._prefix(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint))
+        source = self._source(ctx)
         if source is not None and not self._find_rates_per_prefix.take(source, cost, now):
             raise OverloadedError(f"too many lookups from {source} (limit {self.limits.find_rate_per_prefix:g} keys/s)")
 
