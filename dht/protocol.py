@@ -78,6 +78,16 @@ class DHTLimits:
     max_tracked_peers: int = 4096  # per-identity bookkeeping (rate buckets, backoff, ...): LRU size
     forget_after: float = 60.0  # seconds after which a peer neither connected nor in the table is forgotten
 
+    def __post_init__(self) -> None:
+        for name in ("max_entries", "max_entries_per_peer", "max_bytes", "max_bytes_per_peer", "max_bytes_per_ip",
+                     "max_subkeys_per_key", "max_cache_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DHTLimits.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_find_reply_bytes, int) or self.max_find_reply_bytes < 4096:
+            raise ValueError(f"DHTLimits.max_find_reply_bytes must be an integer of at least 4096, "
+                             f"got {self.max_find_reply_bytes!r}")
+
 
 @dataclass(frozen=True)
 class StoreItem:

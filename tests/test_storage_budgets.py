@@ -437,3 +437,10 @@ async def test_a_full_node_evicts_records_of_the_foreign_region_first(net):
     held = {key_id for key_id, _ in victim.storage.items(get_dht_time())}
     assert all(DHTID.of_key(pack(k)) in held for k in local[:5])
     assert DHTID.of_key(pack(farthest)) not in held
+
+
+@pytest.mark.parametrize("field, value", [("max_bytes", 0), ("max_bytes_per_peer", -1), ("max_bytes_per_ip", 1.5),
+                                          ("max_subkeys_per_key", 0), ("max_find_reply_bytes", 100)])
+def test_budget_knobs_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        DHTLimits(**{field: value})
