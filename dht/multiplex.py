@@ -30,7 +30,8 @@ most ``stream_memory``, or the method's own ``max_message_size``) fails the stre
 a spent connection/peer/IP/system budget fails it with ``overloaded``; the connection keeps serving.
 Decoded messages are budgeted too: each msgpack object (a container or an element of one) is charged
 ``OBJECT_COST`` (64) bytes on top of the message's bytes, and decoding stops past the stream's budget
-(1 MiB of empty arrays would otherwise become 64 MiB of Python lists).
+(1 MiB of empty arrays would otherwise become 64 MiB of Python lists); a message of one string or
+bin is charged its bytes, one of at most ``SMALL_MESSAGE`` (512) bytes a bound (96 per byte).
 An OPEN beyond the inbound stream caps (per connection, per peer over all its connections, per IP,
 in total) is answered at once with ERROR ``overloaded``, nothing allocated. Every handler runs under
 a server-side deadline: the caller's (cut to ``max_handler_timeout``) or ``default_handler_timeout``.
@@ -156,6 +157,11 @@ def _pack(message: Any) -> bytes:
 
 
 OBJECT_COST = 64  # bytes reserved per decoded msgpack object (a Python object and its reference)
+# a message of at most this many bytes is decoded without counting and charged SMALL_MESSAGE_COST bytes
+# per byte: every object takes >= 1 byte (<= 64 bytes of Python object each), every map entry >= 2
+# (<= 48 bytes of dict table each), so that bounds what it can decode to
+SMALL_MESSAGE, SMALL_MESSAGE_COST = 512, 96
+_ONE_STRING = frozenset([*range(0xa0, 0xc0), 0xc4, 0xc5, 0xc6, 0xd9, 0xda, 0xdb])  # fixstr, bin 8-32, str 8-32
 
 
 class TooManyObjectsError(ValueError):
@@ -206,6 +212,8 @@ def _unpack(data: bytes | bytearray | memoryview, max_size: int, max_objects: in
     ``max_objects`` objects, before any work."""
     if len(data) > max_size:
         raise ValueError(f"control message of {len(data)} bytes (limit {max_size})")
+    if len(data) <= max_objects:  # cannot hold more objects than bytes
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     return _unpack_counted(data, max_objects)[0]
 
 
@@ -222,8 +230,7 @@ class Stream:
                  scope: StreamScope):
         self._conn = conn
         self._scope = scope  # the memory of its unread/unfinished inbound messages is reserved here
-        # largest inbound message accepted (a handler's P2P registration may lower it)
-        self.max_message_size = min(conn.limits.max_message_size, conn.limits.stream_memory)
+        self.max_message_size = conn.max_inbound_message  # a handler's P2P registration may lower it
         self.id = stream_id
         self.method = method
         self.deadline = deadline  # loop time, or None
@@ -454,6 +461,8 @@ class Stream:
         partial = self._partial
         if (0 if partial is None else len(partial)) + size > self.max_message_size:
             return self._refuse("too_large", f"message exceeds the limit of {self.max_message_size} bytes")
+        if partial is None and not flags & FLAG_MORE and size <= SMALL_MESSAGE:
+            return self._on_small_message(payload, flags)
         try:
             self._scope.reserve(size)  # before the bytes are kept: given back by recv() or when closed
         except ResourceLimitError as e:
@@ -467,21 +476,48 @@ class Stream:
             if flags & FLAG_MORE:
                 return
             data, self._partial = partial, None
+        n = len(data)
         try:  # the decoded objects are budgeted too: what the stream may still reserve bounds them
-            message, objects = _unpack_counted(data, self._scope.available // OBJECT_COST)
+            if n and data[0] in _ONE_STRING:  # one str or bin (e.g. a tensor chunk): its bytes, counted
+                message, extra = msgpack.unpackb(data, raw=False), 0
+            elif n <= SMALL_MESSAGE:  # reassembled from small fragments
+                message, extra = msgpack.unpackb(data, raw=False, strict_map_key=False), n * (SMALL_MESSAGE_COST - 1)
+            else:
+                message, objects = _unpack_counted(data, self._scope.available // OBJECT_COST)
+                extra = objects * OBJECT_COST
         except TooManyObjectsError as e:
             return self._refuse("too_large", str(e))
         except Exception as e:
             self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
-        extra = objects * OBJECT_COST
         if extra:
             try:
                 self._scope.reserve(extra)
             except ResourceLimitError as e:
                 return self._refuse(e.code, str(e))
-        self._inbox.append((message, len(data), len(data) + extra))
+        self._inbox.append((message, n, n + extra))
+        if flags & FLAG_END:
+            self._remote_ended = True
+            self._maybe_release()
+        self._readable.set()
+
+    def _on_small_message(self, payload: memoryview, flags: int) -> None:
+        """A whole message of at most SMALL_MESSAGE bytes in one frame (most calls): decoded, then its
+        bound (SMALL_MESSAGE_COST per byte) reserved in one go."""
+        n = len(payload)
+        try:
+            message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception as e:
+            self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
+            self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
+            return
+        reserved = n if n <= 1 or payload[0] in _ONE_STRING else n * SMALL_MESSAGE_COST
+        try:
+            self._scope.reserve(reserved)
+        except ResourceLimitError as e:
+            return self._refuse(e.code, str(e))
+        self._inbox.append((message, n, reserved))
         if flags & FLAG_END:
             self._remote_ended = True
             self._maybe_release()
@@ -534,6 +570,7 @@ class Connection:
         self.peer_id = channel.remote_peer_id
         self.limits = limits
         self.resources = resources if resources is not None else ResourceManager(limits)
+        self.max_inbound_message = min(limits.max_message_size, limits.stream_memory)  # per stream, by default
         self.scope = self.resources.open_connection(self.peer_id, getattr(channel, "remote_host", None),
                                                     channel.endpoint)
         self._dispatch = dispatch

@@ -78,54 +78,72 @@ class StreamScope:
     returns everything (idempotent; later reserves raise, later releases are no-ops).
     """
 
-    __slots__ = ("_conn", "_chain", "_scope", "inbound", "closed")
+    # one of these per call: the parents (connection, peer, ip, system) are unrolled, not looped over
+    __slots__ = ("_conn", "_c", "_p", "_i", "_s", "memory", "memory_limit", "inbound", "closed")
 
     def __init__(self, conn: "ConnectionScope", inbound: bool, memory_limit: int):
         self._conn = conn
-        self._scope = Scope("stream", memory_limit, None)
-        self._chain = (self._scope, *conn._chain)
+        self._c, self._p, self._i, self._s = conn._chain
+        self.memory = 0  # bytes reserved by this stream now
+        self.memory_limit = memory_limit
         self.inbound = inbound
         self.closed = False
 
     @property
-    def memory(self) -> int:
-        """Bytes reserved by this stream now."""
-        return self._scope.memory
-
-    @property
     def available(self) -> int:
         """Bytes this stream may still reserve by its own budget (its parents may allow less)."""
-        return 0 if self.closed else max(self._scope.memory_limit - self._scope.memory, 0)
+        return 0 if self.closed else max(self.memory_limit - self.memory, 0)
 
     def reserve(self, n: int) -> None:
         """Reserve ``n`` bytes in every scope up to the system, or raise ResourceLimitError (nothing reserved)."""
         if self.closed:
             raise ResourceLimitError("stream", "the stream is closed")
-        _reserve(self._chain, n)
+        c, p, i, s = self._c, self._p, self._i, self._s
+        if (self.memory + n > self.memory_limit or c.memory + n > c.memory_limit or p.memory + n > p.memory_limit
+                or i.memory + n > i.memory_limit or s.memory + n > s.memory_limit):
+            if self.memory + n > self.memory_limit:
+                raise ResourceLimitError("stream", f"{n} more bytes would exceed the stream memory budget "
+                                                   f"({self.memory} of {self.memory_limit} bytes in use)")
+            _reserve((c, p, i, s), n)  # raises, naming the scope
+        self.memory += n
+        c.memory += n
+        p.memory += n
+        i.memory += n
+        s.memory += n
 
     def release(self, n: int) -> None:
         """Give back ``n`` of this stream's reserved bytes (at most what it holds)."""
-        if self.closed:
+        if n > self.memory:
+            n = self.memory
+        if n <= 0 or self.closed:
             return
-        n = min(n, self._scope.memory)
-        for scope in self._chain:
-            scope.memory -= n
+        self.memory -= n
+        self._c.memory -= n
+        self._p.memory -= n
+        self._i.memory -= n
+        self._s.memory -= n
 
     def release_memory(self) -> None:
         """Give back all the memory of this stream (its buffers are dropped); the stream stays counted."""
-        self.release(self._scope.memory)
+        self.release(self.memory)
 
     def close(self) -> None:
         """Give back the memory and the stream slot (idempotent)."""
         if self.closed:
             return
-        self.release_memory()
+        self.release(self.memory)
         self.closed = True
-        for scope in self._conn._chain:
-            if self.inbound:
-                scope.inbound -= 1
-            else:
-                scope.outbound -= 1
+        c, p, i, s = self._c, self._p, self._i, self._s
+        if self.inbound:
+            c.inbound -= 1
+            p.inbound -= 1
+            i.inbound -= 1
+            s.inbound -= 1
+        else:
+            c.outbound -= 1
+            p.outbound -= 1
+            i.outbound -= 1
+            s.outbound -= 1
         self._conn._streams.discard(self)
 
 
@@ -163,12 +181,12 @@ class ConnectionScope:
                 if scope.inbound_limit is not None and scope.inbound >= scope.inbound_limit:
                     raise ResourceLimitError(scope.kind, f"too many concurrent calls from this {scope.kind} "
                                                          f"(limit {scope.inbound_limit})")
-        stream = StreamScope(self, inbound, self._stream_memory)
-        for scope in self._chain:
-            if inbound:
+            for scope in self._chain:
                 scope.inbound += 1
-            else:
+        else:
+            for scope in self._chain:
                 scope.outbound += 1
+        stream = StreamScope(self, inbound, self._stream_memory)
         self._streams.add(stream)
         return stream
 
@@ -183,6 +201,8 @@ class ConnectionScope:
         if self.closed:
             return
         n = min(n, self._scope.memory - sum(s.memory for s in self._streams))
+        if n <= 0:
+            return
         for scope in self._chain:
             scope.memory -= n
 
