@@ -225,9 +225,10 @@ def test_a_run_pins_the_task_attribute_optimizer_options_and_sizes(tmp_path):
                         "\n  task attribute: the run has 'task', this peer 'other'",
                         "\n  optimizer mode: the run has 'sync', this peer 'diloco'",
                         "\n  optimizer outer_lr: the run has 0.7, this peer 0.5",
+                        "\n  optimizer compression: the run has None, this peer 'float16'",  # DiLoCo's default
                         "\n  target_batch_size: the run has 64, this peer 128")
         assert "task code" not in result.stderr  # the code is the same: only what differs is listed
-        assert result.stderr.count("\n  ") == 4, result.stderr
+        assert result.stderr.count("\n  ") == 5, result.stderr
         assert "this peer created it" not in result.stdout
 
         result = run_swarm(_args(task + ":other_lr", tmp_path, "c", "--threads", "1", "--run-id", "pinned",
@@ -296,11 +297,11 @@ def test_local_peers_divide_the_cores_by_default(tmp_path, monkeypatch):
     task = _task(tmp_path)
     with ProcessGroup(tmp_path / "logs") as group:
         group.spawn("a", ["-m", "swarm", "--log-level", "INFO", *_args(task, tmp_path, "a", "--run-id", "solo-a",
-                                                                       "--max-seconds", "60")])
+                                                                       "--max-seconds", "150")])
         first = group.wait_for("a", r"torch threads: (\d+) \((\d+) CPU cores shared by (\d+) local swarm peer", 60)
         assert first.groups() == (str(default_threads(1, cores)), str(cores), "1"), first.group(0)
         group.wait_for("a", r"this peer created it", 60)
-        group.spawn("b", ["-m", "swarm", *_args(task, tmp_path, "b", "--run-id", "solo-b", "--max-seconds", "60")])
+        group.spawn("b", ["-m", "swarm", *_args(task, tmp_path, "b", "--run-id", "solo-b", "--max-seconds", "150")])
         second = group.wait_for("b", r"torch threads: (\d+) \((\d+) CPU cores shared by (\d+) local swarm peers", 60)
         assert second.groups() == (str(default_threads(2, cores)), str(cores), "2"), second.group(0)
         if default_threads(1, cores) != default_threads(2, cores):  # the first peer follows while it trains
