@@ -122,8 +122,8 @@ class Limits:
     max_inbound_streams_per_peer: int = 256  # concurrent inbound calls of one PeerID, all connections
     max_inbound_streams_per_ip: int = 1024  # concurrent inbound calls from one source IP (IPv6: its /64)
     max_inbound_streams: int = 8192  # concurrent inbound calls from all peers together
-    stream_memory: int = 16 << 20  # bytes of unfinished/unread inbound messages per stream
-    connection_memory: int = 32 << 20  # same, per connection (frame buffers included)
+    stream_memory: int = 16 << 20  # bytes of unfinished/unread inbound messages (decoded ones too) per stream
+    connection_memory: int = 32 << 20  # same, per connection (+ buffers a transport reserves on its scope)
     peer_memory: int = 64 << 20  # same, per PeerID (all its connections)
     ip_memory: int = 128 << 20  # same, per source IP (all its identities)
     system_memory: int = 1 << 30  # same, all peers together
