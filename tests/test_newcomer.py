@@ -349,3 +349,11 @@ def test_the_wheel_ships_the_examples(tmp_path):
     for name in ("swarm/examples/__init__.py", "swarm/examples/digits.py", "swarm/examples/charlm.py",
                  "swarm/exitcodes.py", "swarm/export.py"):
         assert name in names, sorted(n for n in names if n.startswith("swarm/"))
+
+
+def test_swarm_join_announces_the_announce_addr(tmp_path):
+    pytest.importorskip("sklearn")
+    done = swarm(["join", "examples/digits.py", "--host", "127.0.0.1", "--announce-addr", "127.0.0.1:45999",
+                  "--identity", str(tmp_path / "id.key"), "--max-seconds", "1", "--quiet"], timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^  /ip4/127\.0\.0\.1/tcp/45999/p2p/Qm\w+$", done.stdout, re.MULTILINE), done.stdout[-2000:]

@@ -88,3 +88,42 @@ def test_readme_averaging_snippet_in_two_processes(tmp_path):
                     raise AssertionError(f"{script.name} run {run} hung:\n{group.log(name)[-3000:]}") from None
                 assert code == 0, f"{script.name} run {run}: rc {code}\n{group.log(name)[-3000:]}"
                 assert "2 members" in group.log(name), group.log(name)[-3000:]
+
+
+OPTIMIZER_SCRIPT = '''
+import sys
+import torch
+import swarm
+from dht import DHT
+
+dht = DHT(initial_peers=sys.argv[1:], host="127.0.0.1")
+model = torch.nn.Linear(4, 1)
+opt = swarm.Optimizer(dht=dht, run_id="exit-run", optimizer=lambda p: torch.optim.SGD(p, 0.1),
+                      params=model.parameters(), target_batch_size=64, batch_size_per_step=8)
+for _ in range(3):
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+print("trained", dht.peer_id, flush=True)
+# no opt.shutdown(), no dht.shutdown(): the exit hooks leave the run and stop the DHT
+'''
+
+
+def test_a_script_that_never_shuts_its_optimizer_down_leaves_cleanly_at_exit(tmp_path):
+    """Exit code 0, and the Optimizer's exit hook ran before the DHT's: the swarm got its 'left' record."""
+    from dht import DHT
+    from swarm.progress import PeerProgress, progress_key
+
+    script = tmp_path / "train.py"
+    script.write_text(OPTIMIZER_SCRIPT)
+    with DHT(host="127.0.0.1") as bootstrap:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        for run in range(3):
+            done = subprocess.run([sys.executable, str(script), bootstrap.get_visible_addresses()[0]], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, (run, done.returncode, done.stderr[-3000:])
+            peer_id = done.stdout.split()[-1]
+            found = bootstrap.get(progress_key("exit-run"), latest=True)
+            records = [PeerProgress.parse(v.value) for v in found.value.values()]
+            mine = [r for r in records if r is not None and r.peer_id == peer_id]
+            assert mine and mine[0].left, records
