@@ -170,9 +170,9 @@ def encode_entry_within(entry: Entry | None, max_bytes: int | None) -> tuple[lis
         if used > limit:
             return None, 0
         return [entry.key_bytes, entry.regular[0], entry.regular[1]], used
-    if max_bytes is None:
-        return [entry.key_bytes, [[s, v, e] for s, (v, e) in entry.subkeys.items()]], \
-            used + sum(len(s) + len(v) + _ITEM_OVERHEAD for s, (v, _) in entry.subkeys.items())
+    whole = used + sum(len(s) + len(v) + _ITEM_OVERHEAD for s, (v, _) in entry.subkeys.items())
+    if whole <= limit:  # (no sorting when everything fits)
+        return [entry.key_bytes, [[s, v, e] for s, (v, e) in entry.subkeys.items()]], whole
     items = sorted(entry.subkeys.items(), key=lambda item: (len(item[0]) + len(item[1][0]), -item[1][1]))
     sent = []
     for subkey, (value, exp) in items:
