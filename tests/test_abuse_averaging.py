@@ -374,3 +374,36 @@ async def test_a_hostile_leader_can_make_a_follower_neither_allocate_nor_wait_pa
             await asyncio.wait_for(matchmaker._try_join(leader.peer_id), 10)
         assert time.monotonic() - started < 1.0 + 0.5 + 2.0  # deadline + request_timeout (+ slack for load)
         matchmaker.close()
+
+
+# ---- tensor_wire: declared sizes ------------------------------------------------------------------
+
+async def test_recv_tensor_allocates_only_what_arrived():
+    """A tensor header announcing 1 TiB (``max_bytes=None``) followed by a few bytes and the end of
+    the stream: ``recv_tensor`` allocated the declared tensor first (here: RuntimeError from torch's
+    allocator, or 1 TiB of address space). Now its buffer grows with the bytes that arrive, and the
+    short stream is a P2PError."""
+    from dht.tensor_wire import recv_tensor
+
+    async with tcp_peers(2) as (receiver, sender):
+        outcome: dict[str, object] = {}
+
+        async def handler(stream, ctx):
+            try:
+                await recv_tensor(stream, max_bytes=None)
+                outcome["result"] = "tensor"
+            except P2PError as e:
+                outcome["result"] = type(e).__name__
+            except Exception as e:  # noqa: BLE001 - what the old code raised
+                outcome["result"] = f"unexpected {type(e).__name__}"
+
+        receiver.add_stream_handler("t.recv", handler)
+        async with await sender.open_stream(receiver.get_visible_addresses()[0], "t.recv", timeout=10) as stream:
+            await stream.send({"dtype": "uint8", "shape": [1 << 40], "chunk": 1 << 20})
+            for _ in range(3):
+                await stream.send(b"\1" * 1000)
+            await stream.end()
+            deadline = time.monotonic() + 5
+            while "result" not in outcome and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        assert outcome.get("result") == "StreamClosedError", outcome
