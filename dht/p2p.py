@@ -186,6 +186,11 @@ class P2P:
         rank. At most 16 addresses per peer and ``Limits.max_known_peers`` peers are kept (least
         recently used dropped first, connected peers last). ValueError for a malformed address."""
         rank = _THIRD_PARTY if third_party else _ANNOUNCED
+        book = self._address_book.get(peer_id)
+        if third_party and book is not None and all(a in book.texts for a in addresses):
+            book.touched = time.monotonic()  # the common case: the DHT relearns known contacts
+            self._address_book.move_to_end(peer_id)
+            return
         parsed = []
         for address in addresses:
             address = PeerAddress.parse(address) if isinstance(address, str) else address
@@ -194,7 +199,6 @@ class P2P:
                     continue  # an address of some other peer
                 address = address.without_peer_id()
             parsed.append(address)
-        book = self._address_book.get(peer_id)
         if book is None:
             if not parsed:
                 return
@@ -205,6 +209,8 @@ class P2P:
         book.touched = time.monotonic()
         if book.add(parsed, rank):
             self._address_texts.pop(peer_id, None)
+        if all(isinstance(a, str) for a in addresses) and all(a in book.addresses for a in parsed):
+            book.texts.update(addresses)
 
     def get_addresses(self, peer_id: PeerID) -> list[PeerAddress]:
         """Where ``peer_id`` listens, in the order they are dialled (see :meth:`add_addresses`)."""
@@ -333,6 +339,7 @@ class P2P:
         if rank is None or not (rank == _THIRD_PARTY or "expected peer" in str(error)):
             return
         del book.addresses[address]
+        book.texts.clear()
         self._address_texts.pop(peer_id, None)
         if self._dialed.get(peer_id) == address:
             del self._dialed[peer_id]
@@ -528,11 +535,12 @@ _MAX_DIAL_ATTEMPTS = 8
 class _Book:
     """One peer's addresses: ``{address: rank}`` in insertion order (newest last)."""
 
-    __slots__ = ("addresses", "touched")
+    __slots__ = ("addresses", "touched", "texts")
 
     def __init__(self) -> None:
         self.addresses: dict[PeerAddress, int] = {}
         self.touched = 0.0
+        self.texts: set[str] = set()  # strings known to be in ``addresses`` (cleared when one is removed)
 
     def add(self, addresses: list[PeerAddress], rank: int) -> bool:
         """Add or refresh; an address keeps its best rank. Returns whether the book changed."""
@@ -548,9 +556,11 @@ class _Book:
             third = [a for a, r in self.addresses.items() if r == _THIRD_PARTY]
             for address in third[:max(len(third) - _MAX_THIRD_PARTY_PER_PEER, 0)]:
                 del self.addresses[address]
+                self.texts.clear()
             while len(self.addresses) > _MAX_ADDRESSES_PER_PEER:
                 worst = max(self.addresses.values())
                 del self.addresses[next(a for a, r in self.addresses.items() if r == worst)]
+                self.texts.clear()
         return changed
 
     def ranked(self) -> list[tuple[PeerAddress, int]]:

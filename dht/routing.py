@@ -20,7 +20,7 @@ import hashlib
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .identity import PeerID
 
@@ -229,7 +229,19 @@ class RoutingTable:
         """Up to ``k`` known nodes closest to ``target`` by XOR distance, closest first."""
         # distances are distinct ints, so the tuples compare on them alone, in C (no key function,
         # no PeerID.__eq__ per contact: this runs for every dht.find served)
-        candidates = heapq.nsmallest(k + 1, [(node_id ^ target, peer_id, node_id) for peer_id, node_id in self._ids.items()])
+        pool: Any = self._ids.items()
+        if len(self._ids) > 4 * (k + 1):
+            # a big table: only the buckets nearest the target. Buckets are aligned power-of-two id
+            # ranges, so XOR maps each onto a disjoint range of distances starting at its lower bound's
+            # distance with the low bits cleared; once k + 1 nodes are gathered from the nearest
+            # ranges, every node of a farther range is farther than all of them.
+            ordered = sorted(self.buckets, key=lambda b: (b.lower ^ target) & ~(b.upper - b.lower - 1))
+            pool = []
+            for bucket in ordered:
+                pool.extend(bucket.nodes.items())
+                if len(pool) > k:
+                    break
+        candidates = heapq.nsmallest(k + 1, [(node_id ^ target, peer_id, node_id) for peer_id, node_id in pool])
         return [(peer_id, node_id) for _, peer_id, node_id in candidates if peer_id != exclude][:k]
 
     def all_peers(self) -> list[PeerID]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import time
@@ -61,23 +62,29 @@ async def cleanup() -> AsyncIterator[Cleanup]:
 
 
 class LagMeter:
-    """How late a task sleeping 10 ms at a time wakes up: the event loop's worst blocking (seconds)."""
+    """How late a task sleeping 10 ms at a time wakes up: the event loop's worst blocking, in seconds
+    of this thread's CPU time (what the loop did meanwhile: robust to a loaded machine, where the
+    process may wait for a core) and of wall-clock time (``worst_wall``, informative)."""
 
     def __init__(self):
-        self.worst = 0.0
+        self.worst = self.worst_wall = 0.0
+        gc.collect()  # the test's own set-up (and earlier tests) must not show up as a collector pause
+        gc.freeze()
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self):
         loop = asyncio.get_running_loop()
         while True:
-            start = loop.time()
+            start, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(0.01)
-            self.worst = max(self.worst, loop.time() - start - 0.01)
+            self.worst = max(self.worst, time.thread_time() - cpu)
+            self.worst_wall = max(self.worst_wall, loop.time() - start - 0.01)
 
     async def stop(self) -> float:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        gc.unfreeze()
         return self.worst
 
 
@@ -122,11 +129,12 @@ async def test_hand_over_to_close_newcomers_keeps_the_event_loop_responsive():
     table in one callback (seconds without an await); now the hand-over waits for a dial-back, is
     queued and rate-limited, and yields every few hundred records."""
     async with cleanup() as c:
-        limits = DHTLimits(max_entries=100_000, max_entries_per_peer=100_000)
+        limits = DHTLimits(max_entries=100_000, max_entries_per_peer=100_000, max_bytes_per_peer=64 << 20,
+                           max_bytes_per_ip=64 << 20)
         victim = c.add(await DHTNode.create(host=HOST, limits=limits))
         fill_table(victim, 300)
         now = get_dht_time()
-        for i in range(30_000):
+        for i in range(60_000):
             key = pack(f"record/{i}")
             assert victim.storage.store(DHTID.of_key(key), key, None, pack(i), now + 600, now, victim.peer_id)
         received: list[list] = [[], [], []]
@@ -148,11 +156,11 @@ async def test_hand_over_to_close_newcomers_keeps_the_event_loop_responsive():
         for newcomer, items in zip(newcomers, received):
             new_id = DHTID.of_peer(newcomer.peer_id)
             assert newcomer.peer_id in victim.routing_table
-            assert len(items) < 30_000 // 4  # not everything: only what moves to the newcomer
+            assert len(items) < 60_000 // 4  # not everything: only what moves to the newcomer
             for key, *_ in items[:300]:  # the newcomer is among the closest nodes for each record it got
                 key_id = DHTID.of_key(key)
                 assert sum((i ^ key_id) < (new_id ^ key_id) for i in others) < victim.num_replicas
-        assert lag < 0.3, f"event loop blocked for {lag:.3f} s"
+        assert lag < 0.2, f"event loop blocked for {lag:.3f} s of CPU ({meter.worst_wall:.3f} s wall)"
 
 
 async def test_find_flood_from_one_identity_is_rate_limited_and_pings_stay_fast():
@@ -172,7 +180,7 @@ async def test_find_flood_from_one_identity_is_rate_limited_and_pings_stay_fast(
 
         async def flood():
             nonlocal served, refused
-            for _ in range(5):
+            for _ in range(20):
                 try:
                     await mallory.call(victim.peer_id, "dht.find", request, timeout=30)
                     served += 1
@@ -192,7 +200,7 @@ async def test_find_flood_from_one_identity_is_rate_limited_and_pings_stay_fast(
         meter = LagMeter()
         started = time.monotonic()
         try:
-            await asyncio.gather(*(flood() for _ in range(40)), pings())
+            await asyncio.gather(*(flood() for _ in range(10)), pings())
         finally:
             lag = await meter.stop()
         elapsed = time.monotonic() - started
@@ -200,8 +208,8 @@ async def test_find_flood_from_one_identity_is_rate_limited_and_pings_stay_fast(
         assert served * 512 <= 1000 + 500 * elapsed + 512, (served, elapsed)
         assert refused > 0
         latencies.sort()
-        assert latencies[int(0.95 * len(latencies))] < 1.0, latencies
-        assert lag < 0.5, f"event loop blocked for {lag:.3f} s"
+        assert latencies[int(0.95 * len(latencies))] < 2.0, latencies  # (the issue saw 2.5 s; a loaded CI machine)
+        assert lag < 0.2, f"event loop blocked for {lag:.3f} s of CPU ({meter.worst_wall:.3f} s wall)"
         # the honest peer's own lookups are not charged to mallory's bucket
         reply = await honest.call(victim.peer_id, "dht.find", {**request, "keys": request["keys"][:100]}, timeout=10)
         assert len(reply["results"]) == 100

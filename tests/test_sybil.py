@@ -95,7 +95,7 @@ async def test_sybils_that_fail_the_dial_back_never_enter_and_leave_no_bookkeepi
             assert not any(victim.routing_table.knows(p) for p in sybil_ids)
             await asyncio.gather(*(s.shutdown() for s in sybils))
         assert victim._dial_backs.verified == 0
-        assert 0 < victim._dial_backs.refused <= 300
+        assert 300 <= victim._dial_backs.refused <= 3 * 300  # each identity called 3 times (retry_after is short)
         assert not any(victim.routing_table.knows(p) for p in sybil_ids)
         # the attackers are gone: after forget_after, nothing per identity is left behind
         deadline = time.monotonic() + 10
