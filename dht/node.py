@@ -749,12 +749,14 @@ class DHTNode:
             self._handover_running = False
 
     async def _hand_over_records(self, newcomer: PeerID) -> None:
-        """Give a new neighbour the records it is now among the ``num_replicas`` closest nodes for (at
-        most ``max_items_per_store`` items). Scans ``handover_chunk`` records between yields to the
-        event loop, with an O(log n) test per record (:meth:`RoutingTable.among_nearest`)."""
+        """Give a new neighbour the records it is now among the ``num_replicas`` closest nodes for (one
+        request: at most ``max_items_per_store`` items within the request byte budget). Scans
+        ``handover_chunk`` records between yields to the event loop, with an O(log n) test per record
+        (:meth:`RoutingTable.among_nearest`)."""
         now = self.clock()
         among = self.routing_table.among_nearest(DHTID.of_peer(newcomer), self.num_replicas, exclude=newcomer)
         chunk = max(self.limits.handover_chunk, 1)
+        budget, size = self._request_budget(), 0
         items = []
         for scanned, (key_id, entry) in enumerate(self.storage.items(now), 1):
             if scanned % chunk == 0:
@@ -763,15 +765,18 @@ class DHTNode:
                     return
             if not among(key_id):
                 continue
-            if entry.regular is not None:
-                items.append([entry.key_bytes, None, entry.regular[0], entry.regular[1], False])
-            else:
-                items.extend([entry.key_bytes, s, v, e, False] for s, (v, e) in entry.subkeys.items())
-            if len(items) >= self.limits.max_items_per_store:
+            records = [(None, *entry.regular)] if entry.regular is not None else \
+                [(s, v, e) for s, (v, e) in entry.subkeys.items()]
+            for subkey, value, expiration in records:
+                size += len(entry.key_bytes) + len(subkey or b"") + len(value) + 32
+                if size > budget or len(items) >= self.limits.max_items_per_store:
+                    break
+                items.append([entry.key_bytes, subkey, value, expiration, False])
+            if size > budget or len(items) >= self.limits.max_items_per_store:
                 break
         if items:
             try:
-                await self._call(newcomer, "dht.store", self._request(items=items[:self.limits.max_items_per_store]))
+                await self._call(newcomer, "dht.store", self._request(items=items))
             except (P2PError, asyncio.TimeoutError):
                 pass
 

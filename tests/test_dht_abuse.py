@@ -231,6 +231,18 @@ def test_among_nearest_matches_brute_force(ids, newcomer, key, k, seed):
     closer = sum((node_id ^ key) < (newcomer ^ key) for node_id in others)
     assert test(key) == (closer < k)
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(50, 600), st.integers(0, (1 << 160) - 1), st.integers(1, 25), st.integers(0, 1000), st.booleans())
+def test_nearest_in_big_tables_matches_brute_force(n, target, k, seed, exclude_one):
+    """nearest() walks only the buckets nearest the target in big tables (bounded work per find key)."""
+    rng = random.Random(seed)
+    table = RoutingTable(DHTID(rng.randrange(1 << 160)), bucket_size=20)
+    for _ in range(n):
+        table.add_or_update(fake_peer(rng))
+    exclude = next(iter(table._ids)) if exclude_one and len(table) else None
+    expected = sorted(((i ^ target, p, i) for p, i in table._ids.items() if p != exclude))[:k]
+    assert table.nearest(target, k, exclude=exclude) == [(p, i) for _, p, i in expected]
+
 # ---- root cause 5: contact poisoning ------------------------------------------------------------
 
 
