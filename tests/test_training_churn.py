@@ -97,7 +97,9 @@ def test_training_survives_kill_9_new_peers_and_a_restart_from_checkpoint(tmp_pa
         assert any(r["peers"] >= 4 for n in first for r in swarm.records(n)), "the four peers never saw each other"
 
         # 2. kill -9 one peer (it had written checkpoints); the others keep training
-        assert list((tmp_path / "p1-checkpoints").glob("*.swst")), group.log("p1")
+        swarm.wait_until("a complete checkpoint of p1",  # (not only the temporary file of one being written)
+                         lambda: any(not p.name.startswith(".") for p in (tmp_path / "p1-checkpoints").glob("*.swst")),
+                         ["p1"], timeout=60)
         group.kill("p1")
         killed_at = swarm.epoch("p1")
         survivors = ["p0", "p2", "p3"]
@@ -151,9 +153,11 @@ def test_training_survives_kill_9_new_peers_and_a_restart_from_checkpoint(tmp_pa
 
 
 def test_peers_do_not_stall_when_the_peer_that_was_ahead_is_gone(tmp_path):
-    """The records of a peer that left (cleanly or by kill -9) stay in the DHT until they expire
-    (60 s): newcomers see the swarm at that peer's epoch, but nobody can give them its state. They
-    must train on (and retry the download now and then) instead of waiting for the records to expire."""
+    """The records of a peer that left (cleanly or by kill -9) stay in the DHT until they expire:
+    newcomers may see the swarm at that peer's epoch (while its last record is a few seconds old, it
+    counts as online), but nobody can give them its state. They must train on (and retry the
+    download now and then) instead of waiting for the records to expire; once the record is older
+    than the progress view's online window, they ignore it."""
     with ProcessGroup(tmp_path / "logs") as group:
         swarm = Swarm(group, tmp_path, group.bootstrap())
         swarm.join("p0")
@@ -170,8 +174,6 @@ def test_peers_do_not_stall_when_the_peer_that_was_ahead_is_gone(tmp_path):
         t0 = time.monotonic()
         for i, name in enumerate(["p1", "p2"]):
             swarm.join(name, shard=f"{i}/2")
-        for name in ("p1", "p2"):
-            assert int(group.wait_for(name, r"the swarm is at epoch (\d+)", timeout=60).group(1)) >= 5
         swarm.wait_until("training after the only donor died",
                          lambda: all(swarm.epoch(n) >= 3 for n in ("p1", "p2")), ["p1", "p2"], timeout=30)
         elapsed = time.monotonic() - t0
