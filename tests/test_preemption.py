@@ -133,3 +133,77 @@ def test_every_clean_exit_announces_the_departure(tmp_path):
         assert "ran --max-seconds 30" in group.log("p1")
         check("p1 (--max-seconds)", left_at, ["p0"], peers=1)
         assert group.stop("p0") == 130, group.log("p0")[-2000:]  # SIGTERM
+
+
+# ---------------------------------------------------------------- the pieces, in one process over loopback
+
+def _wait_true(condition, timeout: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_the_progress_view_drops_a_silent_peer_and_a_newcomer_never_counts_it():
+    from dht import DHT
+    from swarm.progress import ProgressTracker
+
+    first = DHT(host="127.0.0.1")
+    second = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1")
+    third = None
+    trackers = []
+    try:
+        a = ProgressTracker(first, "view", 100, online_window=2.0)
+        b = ProgressTracker(second, "view", 100, online_window=2.0)
+        trackers += [a, b]
+        a.report(epoch=3, samples=10, samples_per_second=5.0)
+        b.report(epoch=3, samples=20, samples_per_second=5.0)
+        _wait_true(lambda: len(a.online_peers()) == 2 and len(b.online_peers()) == 2, timeout=20)
+        time.sleep(2.5)  # longer than the window: heartbeats (1 s) keep both online without new reports
+        assert len(a.refresh().peers) == 2 and a.global_progress.num_peers == 2
+
+        # b dies without a word (its loop stops: no heartbeat, no 'left' record)
+        second.loop.call_soon_threadsafe(b._task.cancel)
+        b._closed = True
+        took = _wait_true(lambda: a.online_peers() == {str(first.peer_id)}, timeout=10)
+        assert took <= 2.0 + 1.5, took  # the window plus a heartbeat and a refresh
+        assert a.global_progress.num_peers == 1
+
+        # a newcomer never counts b: b's last record is older than the window (by its DHT time)
+        third = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1")
+        c = ProgressTracker(third, "view", 100, online_window=2.0)
+        trackers.append(c)
+        c.report(epoch=0, samples=0, samples_per_second=0.0)
+        view = c.refresh()
+        assert str(second.peer_id) not in {r.peer_id for r in view.peers}
+        _wait_true(lambda: str(first.peer_id) in c.online_peers(), timeout=10)
+        assert str(second.peer_id) not in c.online_peers()
+    finally:
+        for t in trackers:
+            t.shutdown()
+        for d in (third, second, first):
+            if d is not None:
+                d.shutdown()
+
+
+def test_a_donor_that_leaves_withdraws_its_state_announcement():
+    from dht import DHT
+    from swarm.state_sharing import StateSharing
+
+    first = DHT(host="127.0.0.1")
+    second = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1")
+    try:
+        donor = StateSharing(first, "withdraw")
+        joiner = StateSharing(second, "withdraw", serve=False)
+        donor.publish(b"state bytes" * 100, epoch=7)
+        _wait_true(lambda: [d.epoch for d in joiner.donors()] == [7], timeout=20)
+        assert joiner.download(min_epoch=7) == (b"state bytes" * 100, 7)
+        # a filter that accepts nobody (e.g. nobody online) leaves nothing to download
+        assert joiner.download(min_epoch=7, alive=lambda d: False) is None
+        donor.shutdown()
+        assert joiner.donors() == []
+        assert joiner.download(min_epoch=0) is None
+    finally:
+        second.shutdown()
+        first.shutdown()
