@@ -3,9 +3,9 @@ per-key token buckets, and the dial-back queue.
 
 A caller that claims to be a DHT server is not put in our routing table on its word: we first dial
 one of the addresses it announced itself, on a fresh connection, and the handshake there must prove
-the same PeerID (:class:`DialBacks`); then it must answer a DHT call of ours. Dial-backs run a few
-at a time, are deduplicated, rate-limited per source prefix, and a failure is remembered for a
-while. Table slots are counted per network prefix (:func:`prefix_of`: /24 for IPv4, /48 for IPv6),
+the same PeerID (:class:`DialBacks`; peers we dialled ourselves before need none). Dial-backs run
+a few at a time, are deduplicated, rate-limited per source prefix, and a failure is remembered for
+a while. Table slots are counted per network prefix (:func:`prefix_of`: /24 for IPv4, /48 for IPv6),
 so one address with any number of identities gets only a few slots (see
 :class:`dht.routing.RoutingTable`). Loopback and private addresses are exempt by default (test
 swarms on 127.0.0.1, LANs); ``local_too=True`` applies the limits to them as well.

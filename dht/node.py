@@ -224,6 +224,9 @@ class DHTNode:
         if peer_id in self.routing_table:
             self.routing_table.add_or_update(peer_id)
             return
+        if self.p2p.dialed_address(peer_id) is not None:
+            self._add_contact(peer_id)  # we reached it at an address of its own before
+            return
         source = self._source(ctx)
         if source is not None and not self.routing_table.knows(peer_id) and \
                 not self.routing_table.admits(DHTID.of_peer(peer_id), source):
@@ -269,19 +272,12 @@ class DHTNode:
         return self._prefix(self.p2p.observed_host(peer_id))
 
     async def _verify(self, peer_id: PeerID) -> bool:
-        """Dial-back of a caller: one of the addresses it announced must reach it (unless we dialled it
-        before), and it must answer a DHT ping of ours as a server."""
+        """Dial-back of a caller: a fresh connection to one of the addresses it announced must reach it
+        (its handshake answers as the same PeerID), unless we dialled it before."""
         if not self.is_alive:
             return False
-        if self.p2p.dialed_address(peer_id) is None and await self.p2p.dial_back(peer_id, self.rpc_timeout) is None:
-            return False
-        self.rpcs_sent += 1
-        try:
-            response = await self.p2p.call(peer_id, "dht.ping", self._request(t=self.clock()), timeout=self.rpc_timeout)
-            server, _ = parse_ping(response)
-        except (P2PError, asyncio.TimeoutError):
-            return False
-        return server
+        return self.p2p.dialed_address(peer_id) is not None or \
+            await self.p2p.dial_back(peer_id, self.rpc_timeout) is not None
 
     def _admit_verified(self, peer_id: PeerID) -> None:
         if self.is_alive:

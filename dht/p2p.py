@@ -253,8 +253,9 @@ class P2P:
     async def dial_back(self, peer_id: PeerID, timeout: float) -> PeerAddress | None:
         """Check that ``peer_id`` listens where it says: dial the addresses it announced itself (up to
         4, never third-party ones) on fresh connections until a handshake proves ``peer_id`` there.
-        That connection is kept (the peer may already be calling us over it: it is its newest), and
-        later calls use it. Returns the address, or None (after ``timeout`` seconds at most)."""
+        That connection is then retired: a GOAWAY tells the peer not to start calls on it, calls it
+        started meanwhile (it was its newest connection) are still served, and it closes after the
+        GOAWAY grace period. Returns the address, or None (after ``timeout`` seconds at most)."""
         book = self._address_book.get(peer_id)
         candidates = [] if book is None else [a for a, r in book.ranked() if r < _THIRD_PARTY][:4]
         loop = asyncio.get_running_loop()
@@ -274,9 +275,11 @@ class P2P:
                 continue
             self._confirm(peer_id, address)
             try:
-                self._adopt(channel, initiator=True)
-            except P2PError:  # shut down meanwhile
-                return None
+                conn = self._adopt(channel, initiator=True)
+                conn.write_frame(GOAWAY, 0, 0, msgpack.packb({"m": "dial-back check done"}))
+            except P2PError:  # shut down meanwhile, or the connection broke already
+                return address.with_peer_id(peer_id)
+            self._on_connection_closed(conn)  # out of the pool now, closed after the grace period
             return address.with_peer_id(peer_id)
         return None
 
