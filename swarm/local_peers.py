@@ -75,8 +75,9 @@ class LocalPeers:
                 live += 1
                 continue
             try:
-                recorded = float(Path(entry.path).read_text()[:40])
-            except (OSError, ValueError):
+                with open(entry.path, "rb") as f:
+                    recorded = float(f.read(64).decode("ascii"))
+            except (OSError, ValueError, UnicodeDecodeError):
                 recorded = None
             started = _start_time(pid)
             if started is not None and (recorded is None or abs(started - recorded) < 1.0):

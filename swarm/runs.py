@@ -95,10 +95,14 @@ def settings_differences(announcement: RunAnnouncement, task_ref: str, task_hash
             theirs, mine = announcement.settings.get(name, "(not set)"), settings.get(name, "(not set)")
             if theirs != mine or type(theirs) is not type(mine):
                 lines.append(f"{name}: the run has {brief(theirs)}, this peer {brief(mine)}")
-    for name in sorted(set(announcement.hyperparameters) | set(hyperparameters), key=str)[:MAX_SETTINGS]:
+    for name in sorted(set(announcement.hyperparameters) | set(hyperparameters), key=brief)[:MAX_SETTINGS]:
         theirs = announcement.hyperparameters.get(name, "(not set)")
         mine = hyperparameters.get(name, "(not set)")
-        if theirs != mine:
+        try:
+            same = bool(theirs == mine)
+        except Exception:  # noqa: BLE001 - a value nested too deep to compare: not the same
+            same = False
+        if not same:
             lines.append(f"hyperparameters[{brief(name)}]: the run has {brief(theirs)}, this peer {brief(mine)}")
     return lines
 
