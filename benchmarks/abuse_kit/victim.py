@@ -5,7 +5,8 @@ dictionaries of owner-marked subkeys: ``swarm.runs`` as ``swarm`` announces runs
 ``bench/owned``), refreshed every 2 s as their owner would, and a shared dictionary
 ``bench/shared`` with one plain subkey of its own. Options: ``--records N`` bulk records (the
 hand-over attack), ``--workload`` (a lookup and a store of its own every 0.5 s, as a training peer
-does), ``--averaging`` (an :class:`averaging.Averager` under prefix ``abuse``), ``--nofile`` (the
+does), ``--averaging`` (an :class:`averaging.Averager` and a :class:`averaging.gossip.Gossip` of 4M values
+under prefix ``abuse``), ``--nofile`` (the
 soft fd limit it starts with: 1024, the common default, unless the code raises it).
 
 Prints one JSON line (``{"address": ..., "signed": [...], ...}``) when ready, then serves until
@@ -21,6 +22,9 @@ import resource
 import sys
 import threading
 import time
+
+
+GOSSIP_SIZE = 4_000_000  # values of the victim's gossip tensor (its push-sum buffer: 32 MB of float64)
 
 
 def main() -> None:
@@ -61,7 +65,10 @@ def main() -> None:
         import torch
         from averaging import Averager
 
+        from averaging.gossip import Gossip
+
         averager = Averager([torch.zeros(1024)], dht, prefix="abuse")  # noqa: F841 (kept alive)
+        gossip = Gossip([torch.zeros(GOSSIP_SIZE)], dht, prefix="abuse")  # noqa: F841 (32 MB of float64 sum)
 
     stop = threading.Event()
 
@@ -88,6 +95,7 @@ def main() -> None:
     print(json.dumps({"address": dht.get_visible_addresses()[0], "peer_id": str(dht.peer_id), "pid": os.getpid(),
                       "signed": signed, "shared": ["bench/shared", "victim"], "plain": sorted(plain),
                       "averaging_prefix": "abuse" if args.averaging else None,
+                      "gossip": {"method": "gossip.push.abuse", "shape": [GOSSIP_SIZE]} if args.averaging else None,
                       "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}), flush=True)
     try:
         sys.stdin.read()  # returns when the harness closes our stdin (or dies)
