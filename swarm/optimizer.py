@@ -25,6 +25,13 @@ this peer's gradients (weighted by its samples) and, once the swarm reached the 
   ``overlap=True`` the averaging runs in the background while the next inner steps go on; the local
   progress made meanwhile is kept on top of the new global parameters.
 
+Who takes part is what the progress view says: peers publish a heartbeat every second, and one not
+heard from for 4 s (killed, preempted) or that announced its departure is no longer counted; a round
+lowers its target group size when a peer leaves the view meanwhile, and is given up when no other
+peer is online (0.5 s) or none is at this epoch any more (1.5 s: the others moved on, this peer
+catches up by downloading), so survivors never wait out the matchmaking timeout for the departed.
+A joiner downloads only from donors online in that view.
+
 The state every peer agrees on (parameters and optimizer state in sync mode; global parameters and
 outer momentum in DiLoCo mode, plus the epoch) is offered to joiners after every epoch
 (:mod:`swarm.state_sharing`); a peer whose state hash differs from the one most peers announce for
