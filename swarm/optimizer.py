@@ -27,7 +27,8 @@ this peer's gradients (weighted by its samples) and, once the swarm reached the 
 
 Who takes part is what the progress view says: peers publish a heartbeat every second, and one not
 heard from for 4 s (killed, preempted) or that announced its departure is no longer counted; a round
-lowers its target group size when a peer leaves the view meanwhile, and is given up when no other
+lowers its target group size when a peer leaves the view or is silent for 2 s meanwhile (a leader
+then starts without waiting for it), and is given up when no other
 peer is online (0.5 s) or none is at this epoch any more (1.5 s: the others moved on, this peer
 catches up by downloading), so survivors never wait out the matchmaking timeout for the departed.
 A joiner downloads only from donors online in that view.
@@ -446,8 +447,10 @@ class Optimizer:
             except concurrent.futures.CancelledError:
                 raise AveragingError("the round was cancelled") from None
             others = [r for r in self.tracker.global_progress.peers if r.peer_id != me]
-            if 2 <= len(others) + 1 < averager.target_group_size:
-                averager.target_group_size = len(others) + 1  # the departed are not waited for
+            heard = self.tracker.heard_within(2 * self.tracker.heartbeat)  # two heartbeats: alive for sure
+            expected = 1 + sum(1 for r in others if r.peer_id in heard)
+            if 2 <= expected < averager.target_group_size:
+                averager.target_group_size = expected  # the departed (or silent) are not waited for
             if any(r.epoch == self.local_epoch for r in others):
                 since = None
                 continue

@@ -151,6 +151,12 @@ class ProgressTracker:
         except RuntimeError:
             pass  # the DHT is shut down
 
+    def heard_within(self, seconds: float) -> set[str]:
+        """Peer ids whose record changed within the last ``seconds`` (this peer's clock), this one included."""
+        since = time.monotonic() - seconds
+        heard = tuple(self._heard.items())  # (a copy: the DHT's thread updates the dict)
+        return {k for k, t in heard if t >= since} | {str(self.dht.peer_id)}
+
     def online_peers(self) -> set[str]:
         """Peer ids (base58) of the peers counted in :attr:`global_progress`, this one included."""
         return {r.peer_id for r in self.global_progress.peers}
