@@ -166,16 +166,17 @@ class DialBacks:
 
     ``request(peer, source_prefix)`` queues ``peer`` (deduplicated; at most ``max_pending`` waiting;
     at most ``rate`` per second and ``burst`` at once per source prefix, None = not limited per
-    prefix). Up to ``concurrency`` workers run ``await verify(peer)``; on True, ``admit(peer)`` is
+    prefix; at most ``rate_total`` per second, 4x that at once, from all sources). Up to ``concurrency`` workers run ``await verify(peer)``; on True, ``admit(peer)`` is
     called. A peer whose verification failed is not retried for ``retry_after`` seconds (at most
     ``max_remembered`` such peers are remembered)."""
 
     def __init__(self, verify: Callable[[PeerID], Awaitable[bool]], admit: Callable[[PeerID], None], *,
                  concurrency: int = 8, max_pending: int = 256, rate: float = 2.0, burst: float = 20.0,
-                 retry_after: float = 60.0, max_remembered: int = 4096):
+                 rate_total: float = 50.0, retry_after: float = 60.0, max_remembered: int = 4096):
         self._verify, self._admit = verify, admit
         self.concurrency, self.max_pending, self.retry_after = concurrency, max_pending, retry_after
         self._rates = KeyedBuckets(rate, burst, max_remembered)
+        self._rate_total, self._total = rate_total, None  # a TokenBucket, made on first use
         self._pending: collections.OrderedDict[PeerID, None] = collections.OrderedDict()
         self._running: set[PeerID] = set()
         self._failed: BoundedLRU[PeerID, float] = BoundedLRU(max_remembered)
@@ -200,7 +201,11 @@ class DialBacks:
             self._failed.pop(peer_id)
         if len(self._pending) >= self.max_pending:
             return False
+        if self._total is None:
+            self._total = TokenBucket(self._rate_total, 4 * self._rate_total, now)
         if source_prefix is not None and not self._rates.take(source_prefix, 1.0, now):
+            return False
+        if not self._total.take(1.0, now):
             return False
         self._pending[peer_id] = None
         if len(self._workers) < self.concurrency:

@@ -117,7 +117,8 @@ class DHTNode:
                                                    lim.max_tracked_peers)
         self._dial_backs = DialBacks(self._verify, self._admit_verified, concurrency=lim.dial_back_concurrency,
                                      max_pending=lim.max_pending_dial_backs, rate=lim.dial_back_rate,
-                                     burst=lim.dial_back_burst, retry_after=lim.dial_back_retry_after,
+                                     burst=lim.dial_back_burst, rate_total=lim.dial_back_rate_total,
+                                     retry_after=lim.dial_back_retry_after,
                                      max_remembered=lim.max_tracked_peers)
         self._handovers: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # newcomers waiting
         self._handover_bucket: TokenBucket | None = None

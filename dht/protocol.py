@@ -66,6 +66,7 @@ class DHTLimits:
     max_pending_dial_backs: int = 256  # callers waiting to be verified; more are ignored
     dial_back_rate: float = 2.0  # callers verified per second per source prefix (burst: dial_back_burst)
     dial_back_burst: float = 20.0
+    dial_back_rate_total: float = 50.0  # callers verified per second from all sources (burst: 4x)
     dial_back_retry_after: float = 60.0  # seconds before a caller that failed verification is tried again
     find_rate: float = 1000.0  # keys per second one peer may look up here (token bucket; over it: 'overloaded')
     find_burst: float = 4000.0
