@@ -123,6 +123,7 @@ class DHTNode:
         self._handovers: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # newcomers waiting
         self._handover_bucket: TokenBucket | None = None
         self._handover_running = False
+        self._stale_checks: set[PeerID] = set()  # least-recently-seen nodes being pinged
         self._prefixes: dict[str, str | None] = {}  # host -> prefix_of(host), memoized (bounded)
         self._sources: dict[str, str | None] = {}  # endpoint -> its prefix, memoized (bounded)
         self._diversity = dict(group_of=self._lookup_group, max_per_group=lim.max_lookup_peers_per_prefix,
@@ -290,7 +291,9 @@ class DHTNode:
         is_new = peer_id not in self.routing_table
         stale = self.routing_table.add_or_update(peer_id, group=self._group(peer_id))
         if stale is not None:
-            self._spawn(self._check_stale(stale))
+            if stale not in self._stale_checks:  # one ping per stale node at a time, however many knock
+                self._stale_checks.add(stale)
+                self._spawn(self._check_stale(stale))
         elif is_new and peer_id in self.routing_table and len(self.storage):
             self._queue_handover(peer_id)
 
@@ -324,8 +327,11 @@ class DHTNode:
         return True
 
     async def _check_stale(self, peer_id: PeerID) -> None:
-        if not await self.ping(peer_id):
-            self.routing_table.remove(peer_id)  # its bucket's newest replacement takes its place
+        try:
+            if not await self.ping(peer_id):
+                self.routing_table.remove(peer_id)  # its bucket's newest replacement takes its place
+        finally:
+            self._stale_checks.discard(peer_id)
 
     async def _find(self, peer_id: PeerID, key_ids: list[int]) -> list[tuple[Entry | None, list[tuple[PeerID, int]]]] | None:
         """One dht.find RPC; None if the peer failed. Learns the contacts' addresses."""

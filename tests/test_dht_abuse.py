@@ -308,3 +308,22 @@ async def test_address_book_is_bounded_and_third_party_addresses_are_capped():
         for _ in range(500):
             peer.add_addresses(fake_peer(rng), ["/ip4/10.0.0.3/tcp/1"], third_party=True)
         assert peer.known_peers() == 50
+
+
+async def test_finds_are_also_limited_per_ip_prefix():
+    """Many identities from one prefix share one find budget (with the per-prefix limits applied to
+    loopback, as for a remote attacker): fresh identities do not buy fresh budgets."""
+    async with cleanup() as c:
+        limits = DHTLimits(diversity_for_local_addresses=True, find_rate=1000.0, find_burst=1000.0,
+                           find_rate_per_prefix=1.0, find_burst_per_prefix=300.0)
+        victim = c.add(await DHTNode.create(host=HOST, limits=limits))
+        request = {"v": 1, "server": False, "keys": [os.urandom(20) for _ in range(100)], "k": 20}
+        outcomes = []
+        for _ in range(6):  # each identity alone is well within its own budget
+            peer = c.add(await P2P.create(host=HOST))
+            try:
+                await peer.call(addr(victim.p2p), "dht.find", request, timeout=10)
+                outcomes.append("served")
+            except RemoteError as e:
+                outcomes.append(e.code)
+        assert outcomes[:3] == ["served"] * 3 and outcomes[3:] == ["overloaded"] * 3, outcomes
