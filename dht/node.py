@@ -14,6 +14,13 @@ of each subkey wins, and a plain value never hides a dictionary's signed subkeys
 then cache the value at the closest node on the path that lacked it. Nodes republish what they hold
 every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
 buckets every ``refresh_interval``, and drop peers that stop answering.
+
+Against Sybils (:mod:`dht.admission`): a peer enters the routing table only once we reached it at an
+address of its own (our dial, or a dial-back of a caller that claims to be a server), charged to
+that address's IP prefix (a few slots per /24 or /48 per bucket and in total; lookups consider a
+few contacts per prefix). Hand-overs to newcomers are queued, rate-limited and incremental; finds
+draw on per-peer and per-prefix token buckets; per-identity bookkeeping is bounded and swept
+(:meth:`DHTNode.forget_departed`). Knobs: :class:`dht.protocol.DHTLimits`.
 """
 
 from __future__ import annotations
