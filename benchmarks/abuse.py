@@ -160,6 +160,17 @@ def _env() -> dict:
                 PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
 
 
+def _die_with_us() -> None:
+    """preexec_fn: the child gets SIGKILL when this process dies (Linux), so that no victim or
+    attacker outlives a benchmark that was itself killed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _kill(proc: subprocess.Popen | None) -> None:
     """Kill a process we started, by its PID, and reap it."""
     if proc is None:
@@ -327,6 +338,7 @@ async def start_daemon(workdir: Path, log_path: Path) -> tuple[subprocess.Popen,
     def limit_fds() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        _die_with_us()
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "swarm", "join", str(ROOT / "examples" / "digits.py"),
@@ -413,7 +425,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
             with open(victim_log, "wb") as log:
                 victim = subprocess.Popen([sys.executable, "-m", "abuse_kit.victim", *victim_args],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                          env=_env(), cwd=ROOT)
+                                          env=_env(), cwd=ROOT, preexec_fn=_die_with_us)
             info = json.loads(await _readline(victim, 180.0))
         assert info["address"].startswith("/ip4/127.0.0.1/"), "the victim must listen on loopback"
         client = await _fresh_client(info["address"])
@@ -446,7 +458,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
                 [sys.executable, "-m", "abuse_kit.attacks", spec.attack or spec.name, "--info", json.dumps(info),
                  "--params", json.dumps(params), "--scale", str(args.scale), "--hold", str(args.hold),
                  "--ip", args.ip, "--max-time", str(args.max_time)],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=ROOT)
+                stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=ROOT, preexec_fn=_die_with_us)
         loop = asyncio.get_running_loop()
         try:
             out, _ = await loop.run_in_executor(None, lambda: attacker.communicate(timeout=args.max_time + 15))
@@ -600,13 +612,21 @@ def main() -> None:
     table = sys.stderr if args.json else sys.stdout
     print(f"abuse benchmark: scale {args.scale}, hold {args.hold:.0f} s, attacker {args.ip}", file=table)
     print(HEADER, file=table, flush=True)
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # killed: run_attack's cleanup still kills our processes
     t0 = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory(prefix="abuse-") as workdir:
-        for spec in specs:
-            row = asyncio.run(run_attack(spec, args, Path(workdir)))
-            rows.append(row)
-            print(format_row(row), file=table, flush=True)
+        try:
+            for spec in specs:
+                row = asyncio.run(run_attack(spec, args, Path(workdir)))
+                rows.append(row)
+                print(format_row(row), file=table, flush=True)
+        except KeyboardInterrupt:
+            print(f"interrupted after {len(rows)} attacks", file=table, flush=True)
+            sys.exit(130)
     total = time.monotonic() - t0
     print(f"{sum(r['passed'] for r in rows)}/{len(rows)} attacks passed; total {total:.0f} s", file=table, flush=True)
     if args.json:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import signal
 import struct
 import sys
 import time
@@ -293,17 +294,37 @@ async def unsigned_store(ctx: Context) -> dict:
     return {"keys": keys, "last_answers": answers}
 
 
-def _answer_like_a_dht_node(peer: P2P) -> None:
-    """Minimal DHT server handlers, so that the victim's liveness checks of our identities succeed."""
+def _answer_like_a_dht_node(peer: P2P, honest: bool = False) -> None:
+    """DHT server handlers, so that the victim's liveness checks of our identities succeed. A
+    dishonest node accepts every store and never has a value (an eclipse); an honest one keeps
+    what it is given (at most 10,000 items) and returns it."""
+    kept: dict[bytes, list] = {}
+
     async def on_ping(request: Any, _ctx: Any) -> dict:
         return {"v": 1, "server": True, "t": time.time()}
 
     async def on_find(request: Any, _ctx: Any) -> dict:
         keys = request.get("keys", []) if isinstance(request, dict) else []
-        return {"v": 1, "results": [[None, []] for _ in keys[:512]]}
+        return {"v": 1, "results": [[kept.get(bytes(k)) if honest else None, []] for k in keys[:512]]}
 
     async def on_store(request: Any, _ctx: Any) -> dict:
         items = request.get("items", []) if isinstance(request, dict) else []
+        if honest:
+            for item in items[:4096]:
+                try:
+                    key, subkey, value, exp, _ = item
+                    key_id = DHTID.of_key(key).to_bytes20()
+                    if len(kept) >= 10_000 and key_id not in kept:
+                        continue
+                    if subkey is None:
+                        kept[key_id] = [key, value, exp]
+                    else:
+                        entry = kept.get(key_id)
+                        if entry is None or len(entry) != 2:
+                            entry = kept[key_id] = [key, []]
+                        entry[1] = [e for e in entry[1] if e[0] != subkey][:255] + [[subkey, value, exp]]
+                except (TypeError, ValueError):
+                    continue
         return {"v": 1, "ok": [True] * len(items[:4096])}
 
     peer.add_unary_handler("dht.ping", on_ping)
@@ -312,7 +333,7 @@ def _answer_like_a_dht_node(peer: P2P) -> None:
 
 
 async def _admit(ctx: Context, n: int, listen: bool = True, concurrency: int = 32,
-                 identities: list[Identity] | None = None) -> tuple[list[P2P], int]:
+                 identities: list[Identity] | None = None, honest: bool = False) -> tuple[list[P2P], int]:
     """``n`` identities of ours ping the victim claiming to be servers, then hang up (they keep
     listening, so that a dial-back reaches them); returns them and how many got an answer."""
     peers: list[P2P] = []
@@ -321,7 +342,7 @@ async def _admit(ctx: Context, n: int, listen: bool = True, concurrency: int = 3
 
     async def one(i: int) -> bool:
         peer = await ctx.p2p(listen=listen, identity=identities[i] if identities else None)
-        _answer_like_a_dht_node(peer)
+        _answer_like_a_dht_node(peer, honest)
         peers.append(peer)
         ok, _ = await _call(peer, ctx.victim, "dht.ping", _request(server=True, t=time.time()))
         loop.call_later(0.5, peer.disconnect, ctx.victim_id, "bye")  # after a dial-back had time to happen
@@ -348,8 +369,8 @@ async def _contacts_seen(ctx: Context, peer: P2P, ours: set[bytes], finds: int =
 
 @attack("sybil-admission")
 async def sybil_admission(ctx: Context) -> dict:
-    """2,000 throw-away identities (each listening on our address, so a dial-back would succeed)
-    ping the victim claiming to be servers; then how many of the contacts the victim gives out are
+    """2,000 throw-away identities (each listening on our address, so a dial-back would succeed,
+    and answering DHT calls without ever holding a value) ping the victim claiming to be servers; then how many of the contacts the victim gives out are
     ours, and again after they all left."""
     n = ctx.count(2000)
     observer = await ctx.p2p()
@@ -377,10 +398,11 @@ def _close_identity(victim_node_id: int, bits: int) -> Identity:
 
 @attack("handover-pings")
 async def handover_pings(ctx: Context) -> dict:
-    """Against a victim holding 60k records: 300 filler identities fill its routing table, then 10
+    """Against a victim holding 60k records: 300 filler identities (honest DHT nodes: they keep what
+    they are given) fill its routing table, then 10
     identities with node ids close to the victim's ping it (each a new neighbour to hand records
     to), 0.5 s apart."""
-    fillers, admitted = await _admit(ctx, ctx.count(300))
+    fillers, admitted = await _admit(ctx, ctx.count(300), honest=True)
     victim_node = DHTID.of_peer(ctx.victim_id)
     close = [_close_identity(victim_node, 10) for _ in range(ctx.count(10))]
     rtts = []
@@ -396,9 +418,9 @@ async def handover_pings(ctx: Context) -> dict:
 
 @attack("find-flood")
 async def find_flood(ctx: Context) -> dict:
-    """64 filler identities give the victim a routing table, then 16 identities x 12 concurrent
+    """64 filler identities (honest DHT nodes) give the victim a routing table, then 16 identities x 12 concurrent
     callers send finds of 512 keys (k=64) for the hold time (at most 2,000 requests)."""
-    await _admit(ctx, ctx.count(64, minimum=8))
+    await _admit(ctx, ctx.count(64, minimum=8), honest=True)
     callers = [await ctx.p2p() for _ in range(16)]
     budget = [ctx.count(2000)]
     stats = {"requests": 0, "ok": 0, "errors": 0, "reply_s_max": 0.0}
@@ -678,6 +700,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     bind_dials_to(args.ip)
+    signal.alarm(int(args.max_time) + 30)  # a last resort: SIGALRM ends this process whatever it is doing
     random.seed()
     t0 = time.monotonic()
     stats = asyncio.run(_run(args))
