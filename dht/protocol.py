@@ -88,6 +88,21 @@ class DHTLimits:
         if not isinstance(self.max_find_reply_bytes, int) or self.max_find_reply_bytes < 4096:
             raise ValueError(f"DHTLimits.max_find_reply_bytes must be an integer of at least 4096, "
                              f"got {self.max_find_reply_bytes!r}")
+        for name in ("max_peers_per_prefix_per_bucket", "max_peers_per_prefix", "max_lookup_peers_per_prefix",
+                     "max_lookup_queries", "dial_back_concurrency", "max_pending_dial_backs", "max_queued_handovers",
+                     "handover_chunk", "max_tracked_peers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DHTLimits.{name} must be a positive integer, got {value!r}")
+        for name in ("dial_back_rate", "dial_back_burst", "dial_back_rate_total", "find_rate", "find_burst",
+                     "find_rate_per_prefix", "find_burst_per_prefix", "handover_rate", "handover_burst"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"DHTLimits.{name} must be a positive number, got {value!r}")
+        for name in ("dial_back_retry_after", "forget_after"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"DHTLimits.{name} must be a non-negative number of seconds, got {value!r}")
 
 
 @dataclass(frozen=True)

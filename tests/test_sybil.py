@@ -202,3 +202,10 @@ async def test_diversity_filter_applies_to_global_addresses_only_by_default():
     assert prefix_of("::ffff:8.8.4.4") == "8.8.4.0/24"
     assert prefix_of("2001:4860:4860::8888") == "2001:4860:4860::/48"
     assert prefix_of("not an ip") is None and prefix_of(None) is None
+
+
+def test_admission_limits_are_validated():
+    for bad in (dict(max_peers_per_prefix=0), dict(max_peers_per_prefix_per_bucket=-1), dict(find_rate=0.0),
+                dict(dial_back_rate=float("inf")), dict(forget_after=-1.0), dict(handover_chunk=True)):
+        with pytest.raises(ValueError, match="DHTLimits"):
+            DHTLimits(**bad)
