@@ -36,6 +36,13 @@ its real address; large-subkeys: the shared key stays readable; daemons: trainin
 its rate).
 Everything goes to loopback only; every process started is killed by its PID at the end, even on
 error; each attack is bounded in count (``--scale``) and time (``--max-time`` per attacker).
+
+``--json`` prints ``{"scale", "hold_s", "attacker_ip", "total_s", "targets", "rows"}``; each row
+has ``attack``, ``rss_mib`` and ``fds`` (``before``/``peak``/``after``), ``connect`` (``ok``,
+``total``, ``share``), ``store_get_s`` (``p50``, ``p95``, ``max``, ``ok``, ``total``), ``signed``
+(``intact``, ``total``, ``problems``), ``log_kib``, ``checks`` (name -> bool), ``failed`` (the
+targets missed), ``passed``, ``wall_s`` and ``attacker`` (what the attack achieved, e.g. how many
+of its stores were accepted); daemon rows add ``training_epochs_per_s`` (``before``/``during``).
 """
 
 from __future__ import annotations

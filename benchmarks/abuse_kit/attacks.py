@@ -52,6 +52,7 @@ class Context:
         self.victim_id = PeerID.from_base58(self.info["peer_id"])
         self.deadline = time.monotonic() + args.max_time
         self.peers: list[P2P] = []
+        self.p2p_created = 0
 
     def count(self, n: int, minimum: int = 1) -> int:
         return max(minimum, int(round(n * self.scale)))
@@ -66,6 +67,7 @@ class Context:
         """A P2P peer of ours (listening on our address if ``listen``: it can be dialled back)."""
         peer = await P2P.create(host=self.ip, identity=identity or Identity(), client_mode=not listen)
         self.peers.append(peer)
+        self.p2p_created += 1
         return peer
 
     async def raw_session(self, identity: Identity | None = None):
@@ -682,6 +684,8 @@ async def _run(args: argparse.Namespace) -> dict:
     finally:
         await ctx.close_peers()
     stats["p2p_dials_from_attacker_ip"] = bound_dials()
+    if ctx.p2p_created and not bound_dials():  # P2P no longer dials through loop.create_connection
+        stats["error"] = f"the P2P peers of this attack did not dial from {args.ip}: results would be mislabelled"
     return stats
 
 
