@@ -302,7 +302,7 @@ class P2P:
         return len(self._address_book)
 
     def _trim_address_book(self) -> None:
-        limit = getattr(self.limits, "max_known_peers", 4096)
+        limit = self.limits.max_known_peers
         while len(self._address_book) > limit:
             victim = next(iter(self._address_book))
             for index, pid in enumerate(self._address_book):  # prefer a peer we are not connected to
@@ -327,7 +327,7 @@ class P2P:
         self._address_texts.pop(peer_id, None)
         self._dialed[peer_id] = address
         self._dialed.move_to_end(peer_id)
-        while len(self._dialed) > getattr(self.limits, "max_known_peers", 4096):
+        while len(self._dialed) > self.limits.max_known_peers:
             self._dialed.popitem(last=False)
 
     def _drop_address(self, peer_id: PeerID, address: PeerAddress, error: HandshakeError) -> None:

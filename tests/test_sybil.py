@@ -209,3 +209,37 @@ def test_admission_limits_are_validated():
                 dict(dial_back_rate=float("inf")), dict(forget_after=-1.0), dict(handover_chunk=True)):
         with pytest.raises(ValueError, match="DHTLimits"):
             DHTLimits(**bad)
+
+
+def test_routing_table_diversity_filter_counts_nodes_and_spares_per_group():
+    import random
+
+    from dht.routing import ID_MAX, RoutingTable
+
+    rng = random.Random(3)
+    table = RoutingTable(DHTID(rng.randrange(ID_MAX)), bucket_size=4, max_per_group_per_bucket=2, max_per_group=5)
+
+    def peer() -> PeerID:
+        return PeerID(b"\x12\x20" + rng.randbytes(32))
+
+    honest = [peer() for _ in range(60)]
+    for i, p in enumerate(honest):  # other prefixes (and contacts without one) are not limited by it
+        table.add_or_update(p, group=None if i % 2 else f"10.{i}.0.0/24")
+    known = sum(table.knows(p) for p in honest)
+    assert known > 20
+    sybils = [peer() for _ in range(200)]
+    for p in sybils:
+        table.add_or_update(p, group="6.6.6.0/24")
+    present = [p for p in sybils if table.knows(p)]
+    assert 0 < len(present) == table.group_count("6.6.6.0/24") <= 5
+    for bucket in table.buckets:
+        assert sum(p in present for p in [*bucket.nodes, *bucket.replacements]) <= 2
+    # a slot is freed when its holder goes, and can then be taken by another identity of the prefix
+    gone = next(p for p in present if p in table) if any(p in table for p in present) else present[0]
+    before = table.group_count("6.6.6.0/24")
+    table.remove(gone)
+    assert table.group_count("6.6.6.0/24") == before - 1
+    newcomer = next(p for p in sybils if not table.knows(p) and p != gone and
+                    table.admits(DHTID.of_peer(p), "6.6.6.0/24"))
+    table.add_or_update(newcomer, group="6.6.6.0/24")
+    assert table.knows(newcomer) and table.group_count("6.6.6.0/24") == before
