@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark reads /proc and binds 127.0.0.2")
 def test_abuse_benchmark_json_rows():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "abuse.py"), "--scale", "0.05",
                            "--attacks", "nested-hello,unsigned-store", "--json"],
