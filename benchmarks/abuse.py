@@ -1,10 +1,10 @@
 """Abuse benchmark (issue 11): one attacker (one source IP, any number of identities) against a
 default ``dht.DHT`` peer, one table row per attack.
 
-    python benchmarks/abuse.py                         # every attack, full counts (~10 min on 2 cores)
-    python benchmarks/abuse.py --scale 0.1             # a tenth of the counts (~2 min)
+    python benchmarks/abuse.py                         # every attack, full counts (~5 min on 2 busy cores)
+    python benchmarks/abuse.py --scale 0.1             # a tenth of the counts (~1 min)
     python benchmarks/abuse.py --attacks nested-hello,find-flood --json
-    python benchmarks/abuse.py --averaging --daemon    # also avg.part, and two attacks on a real daemon
+    python benchmarks/abuse.py --averaging --daemon    # also avg.part and gossip, and a real daemon
 
 How it measures. For each attack a fresh victim process starts (``abuse_kit/victim.py``: a default
 DHT on 127.0.0.1 with plain records, signed records its owner refreshes every 2 s, and a shared
@@ -15,7 +15,7 @@ seconds, and exits, which closes everything it opened. Meanwhile this process me
 
 - the victim's RSS (MiB) and open fds (its whole process tree, from /proc, every 0.1 s): *before*
   (just before the attack), *peak* (during it) and *after* (once the attacker exited and the fds
-  went back to the baseline, or 5 s later);
+  went back to the baseline, or 10 s later);
 - *connect*: every 0.4 s a fresh P2P peer on 127.0.0.1 connects to the victim and pings it, within
   3 s: the share that succeeded;
 - *store+get*: the legitimate client stores a fresh key at the victim and reads it back, in a loop
@@ -33,8 +33,11 @@ Targets (PASS only if all hold): peak - before RSS <= 256 MiB; after - before fd
 (never-fed: at most 1,024 handlers of one identity; sybil-admission: at most 16 attacker
 identities among the contacts of 16 random finds; contact-poisoning: the victim still lists L at
 its real address; large-subkeys: the shared key stays readable; daemons: training keeps >= 50% of
-its rate).
-Everything goes to loopback only; every process started is killed by its PID at the end, even on
+its rate; and the victim is still alive).
+
+127.0.0.1 and 127.0.0.2 share a /24: defences per IP prefix see the legitimate peers and the
+attacker as one group (``--ip 127.0.1.2`` puts the attacker in another /24). Everything goes to
+loopback only; every process started is killed by its PID at the end, even on
 error; each attack is bounded in count (``--scale``) and time (``--max-time`` per attacker).
 
 ``--json`` prints ``{"scale", "hold_s", "attacker_ip", "total_s", "targets", "rows"}``; each row
@@ -52,7 +55,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
