@@ -244,7 +244,8 @@ class Matchmaker:
                 continue
             try:
                 peer_id = PeerID.from_base58(subkey)
-                self.p2p.add_addresses(peer_id, [a for a in value.get("addrs", []) if isinstance(a, str)][:8])
+                self.p2p.add_addresses(peer_id, [a for a in value.get("addrs", []) if isinstance(a, str)][:8],
+                                       third_party=True)  # an unsigned record: hearsay
             except ValueError:
                 continue
             rank = self._rank(entry.expiration_time, peer_id)
@@ -316,7 +317,7 @@ class Matchmaker:
             raise ValueError("inconsistent begin message")
         for peer_id, peer_addrs in zip(peers, addrs):
             if peer_id != self.p2p.peer_id and peer_addrs:
-                self.p2p.add_addresses(peer_id, peer_addrs[:8])
+                self.p2p.add_addresses(peer_id, peer_addrs[:8], third_party=True)  # the leader's word
         group = GroupInfo(group_id, peers, list(sizes), list(bandwidths), list(client), list(gathered))
         return group, peers.index(self.p2p.peer_id)
 

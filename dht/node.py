@@ -127,7 +127,7 @@ class DHTNode:
                                      burst=lim.dial_back_burst, rate_total=lim.dial_back_rate_total,
                                      retry_after=lim.dial_back_retry_after,
                                      max_remembered=lim.max_tracked_peers)
-        self._handovers: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # newcomers waiting
+        self._handovers: collections.OrderedDict[PeerID, float] = collections.OrderedDict()  # newcomer -> admitted at
         self._handover_bucket: TokenBucket | None = None
         self._handover_running = False
         self._stale_checks: set[PeerID] = set()  # least-recently-seen nodes being pinged
@@ -737,7 +737,7 @@ class DHTNode:
     def _queue_handover(self, newcomer: PeerID) -> None:
         if newcomer in self._handovers or len(self._handovers) >= self.limits.max_queued_handovers:
             return  # a skipped newcomer gets its records at the next republish
-        self._handovers[newcomer] = None
+        self._handovers[newcomer] = self.clock()  # records stored from then on went through lookups that saw it
         if not self._handover_running:
             self._handover_running = True
             self._spawn(self._handover_loop())
@@ -752,15 +752,16 @@ class DHTNode:
             while self._handovers and self.is_alive:
                 while not self._handover_bucket.take(1.0, loop.time()):
                     await asyncio.sleep(1.0 / rate)
-                newcomer, _ = self._handovers.popitem(last=False)
+                newcomer, admitted_at = self._handovers.popitem(last=False)
                 if newcomer in self.routing_table:
-                    await self._hand_over_records(newcomer)
+                    await self._hand_over_records(newcomer, admitted_at)
         finally:
             self._handover_running = False
 
-    async def _hand_over_records(self, newcomer: PeerID) -> None:
+    async def _hand_over_records(self, newcomer: PeerID, admitted_at: float = float("inf")) -> None:
         """Give a new neighbour the records it is now among the ``num_replicas`` closest nodes for (one
-        request: at most ``max_items_per_store`` items within the request byte budget). Scans
+        request: at most ``max_items_per_store`` items within the request byte budget), of those stored
+        before ``admitted_at`` (later stores looked the newcomer up themselves, with a wider view). Scans
         ``handover_chunk`` records between yields to the event loop, with an O(log n) test per record
         (:meth:`RoutingTable.among_nearest`)."""
         now = self.clock()
@@ -773,7 +774,7 @@ class DHTNode:
                 await asyncio.sleep(0)
                 if newcomer not in self.routing_table or not self.is_alive:
                     return
-            if not among(key_id):
+            if not among(key_id) or self.storage.stored_at.get(key_id, now) >= admitted_at:
                 continue
             records = [(None, *entry.regular)] if entry.regular is not None else \
                 [(s, v, e) for s, (v, e) in entry.subkeys.items()]
