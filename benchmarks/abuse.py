@@ -8,10 +8,12 @@ default ``dht.DHT`` peer, one table row per attack.
 
 How it measures. For each attack a fresh victim process starts (``abuse_kit/victim.py``: a default
 DHT on 127.0.0.1 with plain records, signed records its owner refreshes every 2 s, and a shared
-dictionary; soft fd limit 1024 unless the code raises it). A legitimate client (a client-mode
-DHTNode on 127.0.0.1, in this process) joins it. Then the attacker process (``abuse_kit/attacks.py``)
-attacks from 127.0.0.2 (``--ip``): it ramps up, holds the attack at full strength for ``--hold``
-seconds, and exits, which closes everything it opened. Meanwhile this process measures:
+dictionary; soft fd limit 1024 unless the code raises it; its per-IP-prefix limits apply to
+loopback addresses as they would to public ones, unless ``--loopback-private``). A legitimate
+client (a client-mode DHTNode on 127.0.0.1, in this process) joins it. Then the attacker process
+(``abuse_kit/attacks.py``) attacks from 127.0.0.2 (``--ip``): it ramps up, holds the attack at full
+strength for ``--hold`` seconds, and exits, which closes everything it opened. Meanwhile this
+process measures:
 
 - the victim's RSS (MiB) and open fds (its whole process tree, from /proc, every 0.1 s): *before*
   (just before the attack), *peak* (during it) and *after* (once the attacker exited and the fds
@@ -25,8 +27,9 @@ seconds, and exits, which closes everything it opened. Meanwhile this process me
 - attack-specific checks (e.g. how many of the victim's contacts are Sybils).
 
 With ``--daemon`` the victim of the ``daemon-*`` rows is a real ``swarm join`` training
-examples/digits.py alone (run ``abuse-run``); *signed* is then whether ``swarm runs`` still lists
-the run, and its epochs per second during the attack are compared with the 10 s before.
+examples/digits.py alone (run ``abuse-run``, the code's defaults, loopback exemptions included);
+*signed* is then whether ``swarm runs`` still lists the run, and its epochs per second during the
+attack are compared with the 10 s before.
 
 Targets (PASS only if all hold): peak - before RSS <= 256 MiB; after - before fds <= 8; connect >=
 90%; every store+get succeeded, the slowest under 2 s; every signed record intact; attack checks
@@ -295,7 +298,8 @@ async def check_signed(info: dict) -> tuple[int, int, list[str]]:
                         and found.value[subkey].value == expected)
             intact += good
             if not good and len(problems) < 4:
-                shown = "absent" if found is None else f"{type(found.value).__name__} of {len(found.value) if hasattr(found.value, '__len__') else '?'}"
+                size = len(found.value) if found is not None and hasattr(found.value, "__len__") else "?"
+                shown = "absent" if found is None else f"{type(found.value).__name__} of {size}"
                 problems.append(f"{key}/{subkey}: {shown}")
     finally:
         await client.shutdown()
@@ -422,6 +426,8 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
     victim_args = list(spec.victim_args)
     if spec.name == "handover-pings":
         victim_args = ["--records", str(max(2000, int(60000 * args.scale)))]
+    if args.loopback_private:
+        victim_args.append("--loopback-private")
     victim_log = workdir / f"{spec.name}.victim.log"
     attacker_log = workdir / f"{spec.name}.attacker.log"
     victim = attacker = None
@@ -437,6 +443,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
                                           env=_env(), cwd=ROOT, preexec_fn=_die_with_us)
             info = json.loads(await _readline(victim, 180.0))
         assert info["address"].startswith("/ip4/127.0.0.1/"), "the victim must listen on loopback"
+        row["victim"] = {k: info.get(k) for k in ("loopback_as_public", "nofile")}
         client = await _fresh_client(info["address"])
         helpers.append(client)
         params: dict = {}
@@ -601,6 +608,8 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=None,
                         help="seconds one attacker may run before it is killed (default 40 + 80 x scale)")
     parser.add_argument("--averaging", action="store_true", help="also the attacks that need an Averager on the victim")
+    parser.add_argument("--loopback-private", action="store_true",
+                        help="victims keep the default that exempts loopback addresses from per-IP-prefix limits")
     parser.add_argument("--daemon", action="store_true",
                         help="also attack a real `swarm join` daemon training examples/digits.py")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")

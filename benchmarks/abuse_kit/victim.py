@@ -7,7 +7,10 @@ dictionaries of owner-marked subkeys: ``swarm.runs`` as ``swarm`` announces runs
 hand-over attack), ``--workload`` (a lookup and a store of its own every 0.5 s, as a training peer
 does), ``--averaging`` (an :class:`averaging.Averager` and a :class:`averaging.gossip.Gossip` of 4M values
 under prefix ``abuse``), ``--nofile`` (the
-soft fd limit it starts with: 1024, the common default, unless the code raises it).
+soft fd limit it starts with: 1024, the common default, unless the code raises it). Its per-IP-prefix
+limits apply to loopback addresses too (``DHTLimits.diversity_for_local_addresses``, where the code
+has it), as they would to the public addresses of a peer on the internet; ``--loopback-private``
+keeps the default exemption.
 
 Prints one JSON line (``{"address": ..., "signed": [...], ...}``) when ready, then serves until
 killed or until its stdin closes.
@@ -33,14 +36,23 @@ def main() -> None:
     parser.add_argument("--workload", action="store_true")
     parser.add_argument("--averaging", action="store_true")
     parser.add_argument("--nofile", type=int, default=1024)
+    parser.add_argument("--loopback-private", action="store_true",
+                        help="keep the default that exempts loopback addresses from per-prefix limits")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if args.nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.nofile, hard), hard))
 
-    from dht import DHT, get_dht_time
+    import dataclasses
 
-    dht = DHT(host="127.0.0.1")
+    from dht import DHT, get_dht_time
+    from dht.protocol import DHTLimits
+
+    # A peer on the internet applies its per-IP-prefix limits to everyone; on loopback the defaults
+    # exempt local addresses (so that local swarms work), which would hide those defences here.
+    public = not args.loopback_private and any(f.name == "diversity_for_local_addresses"
+                                               for f in dataclasses.fields(DHTLimits))
+    dht = DHT(host="127.0.0.1", **({"limits": DHTLimits(diversity_for_local_addresses=True)} if public else {}))
     marker = dht.node.signature_validator.ownership_marker
     now = get_dht_time()
     ttl = 3600.0
@@ -96,7 +108,8 @@ def main() -> None:
                       "signed": signed, "shared": ["bench/shared", "victim"], "plain": sorted(plain),
                       "averaging_prefix": "abuse" if args.averaging else None,
                       "gossip": {"method": "gossip.push.abuse", "shape": [GOSSIP_SIZE]} if args.averaging else None,
-                      "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}), flush=True)
+                      "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                      "loopback_as_public": public}), flush=True)
     try:
         sys.stdin.read()  # returns when the harness closes our stdin (or dies)
     finally:
