@@ -374,8 +374,7 @@ async def _contacts_seen(ctx: Context, peer: P2P, ours: set[bytes], finds: int =
 async def sybil_admission(ctx: Context) -> dict:
     """2,000 throw-away identities (each listening on our address, so a dial-back would succeed,
     and answering DHT calls without ever holding a value) ping the victim claiming to be servers;
-    then how many of the contacts the victim gives out are
-    ours, and again after they all left."""
+    then how many of the contacts the victim gives out are ours, and again after they all left."""
     n = ctx.count(2000)
     observer = await ctx.p2p()
     await _call(observer, ctx.victim, "p2p.ping", b"")  # connected before the flood
