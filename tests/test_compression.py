@@ -104,35 +104,39 @@ def test_blockwise8_error_is_half_a_level_of_each_block(x):
 
 @fast
 @given(chunks(min_size=1, max_size=2000))
-def test_quantile8_maps_each_value_to_the_nearest_centroid(x):
-    """256 centroids at the chunk's quantiles (0 and 1 included: the min and max are exact), each value
-    sent as the index of its nearest centroid; so the error is at most half the gap between the two
-    centroids around it, and never more than (max - min)/2."""
+def test_quantile8_sends_each_value_as_the_mean_of_its_bucket(x):
+    """256 sorted centroids; the values sent as one index form an interval of the sorted chunk (a
+    bucket), and its centroid is the mean of those values (the least-squares reconstruction), so every
+    decoded value lies within [min, max] of the chunk."""
     codec = compression.get("quantile8")
     message = wire(codec.encode(x))
     decoded = codec.decode(message, x.numel()).double()
     codebook = torch.frombuffer(bytearray(message["c"]), dtype=torch.float32).double()
+    index = torch.frombuffer(bytearray(message["d"]), dtype=torch.uint8).long()
     assert (codebook[1:] >= codebook[:-1]).all()
-    assert codebook[0] == float(x.min()) and codebook[-1] == float(x.max())
     xd = x.double()
-    assert torch.isin(decoded, codebook).all()
-    nearest = (xd[:, None] - codebook[None, :]).abs().min(dim=1).values
-    slack = 4 * EPS32 * xd.abs().max()
-    assert ((decoded - xd).abs() <= nearest + slack).all()
-    assert float((decoded - xd).abs().max()) <= (float(x.max()) - float(x.min())) / 2 + slack
+    assert torch.equal(decoded, codebook[index])
+    slack = 4 * EPS32 * float(xd.abs().max())
+    assert float(decoded.min()) >= float(xd.min()) - slack and float(decoded.max()) <= float(xd.max()) + slack
+    used = index.unique()
+    for i in used.tolist():
+        members = xd[index == i]
+        assert abs(float(codebook[i]) - float(members.mean())) <= slack + 1e-37
+    highs = torch.stack([xd[index == i].max() for i in used.tolist()])
+    lows = torch.stack([xd[index == i].min() for i in used.tolist()])
+    assert (highs[:-1] <= lows[1:]).all()  # buckets are intervals, in index order
 
 
 @pytest.mark.parametrize("n", [1000, 300_000])
 def test_quantile8_error_on_a_gaussian_chunk(n):
-    """Statistical bound for a N(0, 1) chunk (codebook from a sample above 65536 values): the bins hold
-    equal probability, so the bulk is fine (median error < 0.005 at a spacing of about 0.01 near 0)
-    while the two outermost bins span the tails (RMS error about 0.035, < 0.05); the extremes are exact."""
+    """Statistical bound for a N(0, 1) chunk (codebook fitted on a sample above 65536 values): the bulk
+    is fine (median error < 0.005) and the Lloyd steps widen the inner buckets toward the tails, so the
+    RMS error is about 0.02 (< 0.03; equal-mass buckets gave 0.035)."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     codec = compression.get("quantile8")
     error = (roundtrip(codec, x) - x).abs()
     assert float(error.median()) < 0.005
-    assert float(error.pow(2).mean().sqrt()) < 0.05
-    assert error[x.argmin()] == 0 and error[x.argmax()] == 0
+    assert float(error.pow(2).mean().sqrt()) < 0.03
 
 
 @fast
