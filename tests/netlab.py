@@ -1,0 +1,578 @@
+"""A network lab on one Linux machine: N emulated hosts behind links with their own rates, delays and loss.
+
+Each host is a network namespace with one interface ``eth0`` (an address from 192.0.2.0/24 by default;
+only the documentation ranges 192.0.2.0/24, 198.51.100.0/24 and 203.0.113.0/24 are accepted), cabled by
+a veth pair to a port of a *core* namespace. The core is a switch written here: a userspace forwarder
+that reads every frame arriving on a port from an ``AF_PACKET`` socket and writes it to the destination
+port once the configured one-way delay has passed (this kernel has no netem and no fq, so the delay
+cannot be a qdisc). Rates are ``tc tbf`` qdiscs: the host's uplink on its ``eth0``, its downlink on its
+core port. So a frame from host A to host B takes
+
+    A's uplink tbf -> veth -> forwarder (holds it delay(A) + delay(B), drops it with loss(A) / loss(B))
+                   -> B's downlink tbf -> veth -> B
+
+and the round trip between A and B is ``2 * (delay(A) + delay(B))`` plus a fraction of a millisecond
+of forwarding. Frames keep their GSO size through the forwarder (``PACKET_VNET_HDR``), so a 64 KB TCP
+burst is one frame to copy, and a Python forwarder carries several Gbit/s in total.
+
+Nothing outlives the lab: a namespace is held by a holder process (no ``ip netns`` name, no bind
+mount), so it disappears with the last process inside it; holders, the forwarder and every process
+started with ``host.popen`` get ``PDEATHSIG=SIGKILL`` (they die with the process that started the
+lab, even on ``kill -9``), and ``Lab.close`` (context manager exit and ``atexit``) kills every process
+left in the lab's namespaces by PID. Interface names live inside the lab's own namespaces, so labs
+running in parallel never collide.
+
+>>> with Lab([Link(up_mbit=100, down_mbit=100, delay_ms=15)] * 2) as lab:
+...     server = lab.hosts[1].popen([sys.executable, "-m", "swarm", "peer", "--host", lab.hosts[1].ip])
+...     lab.hosts[0].run([sys.executable, "-m", "swarm", "ping", address])   # RTT ~60 ms
+
+Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip``, ``tc`` (iproute2), ``nsenter`` and ``setpriv``
+(util-linux). :func:`unavailable` says why a lab cannot be built here (tests skip with that reason).
+
+Also a command line, run inside the lab's namespaces by the lab itself::
+
+    python tests/netlab.py forward CONFIG_JSON     # the core's forwarder
+    python tests/netlab.py sink PORT SECONDS       # bulk-transfer receiver: prints a JSON line
+    python tests/netlab.py source HOST PORT SECONDS
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+DOC_SUBNETS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+ROOT = Path(__file__).resolve().parent.parent
+_TOOLS = ("ip", "tc", "nsenter", "setpriv")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One host's access link to the core; each direction has its own rate.
+
+    ``up_mbit`` / ``down_mbit``: host -> core / core -> host rate in Mbit/s (10**6 bit/s of Ethernet
+    frames), ``None`` for no limit. ``delay_ms``: one-way delay between the host and the core, added in
+    each direction (A -> B takes ``delay(A) + delay(B)``). ``loss``: probability that a frame is dropped,
+    in each direction. ``queue_ms``: the tbf queue, in milliseconds of the rate (tail drop beyond).
+    """
+
+    up_mbit: float | None = None
+    down_mbit: float | None = None
+    delay_ms: float = 0.0
+    loss: float = 0.0
+    queue_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        for name in ("up_mbit", "down_mbit"):
+            rate = getattr(self, name)
+            if rate is not None and not 0.01 <= rate <= 100_000:
+                raise ValueError(f"{name} must be in [0.01, 100000] Mbit/s or None, not {rate}")
+        if not 0 <= self.delay_ms <= 10_000:
+            raise ValueError(f"delay_ms must be in [0, 10000], not {self.delay_ms}")
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"loss must be in [0, 1), not {self.loss}")
+        if not 1 <= self.queue_ms <= 10_000:
+            raise ValueError(f"queue_ms must be in [1, 10000], not {self.queue_ms}")
+
+
+def unavailable() -> str | None:
+    """Why a lab cannot be built on this machine (one line), or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "the network lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the network lab needs root (network namespaces, veth, tc)"
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"the network lab needs {', '.join(missing)} (iproute2, util-linux)"
+    return None
+
+
+def _pdeathsig(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that starts it exits."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+
+
+def _netns_inode(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+class _Namespace:
+    """A network namespace held by a process of ours: it lives as long as that process (or others in it)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        code = ("import ctypes,sys\n"
+                "if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:\n"  # CLONE_NEWNET
+                "    sys.exit('unshare(CLONE_NEWNET) failed: errno %d' % ctypes.get_errno())\n"
+                "print('ready', flush=True)\n"
+                "sys.stdin.read()\n")  # until the lab closes our stdin or dies
+        self.holder = subprocess.Popen(_pdeathsig([sys.executable, "-S", "-c", code]), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.holder.stdout.readline()
+        if line.strip() != "ready":
+            err = self.holder.stderr.read()
+            self.holder.kill()
+            self.holder.wait()
+            raise RuntimeError(f"could not create a network namespace: {err.strip()[-500:]}")
+        self.pid = self.holder.pid
+        self.inode = _netns_inode(self.pid)
+        self.path = f"/proc/{self.pid}/ns/net"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return _pdeathsig(["nsenter", f"--net={self.path}", "--", *argv])
+
+    def check(self, argv: Sequence[str], input: str | None = None, timeout: float = 30.0) -> str:
+        """Run a set-up command inside; raise with its stderr when it fails."""
+        result = subprocess.run(self.argv(argv), input=input, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.label}: {' '.join(argv)} failed ({result.returncode}): "
+                               f"{result.stderr.strip()[-1000:]}\n{(input or '')[:2000]}")
+        return result.stdout
+
+    def pids(self) -> list[int]:
+        """Every process in this namespace (the holder included)."""
+        found = []
+        if self.inode is None:
+            return found
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _netns_inode(entry) == self.inode:
+                found.append(int(entry))
+        return found
+
+    def close(self) -> None:
+        for pid in self.pids():
+            if pid != self.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.holder.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            self.holder.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.holder.wait(timeout=10)
+        for stream in (self.holder.stdout, self.holder.stderr):
+            stream.close()
+
+
+class Host:
+    """One emulated host: ``ip`` is its address, ``link`` its access link."""
+
+    def __init__(self, lab: "Lab", index: int, ip: str, mac: str, link: Link, namespace: _Namespace):
+        self.lab, self.index, self.ip, self.mac, self.link = lab, index, ip, mac, link
+        self.name = f"h{index}"
+        self._ns = namespace
+        self._procs: list[subprocess.Popen] = []
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside this host (for callers that start processes themselves)."""
+        return self._ns.argv(argv)
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start ``argv`` inside this host (same filesystem, this host's network); Popen keywords pass
+        through (stdin defaults to /dev/null, cwd to the repository, PYTHONPATH includes it). The process
+        is killed when the lab closes, or when the thread that started it exits: call from a long-lived one."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("cwd", ROOT)
+        env = dict(kwargs.pop("env", None) or os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(self.argv(argv), env=env, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, argv: Sequence[str], timeout: float = 120.0, **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside this host to completion (killed after ``timeout`` seconds); output captured
+        as text unless ``stdout``/``stderr`` say otherwise."""
+        if "stdout" not in kwargs and "stderr" not in kwargs:
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        kwargs.setdefault("text", True)
+        proc = self.popen(argv, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def python(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """``host.popen([sys.executable, *args])``: this venv's python inside the host."""
+        return self.popen([sys.executable, *args], **kwargs)
+
+    def _kill_all(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        for proc in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def __repr__(self) -> str:
+        return f"Host({self.name}, {self.ip}, {self.link})"
+
+
+_OPEN_LABS: "weakref.WeakSet[Lab]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_labs() -> None:
+    for lab in list(_OPEN_LABS):
+        lab.close()
+
+
+def _tbf(dev: str, mbit: float, queue_ms: float) -> str:
+    """A ``tc -batch`` line: a token bucket at ``mbit`` on ``dev``'s egress. The bucket holds at least
+    one 64 KB GSO frame (so big frames pass whole) and 1 ms of the rate; the queue holds ``queue_ms``."""
+    rate_bytes = mbit * 1e6 / 8
+    burst = int(max(70_000, rate_bytes / 1000))
+    limit = int(max(burst + 3000, rate_bytes * queue_ms / 1000))
+    return f"qdisc replace dev {dev} root tbf rate {int(mbit * 1e6)}bit burst {burst} limit {limit}"
+
+
+class Lab:
+    """N hosts behind their own links to one core switch (see the module docstring).
+
+    ``links[i]`` is host i's access link; hosts get consecutive addresses from ``subnet`` (``.1`` on).
+    ``seed`` seeds the forwarder's loss decisions. Use as a context manager; ``close()`` is idempotent.
+    """
+
+    def __init__(self, links: Sequence[Link], subnet: str = DOC_SUBNETS[0], seed: int = 0):
+        reason = unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        net = ipaddress.ip_network(subnet)
+        if not any(net.subnet_of(ipaddress.ip_network(doc)) for doc in DOC_SUBNETS):
+            raise ValueError(f"subnet {subnet} is not inside the documentation ranges {DOC_SUBNETS}")
+        if not 1 <= len(links) <= min(200, net.num_addresses - 2):
+            raise ValueError(f"a lab has 1 to {min(200, net.num_addresses - 2)} hosts in {subnet}, not {len(links)}")
+        self.links = list(links)
+        self.subnet = net
+        self.seed = seed
+        self.hosts: list[Host] = []
+        self._namespaces: list[_Namespace] = []
+        self._forwarder: subprocess.Popen | None = None
+        self._forwarder_err = b""
+        self._closed = False
+        self._thread = threading.current_thread()
+        _OPEN_LABS.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build(self) -> None:
+        core = _Namespace("core")
+        self._namespaces.append(core)
+        core_setup = ["link set lo up"]
+        core_tc = []
+        hosts = list(self.subnet.hosts())
+        for i, link in enumerate(self.links):
+            ns = _Namespace(f"h{i}")
+            self._namespaces.append(ns)
+            mac = f"02:4e:4c:00:{i >> 8:02x}:{i & 0xff:02x}"
+            core_mac = f"02:4e:4c:01:{i >> 8:02x}:{i & 0xff:02x}"
+            host = Host(self, i, str(hosts[i]), mac, link, ns)
+            self.hosts.append(host)
+            core_setup += [f"link add p{i} address {core_mac} type veth peer name eth0 address {mac} netns {ns.pid}",
+                           f"link set p{i} up promisc on"]
+            if link.down_mbit is not None:
+                core_tc.append(_tbf(f"p{i}", link.down_mbit, link.queue_ms))
+        sysctl = ("echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; "
+                  "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; ")
+        core.check(["sh", "-c", sysctl])
+        core.check(["ip", "-batch", "-"], input="\n".join(core_setup) + "\n")
+        if core_tc:
+            core.check(["tc", "-batch", "-"], input="\n".join(core_tc) + "\n")
+        for host in self.hosts:
+            setup = ["link set lo up", f"addr add {host.ip}/{self.subnet.prefixlen} dev eth0", "link set eth0 up"]
+            setup += [f"neigh replace {other.ip} lladdr {other.mac} dev eth0 nud permanent"
+                      for other in self.hosts if other is not host]
+            # Window sizes for long fat links (1 Gbit/s x 300 ms); only inside the lab's namespaces.
+            host_sysctl = sysctl + ("echo '4096 131072 67108864' > /proc/sys/net/ipv4/tcp_rmem; "
+                                    "echo '4096 16384 67108864' > /proc/sys/net/ipv4/tcp_wmem")
+            host._ns.check(["sh", "-c", host_sysctl])
+            host._ns.check(["ip", "-batch", "-"], input="\n".join(setup) + "\n")
+            if host.link.up_mbit is not None:
+                host._ns.check(["tc", "-batch", "-"], input=_tbf("eth0", host.link.up_mbit, host.link.queue_ms) + "\n")
+        config = {"seed": self.seed, "ports": [
+            {"ifname": f"p{h.index}", "mac": h.mac, "delay_ns": int(h.link.delay_ms * 1e6), "loss": h.link.loss}
+            for h in self.hosts]}
+        self._forwarder = subprocess.Popen(core.argv([sys.executable, str(Path(__file__).resolve()), "forward",
+                                                      json.dumps(config)]),
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self._forwarder.stdout.readline()
+        if not line.startswith(b"ready"):
+            self._forwarder.kill()
+            _, err = self._forwarder.communicate()
+            raise RuntimeError(f"the lab's forwarder did not start: {err.decode(errors='replace')[-2000:]}")
+
+    # ------------------------------------------------------------------ queries
+
+    def one_way_ms(self, a: int, b: int) -> float:
+        """Configured one-way delay from host ``a`` to host ``b`` in ms."""
+        return self.links[a].delay_ms + self.links[b].delay_ms
+
+    def rtt_ms(self, a: int, b: int) -> float:
+        """Configured round-trip time between hosts ``a`` and ``b`` in ms (queueing excluded)."""
+        return self.one_way_ms(a, b) + self.one_way_ms(b, a)
+
+    def forwarder_alive(self) -> bool:
+        return self._forwarder is not None and self._forwarder.poll() is None
+
+    def pids(self) -> list[int]:
+        """Every process inside the lab's namespaces (holders and the forwarder included)."""
+        return [pid for ns in self._namespaces for pid in ns.pids()]
+
+    def namespace_inodes(self) -> list[int]:
+        return [ns.inode for ns in self._namespaces if ns.inode is not None]
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> dict:
+        """Kill everything the lab started, by PID, and let its namespaces vanish. Returns the forwarder's
+        counters (frames, bytes, drops) when it reported them."""
+        if self._closed:
+            return {}
+        self._closed = True
+        stats: dict = {}
+        for host in self.hosts:
+            host._kill_all()
+        if self._forwarder is not None:
+            try:  # communicate() closes its stdin: the forwarder prints its counters and exits
+                out, self._forwarder_err = self._forwarder.communicate(timeout=5)
+                for line in out.decode(errors="replace").splitlines():
+                    if line.startswith("{"):
+                        stats = json.loads(line)
+            except (subprocess.TimeoutExpired, ValueError, OSError):
+                self._forwarder.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired, ValueError, OSError):
+                    self._forwarder.communicate(timeout=5)
+        for ns in self._namespaces:
+            ns.close()
+        _OPEN_LABS.discard(self)
+        return stats
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# ====================================================================== the core's forwarder
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+SO_TIMESTAMPNS = 35
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+VNET_HDR_LEN = 10
+MAX_FRAME = VNET_HDR_LEN + 65536 + 256
+
+
+def _forward(config: dict) -> int:
+    """Forward frames between the ports with their delays until stdin closes; print counters as JSON."""
+    import heapq
+    import random
+    import select
+    import struct
+
+    rng = random.Random(config["seed"])
+    ports = config["ports"]
+    socks = []
+    for port in ports:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.bind((port["ifname"], ETH_P_ALL))
+        s.setblocking(False)
+        socks.append(s)
+    by_fd = {s.fileno(): i for i, s in enumerate(socks)}
+    by_mac = {bytes.fromhex(p["mac"].replace(":", "")): i for i, p in enumerate(ports)}
+    delay = [int(p["delay_ns"]) for p in ports]
+    loss = [float(p["loss"]) for p in ports]
+    lossy = any(loss)
+    everyone = list(range(len(ports)))
+    counters = {"frames": 0, "bytes": 0, "lost": 0, "dropped": 0, "flooded": 0}
+    heap: list = []
+    seq = 0
+    stdin = sys.stdin.fileno()
+    readers = [stdin, *by_fd]
+    cmsg_space = socket.CMSG_SPACE(16)
+    timespec = struct.Struct("qq")
+    with contextlib.suppress(OSError):  # be the wire: scheduled ahead of the peers' Python (best effort)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    print("ready", flush=True)
+    while True:
+        now = time.monotonic_ns()
+        while heap and heap[0][0] <= now:
+            _, _, out, frame = heapq.heappop(heap)
+            try:
+                socks[out].send(frame)
+            except OSError:  # the port's tbf queue is full (ENOBUFS) or the socket buffer: a tail drop
+                counters["dropped"] += 1
+        timeout = None if not heap else (heap[0][0] - now) / 1e9
+        ready, _, _ = select.select(readers, [], [], timeout)
+        if not ready:
+            continue
+        offset = time.time_ns() - time.monotonic_ns()
+        for fd in ready:
+            if fd == stdin:
+                if not os.read(stdin, 4096):
+                    print(json.dumps(counters), flush=True)
+                    return 0
+                continue
+            src = by_fd[fd]
+            s = socks[src]
+            for _ in range(256):  # bounded burst per port per wake-up, so one port cannot starve the rest
+                try:
+                    frame, ancdata, _, _ = s.recvmsg(MAX_FRAME, cmsg_space)
+                except BlockingIOError:
+                    break
+                arrived = None
+                for level, kind, data in ancdata:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                        sec, nsec = timespec.unpack_from(data)
+                        arrived = sec * 1_000_000_000 + nsec - offset
+                if arrived is None:
+                    arrived = time.monotonic_ns()
+                counters["frames"] += 1
+                counters["bytes"] += len(frame) - VNET_HDR_LEN
+                if len(frame) < VNET_HDR_LEN + 14:
+                    continue
+                dst = by_mac.get(frame[VNET_HDR_LEN:VNET_HDR_LEN + 6])
+                if dst is None:
+                    outs = [i for i in everyone if i != src]
+                    counters["flooded"] += 1
+                elif dst == src:
+                    continue
+                else:
+                    outs = [dst]
+                for out in outs:
+                    if lossy and (rng.random() < loss[src] or rng.random() < loss[out]):
+                        counters["lost"] += 1
+                        continue
+                    seq += 1
+                    heapq.heappush(heap, (arrived + delay[src] + delay[out], seq, out, frame))
+
+
+# ====================================================================== bulk transfer
+
+def _sink(port: int, seconds: float) -> int:
+    """Accept one TCP connection and read for ``seconds``: print a JSON line with (t, bytes) samples."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen(1)
+    print("listening", flush=True)
+    server.settimeout(30)
+    conn, _ = server.accept()
+    conn.settimeout(1.0)
+    buf = bytearray(1 << 20)
+    total = 0
+    samples = []
+    start = None
+    while True:
+        try:
+            n = conn.recv_into(buf)
+        except socket.timeout:
+            n = -1
+        now = time.monotonic()
+        if n == 0:
+            break
+        if n > 0:
+            if start is None:
+                start = now
+            total += n
+        if start is not None:
+            if not samples or now - samples[-1][0] - start >= 0.05:
+                samples.append((now - start, total))
+            if now - start >= seconds:
+                break
+    samples.append((time.monotonic() - (start or time.monotonic()), total))
+    print(json.dumps({"bytes": total, "samples": samples}), flush=True)
+    conn.close()
+    return 0
+
+
+def _source(host: str, port: int, seconds: float) -> int:
+    """Connect and write as fast as TCP allows for ``seconds`` seconds."""
+    conn = socket.create_connection((host, port), timeout=30)
+    chunk = b"\0" * (1 << 20)
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline:
+            conn.sendall(chunk)
+    conn.close()
+    return 0
+
+
+def throughput_mbit(samples: Sequence[Sequence[float]], skip_s: float = 1.0) -> float:
+    """Receive rate in Mbit/s of TCP payload from ``sink`` samples, after the first ``skip_s`` seconds
+    (slow start)."""
+    steady = [s for s in samples if s[0] >= skip_s]
+    if len(steady) < 2 or steady[-1][0] - steady[0][0] <= 0:
+        raise ValueError("too few samples after the warm-up")
+    return (steady[-1][1] - steady[0][1]) * 8 / 1e6 / (steady[-1][0] - steady[0][0])
+
+
+def bulk_transfer(lab: Lab, src: int, dst: int, seconds: float = 4.0, port: int = 5001) -> list:
+    """Send TCP from host ``src`` to host ``dst`` for ``seconds``; return the receiver's (t, bytes) samples."""
+    script = str(Path(__file__).resolve())
+    sink = lab.hosts[dst].popen([sys.executable, script, "sink", str(port), str(seconds)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if sink.stdout.readline().strip() != "listening":
+            raise RuntimeError(f"sink did not start: {sink.stderr.read()[-2000:]}")
+        source = lab.hosts[src].run([sys.executable, script, "source", lab.hosts[dst].ip, str(port),
+                                     str(seconds + 2)], timeout=seconds + 60)
+        out, err = sink.communicate(timeout=30)
+        if sink.returncode != 0:
+            raise RuntimeError(f"sink failed: {err[-2000:]} (source: {source.stderr[-2000:]})")
+        return json.loads(out.strip().splitlines()[-1])["samples"]
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.communicate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["forward"] and len(args) == 2:
+        return _forward(json.loads(args[1]))
+    if args[:1] == ["sink"] and len(args) == 3:
+        return _sink(int(args[1]), float(args[2]))
+    if args[:1] == ["source"] and len(args) == 4:
+        return _source(args[1], int(args[2]), float(args[3]))
+    print(__doc__.split("Also a command line")[1], file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
