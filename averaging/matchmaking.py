@@ -42,11 +42,13 @@ import logging
 import math
 import os
 import random
-from typing import Any
+import re
+from typing import Annotated, Any
 
 import msgpack
+import pydantic
 
-from dht import P2P, DHTNode, P2PError, PeerID, Stream, get_dht_time
+from dht import P2P, DHTNode, P2PError, PeerID, SchemaValidator, Stream, get_dht_time
 from dht.errors import BadRequestError
 from dht.p2p import CallContext
 from dht.untrusted import brief
@@ -66,6 +68,22 @@ MAX_ADDR_CHARS = 512
 MAX_INFO_BYTES = 16 << 10  # a member's info (with its ``gather`` value), packed
 MAX_GROUP_SIZE = 4096
 MAX_JOIN_BYTES = 64 << 10  # a join request, packed (the transport refuses a bigger one with too_large)
+
+
+class Declaration(pydantic.BaseModel):
+    """A peer's declaration under a group key, as the DHT checks it."""
+
+    addrs: list[Annotated[str, pydantic.Field(max_length=MAX_ADDR_CHARS)]]
+    client: bool = False
+
+
+class GroupKeySchema(pydantic.BaseModel):
+    group: dict[Annotated[str, pydantic.Field(max_length=128)], Declaration | None]  # subkey: PeerID; None: withdrawn
+
+
+def group_key_schema(prefix: str) -> SchemaValidator:
+    """The DHT schema of the group keys ``{prefix}[.{scope}].0b{bits}`` (registered by each Matchmaker)."""
+    return SchemaValidator(GroupKeySchema, patterns={"group": re.escape(prefix) + r"(?:\..*)?\.0b[01]*"})
 
 
 def packed_size(value: Any) -> int | None:
@@ -150,6 +168,7 @@ class Matchmaker:
         self._beginning = False  # this peer starts its own group: it joins no other
         self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
+        node.validator.extend([group_key_schema(prefix)])
         p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join, max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
