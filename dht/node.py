@@ -11,7 +11,9 @@ its own lookup: each store reply names contacts nearer the key, so nodes asked o
 closer ones turned up keep a spare copy until it expires); gets walk towards the
 key and stop at the first live value (``latest=True``: ask all k closest and merge: the newest version
 of each subkey wins, and a plain value never hides a dictionary's signed subkeys),
-then cache the value at the closest node on the path that lacked it. Nodes republish what they hold
+then cache the value at the closest node on the path that lacked it (and, a regular value, in this
+node's own cache: ``cache_size`` entries, ``limits.max_cache_bytes`` bytes, least recently used
+evicted first; a remote peer's cache stores may take a quarter of it). Nodes republish what they hold
 every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
 buckets every ``refresh_interval``, and drop peers that stop answering.
 
@@ -46,13 +48,16 @@ from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry_within, parse
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
+from .untrusted import LogLimiter
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
 
 logger = logging.getLogger(__name__)
 STORE_NEAR = 6  # contacts near the key that each store reply brings back (a find brings k)
+MAX_FIND_CONTACTS = 64  # contacts one find may ask for per key (the protocol's limit, dht.protocol.parse_find)
 MAX_CLOCK_SKEW = 3.0  # seconds; peers further off than this are warned about
+_dropped_log = LogLimiter()  # lines about invalid records that peers returned
 
 
 def get_dht_time() -> float:
@@ -110,9 +115,11 @@ class DHTNode:
                                max_bytes_per_peer=lim.max_bytes_per_peer, max_bytes_per_ip=lim.max_bytes_per_ip,
                                max_subkeys_per_key=lim.max_subkeys_per_key, own_id=self.node_id,
                                is_foreign=self._is_foreign)
-        self.cache = Storage(cache_size, cache_size, max_bytes=lim.max_cache_bytes,
+        # a cache evicts (least recently used first), never refuses: our own lookups may fill it all,
+        # a remote peer a quarter of it, an address range half
+        self.cache = Storage(cache_size, max(cache_size // 4, 1), max_bytes=lim.max_cache_bytes,
                              max_bytes_per_peer=lim.max_cache_bytes // 4, max_bytes_per_ip=lim.max_cache_bytes // 2,
-                             max_subkeys_per_key=lim.max_subkeys_per_key)
+                             max_subkeys_per_key=lim.max_subkeys_per_key, cache=True)
         self.signature_validator = SignatureValidator(p2p.identity)
         self.validator = CompositeValidator([self.signature_validator, *record_validators])
         # per-identity bookkeeping, all bounded (LRU) and swept by forget_departed()
@@ -340,11 +347,13 @@ class DHTNode:
         finally:
             self._stale_checks.discard(peer_id)
 
-    async def _find(self, peer_id: PeerID, key_ids: list[int]) -> list[tuple[Entry | None, list[tuple[PeerID, int]]]] | None:
-        """One dht.find RPC; None if the peer failed. Learns the contacts' addresses."""
+    async def _find(self, peer_id: PeerID, key_ids: list[int],
+                    k: int | None = None) -> list[tuple[Entry | None, list[tuple[PeerID, int]]]] | None:
+        """One dht.find RPC asking for ``k`` contacts per key (default: bucket size; at most
+        MAX_FIND_CONTACTS); None if the peer failed. Learns the contacts' addresses."""
         try:
             response = await self._call(peer_id, "dht.find", self._request(
-                keys=[DHTID(k).to_bytes20() for k in key_ids], k=self.k))
+                keys=[DHTID(key).to_bytes20() for key in key_ids], k=min(k or self.k, MAX_FIND_CONTACTS)))
         except (P2PError, asyncio.TimeoutError):
             return None  # _call recorded the failure
         try:
@@ -368,17 +377,23 @@ class DHTNode:
             contacts.append((contact, DHTID.of_peer(contact)))
         return contacts
 
-    def _initial_contacts(self, target: int) -> list[tuple[PeerID, int]]:
-        return [(p, i) for p, i in self.routing_table.nearest(target, self.k * 2) if not self._excluded(p)][:self.k]
+    def _initial_contacts(self, target: int, k: int | None = None) -> list[tuple[PeerID, int]]:
+        """The ``k`` (default: bucket size) known contacts nearest ``target`` that are not backed off."""
+        k = k or self.k
+        return [(p, i) for p, i in self.routing_table.nearest(target, k * 2) if not self._excluded(p)][:k]
 
     async def find_nearest_nodes(self, target: int, k: int | None = None) -> list[tuple[PeerID, int]]:
-        """The ``k`` (default: bucket size) responsive nodes closest to ``target``, closest first."""
+        """The ``k`` (default: bucket size) responsive nodes closest to ``target``, closest first
+        (fewer if the lookup found fewer, or ran into ``limits.max_lookup_queries``). With ``k`` above
+        the bucket size the lookup starts from ``k`` contacts and asks each node for ``k`` (at most
+        MAX_FIND_CONTACTS), so it can find more nodes than one bucket holds."""
+        k = max(k or self.k, 1)
 
         async def query(peer_id: PeerID):
-            found = await self._find(peer_id, [target])
+            found = await self._find(peer_id, [target], k=max(k, self.k))
             return None if found is None else found[0][1]
 
-        result = await iterative_lookup(target, self._initial_contacts(target), query, k=k or self.k,
+        result = await iterative_lookup(target, self._initial_contacts(target, max(k, self.k)), query, k=k,
                                         alpha=self.alpha, exclude=self.peer_id, **self._diversity)
         self.last_lookup = result
         return result.nearest
@@ -554,7 +569,10 @@ class DHTNode:
         key_id = DHTID.of_key(key_bytes)
         now = self.clock()
         best: Entry | None = None
-        for local in (self.storage.get(key_id, now), self.cache.get(key_id, now)):
+        cached = self.cache.get(key_id, now)
+        if cached is not None:
+            self.cache.touch(key_id)  # least recently used goes first
+        for local in (self.storage.get(key_id, now), cached):
             best = self._merge(best, local, key_bytes)
         lacking: list[tuple[int, PeerID]] = []  # (distance, peer) of nodes on the path without the value
         if best is None or latest:
@@ -583,7 +601,7 @@ class DHTNode:
             try:
                 self.cache.store(key_id, key_bytes, None, *best.regular, now, origin=None)
             except StoreRefused:
-                pass  # the cache is full of what we looked up ourselves: not cached
+                pass  # larger than the cache, or a plain value under signed subkeys: not cached
         return self._to_user_value(best)
 
     def _merge(self, best: Entry | None, entry: Entry | None, key_bytes: bytes) -> Entry | None:
@@ -625,7 +643,8 @@ class DHTNode:
             self.validator.validate(DHTRecord(key, subkey, value, exp))
             return True
         except ValidationError as e:
-            logger.info("dropped an invalid record returned by a peer: %s", e)
+            _dropped_log.log(logger, logging.INFO, "invalid record", "dropped an invalid record returned by a peer: %s",
+                             str(e)[:300])
             return False
 
     def _to_user_value(self, entry: Entry) -> ValueWithExpiration | None:

@@ -24,6 +24,13 @@ itself. A key holds at most ``max_subkeys_per_key`` subkeys: over it, the source
 then peer) with the most subkeys under that key loses its oldest ones (refused if that is the
 storer). Eviction never takes more than it must, except a few subkeys at once from a source holding
 many under a full key (it spares repeated scans of the key).
+
+A cache (``cache=True``: a node's cache of looked-up values) evicts instead of refusing: over a
+peer's budget that peer's least recently used records go; over an address range's budget, those of
+the range's heaviest peer; over the total budget, those of the heaviest peer of the heaviest range
+(whoever it is, the storer included). "Used" is stored or read (:meth:`Storage.touch`). Records
+with ``origin=None`` (the node's own lookups) are held to no per-peer budget. Only a record larger
+than a whole budget, or a rule (signed subkeys), is refused.
 """
 
 from __future__ import annotations
@@ -147,6 +154,7 @@ class _Heaviest:
 
 
 _Charge = tuple  # (peer, source, cost): who stored a record, from which address range, and its bytes
+_ANY = object()  # any address range
 
 
 class Storage:
@@ -155,13 +163,15 @@ class Storage:
     ``max_entries`` (200,000) and ``max_bytes`` (256 MiB) in total; ``max_entries_per_peer``
     (20,000) and ``max_bytes_per_peer`` (16 MiB) per storing peer; ``max_bytes_per_ip`` (32 MiB)
     per address range (``source`` of a store; None: not counted); ``max_subkeys_per_key`` (1,000).
-    ``own_id`` and ``is_foreign`` (both optional) enable evicting the foreign region first."""
+    ``own_id`` and ``is_foreign`` (both optional) enable evicting the foreign region first.
+    ``cache`` (False): evict the least recently used instead of refusing (see the module docstring)."""
 
     def __init__(self, max_entries: int = 200_000, max_entries_per_peer: int = 20_000, *,
                  max_bytes: int = 256 << 20, max_bytes_per_peer: int = 16 << 20, max_bytes_per_ip: int = 32 << 20,
                  max_subkeys_per_key: int = 1000, own_id: int | None = None,
-                 is_foreign: Callable[[int], bool] | None = None):
-        self.max_entries, self.max_entries_per_peer = max_entries, max_entries_per_peer
+                 is_foreign: Callable[[int], bool] | None = None, cache: bool = False):
+        self.cache = cache
+        self.max_entries, self.max_entries_per_peer = max(1, max_entries), max(1, max_entries_per_peer)
         self.max_bytes, self.max_bytes_per_peer, self.max_bytes_per_ip = max_bytes, max_bytes_per_peer, max_bytes_per_ip
         self.max_subkeys_per_key = max(1, max_subkeys_per_key)
         self.own_id, self.is_foreign = own_id, is_foreign
@@ -300,7 +310,7 @@ class Storage:
         heavy_source = max(per_source, key=lambda s: (per_source[s], s != source))
         heavy_peer = max((p for s, p in per_peer if s == heavy_source),
                          key=lambda p: (per_peer[heavy_source, p], p != peer))
-        if heavy_peer == peer and heavy_source == source:
+        if heavy_peer == peer and heavy_source == source and not self.cache:
             raise StoreRefused(f"this key holds {len(entry.subkeys)} subkeys (the limit), the most of them "
                                f"stored by this peer")
         excess = len(entry.subkeys) - self.max_subkeys_per_key + 1
@@ -309,7 +319,33 @@ class Storage:
         for subkey in victims:
             self._evict(key_id, subkey)
 
+    def _evict_lru_of(self, peer: Any, source: Any = _ANY) -> None:
+        """Evict the least recently used record of ``peer`` (from ``source``, or from any)."""
+        if source is _ANY:
+            self._evict(*next(iter(self._peer_records[peer])))
+        elif not self._evict_oldest_of(peer, source):
+            raise AssertionError("cache accounting: the peer has no record from that range")
+
+    def _make_room_in_cache(self, cost: int, peer: Any, source: Any) -> None:
+        """Cache mode: evict until a record of ``cost`` bytes from ``peer`` and ``source`` fits."""
+        if cost > self.max_bytes or (source is not None and cost > self.max_bytes_per_ip) or \
+                (peer is not None and cost > self.max_bytes_per_peer):
+            raise StoreRefused(f"a record of {cost} bytes is larger than the cache's budgets")
+        if peer is not None:
+            while self._per_peer.get(peer, 0) >= self.max_entries_per_peer or \
+                    self._peer_bytes.get(peer, 0) + cost > self.max_bytes_per_peer:
+                self._evict_lru_of(peer)
+        if source is not None:
+            while self._sources.amount.get(source, 0) + cost > self.max_bytes_per_ip:
+                self._evict_lru_of(self._source_peers[source].top(avoid=peer), source)
+        while self.total_bytes + cost > self.max_bytes or len(self._origin) >= self.max_entries:
+            heavy_source = self._sources.top()
+            self._evict_lru_of(self._source_peers[heavy_source].top(), heavy_source)
+
     def _check_budgets(self, key_id: int, cost: int, peer: Any, source: Any) -> None:
+        if self.cache:
+            self._make_room_in_cache(cost, peer, source)
+            return
         if self._per_peer.get(peer, 0) >= self.max_entries_per_peer:
             raise StoreRefused(f"quota of {self.max_entries_per_peer} entries for this peer reached")
         if self._peer_bytes.get(peer, 0) + cost > self.max_bytes_per_peer:
@@ -389,6 +425,16 @@ class Storage:
         self._put(key_id, key_bytes, subkey, value, expiration_time, (origin, source, cost), now)
         heapq.heappush(self._expiry, (expiration_time, key_id, next(self._seq), subkey))
         return True
+
+    def touch(self, key_id: int) -> None:
+        """Mark the records of ``key_id`` as just used (a cache evicts the least recently used first)."""
+        entry = self._entries.get(key_id)
+        if entry is None:
+            return
+        for subkey in ([None] if entry.regular is not None else []) + list(entry.subkeys):
+            charge = self._origin.get((key_id, subkey))
+            if charge is not None:
+                self._peer_records[charge[0]].move_to_end((key_id, subkey))
 
     def get(self, key_id: int, now: float) -> Entry | None:
         """The live entry for ``key_id`` (expired parts removed), or None."""

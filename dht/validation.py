@@ -8,25 +8,35 @@
   holding one accepts only subkeys, so no unsigned plain value can replace or hide the dictionary
   (see :mod:`dht.storage`, :func:`has_owner_marker`).
 - :class:`SchemaValidator`: values under given keys must match a pydantic model's field types,
-  strictly (no coercion).
+  strictly (no coercion). A field typed as a dictionary governs a DHT dictionary: only subkeys may
+  be stored under its key (a plain value there, even a dict, is rejected: it would replace the
+  dictionary's subkeys).
 
 Validators see serialized records (:class:`DHTRecord`, msgpack bytes) and are chained by
 :class:`CompositeValidator`: signing in increasing ``priority``, validating and stripping in
 decreasing priority (so the signature is checked, then removed, before schemas see the value).
+Validators that can be merged are (:meth:`RecordValidator.merge_with`): all the schema validators of
+a node become one :class:`MergedSchemaValidator`, so each application's schema governs only its own
+keys (a key is checked by the schemas that have a field for it, and one that no schema has passes
+if any of them allows extra keys), and several applications can share one DHT.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import re
+import types
+import typing
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import msgpack
 
 from .identity import Identity, b58decode, b58encode, verify_signature
+from .untrusted import brief
 
 __all__ = ["DHTRecord", "ValidationError", "RecordValidator", "CompositeValidator", "SignatureValidator",
-           "SchemaValidator", "has_owner_marker"]
+           "SchemaValidator", "MergedSchemaValidator", "has_owner_marker"]
 
 
 class ValidationError(ValueError):
@@ -57,14 +67,32 @@ class RecordValidator:
         """The value handed back to the application (e.g. without the signature)."""
         return record.value
 
+    def merge_with(self, other: "RecordValidator") -> "RecordValidator | None":
+        """One validator doing the work of both ``self`` and ``other`` (neither is changed), or None
+        (the default): they stay separate in a chain, and a record must pass both."""
+        return None
+
 
 class CompositeValidator(RecordValidator):
+    """Validators applied as one (see the module docstring); ``validators``: the chain, by priority,
+    with mergeable ones merged (:meth:`RecordValidator.merge_with`) and duplicates left out."""
+
     def __init__(self, validators: Iterable[RecordValidator] = ()):
         self.validators: list[RecordValidator] = []
         self.extend(validators)
 
     def extend(self, validators: Iterable[RecordValidator]) -> None:
-        self.validators.extend(validators)
+        """Add validators (idempotent: adding one already in the chain changes nothing)."""
+        for validator in validators:
+            if any(v is validator for v in self.validators):
+                continue
+            for index, existing in enumerate(self.validators):
+                merged = existing.merge_with(validator)
+                if merged is not None:
+                    self.validators[index] = merged
+                    break
+            else:
+                self.validators.append(validator)
         self.validators.sort(key=lambda v: v.priority)
 
     def sign_value(self, record: DHTRecord) -> bytes:
@@ -159,52 +187,145 @@ class SignatureValidator(RecordValidator):
         return record.value
 
 
+def _is_dictionary(annotation: Any) -> bool:
+    """Whether a field's type is a mapping (``dict[...]``, ``Mapping[...]``, optionally within
+    ``Optional``/``Annotated``): such a field's key holds a DHT dictionary (subkeys only)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_dictionary(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(arms) and all(_is_dictionary(a) for a in arms)
+    candidate = origin if origin is not None else annotation
+    return isinstance(candidate, type) and issubclass(candidate, collections.abc.Mapping)
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``where: what``, bounded (its location holds untrusted subkeys)."""
+    where = ".".join(part if isinstance(part, str) and len(part) <= 40 else brief(part, 40)
+                     for part in error.get("loc", ())[:8])
+    return f"{where or 'value'}: {str(error.get('msg', 'invalid'))[:200]}"
+
+
+def _unpack_key(record: DHTRecord) -> Any:
+    try:
+        return msgpack.unpackb(record.key, raw=False)
+    except Exception:
+        raise ValidationError("key is not valid msgpack") from None
+
+
 class SchemaValidator(RecordValidator):
-    """Values must match a pydantic model: field ``name`` governs key ``name`` (or ``prefix_name``).
+    """Values must match a pydantic model: field ``name`` governs the key ``name``, or
+    ``{prefix}{separator}{name}`` with a ``prefix`` (``separator`` defaults to ``"_"``), or the keys
+    that fully match ``patterns[name]`` (a regular expression; such a field governs no other key).
 
     For a regular value the field's type checks the value; for a subkey the field's type checks
-    ``{subkey: value}`` (declare it as a ``dict[...]``). Checking is strict: no type coercion.
-    Keys that are not fields pass when ``allow_extra_keys`` (default) is set.
+    ``{subkey: value}`` (declare it as a ``dict[...]``). A field typed as a dictionary accepts
+    subkeys only: a regular value under its key (a plain dict included) is rejected, as it would
+    replace the dictionary. Checking is strict: no type coercion. Keys that are not fields pass when
+    ``allow_extra_keys`` (default) is set. In a node's chain, schema validators are merged into one
+    :class:`MergedSchemaValidator` (each governs its own keys).
     """
 
     priority = 5
 
-    def __init__(self, schema: Any, prefix: str | None = None, allow_extra_keys: bool = True):
+    def __init__(self, schema: Any, prefix: str | None = None, allow_extra_keys: bool = True, *,
+                 separator: str = "_", patterns: Mapping[str, str] | None = None):
         import pydantic
 
         self._pydantic = pydantic
         self.schema, self.prefix, self.allow_extra_keys = schema, prefix, allow_extra_keys
-        self._adapters = {name: pydantic.TypeAdapter(f.annotation, config=None)
-                          for name, f in schema.model_fields.items()}
+        self.separator = separator
+        fields = schema.model_fields
+        unknown = [name for name in (patterns or {}) if name not in fields]
+        if unknown:
+            raise ValueError(f"patterns name fields that {schema.__name__} lacks: {unknown}")
+        self.patterns = {name: re.compile(pattern) for name, pattern in (patterns or {}).items()}
+        self._adapters = {name: pydantic.TypeAdapter(f.annotation, config=None) for name, f in fields.items()}
+        self._dictionaries = {name for name, f in fields.items() if _is_dictionary(f.annotation)}
+        self._identity = (schema, prefix, separator, tuple(sorted((n, p.pattern) for n, p in self.patterns.items())),
+                          allow_extra_keys)
 
-    def _field(self, key: Any) -> str | None:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SchemaValidator) and other._identity == self._identity
+
+    def __hash__(self) -> int:
+        return hash(self._identity)
+
+    def field_of(self, key: Any) -> str | None:
+        """The name of the field governing ``key`` (an unpacked key), or None: not this schema's business."""
         if not isinstance(key, str):
             return None
+        for name, pattern in self.patterns.items():
+            if pattern.fullmatch(key):
+                return name
         if self.prefix is not None:
-            if not key.startswith(self.prefix + "_"):
+            if not key.startswith(self.prefix + self.separator):
                 return None
-            key = key[len(self.prefix) + 1:]
-        return key if key in self._adapters else None
+            key = key[len(self.prefix) + len(self.separator):]
+        return key if key in self._adapters and key not in self.patterns else None
 
     def validate(self, record: DHTRecord) -> None:
-        try:
-            key = msgpack.unpackb(record.key, raw=False)
-        except Exception:
-            raise ValidationError("key is not valid msgpack") from None
-        name = self._field(key)
+        key = _unpack_key(record)
+        name = self.field_of(key)
         if name is None:
             if self.allow_extra_keys:
                 return
-            raise ValidationError(f"key {key!r} is not allowed by schema {self.schema.__name__}")
+            raise ValidationError(f"key {brief(key)} is not allowed by schema {self.schema.__name__}")
+        self.check(key, name, record)
+
+    def check(self, key: Any, name: str, record: DHTRecord) -> None:
+        """Check ``record`` (under the unpacked ``key``) against field ``name``; ValidationError if it fails."""
+        where = f"{self.schema.__name__}.{name}"
+        if record.subkey is None and name in self._dictionaries:
+            raise ValidationError(f"key {brief(key)} holds a dictionary ({where}): store each entry under "
+                                  "its subkey, not a plain value")
         try:
             value = msgpack.unpackb(record.value, raw=False, strict_map_key=False)
             if record.subkey is not None:
                 value = {msgpack.unpackb(record.subkey, raw=False): value}
         except Exception:
-            raise ValidationError(f"value under {key!r} is not valid msgpack") from None
+            raise ValidationError(f"value under {brief(key)} is not valid msgpack") from None
         try:
             self._adapters[name].validate_python(value, strict=True)
         except self._pydantic.ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors()[:3])
-            raise ValidationError(f"value under key {key!r} does not match {self.schema.__name__}.{name}: "
-                                  f"{problems}") from None
+            problems = "; ".join(_problem(err) for err in e.errors()[:3])
+            raise ValidationError(f"value under key {brief(key)} does not match {where}: {problems}") from None
+
+    def merge_with(self, other: RecordValidator) -> RecordValidator | None:
+        if isinstance(other, (SchemaValidator, MergedSchemaValidator)):
+            return MergedSchemaValidator([self]).merge_with(other)
+        return None
+
+
+class MergedSchemaValidator(RecordValidator):
+    """Several :class:`SchemaValidator` as one (``parts``, duplicates left out): a key is checked by
+    every schema with a field for it (each must pass); a key that no schema has passes if any of
+    them allows extra keys. So each application's schema governs only its own keys."""
+
+    priority = SchemaValidator.priority
+
+    def __init__(self, parts: Iterable[SchemaValidator]):
+        self.parts: tuple[SchemaValidator, ...] = ()
+        for part in parts:
+            if part not in self.parts:
+                self.parts += (part,)
+
+    def merge_with(self, other: RecordValidator) -> RecordValidator | None:
+        if isinstance(other, SchemaValidator):
+            return self if other in self.parts else MergedSchemaValidator([*self.parts, other])
+        if isinstance(other, MergedSchemaValidator):
+            return MergedSchemaValidator([*self.parts, *other.parts])
+        return None
+
+    def validate(self, record: DHTRecord) -> None:
+        key = _unpack_key(record)
+        governed = False
+        for part in self.parts:
+            name = part.field_of(key)
+            if name is not None:
+                governed = True
+                part.check(key, name, record)
+        if not governed and not any(part.allow_extra_keys for part in self.parts):
+            names = ", ".join(part.schema.__name__ for part in self.parts)
+            raise ValidationError(f"key {brief(key)} is not allowed by schemas {names}")

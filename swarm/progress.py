@@ -11,6 +11,8 @@ others stop counting it at their next refresh. A live peer republishes its recor
 (``kill -9``, a preempted machine) is no longer counted once no new version of its record arrived
 for ``online_window`` seconds (default 4, measured on this peer's own clock, so clock skew between
 machines does not matter); its record stays known until it expires, should it come back.
+Every tracker registers :func:`progress_schema` on its DHT, so its node refuses records of another
+shape under the key (and a plain value, which would replace the dictionary).
 
 The tracker runs on the DHT's event loop: publishing and fetching never block the training thread,
 which reads :attr:`ProgressTracker.global_progress` (refreshed every ``refresh_period`` seconds).
@@ -22,17 +24,44 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from dht import DHT, get_dht_time
+import pydantic
 
-__all__ = ["PeerProgress", "GlobalProgress", "ProgressTracker", "progress_key"]
+from dht import DHT, SchemaValidator, get_dht_time
+
+__all__ = ["PeerProgress", "GlobalProgress", "ProgressTracker", "progress_key", "progress_schema"]
 
 logger = logging.getLogger(__name__)
+_Count = Annotated[int, pydantic.Field(ge=0, lt=2 ** 63)]
 
 
 def progress_key(run_id: str) -> str:
     return f"{run_id}.progress"
+
+
+class ProgressRecord(pydantic.BaseModel):
+    """One peer's record under ``{run_id}.progress`` as the DHT checks it (fields of :class:`PeerProgress`)."""
+
+    peer_id: Annotated[str, pydantic.Field(max_length=128)]
+    epoch: _Count
+    samples: _Count
+    samples_per_second: Annotated[float, pydantic.Field(ge=0)]
+    loss: float | None = None
+    time: float
+    client_mode: bool = False
+    bytes_sent: _Count = 0
+    bytes_received: _Count = 0
+    left: bool = False
+
+
+class ProgressSchema(pydantic.BaseModel):
+    progress: dict[str, ProgressRecord]  # a dictionary: subkey = the peer's owner marker
+
+
+def progress_schema(run_id: str) -> SchemaValidator:
+    """The DHT schema of ``{run_id}.progress`` (registered by every :class:`ProgressTracker` of the run)."""
+    return SchemaValidator(ProgressSchema, prefix=run_id, separator=".")
 
 
 @dataclass
@@ -134,6 +163,7 @@ class ProgressTracker:
         self._dirty = asyncio.Event()
         self.global_progress = GlobalProgress(0, 0, target_batch_size, 0, 0, 0.0, None)
         self._closed = False
+        dht.add_validators([progress_schema(run_id)])  # (before _start: the loop runs callbacks in order)
         self._task = dht.run_coroutine(self._start)
 
     async def _start(self, _dht: DHT, node) -> asyncio.Task:

@@ -9,7 +9,8 @@ run id, the task reference, the sha256 of the task's code, the hyperparameters, 
 peer must share (task attribute, optimizer mode and options, batch sizes: see
 :func:`settings_differences`), the creator's peer id and the creation time. The creator refreshes it every ``refresh_period`` seconds with an expiration of
 ``expiration`` seconds (default one hour); if every creator's record expired, the next peer to join
-creates the run anew.
+creates the run anew. The functions here register :data:`RUNS_SCHEMA` on the DHT they are given:
+its node then refuses announcements of another shape (and a plain value under the key).
 
 :func:`list_runs` reads every announcement and each run's progress records (:mod:`swarm.progress`).
 """
@@ -19,18 +20,44 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from dht import DHT, get_dht_time
+import pydantic
+
+from dht import DHT, SchemaValidator, get_dht_time
 from dht.untrusted import brief
 
 from .progress import PeerProgress, progress_key, summarize
 
-__all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "find_run", "announce_run", "list_runs", "RunAnnouncer",
-           "settings_differences"]
+__all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "RUNS_SCHEMA", "find_run", "announce_run", "list_runs",
+           "RunAnnouncer", "settings_differences"]
 
 logger = logging.getLogger(__name__)
 RUNS_KEY = "swarm.runs"
+MAX_SETTINGS, MAX_SETTING_CHARS = 64, 200
+_Text = Annotated[str, pydantic.Field(max_length=4096)]
+
+
+class AnnouncementRecord(pydantic.BaseModel):
+    """One announcement under ``swarm.runs`` as the DHT checks it (fields of :class:`RunAnnouncement`)."""
+
+    run_id: _Text
+    task: _Text
+    task_hash: _Text
+    creator: _Text
+    created: float
+    target_batch_size: Annotated[int, pydantic.Field(ge=0, lt=2 ** 63)] = 0
+    hyperparameters: dict | None = None
+    settings: Annotated[dict[Annotated[str, pydantic.Field(max_length=64)],
+                             bool | int | float | Annotated[str, pydantic.Field(max_length=MAX_SETTING_CHARS)] | None],
+                        pydantic.Field(max_length=MAX_SETTINGS)] | None = None
+
+
+class RunsSchema(pydantic.BaseModel):
+    runs: dict[str, AnnouncementRecord]  # a dictionary: subkey = "{run_id} {creator's owner marker}"
+
+
+RUNS_SCHEMA = SchemaValidator(RunsSchema, prefix="swarm", separator=".")  # registered by this module's functions
 
 
 @dataclass
@@ -57,8 +84,6 @@ class RunAnnouncement:
         except (KeyError, TypeError, ValueError):
             return None
 
-
-MAX_SETTINGS, MAX_SETTING_CHARS = 64, 200
 
 
 def _parse_settings(value: Any) -> dict:
@@ -134,6 +159,7 @@ class RunInfo:
 
 
 async def _announcements(node) -> list[RunAnnouncement]:
+    node.validator.extend([RUNS_SCHEMA])  # (idempotent)
     found = await node.get(RUNS_KEY, latest=True)
     result = []
     now = get_dht_time()
@@ -165,6 +191,7 @@ def find_run(dht: DHT, run_id: str, timeout: float = 30.0) -> RunAnnouncement | 
 def announce_run(dht: DHT, announcement: RunAnnouncement, expiration: float = 3600.0, timeout: float = 30.0) -> bool:
     """Store (or refresh) this peer's signed announcement of a run."""
     async def go(_dht, node):
+        node.validator.extend([RUNS_SCHEMA])
         subkey = f"{announcement.run_id} {node.signature_validator.ownership_marker}"
         return await node.store(RUNS_KEY, asdict(announcement), get_dht_time() + expiration, subkey=subkey)
     return dht.run_coroutine(go, return_future=True).result(timeout)

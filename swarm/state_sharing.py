@@ -2,7 +2,8 @@
 
 Each peer that holds a state (a blob from :mod:`swarm.state`) announces it under the DHT dictionary
 key ``{run_id}.state`` (subkey: its owner marker; value: epoch, sha256 of the blob, size) and serves
-byte ranges of it over the RPC method ``swarm.state.{run_id}``. A joiner:
+byte ranges of it over the RPC method ``swarm.state.{run_id}``; each StateSharing registers
+:func:`state_schema` on its DHT (announcements of another shape are refused). A joiner:
 
 1. reads the announcements and takes the newest epoch; among the donors at that epoch, the hash
    announced by the most donors is the one the swarm agreed on (donors with another hash are not
@@ -39,19 +40,39 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
-from dht import DHT, PeerID, RemoteError, get_dht_time
+import pydantic
+
+from dht import DHT, PeerID, RemoteError, SchemaValidator, get_dht_time
 from dht.errors import BadRequestError, P2PError
 from dht.slots import Slots
 from dht.untrusted import brief
 
-__all__ = ["StateSharing", "StateDownloadError", "Donor"]
+__all__ = ["StateSharing", "StateDownloadError", "Donor", "state_schema"]
 
 logger = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 16 << 20  # largest range a donor serves in one reply
 MAX_REQUEST_BYTES = 4096  # a request, packed
+
+
+class StateRecord(pydantic.BaseModel):
+    """A donor's announcement under ``{run_id}.state`` as the DHT checks it."""
+
+    epoch: int
+    hash: Annotated[str, pydantic.Field(max_length=64)]
+    size: Annotated[int, pydantic.Field(ge=0, lt=2 ** 63)]
+    peer_id: Annotated[str, pydantic.Field(max_length=128)]
+
+
+class StateSchema(pydantic.BaseModel):
+    state: dict[str, StateRecord | None]  # subkey: the donor's owner marker; None: withdrawn
+
+
+def state_schema(run_id: str) -> SchemaValidator:
+    """The DHT schema of ``{run_id}.state`` (registered by every :class:`StateSharing` of the run)."""
+    return SchemaValidator(StateSchema, prefix=run_id, separator=".")
 
 
 class StateDownloadError(RuntimeError):
@@ -97,6 +118,7 @@ class StateSharing:
         self.bytes_served = 0
         self.overloaded_answers = 0  # 'overloaded' answers this peer got as a joiner (it retried)
         self._slots = Slots(max_requests_per_peer, max_requests, "state requests")
+        dht.add_validators([state_schema(run_id)])
         if self.serve:
             dht.run_coroutine(self._setup)
 
@@ -127,7 +149,7 @@ class StateSharing:
     async def _announce(self, node) -> None:
         if self._hash is None:
             return
-        value = {"epoch": self._epoch, "hash": self._hash, "size": len(self._blob or b""), "peer_id": str(node.peer_id)}
+        value = {"epoch": int(self._epoch), "hash": self._hash, "size": len(self._blob or b""), "peer_id": str(node.peer_id)}
         try:
             await node.store(self.key, value, get_dht_time() + self.expiration, subkey=self._subkey)
         except Exception as e:  # noqa: BLE001 - retried by the loop

@@ -410,8 +410,9 @@ def test_schema_accepts_matching_values():
     s.validate(rec("step", 3))
     s.validate(rec("loss", 0.5))
     s.validate(rec("peers", 4, subkey="peer-a"))
-    s.validate(rec("peers", {"a": 1}))  # a whole dictionary as a regular value
     s.validate(rec("unrelated", "anything"))  # extra keys allowed by default
+    with pytest.raises(ValidationError, match="holds a dictionary"):  # it would replace the subkeys
+        s.validate(rec("peers", {"a": 1}))
 
 
 @pytest.mark.parametrize("key,value,subkey,field", [
