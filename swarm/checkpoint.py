@@ -1,6 +1,8 @@
 """Checkpoints: periodic, atomic, versioned snapshots of the training state in ``--checkpoint-dir``.
 
-A checkpoint is a :mod:`swarm.state` blob (format version inside, no pickle) in a file named
+A checkpoint is a :mod:`swarm.state` blob (format version inside: version 2 holds the LR
+scheduler's state too; version-1 checkpoints still load, see :data:`swarm.state.READABLE_VERSIONS`;
+no pickle) in a file named
 ``{run_id}-epoch{EPOCH:08d}.swst``. It is written to a temporary file in the same directory, flushed
 and fsync'ed, then renamed over its final name, so a crash never leaves a half-written checkpoint
 under a checkpoint's name. The newest ``keep`` (default 3) are kept. :func:`latest_checkpoint` finds

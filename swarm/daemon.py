@@ -195,6 +195,8 @@ def _optimizer_options(task: Any, args: argparse.Namespace) -> tuple[dict, dict]
                                 "swarm join itself (from the Task's fields and the command line)")
     if args.matchmaking_time is not None:
         options["matchmaking_time"] = args.matchmaking_time
+    if getattr(task, "scheduler", None) is not None:
+        options["scheduler"] = task.scheduler  # Task.__post_init__ refuses it in optimizer_options too
     try:
         pinned = pinned_options(options)
     except TypeError as e:

@@ -48,6 +48,7 @@ import inspect
 import logging
 import math
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -58,12 +59,14 @@ from dht import DHT, get_dht_time
 
 from .progress import GlobalProgress, ProgressTracker
 from .state import StateFormatError, TrainingState, optimizer_state_from_tensors, optimizer_state_to_tensors, \
-    pack_state, state_hash, unpack_state
+    pack_state, scheduler_state_to_tensors, state_hash, unpack_state, validated_scheduler_state
 from .state_sharing import StateDownloadError, StateSharing
 
 __all__ = ["Optimizer", "PINNED_OPTIONS", "pinned_options"]
 
 logger = logging.getLogger(__name__)
+
+MAX_SCHEDULER_REPLAY = 100_000  # scheduler steps replayed for a state without the scheduler's (see _replayed_schedule)
 
 _live: "weakref.WeakSet[Optimizer]" = weakref.WeakSet()  # shut down at interpreter exit, before averagers and DHTs
 
@@ -122,7 +125,10 @@ class Optimizer:
       ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
     - ``average_state_every`` (0 = never): also average the parameters and the optimizer's statistics
       (e.g. Adam's moments) every that many epochs (a second averaging round, exact, not compressed).
-    - ``scheduler``: a factory ``optimizer -> LR scheduler``, stepped once per epoch.
+    - ``scheduler``: a factory ``optimizer -> LR scheduler`` (any ``torch.optim.lr_scheduler``),
+      stepped once per epoch; its state is part of the shared state and of checkpoints, so a joiner
+      continues at the swarm's learning rate (a state without it, format 1, gets a fresh scheduler
+      stepped to the state's epoch).
     - ``client_mode`` (the DHT's), ``bandwidth`` (MB/s, None = measured): passed to the averagers.
     - ``load_state_timeout`` (600 s); ``share_state`` (True): offer the state to joiners.
     """
@@ -164,6 +170,7 @@ class Optimizer:
         self.max_group_size = target_group_size
         self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
         self.client_mode = dht.client_mode if client_mode is None else client_mode
+        self._scheduler_factory = scheduler
         self.scheduler = scheduler(self.opt) if scheduler is not None else None
         if compression == "auto":
             compression = "float16" if mode == "diloco" else None
@@ -644,8 +651,12 @@ class Optimizer:
         else:
             meta, tensors = optimizer_state_to_tensors(self.opt, prefix="opt")
             tensors.update({f"param.{i}": p.detach() for i, p in enumerate(self.params)})
+        schedule = None
+        if self.scheduler is not None:
+            schedule, schedule_tensors = scheduler_state_to_tensors(self.scheduler)
+            tensors.update(schedule_tensors)
         metadata = {"epoch": self.local_epoch, "mode": self.mode, "run_id": self.run_id, "optimizer": meta,
-                    "num_params": len(self.params)}
+                    "num_params": len(self.params), "scheduler": schedule}
         return TrainingState(metadata, tensors)
 
     def _apply_state(self, state: TrainingState) -> None:
@@ -659,6 +670,8 @@ class Optimizer:
             if t is None or t.shape != p.shape:
                 raise StateFormatError(f"parameter {i}: the state holds {None if t is None else tuple(t.shape)}, "
                                        f"the model {tuple(p.shape)}")
+        saved = meta.get("scheduler") if self.scheduler is not None else None
+        schedule = None if saved is None else validated_scheduler_state(self.scheduler, saved, state.tensors)
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(state.tensors[f"param.{i}"].to(p.device, p.dtype))
@@ -669,6 +682,40 @@ class Optimizer:
             else:
                 optimizer_state_from_tensors(self.opt, meta["optimizer"], state.tensors, prefix="opt")
         self.local_epoch = int(meta.get("epoch", self.local_epoch))
+        if self.scheduler is not None:
+            self._load_scheduler(schedule if schedule is not None else self._replayed_schedule(self.local_epoch))
+
+    def _load_scheduler(self, schedule: dict | None) -> None:
+        """Adopt the scheduler ``state_dict`` ``schedule`` and the learning rates it last set (the inner
+        optimizer's state is not shared in DiLoCo mode)."""
+        if schedule is None:
+            return
+        self.scheduler.load_state_dict(schedule)
+        last = getattr(self.scheduler, "_last_lr", None)
+        if isinstance(last, list) and len(last) == len(self.opt.param_groups) and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in last):
+            for group, lr in zip(self.opt.param_groups, last):
+                group["lr"] = lr
+
+    def _replayed_schedule(self, epoch: int) -> dict | None:
+        """For a state without the scheduler's (format 1, or a donor without a scheduler): the state of
+        a fresh scheduler stepped ``epoch`` times (at most MAX_SCHEDULER_REPLAY) from the initial
+        learning rates, as this optimizer steps it once per epoch. None for ReduceLROnPlateau (its
+        steps need the metrics) or when the factory fails (logged): the scheduler is kept as it is."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return None
+        for group in self.opt.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        try:
+            fresh = self._scheduler_factory(self.opt)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(min(max(epoch, 0), MAX_SCHEDULER_REPLAY)):
+                    fresh.step()
+            return fresh.state_dict()
+        except Exception as e:  # noqa: BLE001 - user code
+            logger.warning("could not bring the LR scheduler to epoch %d: %s: %s", epoch, type(e).__name__, e)
+            return None
 
     def _publish_state(self, blob: bytes | None = None) -> None:
         blob = blob if blob is not None else pack_state(self._training_state())

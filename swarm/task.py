@@ -52,6 +52,11 @@ class Task:
     - ``model``: a factory returning a fresh ``torch.nn.Module`` (called once per peer; every peer
       must build the same architecture; parameters are replaced by the swarm's).
     - ``optimizer``: a factory ``params -> torch.optim.Optimizer`` (the inner/local optimizer).
+    - ``scheduler``: optional factory ``optimizer -> LR scheduler`` (e.g.
+      ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10, 0.5)``), stepped once per collaborative
+      epoch (as hivemind's ``Optimizer(scheduler=...)``); its state travels with the shared state and
+      checkpoints, so a joiner continues at the swarm's learning rate. Passed to
+      :class:`swarm.Optimizer` as ``scheduler=`` (so ``optimizer_options`` must not also set it).
     - ``data``: ``data(shard, num_shards, batch_size, seed) -> iterable of batches`` of shard
       ``shard`` of ``num_shards`` (``swarm join --shard I/N``; default ``0/1``: all the data), in an
       order given by ``seed`` (each peer's differs: it comes from the peer id), so that peers do not
@@ -83,11 +88,16 @@ class Task:
     count_samples: Callable[[Any], int] | None = None
     hyperparameters: dict = field(default_factory=dict)
     optimizer_options: dict = field(default_factory=dict)
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "optimizer", "data", "loss"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
+        if self.scheduler is not None and not callable(self.scheduler):
+            raise TypeError(f"Task.scheduler must be a factory taking the optimizer, got {self.scheduler!r}")
+        if self.scheduler is not None and "scheduler" in self.optimizer_options:
+            raise ValueError("set the scheduler once: Task.scheduler or optimizer_options['scheduler'], not both")
         if self.batch_size <= 0 or self.target_batch_size <= 0:
             raise ValueError("Task.batch_size and Task.target_batch_size must be positive")
         if self.target is not None and (len(self.target) != 2 or not isinstance(self.target[0], str)):
