@@ -222,3 +222,147 @@ def test_loss_drops_the_configured_fraction():
     print(f"received {received} of 2000 with 20% loss; forwarder: {stats}")
     assert 1600 - 100 <= received <= 1600 + 100  # 5 standard deviations
     assert stats["lost"] == 2000 - received
+
+
+# ---------------------------------------------------------------- a swarm across the lab's hosts
+
+PEER_SCRIPT = str(netlab.ROOT / "tests" / "netlab_peers" / "allreduce_peer.py")
+
+# 192 samples per epoch, 16 per step of 0.2 s.
+# Training waits (in data()) until the file GO exists, so that all peers start together; the first call
+# of data() is the daemon's check before it joins, which does not wait.
+TINY_TASK = textwrap.dedent("""
+    import os, time
+    import torch
+    from swarm import Task
+
+    GO = {go!r}
+    calls = [0]
+
+    def data(shard, num_shards, batch_size, seed):
+        calls[0] += 1
+        deadline = time.monotonic() + 120
+        while calls[0] > 1 and not os.path.exists(GO) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        g = torch.Generator().manual_seed(seed)
+        w = torch.arange(1.0, 5.0)
+        for _ in range(8):
+            time.sleep(0.2)  # a peer alone needs 2.4 s per epoch, 4 together 0.6 s: they see each other
+            x = torch.randn(batch_size, 4, generator=g)
+            yield x, x @ w + 0.1 * torch.randn(batch_size, generator=g)
+
+    task = Task(name="tiny", model=lambda: torch.nn.Linear(4, 1),
+                optimizer=lambda p: torch.optim.Adam(p, lr=0.05), data=data,
+                loss=lambda m, b: torch.nn.functional.mse_loss(m(b[0]).sum(-1), b[1]),
+                batch_size=16, target_batch_size=192)
+""")
+
+
+class _Logs:
+    """Processes started in lab hosts, each writing ``DIR/NAME.log``."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._files = []
+
+    def spawn(self, name: str, host, args: list[str]) -> subprocess.Popen:
+        log = open(self.directory / f"{name}.log", "a")
+        self._files.append(log)
+        self.procs[name] = host.python(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+        return self.procs[name]
+
+    def text(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, pattern: str, timeout: float) -> "re.Match":
+        import re
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.text(name), re.MULTILINE)
+            if match:
+                return match
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                match = re.search(pattern, self.text(name), re.MULTILINE)
+                if match:
+                    return match
+                raise AssertionError(f"{name} did not print {pattern!r} (exit {self.procs[name].poll()}):\n"
+                                     f"{self.text(name)[-3000:]}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+@needs_lab
+@pytest.mark.slow
+def test_a_four_host_swarm_averages_exactly_and_trains_over_limited_links(tmp_path):
+    """4 hosts with unequal, asymmetric links (20-200 Mbit/s, RTTs 30-80 ms): a DHT across them, one
+    all-reduce of 500k floats per peer (the exact weighted average everywhere), then ``swarm join`` on
+    each host for two epochs (each peer's epochs rise one by one to 2, with all 4 peers in view)."""
+    import torch
+
+    links = [Link(up_mbit=100, down_mbit=100, delay_ms=5), Link(up_mbit=50, down_mbit=50, delay_ms=10),
+             Link(up_mbit=20, down_mbit=40, delay_ms=15), Link(up_mbit=200, down_mbit=200, delay_ms=20)]
+    size = 500_000
+    logs = _Logs(tmp_path)
+    try:
+        with Lab(links) as lab:
+            hosts = lab.hosts
+            # --- a DHT across the hosts and one all-reduce
+            logs.spawn("bootstrap", hosts[0], ["-m", "swarm", "dht", "--host", hosts[0].ip, "--report-interval", "3600"])
+            first = logs.wait_for("bootstrap", r"--initial-peers (/ip4/\S+)", 60).group(1)
+            assert first.startswith(f"/ip4/{hosts[0].ip}/tcp/")
+            for i in range(4):
+                logs.spawn(f"avg{i}", hosts[i], [PEER_SCRIPT, "--host", hosts[i].ip, "--index", str(i), "--peers", "4",
+                                                 "--size", str(size), "--out", str(tmp_path), first])
+            expected = sum((i + 1) * vector for i, vector in enumerate(
+                torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(4))) / 10
+            results = []
+            for i in range(4):
+                seen = json.loads(logs.wait_for(f"avg{i}", r'^(\{"dht".*)$', 90).group(1))["dht"]
+                assert seen == {str(j): h.ip for j, h in enumerate(hosts)}, seen
+                results.append(json.loads(logs.wait_for(f"avg{i}", r'^(\{"round".*)$', 120).group(1)))
+                logs.wait_for(f"avg{i}", r"^DONE", 30)
+            print("all-reduce of 500k floats:", [round(r.get("seconds", -1), 2) for r in results])
+            averages = [torch.load(tmp_path / f"peer{i}.pt") for i in range(4)]
+            for i, (result, average) in enumerate(zip(results, averages)):
+                assert "error" not in result and result["members"] == 4, result
+                assert result["bytes_sent"] > 0 and result["bytes_received"] > 0
+                assert torch.equal(average, averages[0]), i  # every peer holds the same vector
+                assert torch.allclose(average, expected, rtol=0, atol=1e-5), (average - expected).abs().max()
+
+            # --- training with `swarm join` on every host
+            task = tmp_path / "tiny_task.py"
+            go = tmp_path / "go"
+            task.write_text(TINY_TASK.format(go=str(go)))
+
+            def join(i: int, *initial: str) -> None:
+                args = ["-m", "swarm", "join", str(task), "--host", hosts[i].ip, "--threads", "1", "--quiet",
+                        "--identity", str(tmp_path / f"peer{i}.key"), "--matchmaking-time", "1.0",
+                        "--run-id", "netlab-run", "--max-epochs", "2", "--metrics-file", str(tmp_path / f"m{i}.jsonl")]
+                logs.spawn(f"join{i}", hosts[i], args + (["--initial-peers", *initial] if initial else []))
+
+            join(0, first)
+            logs.wait_for("join0", r"run 'netlab-run' is new: this peer created it", 90)
+            for i in (1, 2, 3):
+                join(i, first)
+            for i in (1, 2, 3):
+                logs.wait_for(f"join{i}", r"joining run 'netlab-run' created by", 90)
+            go.touch()
+            for i in range(4):
+                proc = logs.procs[f"join{i}"]
+                try:
+                    proc.wait(timeout=150)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"join{i} still running:\n{logs.text(f'join{i}')[-3000:]}") from None
+                assert proc.returncode == 0, logs.text(f"join{i}")[-3000:]
+            for i in range(4):
+                records = [json.loads(line) for line in (tmp_path / f"m{i}.jsonl").read_text().splitlines()]
+                epochs = [r["epoch"] for r in records]
+                assert epochs and epochs[-1] == 2 and all(b == a + 1 for a, b in zip(epochs, epochs[1:])), (i, epochs)
+                assert max(r["peers"] for r in records) == 4, (i, records)
+                assert records[-1]["bytes_received"] > 0, records
+    finally:
+        logs.close()

@@ -1,0 +1,94 @@
+"""One peer of a lab all-reduce: a DHT peer on ``--host`` and an Averager over one float32 vector.
+
+    python tests/netlab_peers/allreduce_peer.py --host IP --index I --peers N [--size ELEMS] [--rounds R]
+        [--compression none|float16|uint8|...] [--bandwidth MB/S] [--out DIR] [INITIAL_PEER ...]
+
+Prints ``ADDR /ip4/...`` once its DHT listens; stores ``I -> IP`` under the DHT key ``netlab-hosts``
+and prints ``{"dht": {index: ip}}`` once it sees all N peers' entries (the DHT works across hosts).
+Then runs R averaging rounds in groups of exactly N; before each its vector is ``randn(ELEMS)`` from
+``torch.Generator().manual_seed(I)`` again, its weight ``I + 1``; after each it prints a JSON line
+``{"round", "seconds", "matchmaking_seconds", "allreduce_seconds", "members", "bytes_sent",
+"bytes_received"}`` (or ``{"round", "error"}``). With ``--out`` the result of the last round is
+``torch.save``'d to ``DIR/peerI.pt``. Exits ``--linger`` seconds after the rounds (slower peers finish
+their reads meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from averaging import Averager, AveragingError  # noqa: E402
+from dht import DHT, get_dht_time  # noqa: E402
+
+
+def vector(index: int, size: int) -> torch.Tensor:
+    """Peer ``index``'s input: standard normal values, seeded by the index."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(index), dtype=torch.float32)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("initial_peers", nargs="*")
+    p.add_argument("--host", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--peers", type=int, required=True)
+    p.add_argument("--size", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--compression", default="none")
+    p.add_argument("--bandwidth", type=float, default=None, help="MB/s announced for load balancing")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per round")
+    p.add_argument("--matchmaking-time", type=float, default=2.0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--linger", type=float, default=5.0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    dht = DHT(initial_peers=args.initial_peers, host=args.host)
+    print("ADDR", dht.get_visible_addresses()[0], flush=True)
+    dht.store("netlab-hosts", args.host, get_dht_time() + 600, subkey=str(args.index))
+    deadline = time.monotonic() + 60
+    seen: dict = {}
+    while time.monotonic() < deadline:
+        found = dht.get("netlab-hosts", latest=True)
+        seen = {k: v.value for k, v in found.value.items()} if found is not None else {}
+        if len(seen) >= args.peers:
+            break
+        time.sleep(0.5)
+    print(json.dumps({"dht": seen}), flush=True)
+
+    tensor = vector(args.index, args.size)
+    averager = Averager([tensor], dht, prefix="netlab-avg", target_group_size=args.peers, min_group_size=args.peers,
+                        compression=args.compression, bandwidth=args.bandwidth,
+                        min_matchmaking_time=args.matchmaking_time, default_timeout=args.timeout)
+    for r in range(args.rounds):
+        with averager.lock:
+            tensor.copy_(vector(args.index, args.size))
+        started = time.monotonic()
+        try:
+            result = averager.step(weight=args.index + 1.0, timeout=args.timeout)
+        except AveragingError as e:
+            print(json.dumps({"round": r, "error": str(e)[:500]}), flush=True)
+            continue
+        print(json.dumps({"round": r, "seconds": time.monotonic() - started,
+                          "matchmaking_seconds": result.matchmaking_seconds,
+                          "allreduce_seconds": result.allreduce_seconds, "members": len(result.members),
+                          "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received}), flush=True)
+    if args.out:
+        torch.save(tensor.clone(), os.path.join(args.out, f"peer{args.index}.pt"))
+    print("DONE", flush=True)
+    time.sleep(args.linger)
+    averager.shutdown()
+    dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
