@@ -10,8 +10,9 @@ whether a member was dropped after some chunks already included it.
 
 A member that stops sending for ``sender_timeout``, sends a malformed chunk or NaN/Inf values is
 excluded (with a logged reason naming it); an owner that stops answering for ``reducer_timeout``
-has failed. Then members exchange reports of the failures they saw (``avg.report``, one call per
-pair) and agree on the survivors F. Every part whose owner failed, that is mixed, or whose
+has failed (and is excluded from the caller's own part too). Then members exchange reports of the
+failures they saw (``avg.report``, one call per pair of reachable members; client-mode members
+call the reachable ones, which relay what the other clients reported) and agree on the survivors F. Every part whose owner failed, that is mixed, or whose
 contributors are not exactly F is re-reduced among F in a recovery phase (the same protocol over
 those ranges, split among the survivors), from the same snapshot. So every survivor ends with the
 exact weighted mean over F for the whole vector, bit-identical across members, or the round fails
@@ -34,7 +35,12 @@ rate-limited one-line log per peer, never a traceback):
 ``avg.report``  unary, member -> member: ``{"g": group id (bytes, as above), "i": the caller's index
                 (int, its PeerID), "failed": [member indices] (ints in range, at most members)}``;
                 reply ``{"failed": [member indices]}`` once this peer's own report is ready. One
-                call per member in flight (a second one gets ``bad_request``).
+                call per member in flight (a second one gets ``bad_request``). Reachable members
+                call each other (the lower index calls); a client-mode member calls every reachable
+                one and gets two more fields in the reply, for the other clients it cannot reach:
+                ``"heard"`` (the client members whose reports this peer has, waited for up to half
+                the agreement timeout) and ``"relayed"`` (the union of their reports), each a list
+                of member indices checked like ``failed``.
 ==============  ==================================================================================
 """
 
@@ -99,6 +105,11 @@ def _indices(value: Any, n: int) -> list[int] | None:
     if not isinstance(value, list) or len(value) > n or not all(_is_int(v) and 0 <= v < n for v in value):
         return None
     return sorted(set(value))
+
+
+def _is_client(group: "GroupInfo", member: int) -> bool:
+    """Whether ``member`` of ``group`` is in client mode (accepts no connections)."""
+    return member < len(group.client_mode) and bool(group.client_mode[member])
 
 
 def _refuse(ctx: CallContext, what: str, value: Any = None) -> BadRequestError:
@@ -200,7 +211,7 @@ class _Owner:
         while self.reduced < len(self.chunks) and self.alive and all(m in self.pending[self.reduced] for m in self.alive):
             order = sorted(self.alive)
             x = torch.stack([self.pending[self.reduced][m] for m in order])
-            self._publish(self.reduced, self._reduce(x, order))
+            self._publish(self.reduced, self._reduce(x, order), x)
             self.pending[self.reduced] = {}
             self.reduced += 1
 
@@ -213,7 +224,7 @@ class _Owner:
         averaged = self._reduce(x, order)
         offset = 0
         for index, (lo, hi) in enumerate(self.chunks):
-            self._publish(index, averaged[offset:offset + hi - lo])
+            self._publish(index, averaged[offset:offset + hi - lo], x[:, offset:offset + hi - lo])
             offset += hi - lo
         self.pending = [{} for _ in self.chunks]
         self.reduced = len(self.chunks)
@@ -222,11 +233,14 @@ class _Owner:
         w = torch.tensor([self.weights[m] for m in order], dtype=torch.float32)
         return self.run.reducer(x, w).to(torch.float32).contiguous()
 
-    def _publish(self, index: int, averaged: torch.Tensor) -> None:
+    def _publish(self, index: int, averaged: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Encode chunk ``index``'s result once for every member; ``inputs``: the contributions it
+        reduced (the codec may send the result relative to them: see Codec.encode_result)."""
         lo, hi = self.chunks[index]
-        message = self.run.codec.encode(averaged.contiguous(), lo, result=True)
+        message = self.run.codec.encode_result(averaged.contiguous(), lo, inputs)
         self.encoded[index] = message
-        self.run.result[lo:hi] = self.run.codec.decode(message, hi - lo)  # exactly what the others get
+        # exactly what the others get (each decodes it with its own values, as this owner does here)
+        self.run.result[lo:hi] = self.run.codec.decode_result(message, hi - lo, self.run.flat[lo:hi])
 
     @property
     def contributors(self) -> list[int]:
@@ -305,9 +319,10 @@ def _decode_checked(codec: Codec, message: Any, length: int) -> tuple[torch.Tens
     return values, all_finite(values)
 
 
-def _decode_into(codec: Codec, message: Any, result: torch.Tensor, lo: int, hi: int) -> bool:
-    """Decode an owner's averaged chunk into ``result[lo:hi]``; False (and nothing written) if not finite."""
-    values = codec.decode(message, hi - lo)
+def _decode_into(codec: Codec, message: Any, result: torch.Tensor, lo: int, hi: int, flat: torch.Tensor) -> bool:
+    """Decode an owner's averaged chunk into ``result[lo:hi]`` (``flat``: this member's own values);
+    False (and nothing written) if not finite."""
+    values = codec.decode_result(message, hi - lo, flat[lo:hi])
     if not all_finite(values):
         return False
     result[lo:hi] = values
@@ -390,7 +405,7 @@ class _Phase:
             for lo, hi in chunks:
                 message = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
                 self.bytes_received += _size(message)
-                if not await _run(loop, self.codec, _decode_into, self.codec, message, self.result, lo, hi):
+                if not await _run(loop, self.codec, _decode_into, self.codec, message, self.result, lo, hi, self.flat):
                     raise AveragingError("the owner returned NaN/Inf")
             done = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
             contributors, mixed = done["done"], done["mixed"]
@@ -420,6 +435,11 @@ class _Phase:
             logger.warning("averaging round %s: part owner %s failed: %s", self.group_id.hex()[:8],
                            self.members[owner], reason)
         self.failed.add(owner)
+        # it is no survivor now (our report names it): waiting for its values to my part would only
+        # delay the round by sender_timeout. Only before my part is done: the contributors announced in
+        # my final messages must be what I report for it myself.
+        if self.owner is not None and not self.owner.finished.is_set():
+            self.owner.exclude(owner, f"failed as a part owner: {reason}")
 
 
 class AllReduceService:
@@ -446,6 +466,7 @@ class AllReduceService:
         self._reports: dict[bytes, dict[int, asyncio.Future]] = {}
         self._my_reports: dict[bytes, asyncio.Future] = {}
         self._report_calls: set[tuple[bytes, int]] = set()  # (group id, member) with a report call in flight
+        self._relay_wait: dict[bytes, float] = {}  # group id -> how long a client's report call waits for the others'
         p2p.add_stream_handler(self.part_method, self._serve_part)
         p2p.add_unary_handler(self.report_method, self._serve_report, max_message_size=MAX_REPORT_BYTES)
 
@@ -453,11 +474,26 @@ class AllReduceService:
         self.p2p.remove_handler(self.part_method)
         self.p2p.remove_handler(self.report_method)
 
+    def finish(self, group_id: bytes) -> None:
+        """This peer takes no (further) part in round ``group_id`` (e.g. its step was cancelled right
+        after matchmaking): part streams for it, waiting or new, are refused at once instead of after
+        ``join_wait``, so the others give up on this peer and retry without delay."""
+        if group_id in self._groups:
+            return  # the round runs here: it cleans up itself
+        self._finished[group_id] = None
+        while len(self._finished) > MAX_FINISHED_ROUNDS:
+            self._finished.popitem(last=False)
+        for phase_no in (0, 1):
+            entry = self._phase_ready.get((group_id, phase_no))
+            if entry is not None:
+                entry[0].set()  # the waiting streams find no phase: "the averaging round is over"
+
     def table_sizes(self) -> dict[str, int]:
         """Entries in every table keyed by what peers send (for tests: back to 0 between rounds)."""
         return {"phases": len(self._phases), "phase_ready": len(self._phase_ready), "waiting": len(self._waiting),
                 "waiting_peers": self._waiting.keys, "groups": len(self._groups), "reports": len(self._reports),
-                "my_reports": len(self._my_reports), "report_calls": len(self._report_calls)}
+                "my_reports": len(self._my_reports), "report_calls": len(self._report_calls),
+                "relay_wait": len(self._relay_wait)}
 
     # ---- serving ---------------------------------------------------------------------------
     def _parse_header(self, header: Any, ctx: CallContext) -> tuple[tuple[bytes, int], bytes, int, Any]:
@@ -549,7 +585,16 @@ class AllReduceService:
         try:
             if not futures[member].done():
                 futures[member].set_result(set(failed))
-            return {"failed": sorted(await asyncio.shield(mine))}
+            reply: dict[str, Any] = {"failed": sorted(await asyncio.shield(mine))}
+            if _is_client(group, member):  # it cannot reach the other clients: relay what they reported
+                others = [c for c in futures if c != member and _is_client(group, c)]
+                pending = [futures[c] for c in others if not futures[c].done()]
+                if pending:  # they report at about the same time; a missing one is waited for a while only
+                    await asyncio.wait(pending, timeout=self._relay_wait.get(group_id, 0.0))
+                heard = [c for c in others if futures[c].done() and futures[c].result() is not None]
+                reply["heard"] = heard
+                reply["relayed"] = sorted(set().union(*(futures[c].result() for c in heard)))
+            return reply
         finally:
             self._report_calls.discard((group_id, member))
 
@@ -613,6 +658,7 @@ class AllReduceService:
         finally:
             self._groups.pop(group.group_id, None)
             self._reports.pop(group.group_id, None)
+            self._relay_wait.pop(group.group_id, None)
             mine = self._my_reports.pop(group.group_id, None)
             if mine is not None and not mine.done():
                 mine.set_result(set(range(n)))
@@ -641,43 +687,65 @@ class AllReduceService:
         return phase
 
     async def _agree(self, group: GroupInfo, me: int, failed: set[int], timeout: float) -> list[int]:
-        """Exchange failure reports with every member; returns the survivors everyone should agree on."""
+        """Exchange failure reports with every member; returns the survivors everyone should agree on.
+
+        One call per pair of reachable members (the lower index calls); a client-mode member calls
+        every reachable one, and learns what the other clients reported (they cannot reach each
+        other) from those replies: which clients each reachable member heard from, and the union of
+        their reports. A member heard from nowhere is dropped."""
+        self._relay_wait[group.group_id] = timeout / 2
         mine = self._my_reports[group.group_id]
         mine.set_result(set(failed))
         futures = self._reports[group.group_id]
-        client = [i < len(group.client_mode) and group.client_mode[i] for i in range(len(group.members))]
+        n = len(group.members)
+        relayed: set[int] = set()  # failures the other clients reported, as relayed to this client
 
-        async def call(peer: int) -> None:  # one call per pair: the client-mode side (or lower index) calls
+        async def call(peer: int) -> None:
             try:
                 response = await self.p2p.call(group.members[peer], self.report_method,
                                                {"g": group.group_id, "i": me, "failed": sorted(failed)}, timeout=timeout)
-                report = _indices(response["failed"], len(group.members))
+                report = _indices(response["failed"], n)
                 if report is None:
                     raise ValueError("malformed report")
                 if not futures[peer].done():
                     futures[peer].set_result(set(report))
-            except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError):
+                if _is_client(group, me):
+                    heard, through = _indices(response.get("heard", []), n), _indices(response.get("relayed", []), n)
+                    if heard is None or through is None:
+                        raise ValueError("malformed relayed reports")
+                    relayed.update(through)
+                    for c in heard:
+                        if c in futures and _is_client(group, c) and not futures[c].done():
+                            futures[c].set_result(set())  # its failures are in ``relayed``
+            except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError, AttributeError):
                 if not futures[peer].done():
                     futures[peer].set_result(None)
 
-        calls = []
+        async def call_all(peers: list[int]) -> None:
+            await asyncio.gather(*(call(peer) for peer in peers))
+            if _is_client(group, me):  # clients that no reachable member heard from are dropped
+                for c, future in futures.items():
+                    if _is_client(group, c) and not future.done():
+                        future.set_result(None)
+
+        peers = []
         for peer in futures:
             if peer in failed:
                 futures[peer].set_result(None)
-                continue
-            if (client[me] != client[peer] and client[me]) or (client[me] == client[peer] and me < peer):
-                calls.append(asyncio.ensure_future(call(peer)))
+            elif not _is_client(group, peer) and (_is_client(group, me) or me < peer):
+                peers.append(peer)  # clients call me (or reach me through the reachable members)
+        calls = asyncio.ensure_future(call_all(peers))
         try:
-            done, _ = await asyncio.wait(list(futures.values()), timeout=timeout)
+            await asyncio.wait(list(futures.values()), timeout=timeout)
         finally:
-            for task in calls:
-                task.cancel()
-        survivors = set(range(len(group.members)))
+            calls.cancel()
+            await asyncio.gather(calls, return_exceptions=True)
+        survivors = set(range(n))
         for peer, future in futures.items():
             report = future.result() if future.done() else None
             if report is None:
                 survivors.discard(peer)
             else:
                 survivors -= report
-        survivors -= failed
+        survivors -= failed | relayed
         return sorted(survivors)

@@ -10,7 +10,10 @@
 
 Each step: snapshot the tensors, find a group under ``prefix`` (matchmaking), run the butterfly
 all-reduce with exact recovery (:mod:`averaging.allreduce`), then write the result into the tensors.
-On failure ``step`` raises :class:`AveragingError` and leaves the tensors unchanged. Hold
+A round that fails (e.g. a member cancelled its step right after the group formed) is retried with
+a new group until the step's deadline. On failure ``step`` raises :class:`AveragingError` and
+leaves the tensors unchanged; a cancelled step tells its group at once (part streams for that
+round are refused), so the others retry without waiting for timeouts. Hold
 ``averager.lock`` while you modify the tensors from another thread during a ``wait=False`` step.
 """
 
@@ -20,6 +23,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -38,6 +42,8 @@ from .matchmaking import MAX_INFO_BYTES, Matchmaker, next_group_bits, packed_siz
 from .partition import flatten, unflatten_into
 
 __all__ = ["Averager", "StepResult"]
+
+logger = logging.getLogger(__name__)
 
 _live: "weakref.WeakSet[Averager]" = weakref.WeakSet()  # shut down at interpreter exit, before their DHTs
 
@@ -169,12 +175,15 @@ class Averager:
 
     def step(self, weight: float = 1.0, timeout: float | None = None, wait: bool = True,
              gather: Any = None, matchmaking_timeout: float | None = None,
-             scope: str = "") -> StepResult | concurrent.futures.Future:
+             scope: str = "", allow_retries: bool = True) -> StepResult | concurrent.futures.Future:
         """Average once. ``weight`` (e.g. the number of samples) weighs this peer's values; ``gather``
         (any msgpack value, at most about 16 KiB packed: leaders refuse bigger join requests) is
         shared with the group and returned in ``StepResult.gathered``.
         ``matchmaking_timeout`` (default: the whole ``timeout``) bounds the search for a group.
         ``scope`` (e.g. ``"epoch12"``): only peers that step with the same scope are grouped together.
+        ``allow_retries`` (True): when a group's round fails (a member cancelled, died or froze and
+        too few were left), look for another group, while the matchmaking time and the step's
+        ``timeout`` last; the round's key still moved on (Moshpit), so the retry looks under the new one.
         With ``wait=False`` returns a Future at once (training can go on; the tensors change only
         at the end of the round, under ``self.lock``)."""
         if self._shutdown:
@@ -187,31 +196,45 @@ class Averager:
         with self.lock:
             snapshot = flatten(self.tensors, out=self._take_buffer())
         future = asyncio.run_coroutine_threadsafe(
-            self._step(snapshot, float(weight), timeout or self.default_timeout, gather, matchmaking_timeout, scope),
+            self._step(snapshot, float(weight), timeout or self.default_timeout, gather, matchmaking_timeout, scope,
+                       allow_retries),
             self.dht.loop)
         return future.result() if wait else future
 
     async def _step(self, snapshot: torch.Tensor, weight: float, timeout: float, gather: Any,
-                    matchmaking_timeout: float | None = None, scope: str = "") -> StepResult:
+                    matchmaking_timeout: float | None = None, scope: str = "", allow_retries: bool = True) -> StepResult:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = get_dht_time() + timeout
         info = {"size": self.size, "bandwidth": self.bandwidth, "gather": gather, "min_part": 0}
         matchmaking_deadline = deadline if matchmaking_timeout is None else min(deadline, get_dht_time() + matchmaking_timeout)
         self._matchmaker.scope = scope
-        group, me = await self._matchmaker.look_for_group(matchmaking_deadline, info)
-        matchmaking_seconds = time.monotonic() - started
-        remaining = deadline - get_dht_time()
-        if remaining <= 0:
-            raise AveragingError(f"the step's timeout of {timeout} s ran out in matchmaking")
-        try:
-            result, outcome = await asyncio.wait_for(
-                self._service.run(group, me, snapshot, weight, self.codec, self.reducer, self.chunk_elems,
-                                  self.sender_timeout, self.reducer_timeout, result=self._take_buffer()), remaining)
-        except asyncio.TimeoutError:
-            raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
-        # (after a failure the buffers are dropped: a cancelled executor job may still write into them)
-        self._matchmaker.group_bits = next_group_bits(self._matchmaker.group_bits, group.group_id, me, len(group.members))
+        while True:
+            group, me = await self._matchmaker.look_for_group(matchmaking_deadline, info)
+            try:
+                # the key moves on as soon as the group is assembled (as every member's does, whatever the
+                # round's outcome at each): Moshpit's keys stay balanced, and a retry looks under the new key
+                self._matchmaker.group_bits = next_group_bits(self._matchmaker.group_bits, group.group_id, me,
+                                                              len(group.members), self._matchmaker.target_group_size)
+                matchmaking_seconds = time.monotonic() - started
+                remaining = deadline - get_dht_time()
+                if remaining <= 0:
+                    raise AveragingError(f"the step's timeout of {timeout} s ran out in matchmaking")
+                try:
+                    result, outcome = await asyncio.wait_for(
+                        self._service.run(group, me, snapshot, weight, self.codec, self.reducer, self.chunk_elems,
+                                          self.sender_timeout, self.reducer_timeout, result=self._take_buffer()),
+                        remaining)
+                except asyncio.TimeoutError:
+                    raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
+                break
+            except AveragingError as e:
+                # (after a failure the buffers are dropped: a cancelled executor job may still write into them)
+                if not allow_retries or get_dht_time() >= min(deadline, matchmaking_deadline):
+                    raise
+                logger.info("averaging round %s failed (%s); looking for another group", group.group_id.hex()[:8], e)
+            finally:  # also when cancelled before the round started here: the others stop waiting for us at once
+                self._service.finish(group.group_id)
 
         def write_back() -> None:
             with self.lock:

@@ -11,9 +11,11 @@ who reduces which part), computes the part sizes from the members' bandwidths an
 points them to that leader. Leaders or followers that vanish are dropped: followers move on to the
 next candidate, leaders simply start without them.
 
-After a round, :func:`next_group_bits` gives each member a distinct new key derived from the group
-id, so group-mates land in different groups next time and information mixes across the swarm
-(Moshpit SGD).
+After a round, :func:`next_group_bits` shifts each member's key and appends bits distinct for every
+member (derived from the group id), so group-mates land in different groups next time, every key
+keeps its number of peers, and information mixes across the swarm (Moshpit SGD). When a search ends,
+the declaration is withdrawn in the background: the all-reduce starts at once even if the DHT nodes
+holding the key are slow or frozen.
 
 The ``avg.join.{prefix}`` stream (follower -> leader), validated on receipt (a malformed request
 gets ``bad_request`` and at most the transport's rate-limited one-line log per peer):
@@ -127,12 +129,24 @@ def check_join_request(request: Any) -> str | None:
     return None
 
 
-def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int) -> str:
-    """A new key for each member of a group: distinct for up to ``2**len(bits)`` members; a larger
-    group is spread evenly over all keys (each gets ``group_size / 2**len(bits)`` members, +-1)."""
+def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int,
+                    target_group_size: int | None = None) -> str:
+    """The Moshpit key of member ``my_index`` for the next round: the key shifted left by
+    ``ceil(log2(target_group_size))`` bits (at least 1; ``target_group_size`` defaults to
+    ``group_size``), the new bits on the right a symbol distinct for every member of the group (a
+    permutation seeded by ``group_id``, the same at every member). So group-mates land in different
+    groups next round, and a full ``M x ... x M`` grid stays balanced: each key keeps its number of
+    peers, and after ``len(bits) / log2(M) + 1`` rounds of exact groups every peer holds the global
+    mean. When the shift covers the whole key (groups as large as the number of keys), the key is
+    replaced: distinct keys for up to ``2**len(bits)`` members, a larger group spread evenly over all
+    keys (each gets ``group_size / 2**len(bits)`` members, +-1)."""
     if not bits:
         return bits
     rng = random.Random(group_id)
+    shift = max(1, math.ceil(math.log2(max(target_group_size or group_size, group_size, 2))))
+    if shift < len(bits):
+        symbol = rng.sample(range(2 ** shift), group_size)[my_index]
+        return (bits + format(symbol, f"0{shift}b"))[-len(bits):]
     buckets = 2 ** len(bits)
     if group_size <= buckets:
         symbol = rng.sample(range(buckets), group_size)[my_index]
@@ -168,11 +182,14 @@ class Matchmaker:
         self._beginning = False  # this peer starts its own group: it joins no other
         self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
+        self._withdrawals: set[asyncio.Future] = set()  # at most one per search, each within request_timeout
         node.validator.extend([group_key_schema(prefix)])
         p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join, max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
         self.p2p.remove_handler(f"avg.join.{self.prefix}")
+        for withdrawal in list(self._withdrawals):
+            withdrawal.cancel()
 
     @property
     def group_key(self) -> str:
@@ -233,11 +250,19 @@ class Matchmaker:
             declare.cancel()
             await asyncio.gather(declare, return_exceptions=True)
             await self._disband("the leader stopped looking for a group")
-            try:
-                await asyncio.wait_for(self.node.store(self._key, None, get_dht_time() + 1.0,
-                                                       subkey=str(self.p2p.peer_id)), self.request_timeout)
-            except Exception:
-                pass
+            # in the background: a store waits for the DHT nodes holding the key, and one of them may be
+            # a frozen group-mate; this member's all-reduce must start now, or the others exclude it
+            withdrawal = asyncio.ensure_future(self._withdraw(self._key, get_dht_time() + 1.0))
+            self._withdrawals.add(withdrawal)
+            withdrawal.add_done_callback(self._withdrawals.discard)
+
+    async def _withdraw(self, key: str, expiration: float) -> None:
+        """Replace this peer's declaration under ``key`` by None (within ``request_timeout``)."""
+        try:
+            await asyncio.wait_for(self.node.store(key, None, expiration, subkey=str(self.p2p.peer_id)),
+                                   self.request_timeout)
+        except Exception:  # noqa: BLE001 - the declaration expires on its own anyway
+            pass
 
     async def _declare_once(self) -> None:
         value = {"addrs": [str(a) for a in self.p2p.get_visible_addresses()], "client": self.client_mode}
