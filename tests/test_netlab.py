@@ -98,8 +98,11 @@ def test_hosts_run_the_venv_python_on_their_own_network_and_vanish_on_close():
                                         "timeout=2)"])
         assert unreachable.returncode != 0 and "unreachable" in unreachable.stderr.lower(), unreachable.stderr
         sleeper = lab.hosts[1].popen(["sleep", "600"])
+        deadline = time.monotonic() + 10  # setpriv and nsenter exec it once they entered the namespace
+        while sleeper.pid not in lab.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
         pids = lab.pids()
-        assert sleeper.pid in pids and len(pids) >= 5  # 4 holders, the forwarder, the sleeper
+        assert sleeper.pid in pids and len(pids) >= 6  # 4 holders, the forwarder, the sleeper
     finally:
         lab.close()
     assert sleeper.poll() is not None
@@ -133,15 +136,17 @@ def test_a_lab_dies_with_its_process_even_on_kill_9(tmp_path):
         sys.path.insert(0, {str(netlab.ROOT)!r})
         from tests.netlab import Lab, Link
         lab = Lab([Link(delay_ms=5), Link(delay_ms=5)])
-        lab.hosts[0].popen(["sleep", "600"])
-        lab.hosts[1].popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        children = [lab.hosts[0].popen(["sleep", "600"]).pid,
+                    lab.hosts[1].popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid]
+        while not set(children) <= set(lab.pids()):
+            time.sleep(0.05)
         print(json.dumps({{"inodes": lab.namespace_inodes(), "pids": lab.pids()}}), flush=True)
         time.sleep(600)
     """)
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(owner.stdout.readline())
-        assert len(info["pids"]) >= 5 and _alive(info["pids"]) == info["pids"]
+        assert len(info["pids"]) == 6 and _alive(info["pids"]) == info["pids"]  # 3 holders, forwarder, 2 children
     finally:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=10)
