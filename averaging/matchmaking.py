@@ -183,7 +183,8 @@ class Matchmaker:
         self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
         self._withdrawals: set[asyncio.Future] = set()  # at most one per search, each within request_timeout
-        node.validator.extend([group_key_schema(prefix)])
+        if node is not None:  # (tests drive a Matchmaker without a DHT)
+            node.validator.extend([group_key_schema(prefix)])
         p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join, max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
