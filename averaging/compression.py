@@ -164,21 +164,25 @@ class Float16(Codec):
         return _frombuffer(_bytes(msg, "d", 2 * length), torch.float16).float()
 
     def encode_result(self, averaged, start, inputs):
-        absolute = self.encode(averaged, start, result=True)
+        # float32 throughout: a difference is correctly rounded (relative error 2**-24, far inside the
+        # margin of _SPAN), R / g and round(R / g) * g are exact (g a power of two, N at most 24 bits)
+        half = _half(averaged)
+        absolute = {"d": _raw(half)}
         if inputs is None or averaged.numel() == 0:
             return absolute
-        result = averaged.double()
-        spread = float((_half(inputs).double() - result).abs().max())  # what each member recomputes: _half(own)
+        # max over members of |_half(own) - R| (each member recomputes _half(own)); _half is monotone
+        lowest, highest = torch.aminmax(inputs, dim=0) if inputs.dim() == 2 else (inputs, inputs)
+        spread = max(float((_half(highest).float() - averaged).max()), float((averaged - _half(lowest).float()).max()))
         if not math.isfinite(spread):
             return absolute
         k = max(math.frexp(spread / self._SPAN)[1], self.RESIDUE_MIN_EXP) if spread > 0 else self.RESIDUE_MIN_EXP
         if k > self.RESIDUE_MAX_EXP:
             return absolute
         grid = math.ldexp(1.0, k)
-        n = torch.round(result / grid)
-        exact_error = float(((n * grid).float().double() - result).square().sum())
-        half_error = float((_half(averaged).double() - result).square().sum())
-        if not exact_error < half_error:
+        n = torch.round(averaged / grid)
+        error = (n * grid).sub_(averaged)
+        half_error = half.float().sub_(averaged)
+        if not float(error.dot(error)) < float(half_error.dot(half_error)):
             return absolute
         return {"m": _raw(n.to(torch.int64).to(torch.int16)), "k": k}  # int64 -> int16 keeps the low 16 bits
 
@@ -191,12 +195,12 @@ class Float16(Codec):
         residues = _frombuffer(_bytes(msg, "m", 2 * length), torch.int16).long()
         if own is None or own.numel() != length:
             raise CodecError("a float16 residue chunk needs the receiver's own values")
-        reference = _half(own).double()
+        reference = _half(own).float()
         if not torch.isfinite(reference).all():
             raise CodecError("this member's own values are not finite")
         grid = math.ldexp(1.0, k)
-        near = torch.round(reference / grid).long()
-        n = near + torch.remainder(residues - near + 32768, 65536) - 32768
+        near = torch.round(reference / grid).long()  # exact, as at the owner
+        n = near.add_(torch.remainder(residues - near + 32768, 65536)).sub_(32768)
         return (n.double() * grid).float()
 
 
