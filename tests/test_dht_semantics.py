@@ -11,10 +11,13 @@ import asyncio
 import msgpack
 import pydantic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dht import DHT, DHTLimits, DHTNode, P2P, SchemaValidator, ValidationError, get_dht_time
-from dht.routing import DHTID
 from dht.identity import Identity
+from dht.routing import DHTID
+from dht.storage import RECORD_OVERHEAD, Storage, StoreRefused
 from dht.validation import CompositeValidator, DHTRecord, MergedSchemaValidator, SignatureValidator
 
 
@@ -309,3 +312,32 @@ def test_facade_add_validators_merges_with_the_constructor_schemas():
         assert dht.store("beta", "b", get_dht_time() + 30) and dht.store("alpha", 1, get_dht_time() + 30)
         with pytest.raises(ValidationError, match="AppB.beta"):
             dht.store("beta", 1, get_dht_time() + 30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([None, "p1", "p2", "p3"]), st.sampled_from([None, "a", "b"]),
+                          st.integers(0, 12), st.one_of(st.none(), st.integers(0, 4)), st.integers(0, 3000)),
+                max_size=120))
+def test_a_cache_storage_never_refuses_a_record_that_fits_and_keeps_every_budget(ops):
+    """(In-process property of dht.storage.Storage(cache=True), the cache above.) Whatever the order of
+    stores by peers and address ranges, each one that fits the budgets is stored (evicting least
+    recently used records), and the total, per-peer and per-range budgets hold after each."""
+    cache = Storage(20, 8, max_bytes=24_000, max_bytes_per_peer=6_000, max_bytes_per_ip=12_000,
+                    max_subkeys_per_key=3, cache=True)
+    for step, (peer, source, key, subkey, size) in enumerate(ops):
+        key_bytes, sub = pack(f"k{key}"), None if subkey is None else pack(subkey)
+        cost = len(key_bytes) + len(sub or b"") + size + RECORD_OVERHEAD
+        fits = cost <= 24_000 and (peer is None or cost <= 6_000) and (source is None or cost <= 12_000)
+        if not fits:
+            with pytest.raises(StoreRefused, match="larger than the cache"):
+                cache.store(key, key_bytes, sub, b"v" * size, 1000.0 + step, now=0.0, origin=peer, source=source)
+            continue
+        assert cache.store(key, key_bytes, sub, b"v" * size, 1000.0 + step, now=0.0, origin=peer, source=source)
+        entry = cache.get(key, 0.0)
+        assert (entry.regular if sub is None else entry.subkeys[sub]) == (b"v" * size, 1000.0 + step)
+        assert cache.total_bytes <= 24_000 and len(cache) <= 20
+        for p in ("p1", "p2", "p3"):
+            assert cache.bytes_of(p) <= 6_000
+        for s in ("a", "b"):
+            assert cache.bytes_of_source(s) <= 12_000
+        assert all(len(e.subkeys) <= 3 for _, e in cache.items(0.0))
