@@ -34,7 +34,7 @@ catches up by downloading), so survivors never wait out the matchmaking timeout 
 A joiner downloads only from donors online in that view.
 
 The state every peer agrees on (parameters and optimizer state in sync mode; global parameters and
-outer momentum in DiLoCo mode, plus the epoch) is offered to joiners after every epoch
+outer momentum in DiLoCo mode, plus the epoch and the LR scheduler's state) is offered to joiners after every epoch
 (:mod:`swarm.state_sharing`); a peer whose state hash differs from the one most peers announce for
 the same epoch re-downloads it.
 """
