@@ -142,6 +142,8 @@ class DHT:
         return [str(a) for a in self.node.p2p.get_visible_addresses()]
 
     def add_validators(self, validators: Iterable[RecordValidator]) -> None:
+        """Add record validators to the node's chain (asynchronously, before any later call of this
+        facade runs). Schema validators merge with those there: each governs only its own keys."""
         self._loop.call_soon_threadsafe(self.node.validator.extend, list(validators))
 
     def run_coroutine(self, fn: Callable[["DHT", DHTNode], Awaitable[T]], return_future: bool = False) -> Any:
