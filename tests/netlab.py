@@ -391,10 +391,13 @@ SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 VNET_HDR_LEN = 10
 MAX_FRAME = VNET_HDR_LEN + 65536 + 256
+MAX_QUEUED = 128 << 20  # bytes held for one output port (1 Gbit/s x 1 s); beyond, frames are dropped
 
 
 def _forward(config: dict) -> int:
-    """Forward frames between the ports with their delays until stdin closes; print counters as JSON."""
+    """Forward frames between the ports with their delays until stdin closes; print counters as JSON
+    (frames and bytes received, ``lost`` to the configured loss, ``dropped`` by a full output queue,
+    ``overflow``: over MAX_QUEUED bytes held for one port, ``flooded``: sent to every port)."""
     import heapq
     import random
     import select
@@ -419,7 +422,8 @@ def _forward(config: dict) -> int:
     loss = [float(p["loss"]) for p in ports]
     lossy = any(loss)
     everyone = list(range(len(ports)))
-    counters = {"frames": 0, "bytes": 0, "lost": 0, "dropped": 0, "flooded": 0}
+    counters = {"frames": 0, "bytes": 0, "lost": 0, "dropped": 0, "overflow": 0, "flooded": 0}
+    queued = [0] * len(ports)
     heap: list = []
     seq = 0
     stdin = sys.stdin.fileno()
@@ -433,6 +437,7 @@ def _forward(config: dict) -> int:
         now = time.monotonic_ns()
         while heap and heap[0][0] <= now:
             _, _, out, frame = heapq.heappop(heap)
+            queued[out] -= len(frame)
             try:
                 socks[out].send(frame)
             except OSError:  # the port's tbf queue is full (ENOBUFS) or the socket buffer: a tail drop
@@ -478,6 +483,10 @@ def _forward(config: dict) -> int:
                     if lossy and (rng.random() < loss[src] or rng.random() < loss[out]):
                         counters["lost"] += 1
                         continue
+                    if queued[out] + len(frame) > MAX_QUEUED:
+                        counters["overflow"] += 1
+                        continue
+                    queued[out] += len(frame)
                     seq += 1
                     heapq.heappush(heap, (arrived + delay[src] + delay[out], seq, out, frame))
 

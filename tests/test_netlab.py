@@ -328,7 +328,7 @@ def test_a_four_host_swarm_averages_exactly_and_trains_over_limited_links(tmp_pa
             for i in range(4):
                 seen = json.loads(logs.wait_for(f"avg{i}", r'^(\{"dht".*)$', 90).group(1))["dht"]
                 assert seen == {str(j): h.ip for j, h in enumerate(hosts)}, seen
-                results.append(json.loads(logs.wait_for(f"avg{i}", r'^(\{"round".*)$', 120).group(1)))
+                results.append(json.loads(logs.wait_for(f"avg{i}", r'^(\{"codec".*)$', 120).group(1)))
                 logs.wait_for(f"avg{i}", r"^DONE", 30)
             print("all-reduce of 500k floats:", [round(r.get("seconds", -1), 2) for r in results])
             averages = [torch.load(tmp_path / f"peer{i}.pt") for i in range(4)]

@@ -1,14 +1,16 @@
 """One peer of a lab all-reduce: a DHT peer on ``--host`` and an Averager over one float32 vector.
 
     python tests/netlab_peers/allreduce_peer.py --host IP --index I --peers N [--size ELEMS] [--rounds R]
-        [--compression none|float16|uint8|...] [--bandwidth MB/S] [--out DIR] [INITIAL_PEER ...]
+        [--compression CODEC[,CODEC...]] [--bandwidth MB/S] [--out DIR] [INITIAL_PEER ...]
 
 Prints ``ADDR /ip4/...`` once its DHT listens; stores ``I -> IP`` under the DHT key ``netlab-hosts``
 and prints ``{"dht": {index: ip}}`` once it sees all N peers' entries (the DHT works across hosts).
-Then runs R averaging rounds in groups of exactly N; before each its vector is ``randn(ELEMS)`` from
-``torch.Generator().manual_seed(I)`` again, its weight ``I + 1``; after each it prints a JSON line
-``{"round", "seconds", "matchmaking_seconds", "allreduce_seconds", "members", "bytes_sent",
-"bytes_received"}`` (or ``{"round", "error"}``). With ``--out`` the result of the last round is
+Then, for each codec in turn (``none``, ``float16``, ``uint8``, ...: an Averager under its own
+prefix), runs R averaging rounds in groups of exactly N; before each its vector is ``randn(ELEMS)``
+from ``torch.Generator().manual_seed(I)`` again, its weight ``I + 1``; after each it prints a JSON line
+``{"codec", "round", "seconds", "t_start", "t_end" (unix time around the step), "matchmaking_seconds",
+"allreduce_seconds", "members", "bytes_sent", "bytes_received"}`` (or ``{"codec", "round", "error"}``).
+With ``--out`` the result of the last round is
 ``torch.save``'d to ``DIR/peerI.pt``. Exits ``--linger`` seconds after the rounds (slower peers finish
 their reads meanwhile).
 """
@@ -65,27 +67,30 @@ def main() -> int:
     print(json.dumps({"dht": seen}), flush=True)
 
     tensor = vector(args.index, args.size)
-    averager = Averager([tensor], dht, prefix="netlab-avg", target_group_size=args.peers, min_group_size=args.peers,
-                        compression=args.compression, bandwidth=args.bandwidth,
-                        min_matchmaking_time=args.matchmaking_time, default_timeout=args.timeout)
-    for r in range(args.rounds):
-        with averager.lock:
-            tensor.copy_(vector(args.index, args.size))
-        started = time.monotonic()
-        try:
-            result = averager.step(weight=args.index + 1.0, timeout=args.timeout)
-        except AveragingError as e:
-            print(json.dumps({"round": r, "error": str(e)[:500]}), flush=True)
-            continue
-        print(json.dumps({"round": r, "seconds": time.monotonic() - started,
-                          "matchmaking_seconds": result.matchmaking_seconds,
-                          "allreduce_seconds": result.allreduce_seconds, "members": len(result.members),
-                          "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received}), flush=True)
+    original = tensor.clone()
+    for codec in args.compression.split(","):
+        averager = Averager([tensor], dht, prefix=f"netlab-avg-{codec}", target_group_size=args.peers,
+                            min_group_size=args.peers, compression=codec, bandwidth=args.bandwidth,
+                            min_matchmaking_time=args.matchmaking_time, default_timeout=args.timeout)
+        for r in range(args.rounds):
+            with averager.lock:
+                tensor.copy_(original)
+            started, t_start = time.monotonic(), time.time()
+            try:
+                result = averager.step(weight=args.index + 1.0, timeout=args.timeout)
+            except AveragingError as e:
+                print(json.dumps({"codec": codec, "round": r, "error": str(e)[:500]}), flush=True)
+                continue
+            print(json.dumps({"codec": codec, "round": r, "seconds": time.monotonic() - started,
+                              "t_start": t_start, "t_end": time.time(),
+                              "matchmaking_seconds": result.matchmaking_seconds,
+                              "allreduce_seconds": result.allreduce_seconds, "members": len(result.members),
+                              "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received}), flush=True)
+        averager.shutdown()
     if args.out:
         torch.save(tensor.clone(), os.path.join(args.out, f"peer{args.index}.pt"))
     print("DONE", flush=True)
     time.sleep(args.linger)
-    averager.shutdown()
     dht.shutdown()
     return 0
 
