@@ -100,7 +100,11 @@ class Averager:
       mix across rounds because group-mates get distinct keys.
     - ``min_matchmaking_time`` (3 s), ``request_timeout`` (2 s): matchmaking timing.
     - ``sender_timeout`` (5 s): a member silent this long mid-round is excluded;
-      ``reducer_timeout`` (2 x sender_timeout): an owner silent this long has failed.
+      ``reducer_timeout`` (2 x sender_timeout, at least 1.5 x): an owner silent this long has failed
+      (an owner waits up to sender_timeout for a stalled member before it can answer). A healthy
+      member is never excluded for a stalled or frozen one: nothing a member does between the
+      group's formation and its all-reduce waits for other peers (the withdrawal of its matchmaking
+      declaration runs in the background).
     - ``default_timeout`` (60 s): a step's limit when ``step(timeout=None)``.
 
     Memory: a round holds a snapshot and a result vector (float32, as many values as the tensors);
@@ -119,6 +123,12 @@ class Averager:
             raise ValueError("need 2 <= min_group_size <= target_group_size")
         if any(c not in "01" for c in initial_group_bits):
             raise ValueError("initial_group_bits must be a string of 0 and 1")
+        if not sender_timeout > 0:
+            raise ValueError("sender_timeout must be positive")
+        if reducer_timeout is not None and not reducer_timeout >= 1.5 * sender_timeout:
+            # a healthy owner cannot reduce while it waits (up to sender_timeout) for a stalled member's
+            # values: a shorter reducer_timeout would make its senders drop it for the stalled one
+            raise ValueError(f"reducer_timeout must be at least 1.5 x sender_timeout ({1.5 * sender_timeout:g} s)")
         self.tensors = list(tensors)
         self.dht, self.prefix = dht, prefix
         self.codec = compression_module.get(compression)

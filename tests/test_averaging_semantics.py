@@ -344,3 +344,13 @@ def test_a_frozen_member_never_gets_a_healthy_one_excluded(swarm, timeouts):
             expected = weighted_mean(before[:2], [1.0, 1.0])
             for a in group[:2]:
                 assert torch.allclose(flatten(a.tensors).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_reducer_timeout_too_short_for_a_stalled_member_is_refused(swarm):
+    """An owner cannot reduce while it waits (up to sender_timeout) for a stalled member's values, so
+    a reducer_timeout below 1.5 x sender_timeout would make its senders drop a healthy owner."""
+    with pytest.raises(ValueError, match="reducer_timeout"):
+        Averager(make_tensors(0), swarm[0][0], "short-reducer", sender_timeout=2.0, reducer_timeout=2.0)
+    with pytest.raises(ValueError, match="sender_timeout"):
+        Averager(make_tensors(0), swarm[0][0], "no-sender", sender_timeout=0.0)
+    Averager(make_tensors(0), swarm[0][0], "ok-reducer", sender_timeout=2.0, reducer_timeout=3.0).shutdown()
