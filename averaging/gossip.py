@@ -24,7 +24,7 @@ message    content and limits
 3..        raw bytes, at most ``PUSH_CHUNK_BYTES`` (1 MiB) per message, ``8 d`` bytes in all
 reply      ``"ok"`` once the push is mixed in; ``bad_request`` for any malformed or non-finite push,
            ``overloaded`` beyond ``max_pushes_per_peer`` (1) / ``max_pushes`` (8) pushes received at
-           once (memory: at most ``max_pushes x 8 d`` bytes), ``deadline`` for a push not complete
+           once (memory: at most ``max(8 d, max_push_bytes)`` bytes), ``deadline`` for a push not complete
            within ``request_timeout`` (it is then dropped; the pusher re-absorbs its mass)
 =========  ===========================================================================================
 """
@@ -68,12 +68,15 @@ class Gossip:
     - ``request_timeout`` (10 s): limit of a push, sent or received.
     - ``max_pushes_per_peer`` (1), ``max_pushes`` (8): pushes received at once from one peer and in
       all (each holds a buffer of our sum's size until it is mixed in); beyond: ``overloaded``.
+    - ``max_push_bytes`` (64 MiB): the buffers of pushes received at once, in all; with a sum of
+      ``8 d`` bytes at most ``max(1, max_push_bytes // 8 d)`` pushes are received at once, so what
+      pushers can pin does not grow with the model.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, *, weight: float = 1.0,
                  mixing: str = "push-sum", clip_tau: float = 1.0, declare_period: float = 10.0,
                  request_timeout: float = 10.0, rng: random.Random | None = None, max_pushes_per_peer: int = 1,
-                 max_pushes: int = 8):
+                 max_pushes: int = 8, max_push_bytes: int = 64 << 20):
         if mixing not in ("push-sum", "robust"):
             raise ValueError("mixing must be 'push-sum' or 'robust'")
         if not (math.isfinite(weight) and weight > 0):
@@ -91,7 +94,9 @@ class Gossip:
         self._method = f"gossip.push.{prefix}"
         self._peers: list[PeerID] = []
         self._declared_at = -math.inf
-        self._slots = Slots(max_pushes_per_peer, max_pushes, "gossip pushes")
+        sum_bytes = max(self.s.numel() * 8, 1)
+        at_once = max(1, min(max_pushes, max_push_bytes // sum_bytes))
+        self._slots = Slots(max_pushes_per_peer, at_once, "gossip pushes")
 
         async def setup(_, node):
             node.p2p.add_stream_handler(self._method, self._serve_push, max_message_size=PUSH_CHUNK_BYTES + 1024)

@@ -321,6 +321,22 @@ def test_gossip_pushes_that_declare_tensors_they_never_send_are_refused_and_time
 
 
 
+def test_pushes_received_at_once_are_capped_in_bytes_not_only_in_count(gossip_pair):
+    """8 pushes at once each held a buffer of our sum's size: with a 32 MB sum, 8 identities pinned
+    +266 MiB (benchmarks/abuse.py gossip-push). The number received at once now also fits
+    ``max_push_bytes`` (at least one), so what pushers pin does not grow with the model."""
+    victim, _ = gossip_pair
+    values = torch.zeros(1 << 16)  # a sum of 512 KiB (float64)
+    cases = {None: 8, 4 << 20: 8, 1 << 20: 2, 1: 1}
+    for max_push_bytes, at_once in cases.items():
+        options = {} if max_push_bytes is None else {"max_push_bytes": max_push_bytes}
+        gossip = Gossip([values], victim, f"cap-gossip-{at_once}-{max_push_bytes}", declare_period=60, **options)
+        try:
+            assert gossip._slots.total == at_once, (max_push_bytes, gossip._slots.total)
+        finally:
+            gossip.shutdown()
+
+
 # ---- matchmaking: a hostile leader ---------------------------------------------------------------
 
 async def test_a_hostile_leader_can_make_a_follower_neither_allocate_nor_wait_past_its_deadline():
