@@ -192,7 +192,8 @@ class DHT:
             pass
 
     def __repr__(self) -> str:
-        return f"DHT({self.peer_id}, {len(self.node.routing_table)} peers in the routing table)"
+        n = len(self.node.routing_table)
+        return f"DHT({self.peer_id}, {n} {'peer' if n == 1 else 'peers'} in the routing table)"
 
 
 async def _cancel_other_tasks() -> None:

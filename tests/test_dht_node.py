@@ -429,7 +429,7 @@ def test_sync_facade_store_get_and_shutdown():
 
             assert second.run_coroutine(inspect) == (second.peer_id, 1)
             assert first.run_coroutine(inspect, return_future=True).result(timeout=10) == (first.peer_id, 1)
-            assert "1 peers in the routing table" in repr(first)
+            assert "1 peer in the routing table" in repr(first)
         assert dht_threads() == threads_before + 1  # second's thread is gone
     finally:
         first.shutdown()
