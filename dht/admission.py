@@ -91,6 +91,13 @@ class TokenBucket:
             return True
         return False
 
+    def take_up_to(self, n: int, now: float) -> int:
+        """Take as many whole tokens as there are, at most ``n``; returns how many."""
+        self._refill(now)
+        granted = int(min(n, self.tokens))
+        self.tokens -= granted
+        return granted
+
 
 class BoundedLRU(Generic[K, V]):
     """A dict of at most ``max_size`` items; the least recently used is dropped first."""

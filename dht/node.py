@@ -76,19 +76,6 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-class _TokenBucket:
-    def __init__(self, rate: float, burst: float, now: float):
-        self.rate, self.burst, self.tokens, self.updated = rate, burst, burst, now
-
-    def take(self, n: int, now: float) -> int:
-        """Take up to ``n`` tokens; returns how many were granted."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        granted = int(min(n, self.tokens))
-        self.tokens -= granted
-        return granted
-
-
 class DHTNode:
     """A Kademlia node over a :class:`dht.P2P` peer. Create with :meth:`create`."""
 
@@ -123,7 +110,7 @@ class DHTNode:
         self.signature_validator = SignatureValidator(p2p.identity)
         self.validator = CompositeValidator([self.signature_validator, *record_validators])
         # per-identity bookkeeping, all bounded (LRU) and swept by forget_departed()
-        self._buckets: BoundedLRU[PeerID, _TokenBucket] = BoundedLRU(lim.max_tracked_peers)
+        self._buckets: BoundedLRU[PeerID, TokenBucket] = BoundedLRU(lim.max_tracked_peers)
         self._backoff: BoundedLRU[PeerID, tuple[float, int]] = BoundedLRU(lim.max_tracked_peers)  # (excluded until, failures)
         self._skew_warned: BoundedLRU[PeerID, bool] = BoundedLRU(lim.max_tracked_peers)
         self._find_rates = KeyedBuckets(lim.find_rate, lim.find_burst, lim.max_tracked_peers)
@@ -697,8 +684,8 @@ class DHTNode:
         now = self.clock()
         bucket = self._buckets.get(ctx.peer_id)
         if bucket is None:  # (a bounded LRU: _buckets)
-            bucket = self._buckets[ctx.peer_id] = _TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
-        allowed = bucket.take(len(items), time.monotonic())
+            bucket = self._buckets[ctx.peer_id] = TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
+        allowed = bucket.take_up_to(len(items), time.monotonic())
         answers: list[bool | str] = []
         # storage budgets count every address range, loopback and private ones included
         source = prefix_of(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint), local_too=True)
