@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .state import StateFormatError, TrainingState, unpack_state
 
@@ -33,15 +34,13 @@ def _safe(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
 
 
-def save_checkpoint(directory: str | os.PathLike, run_id: str, epoch: int, blob: bytes, keep: int = 3) -> Path:
-    """Atomically write ``blob`` (from :func:`swarm.state.pack_state`) as the checkpoint of ``epoch``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{_safe(run_id)}-epoch{epoch:08d}.swst"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".swst", dir=directory)
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file of the same directory (``.tmp-*``,
+    fsynced), then rename it over ``path``: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +50,14 @@ def save_checkpoint(directory: str | os.PathLike, run_id: str, epoch: int, blob:
         except OSError:
             pass
         raise
+
+
+def save_checkpoint(directory: str | os.PathLike, run_id: str, epoch: int, blob: bytes, keep: int = 3) -> Path:
+    """Atomically write ``blob`` (from :func:`swarm.state.pack_state`) as the checkpoint of ``epoch``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{_safe(run_id)}-epoch{epoch:08d}.swst"
+    atomic_write(path, lambda f: f.write(blob))
     try:  # make the rename itself durable where the platform allows it
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

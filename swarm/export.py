@@ -17,12 +17,11 @@ they come from a freshly built model.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_checkpoint
 from .state import TrainingState
 from .task import Task, load_task
 
@@ -85,15 +84,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tas
     state_dict = export_state_dict(checkpoint, task, run_id)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(out, lambda f: torch.save(state_dict, f))
     return out
