@@ -14,59 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht import DHT, DHTLimits, DHTNode, P2P, SchemaValidator, ValidationError, get_dht_time
+from dht import DHT, DHTLimits, SchemaValidator, ValidationError, get_dht_time
 from dht.identity import Identity
 from dht.routing import DHTID
 from dht.storage import RECORD_OVERHEAD, Storage, StoreRefused
 from dht.validation import CompositeValidator, DHTRecord, MergedSchemaValidator, SignatureValidator
+
+from tests.dht_net import addr, net  # noqa: F401 -- net: the fixture
+from tests.dht_net import raw_store
 
 
 def pack(x) -> bytes:
     return msgpack.packb(x, use_bin_type=True)
 
 
-def addr(node: DHTNode) -> str:
-    return node.p2p.get_visible_addresses()[0]
-
-
-class Net:
-    """DHT nodes and bare P2P peers on 127.0.0.1; all shut down by ``close`` (even on failure)."""
-
-    def __init__(self) -> None:
-        self.nodes: list[DHTNode] = []
-        self.peers: list[P2P] = []
-
-    async def node(self, initial=(), **kwargs) -> DHTNode:
-        node = await DHTNode.create(list(initial), host="127.0.0.1", **kwargs)
-        self.nodes.append(node)
-        return node
-
-    async def many(self, n: int, **kwargs) -> list[DHTNode]:
-        first = await self.node(**kwargs)
-        return [first] + [await self.node([addr(first)], **kwargs) for _ in range(n - 1)]
-
-    async def raw_peer(self) -> P2P:
-        peer = await P2P.create(host="127.0.0.1")
-        self.peers.append(peer)
-        return peer
-
-    async def close(self) -> None:
-        await asyncio.gather(*(n.shutdown() for n in self.nodes), *(p.shutdown() for p in self.peers),
-                             return_exceptions=True)
-
-
-@pytest.fixture
-async def net():
-    n = Net()
-    try:
-        yield n
-    finally:
-        await n.close()
-
-
-async def raw_store(peer: P2P, node: DHTNode, items: list) -> list:
-    response = await peer.call(addr(node), "dht.store", {"v": 1, "server": True, "items": items}, timeout=10)
-    return response["ok"]
 
 
 async def wait_until(condition, timeout: float = 20.0) -> bool:

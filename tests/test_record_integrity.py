@@ -4,17 +4,18 @@ answers, and the live attack over real sockets (an attacker with its own identit
 scalar with a far expiration under a shared key such as ``swarm.runs``, straight to the nodes that
 hold it), also against the real callers in swarm/runs.py and swarm/progress.py."""
 
-import asyncio
-import time
 
 import msgpack
 import pytest
 
-from dht import DHT, DHTNode, P2P, get_dht_time
+from dht import DHT, DHTNode, get_dht_time
 from dht.identity import Identity, b58encode
 from dht.routing import DHTID
 from dht.storage import Storage, StoreRefused
-from dht.validation import DHTRecord, has_owner_marker
+from dht.validation import has_owner_marker
+
+from tests.dht_net import net  # noqa: F401 -- the fixture
+from tests.dht_net import raw_store
 
 DAY = 86400.0
 
@@ -70,49 +71,9 @@ def test_unsigned_dictionaries_keep_newest_wins():
 # ---- the live attack, over real sockets ----------------------------------------------------------
 
 
-class Net:
-    def __init__(self):
-        self.nodes: list[DHTNode] = []
-        self.peers: list[P2P] = []
-
-    async def many(self, n: int, **kwargs) -> list[DHTNode]:
-        first = await DHTNode.create([], host="127.0.0.1", **kwargs)
-        self.nodes.append(first)
-        for _ in range(n - 1):
-            self.nodes.append(await DHTNode.create([addr(first)], host="127.0.0.1", **kwargs))
-        return list(self.nodes)
-
-    async def attacker(self) -> P2P:
-        peer = await P2P.create(host="127.0.0.1", identity=Identity())
-        self.peers.append(peer)
-        return peer
-
-    async def close(self) -> None:
-        await asyncio.gather(*(n.shutdown() for n in self.nodes), *(p.shutdown() for p in self.peers),
-                             return_exceptions=True)
-
-
-@pytest.fixture
-async def net():
-    n = Net()
-    try:
-        yield n
-    finally:
-        await n.close()
-
-
-def addr(node: DHTNode):
-    return node.p2p.get_visible_addresses()[0]
-
-
 def holders(nodes: list[DHTNode], key) -> list[DHTNode]:
     key_id = DHTID.of_key(pack(key))
     return [n for n in nodes if n.storage.get(key_id, n.clock()) is not None]
-
-
-async def raw_store(peer: P2P, node: DHTNode, items: list) -> list:
-    response = await peer.call(addr(node), "dht.store", {"v": 1, "server": True, "items": items}, timeout=10)
-    return response["ok"]
 
 
 async def test_unsigned_stores_cannot_erase_or_block_signed_subkeys(net):
@@ -124,7 +85,7 @@ async def test_unsigned_stores_cannot_erase_or_block_signed_subkeys(net):
         assert await owner.store(key, {"run": i, "v": 1}, get_dht_time() + 60, subkey=subkeys[i])
     victims = holders(nodes, key)
     assert len(victims) == 5
-    mallory = await net.attacker()
+    mallory = await net.raw_peer()
     now = get_dht_time()
     attack = [[pack(key), None, pack({}), now + 29 * DAY, False],  # the issue's store("swarm.runs", {}, now + 29 days)
               [pack(key), None, pack(0), now + 29 * DAY, False],
@@ -150,7 +111,7 @@ async def test_unsigned_stores_cannot_erase_or_block_signed_subkeys(net):
 
 async def test_a_squatted_key_takes_the_owners_signed_subkey_anyway(net):
     nodes = await net.many(4)
-    mallory = await net.attacker()
+    mallory = await net.raw_peer()
     key = "swarm.runs"
     for node in nodes:  # before any run exists, with the longest expiration the nodes accept
         assert await raw_store(mallory, node, [[pack(key), None, pack({}), get_dht_time() + 29 * DAY, False]]) == [True]

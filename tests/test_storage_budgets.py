@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dht import DHTLimits, DHTNode, P2P, get_dht_time
-from dht.identity import Identity
 from dht.protocol import decode_entry, encode_entry_within
 from dht.routing import DHTID
 from dht.storage import RECORD_OVERHEAD, Entry, Storage, StoreRefused, _Heaviest
+
+from tests.dht_net import addr, net  # noqa: F401 -- net: the fixture
+from tests.dht_net import raw_store as _raw_store
 
 KiB, MiB = 1 << 10, 1 << 20
 LOOPBACK = "127.0.0.0/24"
@@ -235,44 +237,8 @@ def test_encoded_dictionary_fits_the_budget_smallest_subkeys_first():
 # ---- the attacks, over real sockets ---------------------------------------------------------------
 
 
-class Peers:
-    """DHT nodes and bare attacker peers on 127.0.0.1; all shut down by ``close``."""
-
-    def __init__(self):
-        self.nodes: list[DHTNode] = []
-        self.peers: list[P2P] = []
-
-    async def node(self, initial=(), **kwargs) -> DHTNode:
-        node = await DHTNode.create(list(initial), host="127.0.0.1", **kwargs)
-        self.nodes.append(node)
-        return node
-
-    async def attacker(self) -> P2P:
-        peer = await P2P.create(host="127.0.0.1", identity=Identity())
-        self.peers.append(peer)
-        return peer
-
-    async def close(self) -> None:
-        await asyncio.gather(*(n.shutdown() for n in self.nodes), *(p.shutdown() for p in self.peers),
-                             return_exceptions=True)
-
-
-@pytest.fixture
-async def net():
-    peers = Peers()
-    try:
-        yield peers
-    finally:
-        await peers.close()
-
-
-def addr(node: DHTNode):
-    return node.p2p.get_visible_addresses()[0]
-
-
-async def raw_store(peer: P2P, node: DHTNode, items: list) -> list:
-    response = await peer.call(addr(node), "dht.store", {"v": 1, "server": False, "items": items}, timeout=30)
-    return response["ok"]
+async def raw_store(peer, node, items: list) -> list:  # as a client (not a server), patient with big batches
+    return await _raw_store(peer, node, items, server=False, timeout=30)
 
 
 async def flood(peer: P2P, node: DHTNode, items: list, batch: int = 16) -> list:
@@ -288,7 +254,7 @@ BIG = 256 * KiB  # the default max_value_size
 async def test_one_identity_cannot_store_more_than_its_byte_budget_with_defaults(net):
     victim = await net.node()
     honest = await net.node([addr(victim)])
-    mallory = await net.attacker()
+    mallory = await net.raw_peer()
     now = get_dht_time()
     items = [[pack(f"junk/{i}"), None, os.urandom(16) + b"\0" * (BIG - 16), now + 29 * 86400, False]
              for i in range(100)]  # 25 MiB from one identity (the issue: 20,000 x 256 KiB were accepted)
@@ -310,7 +276,7 @@ async def test_many_identities_from_one_address_share_one_budget(net):
     now = get_dht_time()
     per_identity = []
     for n in range(4):  # four throw-away identities from 127.0.0.1, 2 MiB each
-        mallory = await net.attacker()
+        mallory = await net.raw_peer()
         items = [[pack(f"m{n}/{i}"), None, b"\0" * BIG, now + 3600, False] for i in range(8)]
         answers = await flood(mallory, victim, items, batch=4)
         per_identity.append(sum(a is True for a in answers))
@@ -333,7 +299,7 @@ async def test_nine_identities_fill_the_entry_cap_and_legit_stores_still_get_in(
     assert await honest.store("before", "stored before the flood", get_dht_time() + 600)
     now = get_dht_time()
     for n in range(9):  # the issue: nine identities filled the entry cap and legit stores were refused
-        mallory = await net.attacker()
+        mallory = await net.raw_peer()
         answers = await raw_store(mallory, victim, [[pack(f"s{n}/{i}"), None, pack(i), now + 29 * 86400, False]
                                                     for i in range(100)])
         assert all(a is True or "full" in a for a in answers)
@@ -353,7 +319,7 @@ async def test_identities_filling_the_byte_cap_are_evicted_for_legit_stores(net)
     assert await honest.store("before", "x" * 1000, get_dht_time() + 600)
     now = get_dht_time()
     for n in range(9):
-        mallory = await net.attacker()
+        mallory = await net.raw_peer()
         await flood(mallory, victim, [[pack(f"b{n}/{i}"), None, b"\0" * BIG, now + 3600, False] for i in range(4)],
                     batch=4)
         assert victim.storage.total_bytes <= 4 * MiB
@@ -373,7 +339,7 @@ async def test_300_large_subkeys_cannot_make_a_key_unreadable(net):
     for i, owner in enumerate(owners):
         subkey = f"run{i} {owner.signature_validator.ownership_marker}"
         assert await owner.store(key, {"run": i}, get_dht_time() + 600, subkey=subkey)
-    mallory = await net.attacker()
+    mallory = await net.raw_peer()
     now = get_dht_time()
     items = [[pack(key), pack(f"spam{i}"), pack(b"\0" * (BIG - 16)), now + 29 * 86400, False] for i in range(300)]
     answers = await flood(mallory, victim, items, batch=32)
@@ -426,7 +392,7 @@ async def test_a_full_node_evicts_records_of_the_foreign_region_first(net):
         key = f"key{i}"
         (foreign if victim._is_foreign(DHTID.of_key(pack(key))) else local).append(key)
     assert len(foreign) >= 40 and len(local) >= 5
-    mallory = await net.attacker()
+    mallory = await net.raw_peer()
     now = get_dht_time()
     assert await raw_store(mallory, victim, [[pack(k), None, pack(1), now + 600, False] for k in foreign[:40]]) \
         == [True] * 40
