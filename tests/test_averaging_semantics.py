@@ -21,6 +21,7 @@ from averaging import Averager, AveragingError, StepResult
 from averaging.matchmaking import next_group_bits
 from averaging.partition import flatten
 from dht import DHT
+from tests.test_averager import step_all, weighted_mean
 
 pytestmark = pytest.mark.slow
 
@@ -65,27 +66,6 @@ def averagers(dhts: Sequence[DHT], prefix: str, options: Sequence[dict] | None =
     finally:
         for a in made:
             a.shutdown()
-
-
-def step_all(group: Sequence[Averager], delays: Sequence[float] | None = None, **kwargs: Any) -> list[Any]:
-    """``step`` on every averager at once (after its delay, s); a StepResult or the exception raised."""
-    kwargs.setdefault("timeout", 10.0)
-    delays = delays or [0.0] * len(group)
-    per_peer = [{k: v[i] if isinstance(v, list) else v for k, v in kwargs.items()} for i in range(len(group))]
-
-    def run(i: int) -> Any:
-        time.sleep(delays[i])
-        try:
-            return group[i].step(**per_peer[i])
-        except AveragingError as e:
-            return e
-
-    with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
-        return list(pool.map(run, range(len(group))))
-
-
-def weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

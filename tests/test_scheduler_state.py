@@ -22,6 +22,7 @@ from swarm.optimizer import Optimizer
 from swarm.state import (FORMAT_VERSION, MAGIC, StateFormatError, TrainingState, pack_state, unpack_state,
                          validated_scheduler_state)
 from swarm.task import Task
+from tests.test_optimizer import dhts  # noqa: F401 -- the fixture
 
 LR = 0.1
 
@@ -34,18 +35,6 @@ def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSch
     return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-@pytest.fixture
-def dhts():
-    made: list[DHT] = []
-
-    def make(n: int) -> list[DHT]:
-        for _ in range(n):
-            initial = made[0].get_visible_addresses() if made else []
-            made.append(DHT(initial_peers=initial, host="127.0.0.1"))
-        return made[-n:]
-    yield make
-    for d in made:
-        d.shutdown()
 
 
 def peer(dht: DHT, mode: str = "sync", seed: int = 7) -> tuple[Optimizer, torch.nn.Module]:
