@@ -58,10 +58,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dht import P2P, P2PError, PeerID, RemoteError, Stream
-from dht.errors import BadRequestError
-from dht.p2p import CallContext
-from dht.slots import Slots
-from dht.untrusted import brief
+from dht.peer.errors import BadRequestError
+from dht.peer.p2p import CallContext
+from dht.peer.slots import Slots
+from dht.peer.untrusted import brief
 
 from .compression import Codec, CodecError
 from .errors import AveragingError

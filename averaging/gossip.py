@@ -19,7 +19,7 @@ The ``gossip.push.{prefix}`` stream (pusher -> receiver), validated on receipt:
 message    content and limits
 =========  ===========================================================================================
 1          ``{"w": weight}``: int or float, finite, > 0
-2          tensor header (:mod:`dht.tensor_wire`): ``{"dtype": "float64", "shape": [d], "chunk": int}``,
+2          tensor header (:mod:`averaging.tensor_wire`): ``{"dtype": "float64", "shape": [d], "chunk": int}``,
            exactly our own sum's dtype and shape (anything else is refused before any allocation)
 3..        raw bytes, at most ``PUSH_CHUNK_BYTES`` (1 MiB) per message, ``8 d`` bytes in all
 reply      ``"ok"`` once the push is mixed in; ``bad_request`` for any malformed or non-finite push,
@@ -40,11 +40,11 @@ from typing import Any, Sequence
 import torch
 
 from dht import DHT, MessageTooLargeError, P2PError, PeerID, ProtocolError, Stream, get_dht_time
-from dht.errors import BadRequestError
-from dht.p2p import CallContext
-from dht.slots import Slots
-from dht.tensor_wire import DEFAULT_CHUNK_BYTES, recv_tensor, send_tensor
-from dht.untrusted import brief
+from dht.peer.errors import BadRequestError
+from dht.peer.p2p import CallContext
+from dht.peer.slots import Slots
+from averaging.tensor_wire import DEFAULT_CHUNK_BYTES, recv_tensor, send_tensor
+from dht.peer.untrusted import brief
 
 from .errors import AveragingError
 from .partition import flatten, unflatten_into

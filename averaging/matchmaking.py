@@ -51,9 +51,9 @@ import msgpack
 import pydantic
 
 from dht import P2P, DHTNode, P2PError, PeerID, SchemaValidator, Stream, get_dht_time
-from dht.errors import BadRequestError
-from dht.p2p import CallContext
-from dht.untrusted import brief
+from dht.peer.errors import BadRequestError
+from dht.peer.p2p import CallContext
+from dht.peer.untrusted import brief
 
 from .allreduce import MAX_GROUP_ID_BYTES, GroupInfo
 from .errors import MatchmakingError

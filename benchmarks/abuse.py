@@ -564,7 +564,7 @@ async def run_attack(spec: Spec, args: argparse.Namespace, workdir: Path) -> dic
 
 
 def _peer_id(info: dict):
-    from dht.identity import PeerID
+    from dht.peer.identity import PeerID
 
     return PeerID.from_base58(info["peer_id"])
 

@@ -7,8 +7,8 @@ Run from the repo root::
                                            [--dead-fraction 0.2] [--loss 0.01] [--seed 0]
                                            [--join {prefill,bootstrap}] [--concurrency 32] [--profile]
 
-Everything runs on :mod:`dht.virtual_clock` (idle waits are skipped, so latencies and the 2 s RPC
-timeouts of dead peers cost virtual time, not wall time) over a :class:`dht.memory_transport.MemoryNetwork`
+Everything runs on :mod:`dht.peer.virtual_clock` (idle waits are skipped, so latencies and the 2 s RPC
+timeouts of dead peers cost virtual time, not wall time) over a :class:`dht.peer.memory_transport.MemoryNetwork`
 with a per-frame latency uniform in [10, 100] ms and ``--loss`` (default 1%) of calls dropped
 (the caller waits for its deadline). Per size N:
 
@@ -63,11 +63,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from dht import virtual_clock  # noqa: E402
-from dht.addresses import PeerAddress  # noqa: E402
-from dht.identity import Identity  # noqa: E402
-from dht.memory_transport import MemoryNetwork  # noqa: E402
-from dht.multiplex import Limits  # noqa: E402
+from dht.peer import virtual_clock  # noqa: E402
+from dht.peer.addresses import PeerAddress  # noqa: E402
+from dht.peer.identity import Identity  # noqa: E402
+from dht.peer.memory_transport import MemoryNetwork  # noqa: E402
+from dht.peer.multiplex import Limits  # noqa: E402
 from dht.node import DHTNode  # noqa: E402
 from dht.routing import ID_BITS  # noqa: E402
 

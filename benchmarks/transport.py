@@ -11,7 +11,7 @@ Every measurement is between TWO OS processes on 127.0.0.1: this process is the 
 receiver is a subprocess (``sys.executable benchmarks/transport.py --role ...``) that prints its
 address as one JSON line on stdout and exits when its stdin closes (or at its own time limit).
 
-1. ours: a float32 tensor of ``--size-mb`` MB (1e6 bytes) streamed with ``dht.tensor_wire.send_tensor``
+1. ours: a float32 tensor of ``--size-mb`` MB (1e6 bytes) streamed with ``averaging.tensor_wire.send_tensor``
    (1 MiB chunks) over ``dht.P2P`` (TCP + AEAD, multiplexed stream) to a stream handler that runs
    ``recv_tensor`` and replies a checksum (float64 sum + 3 samples + numel, the same summary that
    benchmarks/hivemind_side/transport_hm.py uses); the sender verifies it against its own copy.
@@ -70,7 +70,7 @@ import torch  # noqa: E402
 HM_PYTHON = os.path.join(ROOT, ".bench-venv", "bin", "python")
 HM_SCRIPT = os.path.join(ROOT, "benchmarks", "hivemind_side", "transport_hm.py")
 CHUNK = 1 << 20
-TCP_READ_LIMIT = 4 << 20  # same as dht.tcp_transport._READ_LIMIT
+TCP_READ_LIMIT = 4 << 20  # same as dht.peer.tcp_transport._READ_LIMIT
 MB = 1e6
 UPLOAD, ECHO, MARK = "bench.upload", "bench.echo", "bench.mark"
 
@@ -202,8 +202,8 @@ def wait_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Future) -> Non
 
 
 async def ours_receiver(args) -> None:
-    from dht.p2p import P2P
-    from dht.tensor_wire import recv_tensor
+    from dht.peer.p2p import P2P
+    from averaging.tensor_wire import recv_tensor
 
     p2p = await P2P.create(host="127.0.0.1", port=0)
     rss = PeakRSS()
@@ -333,8 +333,8 @@ class Children:
 
 
 async def bench_ours_and_tcp(args, loop_name: str, children: Children, tensor: torch.Tensor) -> dict:
-    from dht.p2p import P2P
-    from dht.tensor_wire import send_tensor
+    from dht.peer.p2p import P2P
+    from averaging.tensor_wire import send_tensor
 
     loop = asyncio.get_running_loop()
     loop_desc = type(loop).__module__ + "." + type(loop).__name__

@@ -1,16 +1,13 @@
-"""Peer layer of swarm: identity (Ed25519), authenticated encrypted transport, RPC, Kademlia DHT.
+"""Kademlia DHT with signed, expiring records, on top of the peer layer (:mod:`dht.peer`: identity,
+authenticated encrypted transport, streams and RPC), whose main names are re-exported here.
 
 Importing ``dht`` never imports torch (a bootstrap peer stays small); tensor helpers live in
-:mod:`dht.tensor_wire`.
+:mod:`averaging.tensor_wire`.
 """
 
-from .addresses import AddressError, PeerAddress
-from .errors import (ConnectionLostError, DeadlineExceededError, HandshakeError, IncompatibleVersionError,
-                     MessageTooLargeError, P2PError, PeerUnreachableError, ProtocolError, RemoteError,
-                     StreamClosedError)
-from .identity import Identity, IdentityError, PeerID
-from .multiplex import Limits, Stream
-from .p2p import P2P, CallContext
+from .peer import (P2P, AddressError, CallContext, ConnectionLostError, DeadlineExceededError, HandshakeError,
+                   Identity, IdentityError, IncompatibleVersionError, Limits, MessageTooLargeError, P2PError, PeerAddress,
+                   PeerID, PeerUnreachableError, ProtocolError, RemoteError, Stream, StreamClosedError)
 
 __all__ = [
     "AddressError", "PeerAddress", "Identity", "IdentityError", "PeerID", "Limits", "Stream", "P2P", "CallContext",

@@ -26,7 +26,7 @@ import threading
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
-from .identity import PeerID
+from .peer.identity import PeerID
 from .node import DHTNode, get_dht_time
 from .storage import ValueWithExpiration
 from .validation import RecordValidator

@@ -17,7 +17,7 @@ evicted first; a remote peer's cache stores may take a quarter of it). Nodes rep
 every ``republish_interval``, hand records to newcomers that are closer to them, refresh their
 buckets every ``refresh_interval``, and drop peers that stop answering.
 
-Against Sybils (:mod:`dht.admission`): a peer enters the routing table only once we reached it at an
+Against Sybils (:mod:`dht.peer.admission`): a peer enters the routing table only once we reached it at an
 address of its own (our dial, or a dial-back of a caller that claims to be a server), charged to
 that address's IP prefix (a few slots per /24 or /48 per bucket and in total; lookups consider a
 few contacts per prefix). Hand-overs to newcomers are queued, rate-limited and incremental; finds
@@ -37,18 +37,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
 
-from .addresses import PeerAddress
-from .admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, host_of, prefix_of
-from .errors import BadRequestError, OverloadedError, P2PError, RemoteError
-from .identity import Identity, PeerID
-from .multiplex import Limits
-from .p2p import P2P, CallContext
+from .peer.addresses import PeerAddress
+from .peer.admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, host_of, prefix_of
+from .peer.errors import BadRequestError, OverloadedError, P2PError, RemoteError
+from .peer.identity import Identity, PeerID
+from .peer.multiplex import Limits
+from .peer.p2p import P2P, CallContext
 from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry_within, parse_find, parse_find_response,
                        parse_ping, parse_store, parse_store_contacts, parse_store_near, parse_store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
-from .untrusted import LogLimiter
+from .peer.untrusted import LogLimiter
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
@@ -166,7 +166,7 @@ class DHTNode:
     # ---- joining ---------------------------------------------------------------------------
     async def bootstrap(self, initial_peers: Sequence[str | PeerAddress], ensure_success: bool = True) -> None:
         """Contact ``initial_peers``, then look up our own id to fill the routing table."""
-        from .errors import PeerUnreachableError
+        from .peer.errors import PeerUnreachableError
 
         failures = []
 

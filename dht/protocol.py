@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequestError, ProtocolError
-from .identity import IdentityError, PeerID
+from .peer.errors import BadRequestError, ProtocolError
+from .peer.identity import IdentityError, PeerID
 from .storage import Entry
 
 __all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_store_near", "parse_store_contacts", "parse_find",
@@ -56,7 +56,7 @@ class DHTLimits:
     max_find_reply_bytes: int = 8 << 20  # entries of one find reply (also at most half the P2P message limit)
     store_rate: float = 5000.0  # items per second one peer may store here (token bucket)
     store_burst: float = 50_000.0
-    # routing-table admission and per-caller work (dht.admission): Sybil limits, bounded work per message
+    # routing-table admission and per-caller work (dht.peer.admission): Sybil limits, bounded work per message
     max_peers_per_prefix_per_bucket: int = 2  # table slots (spares included) per /24 (IPv4) or /48 (IPv6) per bucket
     max_peers_per_prefix: int = 8  # same, in the whole table
     max_lookup_peers_per_prefix: int = 4  # contacts of one prefix considered by one lookup

@@ -8,7 +8,7 @@ newcomers in a replacement cache and asks the caller to ping its least-recently-
 node answers it stays (stable nodes are preferred), otherwise it is replaced.
 
 Diversity filter (go-libp2p-kad-dht's idea): each contact may carry a *group*, the IP prefix it was
-reached at (:func:`dht.admission.prefix_of`); at most ``max_per_group_per_bucket`` contacts of one
+reached at (:func:`dht.peer.admission.prefix_of`); at most ``max_per_group_per_bucket`` contacts of one
 group sit in one bucket and ``max_per_group`` in the whole table (replacement caches included), so
 one address with many identities cannot fill the table. Contacts without a group are not limited.
 """
@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .identity import PeerID
+from .peer.identity import PeerID
 
 __all__ = ["DHTID", "KBucket", "RoutingTable", "ID_BITS"]
 

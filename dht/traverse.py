@@ -14,7 +14,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from .identity import PeerID
+from .peer.identity import PeerID
 
 __all__ = ["LookupResult", "iterative_lookup"]
 

@@ -32,8 +32,8 @@ from typing import Any, Iterable, Mapping
 
 import msgpack
 
-from .identity import Identity, b58decode, b58encode, verify_signature
-from .untrusted import brief
+from .peer.identity import Identity, b58decode, b58encode, verify_signature
+from .peer.untrusted import brief
 
 __all__ = ["DHTRecord", "ValidationError", "RecordValidator", "CompositeValidator", "SignatureValidator",
            "SchemaValidator", "MergedSchemaValidator", "has_owner_marker"]

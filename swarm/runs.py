@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import pydantic
 
 from dht import DHT, SchemaValidator, get_dht_time
-from dht.untrusted import brief
+from dht.peer.untrusted import brief
 
 from .progress import PeerProgress, progress_key, summarize
 
@@ -109,7 +109,7 @@ def settings_differences(announcement: RunAnnouncement, task_ref: str, task_hash
                          hyperparameters: dict) -> list[str]:
     """One line per field in which this peer differs from the run's announcement (empty: it may
     join): the task code's hash, then every pinned setting and hyperparameter. Values from the
-    announcement are untrusted and shown through :func:`dht.untrusted.brief`."""
+    announcement are untrusted and shown through :func:`dht.peer.untrusted.brief`."""
     lines = []
     if announcement.task_hash != task_hash:
         lines.append(f"task code: run {announcement.run_id!r} was announced with task code "

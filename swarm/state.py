@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 import torch
 
-from dht.untrusted import brief
+from dht.peer.untrusted import brief
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "StateFormatError", "TrainingState", "pack_state", "unpack_state",
            "state_hash", "optimizer_state_to_tensors", "optimizer_state_from_tensors", "scheduler_state_to_tensors",

@@ -45,9 +45,9 @@ from typing import Annotated, Callable
 import pydantic
 
 from dht import DHT, PeerID, RemoteError, SchemaValidator, get_dht_time
-from dht.errors import BadRequestError, P2PError
-from dht.slots import Slots
-from dht.untrusted import brief
+from dht.peer.errors import BadRequestError, P2PError
+from dht.peer.slots import Slots
+from dht.peer.untrusted import brief
 
 __all__ = ["StateSharing", "StateDownloadError", "Donor", "state_schema"]
 

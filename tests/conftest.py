@@ -5,7 +5,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import pytest
 
 from dht import Limits, P2P
-from dht.memory_transport import MemoryNetwork
+from dht.peer.memory_transport import MemoryNetwork
 
 PeerFactory = Callable[..., Awaitable[P2P]]
 

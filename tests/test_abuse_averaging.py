@@ -399,7 +399,7 @@ async def test_recv_tensor_allocates_only_what_arrived():
     the stream: ``recv_tensor`` allocated the declared tensor first (here: RuntimeError from torch's
     allocator, or 1 TiB of address space). Now its buffer grows with the bytes that arrive, and the
     short stream is a P2PError."""
-    from dht.tensor_wire import recv_tensor
+    from averaging.tensor_wire import recv_tensor
 
     async with tcp_peers(2) as (receiver, sender):
         outcome: dict[str, object] = {}

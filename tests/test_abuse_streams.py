@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from dht import P2P, DeadlineExceededError, Limits, MessageTooLargeError, P2PError, RemoteError
-from dht.errors import BadRequestError
-from dht.multiplex import DATA, FLAG_MORE, Connection
+from dht.peer.errors import BadRequestError
+from dht.peer.multiplex import DATA, FLAG_MORE, Connection
 
 MiB = 1 << 20
 
@@ -345,7 +345,7 @@ async def test_remote_mistakes_log_a_few_lines_without_tracebacks(caplog):
             await attacker.call(address, "nested", None, timeout=10)
         assert info.value.code == "handler_error" and "ValueError" in str(info.value)
         assert await attacker.call(address, "echo", 1, timeout=10) == 1
-        lines = [r for r in caplog.records if r.name.startswith("dht.multiplex")]
+        lines = [r for r in caplog.records if r.name.startswith("dht.peer.multiplex")]
         assert len(lines) <= 12, [r.getMessage()[:100] for r in lines]
         assert not any(r.exc_info for r in lines)
         assert all(len(r.getMessage()) < 2000 for r in lines)

@@ -25,10 +25,10 @@ import psutil
 import pytest
 
 from dht import P2P, ConnectionLostError, Limits, P2PError
-from dht import tcp_transport
-from dht.handshake import CIPHERS, PROTOCOL_NAME, PeerInfo, _nonce, _LEN, initiate
-from dht.identity import Identity
-from dht.multiplex import GOAWAY, HEADER
+from dht.peer import tcp_transport
+from dht.peer.handshake import CIPHERS, PROTOCOL_NAME, PeerInfo, _nonce, _LEN, initiate
+from dht.peer.identity import Identity
+from dht.peer.multiplex import GOAWAY, HEADER
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs 127.0.0.2 on loopback")
 
@@ -230,7 +230,7 @@ async def test_idle_socket_flood_from_one_ip_does_not_lock_other_peers_out(caplo
                 flood.cancel()
                 await asyncio.gather(flood, return_exceptions=True)
     # hundreds of refused sockets, a few log lines (rate-limited per source IP)
-    lines = [r for r in caplog.records if r.name == "dht.tcp_transport"]
+    lines = [r for r in caplog.records if r.name == "dht.peer.tcp_transport"]
     assert len(lines) <= 20, f"{len(lines)} log lines about one attacker"
 
 

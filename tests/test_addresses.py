@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 
 from dht import P2P
-from dht.addresses import AddressError, PeerAddress, interface_addresses
-from dht.identity import Identity
+from dht.peer.addresses import AddressError, PeerAddress, interface_addresses
+from dht.peer.identity import Identity
 
 PID = Identity().peer_id
 OTHER = Identity().peer_id

@@ -32,7 +32,7 @@ fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 def wire(message: dict) -> dict:
-    """What the receiver gets: the message through msgpack as dht.multiplex sends it."""
+    """What the receiver gets: the message through msgpack as dht.peer.multiplex sends it."""
     return msgpack.unpackb(msgpack.packb(message, use_bin_type=True), raw=False, strict_map_key=False)
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dht import DHTLimits, DHTNode, P2P, RemoteError, get_dht_time
-from dht.identity import Identity, PeerID
+from dht.peer.identity import Identity, PeerID
 from dht.routing import DHTID, RoutingTable
 
 HOST = "127.0.0.1"

@@ -16,8 +16,9 @@ import pydantic
 import pytest
 
 from dht import (DHT, DHTLimits, DHTNode, P2P, PeerID, PeerUnreachableError, RemoteError, SchemaValidator,
-                 ValidationError, ValueWithExpiration, get_dht_time, virtual_clock)
-from dht.memory_transport import MemoryNetwork
+                 ValidationError, ValueWithExpiration, get_dht_time)
+from dht.peer import virtual_clock
+from dht.peer.memory_transport import MemoryNetwork
 from dht.routing import DHTID
 from dht.validation import DHTRecord
 

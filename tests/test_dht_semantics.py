@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dht import DHT, DHTLimits, SchemaValidator, ValidationError, get_dht_time
-from dht.identity import Identity
+from dht.peer.identity import Identity
 from dht.routing import DHTID
 from dht.storage import RECORD_OVERHEAD, Storage, StoreRefused
 from dht.validation import CompositeValidator, DHTRecord, MergedSchemaValidator, SignatureValidator

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from dht.errors import BadRequestError, ProtocolError
-from dht.identity import Identity, PeerID
+from dht.peer.errors import BadRequestError, ProtocolError
+from dht.peer.identity import Identity, PeerID
 from dht.protocol import DHTLimits, parse_find, parse_ping, parse_store, parse_store_contacts, parse_store_near
 from dht.routing import ID_MAX, DHTID, RoutingTable
 from dht.storage import Storage, StoreRefused

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dht import P2P, ConnectionLostError, HandshakeError, IncompatibleVersionError, Limits, ProtocolError
-from dht.handshake import PeerInfo, SecureChannel, initiate, respond
-from dht.identity import Identity
-from dht.multiplex import (CANCEL, DATA, END, ERROR, FLAG_END, FLAG_MORE, GOAWAY, HEADER, OPEN, PING, PONG,
+from dht.peer.handshake import PeerInfo, SecureChannel, initiate, respond
+from dht.peer.identity import Identity
+from dht.peer.multiplex import (CANCEL, DATA, END, ERROR, FLAG_END, FLAG_MORE, GOAWAY, HEADER, OPEN, PING, PONG,
                            WINDOW)
 
 FUZZ = settings(max_examples=60, deadline=None,
@@ -651,7 +651,7 @@ def test_g_frames_sent_with_the_last_handshake_message_and_of_every_size(monkeyp
     channel exists), then frames from 0 bytes to beyond max_frame_size in one burst, arrive intact
     and in order, also after the receive buffer shrank back; a frame that fails authentication ends
     the channel with ProtocolError."""
-    from dht.handshake import _FrameReader
+    from dht.peer.handshake import _FrameReader
 
     monkeypatch.setattr(_FrameReader, "_SHRINK_AFTER", 0.0)  # shrink as soon as the buffer is empty
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht.identity import Identity, IdentityError, PeerID, b58decode, b58encode, verify_signature
+from dht.peer.identity import Identity, IdentityError, PeerID, b58decode, b58encode, verify_signature
 
 # ---- base58 -----------------------------------------------------------------------------------
 

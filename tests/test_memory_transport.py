@@ -6,8 +6,8 @@ import time
 import pytest
 
 from dht import DeadlineExceededError, Limits, PeerUnreachableError
-from dht import virtual_clock
-from dht.memory_transport import MemoryNetwork
+from dht.peer import virtual_clock
+from dht.peer.memory_transport import MemoryNetwork
 
 
 async def echo(request, ctx):

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from dht import DHT, DHTNode, get_dht_time
-from dht.identity import Identity, b58encode
+from dht.peer.identity import Identity, b58encode
 from dht.routing import DHTID
 from dht.storage import Storage, StoreRefused
 from dht.validation import has_owner_marker

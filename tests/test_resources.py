@@ -1,4 +1,4 @@
-"""dht.resources: budgets per stream, connection, peer, IP and system, and that every reservation of a
+"""dht.peer.resources: budgets per stream, connection, peer, IP and system, and that every reservation of a
 real connection is given back however a stream ends (cancel, disconnect, handler crash)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from dht import DeadlineExceededError, Identity, Limits, MessageTooLargeError
-from dht.errors import ResourceLimitError
-from dht.multiplex import DATA, FLAG_MORE
-from dht.resources import ResourceManager, ip_key
+from dht.peer.errors import ResourceLimitError
+from dht.peer.multiplex import DATA, FLAG_MORE
+from dht.peer.resources import ResourceManager, ip_key
 
 KiB, MiB = 1 << 10, 1 << 20
 SMALL = Limits(stream_memory=256 * KiB, connection_memory=512 * KiB, peer_memory=768 * KiB, ip_memory=1 * MiB,

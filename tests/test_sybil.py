@@ -24,8 +24,8 @@ import msgpack
 import pytest
 
 from dht import DHTLimits, DHTNode, Limits, P2P, get_dht_time
-from dht.admission import prefix_of
-from dht.identity import PeerID
+from dht.peer.admission import prefix_of
+from dht.peer.identity import PeerID
 from dht.routing import DHTID
 
 ATTACKER_HOST = "127.0.0.1"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dht import P2P, MessageTooLargeError, ProtocolError, RemoteError
-from dht.tensor_wire import DTYPES, MAX_DIMS, recv_tensor, send_tensor, tensor_from_wire, tensor_to_wire
+from averaging.tensor_wire import DTYPES, MAX_DIMS, recv_tensor, send_tensor, tensor_from_wire, tensor_to_wire
 
 
 def _bytes_of(tensor: torch.Tensor) -> bytes:
@@ -301,7 +301,7 @@ async def test_malicious_sender_is_refused_and_server_keeps_serving(peers, attac
 def test_bulk_sealing_matches_one_shot_aead(cipher, size, head):
     import os
 
-    from dht.handshake import CIPHERS, _FrameCipher
+    from dht.peer.handshake import CIPHERS, _FrameCipher
 
     key, nonce, aad = os.urandom(32), os.urandom(12), b"\x00\x10\x00\x20"
     data = memoryview(os.urandom(size))
@@ -342,7 +342,7 @@ def test_bulk_split_is_the_msgpack_encoding(size, others, as_view):
     """prefix || view, as the multiplexer frames a tensor-chunk map, decodes to the same message."""
     import msgpack
 
-    from dht.multiplex import FRAME_SLACK, _split_bulk
+    from dht.peer.multiplex import FRAME_SLACK, _split_bulk
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     value = memoryview(bytearray(data)) if as_view else data

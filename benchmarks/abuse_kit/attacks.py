@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from dht import P2P
-from dht.identity import Identity, PeerID
+from dht.peer.identity import Identity, PeerID
 from dht.routing import DHTID
 
 from .wire import DATA, FLAG_MORE, bind_dials_to, bound_dials, handshake, open_raw, plain_frame

@@ -2,7 +2,7 @@
 
 - :func:`open_raw`: a TCP connection whose source address is the attacker's (``local_addr``).
 - :func:`plain_frame`: a handshake frame (``u32 length || msgpack``) of any content.
-- :func:`handshake`: the initiator side of the handshake of :mod:`dht.handshake` (written out here
+- :func:`handshake`: the initiator side of the handshake of :mod:`dht.peer.handshake` (written out here
   from its documented format, not imported, so that an attack can write any bytes afterwards), and
   :class:`RawSession`, which seals arbitrary multiplexer frames (``type u8 | flags u8 | stream u32 |
   payload``) as the victim expects them, ignoring flow control and every other courtesy.

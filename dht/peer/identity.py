@@ -2,7 +2,7 @@
 
 A PeerID is the SHA-256 multihash of the raw 32-byte Ed25519 public key, printed in base58btc
 (46 characters starting with ``Qm``, the shape hivemind/libp2p users know). Nobody can claim a
-PeerID without the matching private key: the handshake (:mod:`dht.handshake`) makes every peer
+PeerID without the matching private key: the handshake (:mod:`dht.peer.handshake`) makes every peer
 send its public key and sign the session transcript with it, and the other side checks that the
 key hashes to the PeerID it expected.
 """

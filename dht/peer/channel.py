@@ -1,28 +1,53 @@
 """FrameChannel: an authenticated, ordered, reliable pipe of frames between two peers.
 
-The multiplexer (:mod:`dht.multiplex`) runs on top of any FrameChannel; the TCP transport provides
-:class:`dht.handshake.SecureChannel` (encrypted), the in-memory transport
-:class:`dht.memory_transport.MemoryChannel` (same semantics, simulated latency and loss).
+The multiplexer (:mod:`dht.peer.multiplex`) runs on top of any FrameChannel; the TCP transport provides
+:class:`dht.peer.handshake.SecureChannel` (encrypted), the in-memory transport
+:class:`dht.peer.memory_transport.MemoryChannel` (same semantics, simulated latency and loss).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
+from .errors import HandshakeError
 from .identity import PeerID
+from .untrusted import brief
 
-if TYPE_CHECKING:
-    from .handshake import PeerInfo
+__all__ = ["FrameChannel", "PeerInfo"]
 
-__all__ = ["FrameChannel"]
+
+@dataclass
+class PeerInfo:
+    """What a peer announces about itself in the handshake (validated on receipt)."""
+
+    addresses: list[str] = field(default_factory=list)  # listen addresses, printed form without /p2p
+    window: int = 8 << 20  # bytes this peer buffers per stream before the sender must wait
+    max_message_size: int = 64 << 20  # largest message this peer accepts
+
+    def to_wire(self) -> dict:
+        return {"addrs": self.addresses, "window": self.window, "max_msg": self.max_message_size}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "PeerInfo":
+        if not isinstance(data, dict):
+            raise HandshakeError("peer info must be a map")
+        addrs = data.get("addrs", [])
+        window, max_msg = data.get("window"), data.get("max_msg")
+        if not (isinstance(addrs, list) and len(addrs) <= 32 and all(isinstance(a, str) and len(a) <= 256 for a in addrs)):
+            raise HandshakeError("peer info: 'addrs' must be a list of at most 32 short strings")
+        for name, value in (("window", window), ("max_msg", max_msg)):
+            if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
+                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {brief(value)}")
+        return cls(list(addrs), window, max_msg)
 
 
 class FrameChannel(abc.ABC):
     """One connection's frame pipe; ``remote_peer_id`` is authenticated by the transport,
     ``remote_host`` is the observed source IP (for per-IP budgets; None if the transport has none)."""
 
-    def __init__(self, remote_peer_id: PeerID, remote_info: "PeerInfo", endpoint: str,
+    def __init__(self, remote_peer_id: PeerID, remote_info: PeerInfo, endpoint: str,
                  remote_host: str | None = None):
         self.remote_peer_id = remote_peer_id
         self.remote_info = remote_info

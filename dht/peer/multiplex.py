@@ -22,7 +22,7 @@ handshake; a sender may start a message while fewer than W bytes it sent are unc
 most W + one message is buffered per stream (messages are capped by ``Limits.max_message_size``).
 A slow reader therefore slows its sender down instead of growing memory.
 
-Budgets (:mod:`dht.resources`): every inbound message byte is reserved against the budgets of its
+Budgets (:mod:`dht.peer.resources`): every inbound message byte is reserved against the budgets of its
 stream, connection, peer, source IP and the whole peer before it is buffered, and given back when the
 message is consumed or the stream closes (whatever the reason). Reassembly buffers grow as fragments
 arrive, never from an announced size. A message beyond the stream's limit (``max_message_size``, at
@@ -559,7 +559,7 @@ class Connection:
     ``dispatch(stream)`` is called for each stream the other side opens and returns a function that
     makes the coroutine serving it (LookupError for an unknown method); ``on_close(connection)`` runs
     when the connection stops taking new calls (GOAWAY received) and when it closes. ``resources`` is
-    the peer's :class:`~dht.resources.ResourceManager` (shared by its connections; a private one if
+    the peer's :class:`~dht.peer.resources.ResourceManager` (shared by its connections; a private one if
     None); ``scope`` is this connection's budget in it.
     """
 

@@ -81,7 +81,7 @@ class OverloadedError(P2PError):
 
 
 class ResourceLimitError(P2PError):
-    """A reservation would exceed a resource budget (:mod:`dht.resources`); ``scope`` names the one
+    """A reservation would exceed a resource budget (:mod:`dht.peer.resources`); ``scope`` names the one
     ("stream", "connection", "peer", "ip", "system"). The other side gets ``too_large`` when a single
     stream's budget is spent, ``overloaded`` otherwise."""
 

@@ -3,9 +3,9 @@
 Whenever the loop would sleep until its next timer, the clock jumps to that timer instead, so
 ``await asyncio.sleep(3600)`` returns at once in wall time while ``loop.time()`` advances by an
 hour. Real I/O (sockets, threads) still works, but waiting for it does not advance the clock.
-Use it with the in-memory transport (:mod:`dht.memory_transport`):
+Use it with the in-memory transport (:mod:`dht.peer.memory_transport`):
 
->>> from dht import virtual_clock
+>>> from dht.peer import virtual_clock
 >>> virtual_clock.run(main())   # like asyncio.run(main()), on virtual time
 """
 

@@ -1,4 +1,4 @@
-"""The real transport: TCP (asyncio streams) + the secure handshake of :mod:`dht.handshake`.
+"""The real transport: TCP (asyncio streams) + the secure handshake of :mod:`dht.peer.handshake`.
 
 Unauthenticated sockets are bounded on every path (``Limits``): at most ``max_pending_handshakes_per_ip``
 (8) pending handshakes per source IP (an IPv6 source counts by its /64) and ``max_pending_handshakes``
@@ -18,9 +18,9 @@ import sys
 from typing import Callable
 
 from .addresses import PeerAddress, interface_addresses
-from .channel import FrameChannel
+from .channel import FrameChannel, PeerInfo
 from .errors import HandshakeError, P2PError, PeerUnreachableError
-from .handshake import (MAX_HANDSHAKE_FRAME, PeerBusyError, PeerInfo, initiate, observed_host, refuse_busy, respond,
+from .handshake import (MAX_HANDSHAKE_FRAME, PeerBusyError, initiate, observed_host, refuse_busy, respond,
                         within)
 from .identity import Identity, PeerID
 from .multiplex import Limits

@@ -3,7 +3,7 @@ source IP and the whole process (modelled on libp2p's resource manager).
 
 Every inbound buffer is reserved before it is allocated, against each scope from the stream up to the
 system; a reservation that would take any scope past its limit changes nothing and raises
-:class:`~dht.errors.ResourceLimitError` naming that scope. Reservations are returned when the stream
+:class:`~dht.peer.errors.ResourceLimitError` naming that scope. Reservations are returned when the stream
 or the connection closes, however that happens (end, cancel, error, connection loss, handler crash).
 
 ==========  ==========================================  =============================================
@@ -244,7 +244,7 @@ def _host_of(endpoint: str) -> str:
 
 
 class ResourceManager:
-    """The budgets of one peer (one per :class:`~dht.p2p.P2P`, shared by all its connections)."""
+    """The budgets of one peer (one per :class:`~dht.peer.p2p.P2P`, shared by all its connections)."""
 
     def __init__(self, limits: "Limits"):
         self.limits = limits

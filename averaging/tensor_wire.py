@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .errors import MessageTooLargeError, ProtocolError
-from .multiplex import Stream
-from .untrusted import brief
+from dht.peer.errors import MessageTooLargeError, ProtocolError
+from dht.peer.multiplex import Stream
+from dht.peer.untrusted import brief
 
 __all__ = ["tensor_to_wire", "tensor_from_wire", "send_tensor", "recv_tensor", "DTYPES"]
 

@@ -1,7 +1,7 @@
 """Transport: how a peer listens and dials, producing authenticated FrameChannels.
 
-Two implementations share this interface: :class:`dht.tcp_transport.TCPTransport` (real sockets,
-encrypted) and :class:`dht.memory_transport.MemoryTransport` (in-process, simulated latency and loss).
+Two implementations share this interface: :class:`dht.peer.tcp_transport.TCPTransport` (real sockets,
+encrypted) and :class:`dht.peer.memory_transport.MemoryTransport` (in-process, simulated latency and loss).
 """
 
 from __future__ import annotations

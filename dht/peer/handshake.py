@@ -26,7 +26,7 @@ nested at most 4 deep; anything else is refused before any field is looked at). 
 handshake every frame is ``u32 big-endian L || AEAD ciphertext (L bytes, tag included)``, with the
 4 length bytes as associated data and a 96-bit nonce ``0x00000000 || u64 little-endian counter``
 that starts at 0 in each direction (M3 and M4 use nonce 0 of their direction). The plaintext of a
-frame is the multiplexer's ``type u8 | flags u8 | stream id u32 | payload`` (:mod:`dht.multiplex`).
+frame is the multiplexer's ``type u8 | flags u8 | stream id u32 | payload`` (:mod:`dht.peer.multiplex`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import collections
 import hashlib
 import struct
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgpack
@@ -47,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .channel import FrameChannel
+from .channel import FrameChannel, PeerInfo
 from .errors import ConnectionLostError, HandshakeError, IncompatibleVersionError, ProtocolError
 from .identity import Identity, PeerID, verify_signature
 from .untrusted import brief
@@ -97,31 +96,6 @@ class _FrameCipher:
         written += context.update_into(data, out[written:])
         context.finalize()
         out[written:written + TAG_SIZE] = context.tag
-
-
-@dataclass
-class PeerInfo:
-    """What a peer announces about itself in the handshake (validated on receipt)."""
-
-    addresses: list[str] = field(default_factory=list)  # listen addresses, printed form without /p2p
-    window: int = 8 << 20  # bytes this peer buffers per stream before the sender must wait
-    max_message_size: int = 64 << 20  # largest message this peer accepts
-
-    def to_wire(self) -> dict:
-        return {"addrs": self.addresses, "window": self.window, "max_msg": self.max_message_size}
-
-    @classmethod
-    def from_wire(cls, data: Any) -> "PeerInfo":
-        if not isinstance(data, dict):
-            raise HandshakeError("peer info must be a map")
-        addrs = data.get("addrs", [])
-        window, max_msg = data.get("window"), data.get("max_msg")
-        if not (isinstance(addrs, list) and len(addrs) <= 32 and all(isinstance(a, str) and len(a) <= 256 for a in addrs)):
-            raise HandshakeError("peer info: 'addrs' must be a list of at most 32 short strings")
-        for name, value in (("window", window), ("max_msg", max_msg)):
-            if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
-                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {brief(value)}")
-        return cls(list(addrs), window, max_msg)
 
 
 class _FrameReader(asyncio.BufferedProtocol):

@@ -10,7 +10,7 @@ probability that a new call (its OPEN frame, hence everything on that stream) is
 caller sees its deadline pass, like a lost datagram. ``kill(peer_id)`` makes a peer vanish silently:
 frames to and from it are dropped and dialing it hangs until the dial timeout, as with a host that
 lost power. Identities are trusted (the network is one process), there is no encryption.
-Run on :mod:`dht.virtual_clock` for simulations that take virtual hours in seconds.
+Run on :mod:`dht.peer.virtual_clock` for simulations that take virtual hours in seconds.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import random
 from typing import Callable, Union
 
 from .addresses import PeerAddress
-from .channel import FrameChannel
+from .channel import FrameChannel, PeerInfo
 from .errors import ConnectionLostError, HandshakeError, PeerUnreachableError
-from .handshake import PeerInfo
 from .identity import Identity, PeerID
 from .multiplex import OPEN, Limits
 from .p2p import P2P
