@@ -51,7 +51,6 @@ import collections
 import hashlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -75,6 +74,11 @@ MAX_GROUP_ID_BYTES = 64  # matchmaking makes 20-byte ids
 MAX_TAG_BYTES = 32  # recovery tags are 16 bytes
 MAX_REPORT_BYTES = 64 << 10  # an avg.report request (at most 4096 member indices)
 MAX_FINISHED_ROUNDS = 256  # group ids of finished rounds remembered, to refuse late streams at once
+
+
+def _now() -> float:
+    """Seconds on the running loop's clock (virtual on dht.peer.virtual_clock): durations and timeouts."""
+    return asyncio.get_running_loop().time()
 
 # (x [n, len], weights [n]) -> [len]; a reducer with ``chunkwise = True`` may be applied to pieces of a
 # part (pipelined); any other sees each part whole, once every live member delivered all of it.
@@ -152,7 +156,7 @@ class _Owner:
         self.weights: dict[int, float] = {}
         self.delivered = {i: 0 for i in run.active}
         self.alive = set(run.active)
-        self.last_progress = {i: time.monotonic() for i in run.active}
+        self.last_progress = {i: _now() for i in run.active}
         self.encoded: list[dict | None] = [None] * len(self.chunks)
         self.reduced = 0
         self.mixed = False
@@ -192,7 +196,7 @@ class _Owner:
         self.weights[member] = weight
         self.pending[index][member] = values
         self.delivered[member] = index + 1
-        self.last_progress[member] = time.monotonic()
+        self.last_progress[member] = _now()
         self._advance()
 
     def _advance(self) -> None:
@@ -250,7 +254,7 @@ class _Owner:
         period = min(0.25, self.run.sender_timeout / 4)
         while not self.finished.is_set():
             await asyncio.sleep(period)
-            now = time.monotonic()
+            now = _now()
             for member in list(self.alive):
                 if self.delivered[member] < len(self.chunks) and now - self.last_progress[member] > self.run.sender_timeout:
                     self.exclude(member, f"sent nothing for {self.run.sender_timeout:.1f} s")
@@ -608,7 +612,7 @@ class AllReduceService:
         ``result``: where to put the averages (a vector like ``flat``; default: a new one)."""
         reducer_timeout = reducer_timeout or 2 * sender_timeout
         n = len(group.members)
-        start = time.monotonic()
+        start = _now()
         result = torch.empty_like(flat) if result is None else result
         layout = Layout.contiguous(group.part_sizes)
         everyone = list(range(n))
@@ -629,7 +633,7 @@ class AllReduceService:
                         or phase0.part_reports.get(j, ([], True))[0] != survivors]
             spans = [r for j in affected for r in layout.ranges[j]]
             sent, received = phase0.bytes_sent, phase0.bytes_received
-            recovery_start = time.monotonic()
+            recovery_start = _now()
             if spans:
                 if len(survivors) < 1:
                     raise AveragingError("no survivors")
@@ -654,7 +658,7 @@ class AllReduceService:
             survivor_ids = [group.members[i] for i in survivors]
             parts = [(s, e, survivor_ids) for j in layout.owners() for s, e in layout.ranges[j]]
             return result, AllReduceResult(group.members, survivor_ids, parts, spans, sent, received,
-                                           time.monotonic() - start, time.monotonic() - recovery_start if spans else 0.0)
+                                           _now() - start, _now() - recovery_start if spans else 0.0)
         finally:
             self._groups.pop(group.group_id, None)
             self._reports.pop(group.group_id, None)

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dht import DHT, MessageTooLargeError, P2PError, PeerID, ProtocolError, Stream, get_dht_time
+from dht import DHT, MessageTooLargeError, P2PError, PeerID, ProtocolError, Stream
 from dht.peer.errors import BadRequestError
 from dht.peer.p2p import CallContext
 from dht.peer.slots import Slots
@@ -178,7 +178,7 @@ class Gossip:
         await stream.send("ok", end=True)
 
     async def _refresh_peers(self, node) -> None:
-        now = get_dht_time()
+        now = node.clock()
         if now - self._declared_at > self.declare_period / 2:
             self._declared_at = now
             await node.store(self._key, True, now + self.declare_period, subkey=str(node.peer_id))
@@ -202,7 +202,7 @@ class Gossip:
         async def teardown(_, node):
             node.p2p.remove_handler(self._method)
             try:
-                await node.store(self._key, False, get_dht_time() + 1, subkey=str(node.peer_id))
+                await node.store(self._key, False, node.clock() + 1, subkey=str(node.peer_id))
             except Exception:
                 pass
 
