@@ -49,6 +49,7 @@ from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
 from .peer.untrusted import LogLimiter
+from .peer.virtual_clock import VirtualClockLoop
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
@@ -63,6 +64,15 @@ _dropped_log = LogLimiter()  # lines about invalid records that peers returned
 def get_dht_time() -> float:
     """DHT time: wall-clock seconds since the epoch (peers must agree within a few seconds)."""
     return time.time()
+
+
+def _default_clock() -> Callable[[], float]:
+    """get_dht_time, or the running loop's ``dht_time`` on dht.peer.virtual_clock (follows virtual time)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return get_dht_time
+    return loop.dht_time if isinstance(loop, VirtualClockLoop) else get_dht_time
 
 
 def _pack(obj: Any) -> bytes:
@@ -83,7 +93,7 @@ class DHTNode:
                  depth_modulo: int = 5, client_mode: bool = False, record_validators: Iterable[RecordValidator] = (),
                  limits: DHTLimits | None = None, rpc_timeout: float = 3.0, refresh_interval: float = 60.0,
                  republish_interval: float = 600.0, cache_size: int = 10_000,
-                 clock: Callable[[], float] = get_dht_time, rng: random.Random | None = None):
+                 clock: Callable[[], float] | None = None, rng: random.Random | None = None):
         self.p2p = p2p
         self.peer_id = p2p.peer_id
         self.node_id = DHTID.of_peer(p2p.peer_id)
@@ -93,7 +103,7 @@ class DHTNode:
         self.limits = limits or DHTLimits()
         self.rpc_timeout = rpc_timeout
         self.refresh_interval, self.republish_interval = refresh_interval, republish_interval
-        self.clock = clock
+        self.clock = clock or _default_clock()  # DHT time; on a virtual-clock loop, its virtual wall clock
         self.rng = rng or random.Random()
         lim = self.limits
         self.routing_table = RoutingTable(self.node_id, bucket_size, depth_modulo,
