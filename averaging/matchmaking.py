@@ -165,6 +165,9 @@ class Matchmaker:
         self.target_group_size, self.min_group_size = target_group_size, min_group_size
         self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
         self.client_mode = client_mode
+        # DHT time (expirations and the deadlines compared with them): the node's clock, so it follows
+        # the virtual clock in simulations
+        self.clock = node.clock if node is not None else get_dht_time
         self.group_bits = ""
         self.scope = ""
         self._looking = False
@@ -206,7 +209,7 @@ class Matchmaker:
         """Find a group before ``deadline`` (DHT time); returns (group, my index in it)."""
         loop = asyncio.get_running_loop()
         self._key = self.group_key
-        self._expiration = min(deadline, get_dht_time() + max(self.min_matchmaking_time, 0.0))
+        self._expiration = min(deadline, self.clock() + max(self.min_matchmaking_time, 0.0))
         self._deadline = deadline
         self._my_info = info
         self._followers = {}
@@ -232,7 +235,7 @@ class Matchmaker:
                     if result is not None:
                         return result
                     continue
-                now = get_dht_time()
+                now = self.clock()
                 if now >= self._expiration:
                     if len(self._followers) + 1 >= self.min_group_size and not self.client_mode:
                         return await self._begin()
@@ -253,7 +256,7 @@ class Matchmaker:
             await self._disband("the leader stopped looking for a group")
             # in the background: a store waits for the DHT nodes holding the key, and one of them may be
             # a frozen group-mate; this member's all-reduce must start now, or the others exclude it
-            withdrawal = asyncio.ensure_future(self._withdraw(self._key, get_dht_time() + 1.0))
+            withdrawal = asyncio.ensure_future(self._withdraw(self._key, self.clock() + 1.0))
             self._withdrawals.add(withdrawal)
             withdrawal.add_done_callback(self._withdrawals.discard)
 
@@ -327,7 +330,7 @@ class Matchmaker:
             if not _is_number(leader_exp):
                 raise ValueError("bad expiration in the leader's reply")
             # never past our own deadline, whatever the leader announced
-            wait_for = min(max(self._expiration, leader_exp), self._deadline) - get_dht_time() + self.request_timeout
+            wait_for = min(max(self._expiration, leader_exp), self._deadline) - self.clock() + self.request_timeout
             begin = await asyncio.wait_for(stream.recv(), max(wait_for, self.request_timeout))
             if not isinstance(begin, dict) or begin.get("status") != "begin":
                 return None
