@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv bench-venv bench clean
+.PHONY: test lint demo venv bench-venv bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# ruff and mypy (configured in pyproject.toml) on the library packages, then the whole suite.
+LIBRARY := dht averaging verification swarm
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LIBRARY)
+	$(PY) -m mypy $(LIBRARY)
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
@@ -30,4 +37,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/transport.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
