@@ -5,14 +5,16 @@ Importing ``dht`` never imports torch (a bootstrap peer stays small); tensor hel
 :mod:`averaging.tensor_wire`.
 """
 
-from .peer import (P2P, AddressError, CallContext, ConnectionLostError, DeadlineExceededError, HandshakeError,
-                   Identity, IdentityError, IncompatibleVersionError, Limits, MessageTooLargeError, P2PError, PeerAddress,
-                   PeerID, PeerUnreachableError, ProtocolError, RemoteError, Stream, StreamClosedError)
+from .peer import (P2P, AddressError, BadRequestError, CallContext, ConnectionLostError, DeadlineExceededError,
+                   ErrorCode, HandshakeError, Identity, IdentityError, IncompatibleVersionError, Limits,
+                   MessageTooLargeError, OverloadedError, P2PError, PeerAddress, PeerID, PeerUnreachableError,
+                   ProtocolError, RemoteError, Stream, StreamClosedError)
 
 __all__ = [
     "AddressError", "PeerAddress", "Identity", "IdentityError", "PeerID", "Limits", "Stream", "P2P", "CallContext",
     "P2PError", "HandshakeError", "IncompatibleVersionError", "PeerUnreachableError", "ConnectionLostError",
     "ProtocolError", "RemoteError", "DeadlineExceededError", "MessageTooLargeError", "StreamClosedError",
+    "BadRequestError", "OverloadedError", "ErrorCode",
 ]
 
 from .facade import DHT  # noqa: E402

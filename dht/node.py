@@ -39,12 +39,14 @@ import msgpack
 
 from .peer.addresses import PeerAddress
 from .peer.admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, host_of, prefix_of
-from .peer.errors import BadRequestError, OverloadedError, P2PError, RemoteError
+from .peer.errors import BadRequestError, ErrorCode, OverloadedError, P2PError, RemoteError
 from .peer.identity import Identity, PeerID
 from .peer.multiplex import Limits
 from .peer.p2p import P2P, CallContext
-from .protocol import (VERSION, DHTLimits, StoreItem, encode_entry_within, parse_find, parse_find_response,
-                       parse_ping, parse_store, parse_store_contacts, parse_store_near, parse_store_response)
+from .protocol import (MAX_CONTACTS, DHTLimits, StoreItem, encode_entry_within, find_request, find_response,
+                       parse_find, parse_find_response, parse_ping, parse_ping_response, parse_store,
+                       parse_store_contacts, parse_store_near, parse_store_response, ping_request, ping_response,
+                       store_request, store_response)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
@@ -56,7 +58,7 @@ __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
 
 logger = logging.getLogger(__name__)
 STORE_NEAR = 6  # contacts near the key that each store reply brings back (a find brings k)
-MAX_FIND_CONTACTS = 64  # contacts one find may ask for per key (the protocol's limit, dht.protocol.parse_find)
+MAX_FIND_CONTACTS = MAX_CONTACTS  # contacts one find may ask for per key (the protocol's limit)
 MAX_CLOCK_SKEW = 3.0  # seconds; peers further off than this are warned about
 _dropped_log = LogLimiter()  # lines about invalid records that peers returned
 
@@ -202,8 +204,10 @@ class DHTNode:
             await self._refresh_buckets(max_buckets=4)
 
     # ---- RPC client side -------------------------------------------------------------------
-    def _request(self, **fields: Any) -> dict:
-        return {"v": VERSION, "server": not self.client_mode, **fields}
+    @property
+    def _serving(self) -> bool:
+        """What our messages say in ``server``: whether we accept inbound calls."""
+        return not self.client_mode
 
     def _excluded(self, peer_id: PeerID) -> bool:
         until = self._backoff.get(peer_id, (0.0, 0))[0]
@@ -315,7 +319,7 @@ class DHTNode:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if not (isinstance(e, RemoteError) and e.code == "overloaded"):  # busy is not dead
+            if not (isinstance(e, RemoteError) and e.code == ErrorCode.OVERLOADED):  # busy is not dead
                 self._on_failure(peer_id, e)
             raise
         return response
@@ -324,9 +328,8 @@ class DHTNode:
         """Ping over the DHT protocol (adds a server peer to the routing table, checks its clock)."""
         sent = self.clock()
         try:
-            response = await self._call(peer_id, "dht.ping", self._request(t=sent))
-            server, their_time = parse_ping(response)
-        except (P2PError, asyncio.TimeoutError, BadRequestError):
+            server, their_time = parse_ping_response(await self._call(peer_id, "dht.ping", ping_request(self._serving, sent)))
+        except (P2PError, asyncio.TimeoutError):  # (a malformed answer: ProtocolError, a P2PError)
             return False
         if their_time is not None:
             skew = their_time - (sent + self.clock()) / 2
@@ -349,8 +352,8 @@ class DHTNode:
         """One dht.find RPC asking for ``k`` contacts per key (default: bucket size; at most
         MAX_FIND_CONTACTS); None if the peer failed. Learns the contacts' addresses."""
         try:
-            response = await self._call(peer_id, "dht.find", self._request(
-                keys=[DHTID(key).to_bytes20() for key in key_ids], k=min(k or self.k, MAX_FIND_CONTACTS)))
+            response = await self._call(peer_id, "dht.find", find_request(
+                self._serving, [DHTID(key).to_bytes20() for key in key_ids], min(k or self.k, MAX_FIND_CONTACTS)))
         except (P2PError, asyncio.TimeoutError):
             return None  # _call recorded the failure
         try:
@@ -476,8 +479,7 @@ class DHTNode:
 
         async def send(peer_id: PeerID, indices: list[int]) -> None:
             for chunk in chunks(indices):
-                request = self._request(items=[[prepared[i][1].key, prepared[i][1].subkey, prepared[i][1].value,
-                                                 prepared[i][1].expiration_time, False] for i in chunk])
+                request = store_request(self._serving, [prepared[i][1] for i in chunk])
                 try:
                     answers = parse_store_response(await self._call(peer_id, "dht.store", request), len(chunk))
                 except (P2PError, asyncio.TimeoutError):
@@ -495,8 +497,7 @@ class DHTNode:
         about ``num_replicas`` RPCs instead of a lookup's and as many stores again. Nodes the lookup
         queried beyond the closest ones keep a spare replica."""
         outcome = [False] * len(prepared)
-        request = self._request(items=[[item.key, item.subkey, item.value, item.expiration_time, False]
-                                       for _, item in prepared], near=STORE_NEAR)
+        request = store_request(self._serving, [item for _, item in prepared], near=STORE_NEAR)
 
         async def query(peer_id: PeerID) -> list[tuple[PeerID, int]] | None:
             try:
@@ -670,27 +671,30 @@ class DHTNode:
         return ValueWithExpiration(subkeys, max(item.expiration_time for item in subkeys.values()))
 
     async def _cache_at(self, peer_id: PeerID, key_id: int, entry: Entry) -> None:
-        items = [[entry.key_bytes, None, *entry.regular, True]] if entry.regular else \
-            [[entry.key_bytes, s, v, e, True] for s, (v, e) in entry.subkeys.items()]
+        """Store ``entry`` (found by a lookup for ``key_id``) in the cache of ``peer_id``, as much of it as
+        one request carries; a failure only costs the cached copy."""
+        items = [StoreItem(entry.key_bytes, None, *entry.regular, True)] if entry.regular else \
+            [StoreItem(entry.key_bytes, s, v, e, True) for s, (v, e) in entry.subkeys.items()]
         budget, size = min(self.limits.max_find_reply_bytes, self._request_budget()), 0  # within the message limit
         for count, item in enumerate(items):
-            size += len(item[0]) + len(item[1] or b"") + len(item[2]) + 32
+            size += self._item_size(item)
             if size > budget:
                 items = items[:count]
                 break
         try:
-            await self._call(peer_id, "dht.store", self._request(items=items[:self.limits.max_items_per_store]))
-        except (P2PError, asyncio.TimeoutError):
-            pass
+            await self._call(peer_id, "dht.store", store_request(self._serving, items[:self.limits.max_items_per_store]))
+        except (P2PError, asyncio.TimeoutError) as e:
+            logger.debug("caching key %s at %s failed: %s", DHTID(key_id), peer_id.short(), e)
 
     # ---- RPC server side -------------------------------------------------------------------
     async def _rpc_ping(self, request: Any, ctx: CallContext) -> dict:
         server, _ = parse_ping(request)
         self._on_inbound_call(ctx, server)
-        return {"v": VERSION, "server": not self.client_mode, "t": self.clock()}
+        return ping_response(self._serving, self.clock())
 
     async def _rpc_store(self, request: Any, ctx: CallContext) -> dict:
         server, items = parse_store(request, self.limits)
+        near = parse_store_near(request)  # (all checked before anything is stored)
         now = self.clock()
         bucket = self._buckets.get(ctx.peer_id)
         if bucket is None:  # (a bounded LRU: _buckets)
@@ -707,15 +711,13 @@ class DHTNode:
                 await asyncio.sleep(0)
             answers.append(self._store_locally(DHTID.of_key(item.key), item, now, origin=ctx.peer_id, source=source))
         self._on_inbound_call(ctx, server)
-        near = parse_store_near(request)
         if near is not None and items:
-            return {"v": VERSION, "ok": answers, "near": self._contacts_near(DHTID.of_key(items[0].key), near,
-                                                                             ctx.peer_id)}
-        return {"v": VERSION, "ok": answers}
+            return store_response(answers, self._contacts_near(DHTID.of_key(items[0].key), near, ctx.peer_id))
+        return store_response(answers)
 
-    def _contacts_near(self, key_id: int, k: int, exclude: PeerID) -> list:
-        """The ``k`` contacts nearest to ``key_id`` as the wire carries them (``exclude``: the asker)."""
-        return [[p.raw, self.p2p.get_address_texts(p)] for p, _ in self.routing_table.nearest(key_id, k, exclude=exclude)]
+    def _contacts_near(self, key_id: int, k: int, exclude: PeerID) -> list[tuple[PeerID, list[str]]]:
+        """The ``k`` contacts nearest to ``key_id`` and their addresses (``exclude``: the asker)."""
+        return [(p, self.p2p.get_address_texts(p)) for p, _ in self.routing_table.nearest(key_id, k, exclude=exclude)]
 
     async def _rpc_find(self, request: Any, ctx: CallContext) -> dict:
         server, keys, k = parse_find(request, self.limits)
@@ -730,14 +732,14 @@ class DHTNode:
             contacts = self._contacts_near(key_id, k, ctx.peer_id)
             budget -= sum(40 + sum(len(a) + 3 for a in addresses) for _, addresses in contacts)
             if budget < 0:
-                results.append([None, []])  # (only with hostile address books or k x 512 keys)
+                results.append((None, []))  # (only with hostile address books or k x 512 keys)
                 continue
             entry = self.storage.get(key_id, now) or self.cache.get(key_id, now)
             encoded, used = encode_entry_within(entry, budget)
             budget -= used
-            results.append([encoded, contacts])
+            results.append((encoded, contacts))
         self._on_inbound_call(ctx, server)
-        return {"v": VERSION, "results": results}
+        return find_response(results)
 
     # ---- maintenance -----------------------------------------------------------------------
     def _charge_finds(self, ctx: CallContext, num_keys: int) -> None:
@@ -798,14 +800,14 @@ class DHTNode:
                 size += len(entry.key_bytes) + len(subkey or b"") + len(value) + 32
                 if size > budget or len(items) >= self.limits.max_items_per_store:
                     break
-                items.append([entry.key_bytes, subkey, value, expiration, False])
+                items.append(StoreItem(entry.key_bytes, subkey, value, expiration, False))
             if size > budget or len(items) >= self.limits.max_items_per_store:
                 break
         if items:
             try:
-                await self._call(newcomer, "dht.store", self._request(items=items))
-            except (P2PError, asyncio.TimeoutError):
-                pass
+                await self._call(newcomer, "dht.store", store_request(self._serving, items))
+            except (P2PError, asyncio.TimeoutError) as e:  # its next republish or lookup fills the gap
+                logger.debug("handing %d records to %s failed: %s", len(items), newcomer.short(), e)
 
     def forget_departed(self) -> int:
         """Drop the bookkeeping of peers that are neither connected nor in the routing table (nor a

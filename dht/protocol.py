@@ -1,38 +1,74 @@
-"""DHT wire messages (version 1): msgpack maps, validated on receipt, bounded in size and count.
+"""The DHT wire protocol (version 1), sans I/O: every message's encoder next to its parser.
 
-=============  ======================================================================================
-method         request -> response
-=============  ======================================================================================
-``dht.ping``   ``{"v": 1, "server": bool, "t": DHT time}`` -> ``{"v": 1, "server": bool, "t": DHT time}``
-``dht.store``  ``{"v": 1, "server": bool, "items": [[key, subkey|None, value, expiration, in_cache], ...]}``
-               -> ``{"v": 1, "ok": [true | "reason it was refused", ...]}`` (one per item)
-``dht.find``   ``{"v": 1, "server": bool, "keys": [20-byte key id, ...], "k": int}``
-               -> ``{"v": 1, "results": [[entry | None, [[peer id, [address, ...]], ...]], ...]}``
-=============  ======================================================================================
+Each call is one msgpack map each way (a unary RPC of :class:`dht.peer.P2P`); requests carry
+``"v"`` (the version) and ``"server"`` (whether the sender accepts inbound calls: client-mode peers
+are never put in routing tables). The caller's PeerID is not in the message: the transport
+authenticated it. Request parsers raise :class:`~dht.peer.errors.BadRequestError` (the caller gets
+``bad_request``), response parsers :class:`~dht.peer.errors.ProtocolError`; nothing else, whatever
+msgpack value arrives. No I/O here: :mod:`dht.node` sends what these functions build.
 
-``key``, ``subkey`` and ``value`` are msgpack bytes; an ``entry`` is ``[key, value, expiration]``
-for a regular value or ``[key, [[subkey, value, expiration], ...]]`` for a dictionary, or
-``[key, [...], omitted]`` for a dictionary cut to fit the reply (``omitted`` subkeys left out: a
-find reply's entries fit in ``DHTLimits.max_find_reply_bytes``, smallest subkeys first, so a key can
-never be made unreadable by large subkeys; a regular value that does not fit is sent as None). ``server``
-says whether the sender accepts inbound calls (client-mode peers are never put in routing tables).
-The caller's PeerID is not in the message: the transport authenticated it.
+=============  ===================================  ===================================  ===============================
+method         request                              response                             limits (DHTLimits defaults)
+=============  ===================================  ===================================  ===============================
+``dht.ping``   ``{"v": 1, "server": bool,``         ``{"v": 1, "server": bool,``         t: finite, else ignored
+               ``"t": DHT time}``                   ``"t": DHT time}``
+``dht.store``  ``{"v": 1, "server": bool,``         ``{"v": 1, "ok": [true | false |``   items <= max_items_per_store
+               ``"items": [[key, subkey | None,``   ``"reason refused", ...]}``          (4096); key, subkey: 1 to
+               ``value, expiration, in_cache],``    (one per item; false: older than     max_key_size (1024) bytes;
+               ``...]}``, optionally ``"near": n``  what the node holds), and            expirations finite; near in
+                                                    ``"near": [contact, ...]`` if asked  [1, 64]; <= 64 contacts of
+                                                                                         <= 16 addresses (< 256 chars)
+``dht.find``   ``{"v": 1, "server": bool,``         ``{"v": 1, "results": [[entry |``    keys <= max_keys_per_find
+               ``"keys": [20-byte key id, ...],``   ``None, [contact, ...]], ...]}``     (512); k in [1, 64], default 20
+               ``"k": int}``                        (one per key)                        entries within
+                                                                                         max_find_reply_bytes (8 MiB)
+=============  ===================================  ===================================  ===============================
+
+Encoders and parsers: :func:`ping_request` / :func:`parse_ping`, :func:`ping_response` /
+:func:`parse_ping_response`; :func:`store_request` / :func:`parse_store` and :func:`parse_store_near`,
+:func:`store_response` / :func:`parse_store_response` and :func:`parse_store_contacts`;
+:func:`find_request` / :func:`parse_find`, :func:`find_response` / :func:`parse_find_response`.
+A value over ``max_value_size`` (256 KiB) or an expiration beyond ``max_ttl`` is refused (a reason
+in ``ok``), not malformed.
+
+``key``, ``subkey`` and ``value`` are msgpack bytes (a signed value carries its signature, see
+:mod:`dht.validation`); ``in_cache`` asks the node to keep the item in its cache of looked-up
+values rather than its storage. ``near``: a store of one key doubles as the lookup step of its own
+replication: the node sends back up to ``near`` contacts nearest the first item's key (the asker
+left out). A ``contact`` is ``[34-byte PeerID, [address, ...]]`` (malformed ones are skipped).
+
+An ``entry`` (:func:`encode_entry_within`, :func:`decode_entry`) is ``[key, value, expiration]``
+for a regular value, ``[key, [[subkey, value, expiration], ...]]`` for a dictionary (at most 65,536
+subkeys), or ``[key, [...], omitted]`` for a dictionary cut to fit the reply (``omitted`` subkeys
+left out: a find reply's entries fit in ``max_find_reply_bytes``, smallest subkeys first, so a key
+can never be made unreadable by large subkeys; a regular value that does not fit is sent as None).
+Maps keep the key order shown (``v`` first), so the bytes are stable (``tests/test_dht_protocol.py``
+holds recorded vectors).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from .peer.errors import BadRequestError, ProtocolError
 from .peer.identity import IdentityError, PeerID
+from .peer.untrusted import brief
 from .storage import Entry
 
-__all__ = ["VERSION", "DHTLimits", "parse_ping", "parse_store", "parse_store_near", "parse_store_contacts", "parse_find",
-           "encode_entry", "encode_entry_within", "decode_entry", "parse_find_response", "parse_store_response", "StoreItem"]
+__all__ = ["VERSION", "DHTLimits", "StoreItem", "MAX_CONTACTS", "MAX_ADDRESSES", "MAX_SUBKEYS",
+           "ping_request", "ping_response", "parse_ping", "parse_ping_response",
+           "store_request", "parse_store", "parse_store_near", "store_response", "parse_store_response",
+           "parse_store_contacts", "find_request", "parse_find", "find_response", "parse_find_response",
+           "encode_contacts", "encode_entry", "encode_entry_within", "decode_entry"]
 
 VERSION = 1
+MAX_CONTACTS = 64  # contacts per find result or store reply (also the largest ``k`` and ``near``)
+MAX_ADDRESSES = 16  # addresses per contact (each shorter than 256 characters)
+MAX_SUBKEYS = 65536  # subkeys of one dictionary entry in a find reply
+DEFAULT_K = 20  # contacts per key of a find request without ``k``
+Contact = tuple[PeerID, list[str]]
 
 
 @dataclass
@@ -107,6 +143,8 @@ class DHTLimits:
 
 @dataclass(frozen=True)
 class StoreItem:
+    """One record of a ``dht.store`` request (bytes as they are stored; ``expiration_time`` in DHT time)."""
+
     key: bytes
     subkey: bytes | None
     value: bytes
@@ -121,7 +159,8 @@ def _require(condition: bool, what: str) -> None:
 
 def _common(request: Any) -> dict:
     _require(isinstance(request, dict), "request must be a map")
-    _require(request.get("v") == VERSION, f"unsupported DHT protocol version {request.get('v')!r} (we speak {VERSION})")
+    _require(request.get("v") == VERSION,
+             f"unsupported DHT protocol version {brief(request.get('v'))} (we speak {VERSION})")
     _require(isinstance(request.get("server", False), bool), "'server' must be a bool")
     return request
 
@@ -130,13 +169,53 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _small_int(x: Any, low: int, high: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+
+def _request(server: bool, **fields: Any) -> dict:
+    return {"v": VERSION, "server": server, **fields}
+
+# ---- dht.ping -----------------------------------------------------------------------------------
+
+
+def ping_request(server: bool, t: float) -> dict:
+    """``dht.ping`` from a peer that accepts calls (``server``) whose DHT time is ``t`` (seconds)."""
+    return _request(server, t=t)
+
+
+def ping_response(server: bool, t: float) -> dict:
+    """The answer to a ping: the same fields as the request, from the answering node."""
+    return _request(server, t=t)
+
+
 def parse_ping(request: Any) -> tuple[bool, float | None]:
+    """``(server, t)`` of a ping request (``t`` None unless a finite number); BadRequestError if malformed."""
     request = _common(request)
     t = request.get("t")
     return request.get("server", False), (float(t) if _finite(t) else None)
 
 
+def parse_ping_response(response: Any) -> tuple[bool, float | None]:
+    """``(server, t)`` of a ping response; ProtocolError if malformed."""
+    try:
+        return parse_ping(response)
+    except BadRequestError as e:
+        raise ProtocolError(f"malformed ping response: {e}") from None
+
+# ---- dht.store ----------------------------------------------------------------------------------
+
+
+def store_request(server: bool, items: Iterable[StoreItem], near: int | None = None) -> dict:
+    """``dht.store`` of ``items``; ``near``: ask for that many contacts near the first item's key."""
+    request = _request(server, items=[[i.key, i.subkey, i.value, i.expiration_time, i.in_cache] for i in items])
+    if near is not None:
+        request["near"] = near
+    return request
+
+
 def parse_store(request: Any, limits: DHTLimits) -> tuple[bool, list[StoreItem]]:
+    """``(server, items)`` of a store request; BadRequestError if malformed (checked before anything is stored)."""
     request = _common(request)
     items = request.get("items")
     _require(isinstance(items, list), "'items' must be a list")
@@ -154,13 +233,98 @@ def parse_store(request: Any, limits: DHTLimits) -> tuple[bool, list[StoreItem]]
     return request.get("server", False), parsed
 
 
+def parse_store_near(request: Any) -> int | None:
+    """The optional ``near`` of a store request: the number of contacts near the first item's key the
+    storing node wants back, so that a store can double as the lookup step of its own replication."""
+    _require(isinstance(request, dict), "request must be a map")
+    near = request.get("near")
+    _require(near is None or _small_int(near, 1, MAX_CONTACTS), f"'near' must be an integer in [1, {MAX_CONTACTS}]")
+    return near
+
+
+def store_response(ok: Sequence[bool | str], near: Iterable[Contact] | None = None) -> dict:
+    """The answer to a store: one ``True``/``False``/refusal reason per item, and the contacts asked for."""
+    response: dict[str, Any] = {"v": VERSION, "ok": list(ok)}
+    if near is not None:
+        response["near"] = encode_contacts(near)
+    return response
+
+
+def parse_store_response(response: Any, num_items: int) -> list[bool | str]:
+    """The per-item answers of a store response (reasons cut to 200 characters); ProtocolError if malformed."""
+    if not isinstance(response, dict) or not isinstance(response.get("ok"), list) or len(response["ok"]) != num_items:
+        raise ProtocolError("malformed store response")
+    return [x if isinstance(x, bool) else x[:200] if isinstance(x, str) else brief(x) for x in response["ok"]]
+
+
+def parse_store_contacts(response: Any) -> list[Contact]:
+    """The contacts of a store response (none if the responder did not send any); ProtocolError if malformed."""
+    if not isinstance(response, dict) or response.get("near") is None:
+        return []
+    return _parse_contacts(response["near"])
+
+# ---- dht.find -----------------------------------------------------------------------------------
+
+
+def find_request(server: bool, keys: Sequence[bytes], k: int) -> dict:
+    """``dht.find`` of 20-byte key ids ``keys``, asking for ``k`` contacts nearest each."""
+    return _request(server, keys=list(keys), k=k)
+
+
 def parse_find(request: Any, limits: DHTLimits) -> tuple[bool, list[bytes], int]:
+    """``(server, keys, k)`` of a find request; BadRequestError if malformed."""
     request = _common(request)
-    keys, k = request.get("keys"), request.get("k", 20)
+    keys, k = request.get("keys"), request.get("k", DEFAULT_K)
     _require(isinstance(keys, list) and len(keys) <= limits.max_keys_per_find, "'keys' must be a short list")
     _require(all(isinstance(key, bytes) and len(key) == 20 for key in keys), "key ids are 20 bytes")
-    _require(isinstance(k, int) and 1 <= k <= 64, "'k' must be an integer in [1, 64]")
+    _require(_small_int(k, 1, MAX_CONTACTS), f"'k' must be an integer in [1, {MAX_CONTACTS}]")
     return request.get("server", False), keys, k
+
+
+def find_response(results: Iterable[tuple[list | None, Iterable[Contact]]]) -> dict:
+    """The answer to a find: per key, its entry as :func:`encode_entry_within` made it (or None) and contacts."""
+    return {"v": VERSION, "results": [[entry, encode_contacts(contacts)] for entry, contacts in results]}
+
+
+def parse_find_response(response: Any, num_keys: int) -> list[tuple[Entry | None, list[Contact]]]:
+    """Per key, the entry (or None) and the contacts of a find response; ProtocolError if malformed."""
+    if not isinstance(response, dict) or not isinstance(response.get("results"), list):
+        raise ProtocolError("malformed find response")
+    results = response["results"]
+    if len(results) != num_keys:
+        raise ProtocolError(f"find response has {len(results)} results for {num_keys} keys")
+    parsed = []
+    for result in results:
+        if not isinstance(result, list) or len(result) != 2:
+            raise ProtocolError("malformed find result")
+        parsed.append((decode_entry(result[0]), _parse_contacts(result[1])))
+    return parsed
+
+# ---- contacts and entries -----------------------------------------------------------------------
+
+
+def encode_contacts(contacts: Iterable[Contact]) -> list:
+    """``[[peer id bytes, [address, ...]], ...]``."""
+    return [[peer_id.raw, list(addresses)] for peer_id, addresses in contacts]
+
+
+def _parse_contacts(contacts: Any) -> list[Contact]:
+    """``[[peer id bytes, [address, ...]], ...]`` (at most MAX_CONTACTS); malformed contacts are skipped."""
+    if not isinstance(contacts, list) or len(contacts) > MAX_CONTACTS:
+        raise ProtocolError("malformed contact list")
+    peers = []
+    for peer in contacts:
+        if not (isinstance(peer, list) and len(peer) == 2):
+            continue  # skip a malformed contact, keep the rest
+        raw, addrs = peer
+        if not (isinstance(addrs, list) and len(addrs) <= MAX_ADDRESSES and
+                all(isinstance(a, str) and len(a) < 256 for a in addrs)):
+            continue
+        try:
+            peers.append((PeerID(raw), addrs))
+        except IdentityError:
+            continue
+    return peers
 
 
 _ITEM_OVERHEAD = 24  # msgpack bytes around one [subkey, value, expiration] (array, bin headers, float64)
@@ -202,75 +366,31 @@ def encode_entry_within(entry: Entry | None, max_bytes: int | None) -> tuple[lis
     return [entry.key_bytes, sent], used
 
 
+def _decode_dictionary(key: Any, items: Any) -> Entry | None:
+    if not (isinstance(key, bytes) and isinstance(items, list) and len(items) <= MAX_SUBKEYS):
+        return None
+    entry = Entry(key)
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3):
+            return None
+        subkey, value, exp = item
+        if not (isinstance(subkey, bytes) and isinstance(value, bytes) and _finite(exp)):
+            return None
+        entry.subkeys[subkey] = (value, float(exp))
+    return entry
+
+
 def decode_entry(data: Any) -> Entry | None:
-    """Parse an entry from a find response; ProtocolError if malformed."""
+    """Parse an entry from a find response (None stays None); ProtocolError if malformed."""
     if data is None:
         return None
-    try:
-        if len(data) == 3 and not isinstance(data[1], list):
-            key, value, exp = data
-            if isinstance(key, bytes) and isinstance(value, bytes) and _finite(exp):
-                return Entry(key, regular=(value, float(exp)))
-        elif (len(data) == 2 or (len(data) == 3 and isinstance(data[2], int) and not isinstance(data[2], bool))) \
-                and isinstance(data[0], bytes) and isinstance(data[1], list) and len(data[1]) <= 65536:
-            entry = Entry(data[0])
-            for subkey, value, exp in data[1]:
-                if not (isinstance(subkey, bytes) and isinstance(value, bytes) and _finite(exp)):
-                    raise ValueError
-                entry.subkeys[subkey] = (value, float(exp))
-            return entry
-    except (TypeError, ValueError):
-        pass
-    raise ProtocolError("malformed DHT entry")
-
-
-def parse_find_response(response: Any, num_keys: int) -> list[tuple[Entry | None, list[tuple[PeerID, list[str]]]]]:
-    if not isinstance(response, dict) or not isinstance(response.get("results"), list):
-        raise ProtocolError("malformed find response")
-    results = response["results"]
-    if len(results) != num_keys:
-        raise ProtocolError(f"find response has {len(results)} results for {num_keys} keys")
-    parsed = []
-    for result in results:
-        if not isinstance(result, list) or len(result) != 2:
-            raise ProtocolError("malformed find result")
-        parsed.append((decode_entry(result[0]), _parse_contacts(result[1])))
-    return parsed
-
-
-def _parse_contacts(contacts: Any) -> list[tuple[PeerID, list[str]]]:
-    """``[[peer id bytes, [address, ...]], ...]`` (at most 64); malformed contacts are skipped."""
-    if not isinstance(contacts, list) or len(contacts) > 64:
-        raise ProtocolError("malformed contact list")
-    peers = []
-    for peer in contacts:
-        try:
-            raw, addrs = peer
-            if isinstance(addrs, list) and len(addrs) <= 16 and all(isinstance(a, str) and len(a) < 256 for a in addrs):
-                peers.append((PeerID(raw), addrs))
-        except (TypeError, ValueError, IdentityError):
-            continue  # skip a malformed contact, keep the rest
-    return peers
-
-
-def parse_store_near(request: dict) -> int | None:
-    """The optional ``near`` of a store request (already parsed by :func:`parse_store`): the number of
-    contacts near the first item's key the storing node wants back, so that a store can double as
-    the lookup step of its own replication."""
-    near = request.get("near")
-    _require(near is None or (isinstance(near, int) and not isinstance(near, bool) and 1 <= near <= 64),
-             "'near' must be an integer in [1, 64]")
-    return near
-
-
-def parse_store_contacts(response: Any) -> list[tuple[PeerID, list[str]]]:
-    """The contacts of a store response (none if the responder did not send any)."""
-    if not isinstance(response, dict) or response.get("near") is None:
-        return []
-    return _parse_contacts(response["near"])
-
-
-def parse_store_response(response: Any, num_items: int) -> list[bool | str]:
-    if not isinstance(response, dict) or not isinstance(response.get("ok"), list) or len(response["ok"]) != num_items:
-        raise ProtocolError("malformed store response")
-    return [x if isinstance(x, bool) else str(x)[:200] for x in response["ok"]]
+    entry = None
+    if isinstance(data, list) and len(data) == 3 and not isinstance(data[1], list):
+        key, value, exp = data
+        if isinstance(key, bytes) and isinstance(value, bytes) and _finite(exp):
+            entry = Entry(key, regular=(value, float(exp)))
+    elif isinstance(data, list) and (len(data) == 2 or (len(data) == 3 and _small_int(data[2], -(1 << 63), 1 << 64))):
+        entry = _decode_dictionary(data[0], data[1])
+    if entry is None:
+        raise ProtocolError("malformed DHT entry")
+    return entry

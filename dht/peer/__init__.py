@@ -16,7 +16,7 @@ enforces it. Relays and NAT traversal belong here too.
 
 from .addresses import AddressError, PeerAddress
 from .channel import FrameChannel, PeerInfo
-from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, HandshakeError,
+from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, ErrorCode, HandshakeError,
                      IncompatibleVersionError, MessageTooLargeError, OverloadedError, P2PError, PeerUnreachableError,
                      ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
 from .identity import Identity, IdentityError, PeerID
@@ -27,5 +27,5 @@ __all__ = [
     "AddressError", "PeerAddress", "FrameChannel", "PeerInfo", "Identity", "IdentityError", "PeerID", "Limits",
     "Stream", "P2P", "CallContext", "P2PError", "HandshakeError", "IncompatibleVersionError", "PeerUnreachableError",
     "ConnectionLostError", "ProtocolError", "RemoteError", "DeadlineExceededError", "MessageTooLargeError",
-    "StreamClosedError", "BadRequestError", "OverloadedError", "ResourceLimitError",
+    "StreamClosedError", "BadRequestError", "OverloadedError", "ResourceLimitError", "ErrorCode",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ErrorCode",
     "P2PError",
     "HandshakeError",
     "IncompatibleVersionError",
@@ -17,6 +18,23 @@ __all__ = [
     "OverloadedError",
     "ResourceLimitError",
 ]
+
+
+class ErrorCode:
+    """The ``code`` of a :class:`RemoteError`: the strings the wire carries in ERROR frames (stable; a
+    handler may send other short codes of its own, such as averaging's ``excluded``)."""
+
+    UNKNOWN_METHOD = "unknown_method"  # no handler for the method
+    HANDLER_ERROR = "handler_error"  # the handler raised (a bug or an unexpected failure over there)
+    BAD_REQUEST = "bad_request"  # the request failed validation (BadRequestError) or was not msgpack
+    TOO_LARGE = "too_large"  # a message over the receiver's size or per-stream memory limit
+    DEADLINE = "deadline"  # the call ran past its deadline on the server
+    CANCELLED = "cancelled"  # the call was cancelled (by the caller, or the server's handler was)
+    OVERLOADED = "overloaded"  # a concurrency or rate budget is spent: retry later or ask another peer
+    SHUTDOWN = "shutdown"  # reserved (a peer shutting down now closes its connections: ConnectionLostError)
+    PROTOCOL = "protocol"  # the stream broke the multiplexing protocol (or sent a malformed ERROR frame)
+    ALL = frozenset({UNKNOWN_METHOD, HANDLER_ERROR, BAD_REQUEST, TOO_LARGE, DEADLINE, CANCELLED, OVERLOADED,
+                     SHUTDOWN, PROTOCOL})
 
 
 class P2PError(Exception):
@@ -44,10 +62,9 @@ class ProtocolError(P2PError):
 
 
 class RemoteError(P2PError):
-    """The remote side failed the call; ``code`` is a short machine-readable reason.
-
-    Codes: ``unknown_method``, ``handler_error``, ``bad_request``, ``too_large``, ``deadline``,
-    ``cancelled``, ``overloaded``, ``shutdown``, ``protocol``.
+    """The remote side failed the call; ``code`` is a short machine-readable reason, one of
+    :class:`ErrorCode` (``unknown_method``, ``handler_error``, ``bad_request``, ``too_large``,
+    ``deadline``, ``cancelled``, ``overloaded``, ``shutdown``, ``protocol``) or a handler's own.
     """
 
     def __init__(self, code: str, message: str):
@@ -70,14 +87,14 @@ class StreamClosedError(P2PError):
 class BadRequestError(P2PError):
     """Raised by a handler for a request that fails validation; the caller gets RemoteError("bad_request")."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class OverloadedError(P2PError):
     """Raised by a handler whose per-peer or total concurrency budget is spent; the caller gets
     RemoteError("overloaded") and may retry later or ask another peer."""
 
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
 
 
 class ResourceLimitError(P2PError):
@@ -88,4 +105,4 @@ class ResourceLimitError(P2PError):
     def __init__(self, scope: str, message: str):
         super().__init__(message)
         self.scope = scope
-        self.code = "too_large" if scope == "stream" else "overloaded"
+        self.code = ErrorCode.TOO_LARGE if scope == "stream" else ErrorCode.OVERLOADED

@@ -17,6 +17,8 @@ PING   7   8 opaque bytes, answered by PONG 8 with the same bytes (stream id 0; 
 GOAWAY 9   msgpack ``{"m": reason}``: the sender is closing the connection
 =========  =================================================================================
 
+ERROR codes are the strings of :class:`~dht.peer.errors.ErrorCode` (or a handler's own short code).
+
 Flow control is per stream and counts whole messages: the receiver announces a window W in the
 handshake; a sender may start a message while fewer than W bytes it sent are unconsumed, so at
 most W + one message is buffered per stream (messages are capped by ``Limits.max_message_size``).
@@ -55,8 +57,8 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from .channel import FrameChannel
-from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, MessageTooLargeError, P2PError,
-                     ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
+from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, ErrorCode, MessageTooLargeError,
+                     P2PError, ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
 from .identity import PeerID
 from .resources import ResourceManager, StreamScope
 from .untrusted import LogLimiter, brief
@@ -395,7 +397,7 @@ class Stream:
             if self.initiator:
                 self._conn.write_frame(CANCEL, 0, self.id)
             else:
-                self._conn.write_frame(ERROR, 0, self.id, _pack({"c": "cancelled", "m": str(error)[:1000]}))
+                self._conn.write_frame(ERROR, 0, self.id, _pack({"c": ErrorCode.CANCELLED, "m": str(error)[:1000]}))
         except ConnectionLostError:
             pass
         self._fail(error)
@@ -460,7 +462,7 @@ class Stream:
             return self._violation("sent past its flow-control window")
         partial = self._partial
         if (0 if partial is None else len(partial)) + size > self.max_message_size:
-            return self._refuse("too_large", f"message exceeds the limit of {self.max_message_size} bytes")
+            return self._refuse(ErrorCode.TOO_LARGE, f"message exceeds the limit of {self.max_message_size} bytes")
         if partial is None and not flags & FLAG_MORE and size <= SMALL_MESSAGE:
             return self._on_small_message(payload, flags)
         try:
@@ -486,9 +488,9 @@ class Stream:
                 message, objects = _unpack_counted(data, self._scope.available // OBJECT_COST)
                 extra = objects * OBJECT_COST
         except TooManyObjectsError as e:
-            return self._refuse("too_large", str(e))
+            return self._refuse(ErrorCode.TOO_LARGE, str(e))
         except Exception as e:
-            self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
+            self.fail_remote(ErrorCode.BAD_REQUEST, f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
         if extra:
@@ -509,7 +511,7 @@ class Stream:
         try:
             message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as e:
-            self.fail_remote("bad_request", f"malformed msgpack message ({type(e).__name__})")
+            self.fail_remote(ErrorCode.BAD_REQUEST, f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
         reserved = n if n <= 1 or payload[0] in _ONE_STRING else n * SMALL_MESSAGE_COST
@@ -540,13 +542,13 @@ class Stream:
             task = self._conn._handlers.get(self.id)
             if task is not None:
                 task.cancel()
-        if code == "too_large":
+        if code == ErrorCode.TOO_LARGE:
             self._error = MessageTooLargeError(f"{self._describe()}: {text}")
         else:
             self._error = RemoteError(code, f"{self._describe()}: refused here: {text}")
 
     def _violation(self, what: str) -> None:
-        self.fail_remote("protocol", what)
+        self.fail_remote(ErrorCode.PROTOCOL, what)
         self._error = ProtocolError(f"{self._describe()}: the peer {what}")
 
 
@@ -742,14 +744,14 @@ class Connection:
             if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7):
                 raise ValueError("bad timeout")
         except Exception:
-            self.write_frame(ERROR, 0, stream_id, _pack({"c": "bad_request", "m": "malformed OPEN frame"}))
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": ErrorCode.BAD_REQUEST, "m": "malformed OPEN frame"}))
             return
         if self._remote_goaway is not None or self.closed:
             return
         try:  # the per-connection, per-peer (all its connections), per-IP and total caps
             scope = self.scope.open_stream(inbound=True)
         except ResourceLimitError as e:
-            self.write_frame(ERROR, 0, stream_id, _pack({"c": "overloaded", "m": str(e)[:200]}))
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": ErrorCode.OVERLOADED, "m": str(e)[:200]}))
             return
         loop = asyncio.get_running_loop()
         limits = self.limits
@@ -759,7 +761,7 @@ class Connection:
             serve = self._dispatch(stream)
         except LookupError:
             scope.close()
-            self.write_frame(ERROR, 0, stream_id, _pack({"c": "unknown_method", "m": f"unknown method {method!r}"}))
+            self.write_frame(ERROR, 0, stream_id, _pack({"c": ErrorCode.UNKNOWN_METHOD, "m": f"unknown method {method!r}"}))
             return
         self._streams[stream_id] = stream
         task = self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
@@ -770,7 +772,7 @@ class Connection:
         if self._handlers.get(stream.id) is task:
             del self._handlers[stream.id]
         if not stream.done:
-            stream.fail_remote("cancelled", "the handler was cancelled")
+            stream.fail_remote(ErrorCode.CANCELLED, "the handler was cancelled")
         stream._scope.close()  # the inbound stream slot and any memory left
 
     async def _serve(self, stream: Stream, serve: Callable[[], Awaitable[None]], timeout: float) -> None:
@@ -790,27 +792,27 @@ class Connection:
                 await stream.end()
         except asyncio.TimeoutError:
             if asyncio.get_running_loop().time() >= deadline:
-                stream.fail_remote("deadline", f"the call exceeded its deadline of {timeout:.3g} s")
+                stream.fail_remote(ErrorCode.DEADLINE, f"the call exceeded its deadline of {timeout:.3g} s")
             else:
-                stream.fail_remote("handler_error", "TimeoutError inside the handler")
+                stream.fail_remote(ErrorCode.HANDLER_ERROR, "TimeoutError inside the handler")
         except asyncio.CancelledError:
-            stream.fail_remote("cancelled", "the handler was cancelled")  # no-op if the caller cancelled
+            stream.fail_remote(ErrorCode.CANCELLED, "the handler was cancelled")  # no-op if the caller cancelled
         except BadRequestError as e:
             text = _error_text(e)
-            stream.fail_remote("bad_request", text)
+            stream.fail_remote(ErrorCode.BAD_REQUEST, text)
             _remote_log.log(logger, logging.INFO, self.peer_id, "bad request to %s from %s: %s",
                             brief(stream.method), self.channel.describe(), text)
         except P2PError as e:
             code = getattr(e, "code", None)
-            stream.fail_remote(code[:64] if isinstance(code, str) else "handler_error", _error_text(e))
+            stream.fail_remote(code[:64] if isinstance(code, str) else ErrorCode.HANDLER_ERROR, _error_text(e))
         except (ValueError, TypeError, KeyError) as e:  # most likely input the handler did not expect
             text = _error_text(e)
-            stream.fail_remote("handler_error", text)
+            stream.fail_remote(ErrorCode.HANDLER_ERROR, text)
             _remote_log.log(logger, logging.WARNING, self.peer_id, "handler of %s failed for %s: %s",
                             brief(stream.method), self.channel.describe(), text)
         except Exception as e:
             text = _error_text(e)
-            stream.fail_remote("handler_error", text)
+            stream.fail_remote(ErrorCode.HANDLER_ERROR, text)
             allowed, suppressed = _bug_log.allow(stream.method)
             if allowed:
                 logger.exception("handler of %s failed for %s%s", brief(stream.method), self.channel.describe(),
@@ -826,14 +828,14 @@ class Connection:
         try:
             body = _unpack(payload, 65536)
             code, text = body["c"], body["m"]
-            code = code[:64] if isinstance(code, str) else "protocol"
+            code = code[:64] if isinstance(code, str) else ErrorCode.PROTOCOL
             text = text[:1000] if isinstance(text, str) else brief(text)
         except Exception:
-            code, text = "protocol", "malformed ERROR frame"
+            code, text = ErrorCode.PROTOCOL, "malformed ERROR frame"
         where = f"{stream.method!r} on {self.channel.describe()}"
-        if code == "deadline":
+        if code == ErrorCode.DEADLINE:
             error: BaseException = DeadlineExceededError(f"{where}: {text}")
-        elif code == "too_large":
+        elif code == ErrorCode.TOO_LARGE:
             error = MessageTooLargeError(f"{where}: {text}")
         else:
             error = RemoteError(code, f"{where} failed: {code}: {text}")
