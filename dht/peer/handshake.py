@@ -1,5 +1,9 @@
 """The secure handshake and the encrypted frame format of the TCP transport.
 
+The handshake's logic is the sans-IO :mod:`dht.peer.handshake_state` (bytes in, bytes and an
+outcome out); this module drives it over asyncio streams (:func:`initiate`, :func:`respond`,
+:func:`refuse_busy`) and encrypts the session's frames (:class:`SecureChannel`).
+
 Handshake (protocol version 1; the message flow of Noise XX, ``-> e; <- e, ee, s, es; -> s, se``,
 with Ed25519 signatures over the transcript in place of static-DH authentication, as in SIGMA-I
 and the libp2p Noise handshake's identity payload)::
@@ -33,43 +37,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import struct
 import time
-from typing import Any, Callable
+from typing import Any
 
-import msgpack
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .channel import FrameChannel, PeerInfo
-from .errors import ConnectionLostError, HandshakeError, IncompatibleVersionError, ProtocolError
-from .identity import Identity, PeerID, verify_signature
-from .untrusted import brief
+from .errors import ConnectionLostError, HandshakeError, ProtocolError
+from .handshake_state import (CIPHERS, MAX_HANDSHAKE_FRAME, PROTOCOL_NAME, SUPPORTED_VERSIONS, TAG_SIZE,
+                              HandshakeResult, InitiatorHandshake, PeerBusyError, ResponderHandshake, busy_reply)
+from .handshake_state import nonce as _nonce
+from .identity import Identity, PeerID
 
-__all__ = ["PROTOCOL_NAME", "SUPPORTED_VERSIONS", "PeerInfo", "PeerBusyError", "SecureChannel", "initiate",
-           "respond", "refuse_busy", "observed_host"]
+__all__ = ["PROTOCOL_NAME", "SUPPORTED_VERSIONS", "CIPHERS", "MAX_HANDSHAKE_FRAME", "PeerInfo", "PeerBusyError",
+           "SecureChannel", "initiate", "respond", "refuse_busy", "observed_host", "within"]
 
-PROTOCOL_NAME = "swarm-p2p"
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
-CIPHERS: dict[str, Callable[[bytes], Any]] = {"aes256gcm": AESGCM, "chacha20poly1305": ChaCha20Poly1305}
-MAX_HANDSHAKE_FRAME = 4096
-MAX_HANDSHAKE_DEPTH = 4  # containers nested in a handshake message (M3's info is map > map > list)
-TAG_SIZE = 16
 FRAME_HEADER_ROOM = 64  # room for the multiplexer's frame header beyond max_frame_size
 _LEN = struct.Struct("!I")
 _READ_LIMIT = 4 << 20  # decrypted bytes waiting for the multiplexer before reading pauses
 _timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 _BULK = 64 << 10  # frames at least this long are sealed without joining head and data, into a reused buffer
-
-
-class PeerBusyError(HandshakeError):
-    """The responder has too many handshakes pending from our address, or closed the connection
-    before its first reply (as a peer with no room for one more does); retrying shortly may work."""
 
 
 class _FrameCipher:
@@ -225,14 +215,14 @@ class _FrameReader(asyncio.BufferedProtocol):
 class SecureChannel(FrameChannel):
     """An authenticated, encrypted frame channel over an asyncio stream pair."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send_cipher: Any,
-                 recv_cipher: Any, remote_peer_id: PeerID, remote_info: PeerInfo, endpoint: str,
-                 max_frame_size: int, version: int, send_counter: int = 1, recv_counter: int = 1):
-        super().__init__(remote_peer_id, remote_info, endpoint, observed_host(writer))
-        self.version = version
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: HandshakeResult,
+                 endpoint: str, max_frame_size: int):
+        super().__init__(session.remote_peer_id, session.remote_info, endpoint, observed_host(writer))
+        self.version = session.version
         self._reader, self._writer = reader, writer
-        self._send_cipher, self._recv_cipher = send_cipher, recv_cipher
-        self._send_counter, self._recv_counter = send_counter, recv_counter
+        self._send_cipher = _FrameCipher(session.cipher, session.send_key)
+        self._recv_cipher = _FrameCipher(session.cipher, session.recv_key)
+        self._send_counter = self._recv_counter = 1  # nonce 0 each way sealed M3 and M4
         self._max_ciphertext = max_frame_size + FRAME_HEADER_ROOM + TAG_SIZE
         self._drain_lock = asyncio.Lock()
         self._spare: bytearray | None = None  # the last bulk frame's buffer, reused once written out
@@ -336,11 +326,8 @@ async def within(awaitable: Any, seconds: float) -> Any:
 
 def observed_host(writer: asyncio.StreamWriter) -> str | None:
     """The other side's IP address as seen on the socket (IPv4-mapped IPv6 in IPv4 form), or None."""
-    try:
-        peername = writer.get_extra_info("peername")
-        host = peername[0] if isinstance(peername, tuple) and peername else None
-    except Exception:
-        return None
+    peername = writer.get_extra_info("peername")
+    host = peername[0] if isinstance(peername, tuple) and peername else None
     if not isinstance(host, str):
         return None
     if host.startswith("::ffff:") and "." in host:
@@ -348,203 +335,71 @@ def observed_host(writer: asyncio.StreamWriter) -> str | None:
     return host.split("%", 1)[0]  # no IPv6 zone index
 
 
-def _nonce(counter: int) -> bytes:
-    return b"\0\0\0\0" + counter.to_bytes(8, "little")
-
-
-def _unpack_handshake(raw: bytes, what: str) -> dict:
-    """A handshake message: a msgpack map of at most MAX_HANDSHAKE_FRAME bytes whose containers
-    nest at most MAX_HANDSHAKE_DEPTH deep (so that nothing downstream recurses on it)."""
-    try:
-        message = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=MAX_HANDSHAKE_FRAME, max_bin_len=MAX_HANDSHAKE_FRAME,
-                                  max_array_len=MAX_HANDSHAKE_FRAME, max_map_len=MAX_HANDSHAKE_FRAME,
-                                  max_ext_len=0)
-    except Exception:
-        raise HandshakeError(f"{what}: malformed handshake message") from None
-    if not isinstance(message, dict):
-        raise HandshakeError(f"{what}: handshake message is not a map")
-    if not _shallow(message, MAX_HANDSHAKE_DEPTH):
-        raise HandshakeError(f"{what}: handshake message nested deeper than {MAX_HANDSHAKE_DEPTH} levels")
-    return message
-
-
-def _shallow(value: Any, max_depth: int) -> bool:
-    """Whether lists and maps in ``value`` nest at most ``max_depth`` deep (iterative: no recursion)."""
-    todo = [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        if depth > max_depth:
-            return False
-        todo.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
-    return True
-
-
-class _NoReply(HandshakeError):
-    """The other side closed the connection before sending a byte."""
-
-
-async def _read_plain(reader: asyncio.StreamReader, what: str,
-                      first_byte_timeout: float | None = None) -> tuple[bytes, dict]:
-    head = b""
-    try:
-        if first_byte_timeout is None:
-            head = await reader.readexactly(4)
-        else:  # an accepted socket that sends nothing is closed early, not after the whole handshake timeout
-            try:
-                first = await within(reader.readexactly(1), first_byte_timeout)
-            except asyncio.TimeoutError:
-                raise HandshakeError(f"{what}: nothing received within {first_byte_timeout:g} s") from None
-            head = first
-            head += await reader.readexactly(3)
-        (n,) = _LEN.unpack(head)
-        if not 0 < n <= MAX_HANDSHAKE_FRAME:
-            raise HandshakeError(f"{what}: frame of {n} bytes (limit {MAX_HANDSHAKE_FRAME}); not a swarm peer?")
-        raw = await reader.readexactly(n)
-    except (asyncio.IncompleteReadError, ConnectionError) as e:
-        if not head and not getattr(e, "partial", b""):
-            raise _NoReply(f"{what}: connection closed before anything was received ({type(e).__name__})") from None
-        raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
-    return raw, _unpack_handshake(raw, what)
-
-
-def _write_plain(writer: asyncio.StreamWriter, message: dict) -> bytes:
-    raw = msgpack.packb(message, use_bin_type=True)
-    writer.write(_LEN.pack(len(raw)) + raw)
-    return raw
-
-
-def _write_sealed(writer: asyncio.StreamWriter, cipher: Any, message: dict) -> None:
-    raw = msgpack.packb(message, use_bin_type=True)
-    header = _LEN.pack(len(raw) + TAG_SIZE)
-    writer.write(header + cipher.encrypt(_nonce(0), raw, header))
-
-
-async def _read_sealed(reader: asyncio.StreamReader, cipher: Any, what: str) -> dict:
-    try:
-        header = await reader.readexactly(4)
-        (n,) = _LEN.unpack(header)
-        if not TAG_SIZE < n <= MAX_HANDSHAKE_FRAME:
-            raise HandshakeError(f"{what}: sealed handshake frame of {n} bytes")
-        ciphertext = await reader.readexactly(n)
-    except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise HandshakeError(f"{what}: connection closed during the handshake ({type(e).__name__})") from None
-    try:
-        plaintext = cipher.decrypt(_nonce(0), ciphertext, header)
-    except InvalidTag:
-        raise HandshakeError(f"{what}: handshake frame fails authentication") from None
-    except Exception:
-        raise HandshakeError(f"{what}: malformed sealed handshake message") from None
-    return _unpack_handshake(plaintext, what)
-
-
-def _derive(own_ephemeral: X25519PrivateKey, remote_ephemeral: Any, transcript_hash: bytes, cipher_name: str, what: str):
-    if not isinstance(remote_ephemeral, bytes) or len(remote_ephemeral) != 32:
-        raise HandshakeError(f"{what}: bad ephemeral key")
-    try:
-        shared = own_ephemeral.exchange(X25519PublicKey.from_public_bytes(remote_ephemeral))
-    except ValueError as e:  # e.g. an all-zero (low-order) point
-        raise HandshakeError(f"{what}: bad ephemeral key ({e})") from None
-    okm = HKDF(hashes.SHA256(), 64, salt=transcript_hash, info=f"{PROTOCOL_NAME}/1 keys".encode()).derive(shared)
-    # initiator->responder, responder->initiator
-    return _FrameCipher(cipher_name, okm[:32]), _FrameCipher(cipher_name, okm[32:])
-
-
-def _check_identity(message: dict, transcript_hash: bytes, role: str, what: str) -> tuple[PeerID, PeerInfo]:
-    pub, sig = message.get("pub"), message.get("sig")
-    if not isinstance(pub, bytes) or len(pub) != 32 or not isinstance(sig, bytes) or len(sig) != 64:
-        raise HandshakeError(f"{what}: malformed identity proof")
-    if not verify_signature(pub, sig, f"{PROTOCOL_NAME}/1 {role}".encode() + transcript_hash):
-        raise HandshakeError(f"{what}: the peer could not prove possession of its key (bad signature)")
-    return PeerID.from_public_key(pub), PeerInfo.from_wire(message.get("info"))
-
-
-def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
-    key = X25519PrivateKey.generate()
-    return key, key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+async def _drive(machine: InitiatorHandshake | ResponderHandshake, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, first_byte_timeout: float | None = None) -> HandshakeResult:
+    """Feed ``machine`` what arrives on ``reader`` (exactly the bytes it wants, so that the frames
+    after the handshake stay in the reader for the channel) and write what it answers, until it has
+    an outcome; raises the HandshakeError that ended it (after a short drain if it answered)."""
+    while machine.outcome is None:
+        out = b""
+        try:
+            if first_byte_timeout is not None and machine.received == 0:
+                # an accepted socket that sends nothing is closed early, not after the whole handshake timeout
+                try:
+                    data = await within(reader.readexactly(1), first_byte_timeout)
+                except asyncio.TimeoutError:
+                    raise HandshakeError(f"{machine.what}: nothing received within {first_byte_timeout:g} s") from None
+            else:
+                data = await reader.readexactly(machine.bytes_wanted)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                machine.receive_data(e.partial)  # less than a frame: no answer, no outcome
+            machine.receive_eof(type(e).__name__)
+            break
+        except ConnectionError as e:
+            machine.receive_eof(type(e).__name__)
+            break
+        out = machine.receive_data(data)
+        if out:
+            writer.write(out)
+    outcome = machine.outcome
+    if isinstance(outcome, HandshakeError):
+        if out:  # a refusal that answers (no common version, listing ours): let it leave before the close
+            await _drain_quietly(writer)
+        raise outcome
+    assert isinstance(outcome, HandshakeResult)
+    return outcome
 
 
 async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
                    local_info: PeerInfo, endpoint: str, expected_peer_id: PeerID | None,
-                   max_frame_size: int, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> SecureChannel:
-    """Run the initiator (dialer) side; HandshakeError names ``endpoint`` and the cause."""
-    what = f"handshake with {endpoint}"
-    eph, eph_pub = _ephemeral()
-    m1 = _write_plain(writer, {"p": PROTOCOL_NAME, "versions": list(versions), "ciphers": list(CIPHERS), "e": eph_pub})
-    try:
-        m2, reply = await _read_plain(reader, what)
-    except _NoReply as e:  # e.g. a responder with no room for our handshake now
-        raise PeerBusyError(f"{e}; busy?") from None
-    if "error" in reply:
-        error = reply["error"]
-        error = error[:200] if isinstance(error, str) else brief(error)
-        if reply.get("busy") is True:
-            raise PeerBusyError(f"{what}: refused for now: {error}")
-        theirs = reply.get("versions")
-        theirs = [v for v in theirs if isinstance(v, int)][:16] if isinstance(theirs, list) else brief(theirs)
-        raise IncompatibleVersionError(
-            f"{what}: refused: {error} (they support versions {theirs}, we support {list(versions)})")
-    version, cipher_name = reply.get("version"), reply.get("cipher")
-    if version not in versions or cipher_name not in CIPHERS:
-        raise HandshakeError(f"{what}: peer chose version {brief(version)} / cipher {brief(cipher_name)}, "
-                             f"which we did not offer")
-    transcript = hashlib.sha256(m1 + m2).digest()
-    send_cipher, recv_cipher = _derive(eph, reply.get("e"), transcript, cipher_name, what)
-    proof = await _read_sealed(reader, recv_cipher, what)
-    remote_id, remote_info = _check_identity(proof, transcript, "responder", what)
-    if expected_peer_id is not None and remote_id != expected_peer_id:
-        raise HandshakeError(f"{what}: expected peer {expected_peer_id}, but the peer there is {remote_id}")
-    _write_sealed(writer, send_cipher, {"pub": identity.public_key,
-                                        "sig": identity.sign(f"{PROTOCOL_NAME}/1 initiator".encode() + transcript),
-                                        "info": local_info.to_wire()})
-    return SecureChannel(reader, writer, send_cipher, recv_cipher, remote_id, remote_info, endpoint,
-                         max_frame_size, version)
+                   max_frame_size: int, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                   ciphers: tuple[str, ...] = tuple(CIPHERS), ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
+    """Run the initiator (dialer) side; HandshakeError names ``endpoint`` and the cause.
+    ``versions`` and ``ciphers`` are offered in that order; ``ephemeral`` (default: fresh) is this
+    session's X25519 key, for test vectors."""
+    machine = InitiatorHandshake(identity, local_info, endpoint, expected_peer_id, versions, ciphers, ephemeral)
+    writer.write(machine.initial_bytes)
+    result = await _drive(machine, reader, writer)
+    return SecureChannel(reader, writer, result, endpoint, max_frame_size)
 
 
 async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
                   local_info: PeerInfo, endpoint: str, max_frame_size: int,
-                  versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                  first_byte_timeout: float | None = None) -> SecureChannel:
+                  versions: tuple[int, ...] = SUPPORTED_VERSIONS, first_byte_timeout: float | None = None,
+                  ciphers: tuple[str, ...] = tuple(CIPHERS), ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
     """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause.
-    ``first_byte_timeout`` (seconds, None: no separate limit) bounds the wait for the first byte."""
-    what = f"handshake from {endpoint}"
-    m1, hello = await _read_plain(reader, what, first_byte_timeout)
-    if hello.get("p") != PROTOCOL_NAME:
-        raise HandshakeError(f"{what}: not a {PROTOCOL_NAME} peer (protocol {brief(hello.get('p'), 40)})")
-    offered, ciphers = hello.get("versions"), hello.get("ciphers")
-    if not isinstance(offered, list) or not isinstance(ciphers, list):
-        raise HandshakeError(f"{what}: malformed hello")
-    common = [v for v in versions if v in offered]
-    if not common:
-        offered_text = [v for v in offered if isinstance(v, int)][:16]
-        _write_plain(writer, {"error": f"incompatible protocol versions: you offer {offered_text}, "
-                                       f"this peer supports {list(versions)}", "versions": list(versions)})
-        await _drain_quietly(writer)
-        raise IncompatibleVersionError(
-            f"{what}: incompatible protocol versions (they offer {offered_text}, we support {list(versions)})")
-    cipher_name = next((c for c in CIPHERS if c in ciphers), None)
-    if cipher_name is None:
-        raise HandshakeError(f"{what}: no common cipher (they offer {[brief(c, 32) for c in ciphers[:8]]})")
-    eph, eph_pub = _ephemeral()
-    version = max(common)
-    m2 = _write_plain(writer, {"version": version, "cipher": cipher_name, "e": eph_pub})
-    transcript = hashlib.sha256(m1 + m2).digest()
-    recv_cipher, send_cipher = _derive(eph, hello.get("e"), transcript, cipher_name, what)
-    _write_sealed(writer, send_cipher, {"pub": identity.public_key,
-                                        "sig": identity.sign(f"{PROTOCOL_NAME}/1 responder".encode() + transcript),
-                                        "info": local_info.to_wire()})
-    proof = await _read_sealed(reader, recv_cipher, what)
-    remote_id, remote_info = _check_identity(proof, transcript, "initiator", what)
-    return SecureChannel(reader, writer, send_cipher, recv_cipher, remote_id, remote_info, endpoint,
-                         max_frame_size, version)
+    ``first_byte_timeout`` (seconds, None: no separate limit) bounds the wait for the first byte;
+    ``ciphers`` in order of preference; ``ephemeral`` as for :func:`initiate`."""
+    machine = ResponderHandshake(identity, local_info, endpoint, versions, ciphers, ephemeral)
+    result = await _drive(machine, reader, writer, first_byte_timeout)
+    return SecureChannel(reader, writer, result, endpoint, max_frame_size)
 
 
 def refuse_busy(writer: asyncio.StreamWriter, reason: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
     """Answer a hello with ``{"error": reason, "busy": true, ...}`` (a plain M2): the initiator raises
     PeerBusyError and may retry later. The caller closes the connection."""
-    _write_plain(writer, {"error": reason[:200], "busy": True, "versions": list(versions)})
+    writer.write(busy_reply(reason, versions))
 
 
 async def _drain_quietly(writer: asyncio.StreamWriter) -> None:

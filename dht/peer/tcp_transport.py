@@ -190,8 +190,8 @@ class TCPTransport(Transport):
         try:
             refuse_busy(entry.writer, f"too many pending handshakes from {entry.ip} (limit {limit}); retry later")
             await within(reader.read(MAX_HANDSHAKE_FRAME + 4), min(self.limits.first_byte_timeout, _REFUSAL_LINGER))
-        except Exception:  # a timeout, a reset: it is closed either way
-            pass
+        except (asyncio.TimeoutError, ConnectionError, OSError) as e:  # it is closed either way
+            logger.debug("refused socket from %s: %s before its hello was read", entry.ip, type(e).__name__)
         finally:
             entry.writer.transport.abort()
             self._refusing.pop(entry, None)
@@ -242,8 +242,8 @@ class TCPTransport(Transport):
             raise PeerUnreachableError(f"{address}: the TCP transport cannot dial in-memory addresses")
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.limits.dial_timeout + self.limits.handshake_timeout
-        delay = 0.05
-        for attempt in range(_BUSY_RETRIES + 1):
+        delay, attempt = 0.05, 0
+        while True:
             try:
                 return await self._dial_once(address, expected)
             except PeerBusyError:
@@ -251,8 +251,7 @@ class TCPTransport(Transport):
                 if attempt == _BUSY_RETRIES or loop.time() + pause >= give_up:
                     raise
             await asyncio.sleep(pause)
-            delay *= 2
-        raise AssertionError("unreachable")
+            delay, attempt = 2 * delay, attempt + 1
 
     async def _dial_once(self, address: PeerAddress, expected: PeerID | None) -> FrameChannel:
         endpoint = f"[{address.host}]:{address.port}" if address.protocol == "ip6" else f"{address.host}:{address.port}"
