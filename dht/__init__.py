@@ -5,10 +5,30 @@ Importing ``dht`` never imports torch (a bootstrap peer stays small); tensor hel
 :mod:`averaging.tensor_wire`.
 """
 
-from .peer import (P2P, AddressError, BadRequestError, CallContext, ConnectionLostError, DeadlineExceededError,
-                   ErrorCode, HandshakeError, Identity, IdentityError, IncompatibleVersionError, Limits,
-                   MessageTooLargeError, OverloadedError, P2PError, PeerAddress, PeerID, PeerUnreachableError,
-                   ProtocolError, RemoteError, Stream, StreamClosedError)
+from .peer import (
+    P2P,
+    AddressError,
+    BadRequestError,
+    CallContext,
+    ConnectionLostError,
+    DeadlineExceededError,
+    ErrorCode,
+    HandshakeError,
+    Identity,
+    IdentityError,
+    IncompatibleVersionError,
+    Limits,
+    MessageTooLargeError,
+    OverloadedError,
+    P2PError,
+    PeerAddress,
+    PeerID,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteError,
+    Stream,
+    StreamClosedError,
+)
 
 __all__ = [
     "AddressError", "PeerAddress", "Identity", "IdentityError", "PeerID", "Limits", "Stream", "P2P", "CallContext",
@@ -17,12 +37,11 @@ __all__ = [
     "BadRequestError", "OverloadedError", "ErrorCode",
 ]
 
-from .facade import DHT  # noqa: E402
-from .node import DHTNode, get_dht_time  # noqa: E402
-from .protocol import DHTLimits  # noqa: E402
-from .storage import ValueWithExpiration  # noqa: E402
-from .validation import (DHTRecord, RecordValidator, SchemaValidator, SignatureValidator,  # noqa: E402
-                         ValidationError)
+from .facade import DHT
+from .node import DHTNode, get_dht_time
+from .protocol import DHTLimits
+from .storage import ValueWithExpiration
+from .validation import DHTRecord, RecordValidator, SchemaValidator, SignatureValidator, ValidationError
 
 __all__ += ["DHT", "DHTNode", "get_dht_time", "DHTLimits", "ValueWithExpiration", "DHTRecord", "RecordValidator",
             "SchemaValidator", "SignatureValidator", "ValidationError"]

@@ -21,17 +21,19 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import weakref
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
-from .peer.identity import PeerID
 from .node import DHTNode, get_dht_time
+from .peer.identity import PeerID
 from .storage import ValueWithExpiration
 from .validation import RecordValidator
 
 __all__ = ["DHT", "get_dht_time"]
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -49,8 +51,8 @@ def _shutdown_at_exit() -> None:
     for dht in list(_live):
         try:
             dht._shutdown(EXIT_SHUTDOWN_TIMEOUT, cancel_tasks=True)
-        except Exception:  # noqa: BLE001 - exiting anyway; the next DHT still gets its turn
-            pass
+        except Exception:  # exiting anyway; the next DHT still gets its turn
+            logger.debug("stopping %r at exit failed", dht, exc_info=True)
 
 
 async def _settle(timeout: float = 4.0) -> None:
@@ -89,8 +91,9 @@ class DHT:
         self._thread.start()
         self._shutdown_done = False
         creating = self._run(DHTNode.create(
-            list(initial_peers), host=host, port=port, identity_path=None if identity_path is None else str(identity_path),
-            client_mode=client_mode, record_validators=list(record_validators), **node_kwargs), return_future=True)
+            list(initial_peers), host=host, port=port,
+            identity_path=None if identity_path is None else str(identity_path), client_mode=client_mode,
+            record_validators=list(record_validators), **node_kwargs), return_future=True)
         try:
             self.node: DHTNode = creating.result()
         except BaseException:
@@ -164,8 +167,8 @@ class DHT:
             self._run(self.node.shutdown(), timeout=timeout)
             if cancel_tasks:  # what upper layers left on the loop, so that closing it destroys nothing pending
                 self._run(_cancel_other_tasks(), timeout=timeout)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
+        except (concurrent.futures.TimeoutError, RuntimeError) as e:  # timed out, or the loop is gone already
+            logger.debug("DHT shutdown did not finish cleanly: %s", str(e) or type(e).__name__)
         finally:
             self._stop_loop()
 
@@ -188,8 +191,8 @@ class DHT:
         try:
             if not self._shutdown_done and self._thread.is_alive():
                 self.shutdown()
-        except Exception:
-            pass
+        except Exception:  # __del__ must not raise (at interpreter exit, as little as possible may run)
+            logger.debug("shutting down a DHT left running failed", exc_info=True)
 
     def __repr__(self) -> str:
         n = len(self.node.routing_table)

@@ -39,19 +39,35 @@ import msgpack
 
 from .peer.addresses import PeerAddress
 from .peer.admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, host_of, prefix_of
-from .peer.errors import BadRequestError, ErrorCode, OverloadedError, P2PError, RemoteError
+from .peer.errors import ErrorCode, OverloadedError, P2PError, RemoteError
 from .peer.identity import Identity, PeerID
 from .peer.multiplex import Limits
 from .peer.p2p import P2P, CallContext
-from .protocol import (MAX_CONTACTS, DHTLimits, StoreItem, encode_entry_within, find_request, find_response,
-                       parse_find, parse_find_response, parse_ping, parse_ping_response, parse_store,
-                       parse_store_contacts, parse_store_near, parse_store_response, ping_request, ping_response,
-                       store_request, store_response)
+from .peer.untrusted import LogLimiter
+from .peer.virtual_clock import VirtualClockLoop
+from .protocol import (
+    MAX_CONTACTS,
+    DHTLimits,
+    StoreItem,
+    encode_entry_within,
+    find_request,
+    find_response,
+    parse_find,
+    parse_find_response,
+    parse_ping,
+    parse_ping_response,
+    parse_store,
+    parse_store_contacts,
+    parse_store_near,
+    parse_store_response,
+    ping_request,
+    ping_response,
+    store_request,
+    store_response,
+)
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
 from .traverse import LookupResult, iterative_lookup
-from .peer.untrusted import LogLimiter
-from .peer.virtual_clock import VirtualClockLoop
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
@@ -123,7 +139,8 @@ class DHTNode:
         self.validator = CompositeValidator([self.signature_validator, *record_validators])
         # per-identity bookkeeping, all bounded (LRU) and swept by forget_departed()
         self._buckets: BoundedLRU[PeerID, TokenBucket] = BoundedLRU(lim.max_tracked_peers)
-        self._backoff: BoundedLRU[PeerID, tuple[float, int]] = BoundedLRU(lim.max_tracked_peers)  # (excluded until, failures)
+        # (excluded until, failures)
+        self._backoff: BoundedLRU[PeerID, tuple[float, int]] = BoundedLRU(lim.max_tracked_peers)
         self._skew_warned: BoundedLRU[PeerID, bool] = BoundedLRU(lim.max_tracked_peers)
         self._find_rates = KeyedBuckets(lim.find_rate, lim.find_burst, lim.max_tracked_peers)
         self._find_rates_per_prefix = KeyedBuckets(lim.find_rate_per_prefix, lim.find_burst_per_prefix,
@@ -328,7 +345,8 @@ class DHTNode:
         """Ping over the DHT protocol (adds a server peer to the routing table, checks its clock)."""
         sent = self.clock()
         try:
-            server, their_time = parse_ping_response(await self._call(peer_id, "dht.ping", ping_request(self._serving, sent)))
+            response = await self._call(peer_id, "dht.ping", ping_request(self._serving, sent))
+            server, their_time = parse_ping_response(response)
         except (P2PError, asyncio.TimeoutError):  # (a malformed answer: ProtocolError, a P2PError)
             return False
         if their_time is not None:
@@ -372,7 +390,9 @@ class DHTNode:
                 continue
             try:
                 self.p2p.add_addresses(contact, addresses, third_party=True)
-            except ValueError:
+            except ValueError as e:  # a malformed address in a peer's reply
+                _dropped_log.log(logger, logging.DEBUG, "bad contact", "skipped contact %s: %s", contact.short(),
+                                 str(e)[:200])
                 continue
             contacts.append((contact, DHTID.of_peer(contact)))
         return contacts
@@ -598,8 +618,8 @@ class DHTNode:
         if best.regular is not None:  # dictionaries grow across peers: a cached copy would hide new subkeys
             try:
                 self.cache.store(key_id, key_bytes, None, *best.regular, now, origin=None)
-            except StoreRefused:
-                pass  # larger than the cache, or a plain value under signed subkeys: not cached
+            except StoreRefused as e:  # larger than the cache, or a plain value under signed subkeys
+                logger.debug("not cached: %s", e)
         return self._to_user_value(best)
 
     def _merge(self, best: Entry | None, entry: Entry | None, key_bytes: bytes) -> Entry | None:
@@ -682,7 +702,8 @@ class DHTNode:
                 items = items[:count]
                 break
         try:
-            await self._call(peer_id, "dht.store", store_request(self._serving, items[:self.limits.max_items_per_store]))
+            request = store_request(self._serving, items[:self.limits.max_items_per_store])
+            await self._call(peer_id, "dht.store", request)
         except (P2PError, asyncio.TimeoutError) as e:
             logger.debug("caching key %s at %s failed: %s", DHTID(key_id), peer_id.short(), e)
 
@@ -698,7 +719,8 @@ class DHTNode:
         now = self.clock()
         bucket = self._buckets.get(ctx.peer_id)
         if bucket is None:  # (a bounded LRU: _buckets)
-            bucket = self._buckets[ctx.peer_id] = TokenBucket(self.limits.store_rate, self.limits.store_burst, time.monotonic())
+            bucket = self._buckets[ctx.peer_id] = TokenBucket(self.limits.store_rate, self.limits.store_burst,
+                                                              time.monotonic())
         allowed = bucket.take_up_to(len(items), time.monotonic())
         answers: list[bool | str] = []
         # storage budgets count every address range, loopback and private ones included
@@ -871,7 +893,8 @@ class DHTNode:
             if entry.regular is not None:
                 prepared.append((key_id, StoreItem(entry.key_bytes, None, *entry.regular, False)))
             else:
-                prepared.extend((key_id, StoreItem(entry.key_bytes, s, v, e, False)) for s, (v, e) in entry.subkeys.items())
+                prepared.extend((key_id, StoreItem(entry.key_bytes, s, v, e, False))
+                                for s, (v, e) in entry.subkeys.items())
         if prepared:
             await self._store_prepared(prepared)
         return len(prepared)

@@ -14,7 +14,8 @@ the owner can delete, hide or block the refresh of a signed subkey before it exp
 
 Budgets (all constructor arguments): each record costs ``len(key) + len(subkey) + len(value) +
 RECORD_OVERHEAD`` bytes, charged to the peer that stored it and to the address range it came from
-(``source``, e.g. its /24: see :func:`dht.peer.admission.prefix_of`). Over the peer's budget (bytes or entries), a store is refused.
+(``source``, e.g. its /24: see :func:`dht.peer.admission.prefix_of`). Over the peer's budget (bytes
+or entries), a store is refused.
 Over the address range's budget, the peer of that range holding the most bytes loses its oldest
 records, unless that peer is the storer itself (then refused). Over the total budget (bytes or
 entries): first whole keys of the foreign region go, farthest from ``own_id`` first, while

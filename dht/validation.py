@@ -130,7 +130,7 @@ def has_owner_marker(data: bytes | None) -> bool:
         try:
             b58decode(match.group(1).decode())
             return True
-        except ValueError:
+        except ValueError:  # not base58: not a marker, look further
             continue
     return False
 
@@ -151,7 +151,7 @@ class SignatureValidator(RecordValidator):
             for match in _OWNER.finditer(part):
                 try:
                     key = b58decode(match.group(1).decode())
-                except ValueError:
+                except ValueError:  # not base58: not a marker
                     continue
                 found.add(key)
         return found
@@ -210,7 +210,7 @@ def _problem(error: Mapping[str, Any]) -> str:
 def _unpack_key(record: DHTRecord) -> Any:
     try:
         return msgpack.unpackb(record.key, raw=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever msgpack raises for these bytes: the record is invalid
         raise ValidationError("key is not valid msgpack") from None
 
 
@@ -284,7 +284,7 @@ class SchemaValidator(RecordValidator):
             value = msgpack.unpackb(record.value, raw=False, strict_map_key=False)
             if record.subkey is not None:
                 value = {msgpack.unpackb(record.subkey, raw=False): value}
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever msgpack raises for these bytes: the record is invalid
             raise ValidationError(f"value under {brief(key)} is not valid msgpack") from None
         try:
             self._adapters[name].validate_python(value, strict=True)

@@ -16,9 +16,22 @@ enforces it. Relays and NAT traversal belong here too.
 
 from .addresses import AddressError, PeerAddress
 from .channel import FrameChannel, PeerInfo
-from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, ErrorCode, HandshakeError,
-                     IncompatibleVersionError, MessageTooLargeError, OverloadedError, P2PError, PeerUnreachableError,
-                     ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
+from .errors import (
+    BadRequestError,
+    ConnectionLostError,
+    DeadlineExceededError,
+    ErrorCode,
+    HandshakeError,
+    IncompatibleVersionError,
+    MessageTooLargeError,
+    OverloadedError,
+    P2PError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteError,
+    ResourceLimitError,
+    StreamClosedError,
+)
 from .identity import Identity, IdentityError, PeerID
 from .multiplex import Limits, Stream
 from .p2p import P2P, CallContext

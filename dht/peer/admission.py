@@ -42,7 +42,7 @@ def host_of(endpoint: object) -> str | None:
         if colon and head and port.isdigit():
             try:
                 return str(ipaddress.ip_address(head))
-            except ValueError:
+            except ValueError:  # not HOST:PORT after all (a bare IPv6 address): parsed whole below
                 pass
     try:
         return str(ipaddress.ip_address(text))
@@ -173,9 +173,10 @@ class DialBacks:
 
     ``request(peer, source_prefix)`` queues ``peer`` (deduplicated; at most ``max_pending`` waiting;
     at most ``rate`` per second and ``burst`` at once per source prefix, None = not limited per
-    prefix; at most ``rate_total`` per second, 4x that at once, from all sources). Up to ``concurrency`` workers run ``await verify(peer)``; on True, ``admit(peer)`` is
-    called. A peer whose verification failed is not retried for ``retry_after`` seconds (at most
-    ``max_remembered`` such peers are remembered)."""
+    prefix; at most ``rate_total`` per second, 4x that at once, from all sources). Up to
+    ``concurrency`` workers run ``await verify(peer)``; on True, ``admit(peer)`` is called. A peer
+    whose verification failed is not retried for ``retry_after`` seconds (at most ``max_remembered``
+    such peers are remembered)."""
 
     def __init__(self, verify: Callable[[PeerID], Awaitable[bool]], admit: Callable[[PeerID], None], *,
                  concurrency: int = 8, max_pending: int = 256, rate: float = 2.0, burst: float = 20.0,
@@ -230,7 +231,8 @@ class DialBacks:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug in verify must not kill the worker silently
-                logger.warning("dial-back of %s failed unexpectedly: %s", peer_id.short(), type(e).__name__)
+                logger.warning("dial-back of %s failed unexpectedly: %s", peer_id.short(), type(e).__name__,
+                               exc_info=True)
                 ok = False
             finally:
                 self._running.discard(peer_id)

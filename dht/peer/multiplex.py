@@ -57,8 +57,18 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from .channel import FrameChannel
-from .errors import (BadRequestError, ConnectionLostError, DeadlineExceededError, ErrorCode, MessageTooLargeError,
-                     P2PError, ProtocolError, RemoteError, ResourceLimitError, StreamClosedError)
+from .errors import (
+    BadRequestError,
+    ConnectionLostError,
+    DeadlineExceededError,
+    ErrorCode,
+    MessageTooLargeError,
+    P2PError,
+    ProtocolError,
+    RemoteError,
+    ResourceLimitError,
+    StreamClosedError,
+)
 from .identity import PeerID
 from .resources import ResourceManager, StreamScope
 from .untrusted import LogLimiter, brief
@@ -85,7 +95,8 @@ def _split_bulk(message: Any) -> tuple[bytes, memoryview] | None:
     if isinstance(message, (bytes, bytearray, memoryview)):
         big_key, value, rest = None, message, None
     elif isinstance(message, dict) and 0 < len(message) < 16:
-        bulky = [k for k, v in message.items() if isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= _BULK_BYTES]
+        bulky = [k for k, v in message.items()
+                 if isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= _BULK_BYTES]
         if len(bulky) != 1:
             return None
         big_key = bulky[0]
@@ -365,7 +376,7 @@ class Stream:
             self._recv_outstanding -= self._refund
             try:
                 self._conn.write_frame(WINDOW, 0, self.id, _U32.pack(self._refund))
-            except ConnectionLostError:
+            except ConnectionLostError:  # the connection is gone: nothing more to tell the peer
                 pass
             self._refund = 0
 
@@ -398,7 +409,7 @@ class Stream:
                 self._conn.write_frame(CANCEL, 0, self.id)
             else:
                 self._conn.write_frame(ERROR, 0, self.id, _pack({"c": ErrorCode.CANCELLED, "m": str(error)[:1000]}))
-        except ConnectionLostError:
+        except ConnectionLostError:  # the connection is gone: nothing more to tell the peer
             pass
         self._fail(error)
 
@@ -408,7 +419,7 @@ class Stream:
             return
         try:
             self._conn.write_frame(ERROR, 0, self.id, _pack({"c": code, "m": text[:4000]}))
-        except ConnectionLostError:
+        except ConnectionLostError:  # the connection is gone: nothing more to tell the peer
             pass
         self._fail(StreamClosedError(f"stream {self._describe()} failed: {code}: {text[:200]}"))
 
@@ -489,7 +500,7 @@ class Stream:
                 extra = objects * OBJECT_COST
         except TooManyObjectsError as e:
             return self._refuse(ErrorCode.TOO_LARGE, str(e))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's: told, stream failed
             self.fail_remote(ErrorCode.BAD_REQUEST, f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
@@ -510,7 +521,7 @@ class Stream:
         n = len(payload)
         try:
             message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's: told, stream failed
             self.fail_remote(ErrorCode.BAD_REQUEST, f"malformed msgpack message ({type(e).__name__})")
             self._error = ProtocolError(f"{self._describe()}: the peer sent a malformed message")
             return
@@ -633,7 +644,7 @@ class Connection:
             finally:
                 try:
                     self._slot_waiters.remove(waiter)
-                except ValueError:
+                except ValueError:  # a wake-up took it off the queue already
                     pass
                 if not waiter.done():
                     waiter.cancel()
@@ -743,7 +754,7 @@ class Connection:
                 raise ValueError("bad method name")
             if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7):
                 raise ValueError("bad timeout")
-        except Exception:
+        except Exception:  # noqa: BLE001 - any malformed OPEN is the caller's: answered bad_request
             self.write_frame(ERROR, 0, stream_id, _pack({"c": ErrorCode.BAD_REQUEST, "m": "malformed OPEN frame"}))
             return
         if self._remote_goaway is not None or self.closed:
@@ -761,7 +772,8 @@ class Connection:
             serve = self._dispatch(stream)
         except LookupError:
             scope.close()
-            self.write_frame(ERROR, 0, stream_id, _pack({"c": ErrorCode.UNKNOWN_METHOD, "m": f"unknown method {method!r}"}))
+            self.write_frame(ERROR, 0, stream_id,
+                             _pack({"c": ErrorCode.UNKNOWN_METHOD, "m": f"unknown method {method!r}"}))
             return
         self._streams[stream_id] = stream
         task = self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
@@ -830,7 +842,7 @@ class Connection:
             code, text = body["c"], body["m"]
             code = code[:64] if isinstance(code, str) else ErrorCode.PROTOCOL
             text = text[:1000] if isinstance(text, str) else brief(text)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the peer sent instead: the call fails with "protocol"
             code, text = ErrorCode.PROTOCOL, "malformed ERROR frame"
         where = f"{stream.method!r} on {self.channel.describe()}"
         if code == ErrorCode.DEADLINE:
@@ -863,7 +875,7 @@ class Connection:
                     self._shutdown(f"no traffic from the peer for {idle:.0f} s", send_goaway=False)
                 elif idle >= interval:
                     self.write_frame(PING, 0, 0, b"\0" * 8)
-        except (ConnectionLostError, asyncio.CancelledError):
+        except (ConnectionLostError, asyncio.CancelledError):  # closed: the keepalive ends with the connection
             pass
 
     # ---- closing ---------------------------------------------------------------------------
@@ -877,7 +889,7 @@ class Connection:
         if send_goaway:
             try:
                 self.write_frame(GOAWAY, 0, 0, _pack({"m": reason[:500]}))
-            except ConnectionLostError:
+            except ConnectionLostError:  # the connection is gone: nothing more to tell the peer
                 pass
         self.closed = True
         self.close_reason = reason
@@ -907,7 +919,7 @@ def _goaway_reason(payload: memoryview) -> str:
     try:
         reason = _unpack(payload, 4096)["m"]
         return reason[:500] if isinstance(reason, str) else brief(reason)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed GOAWAY still closes the connection, with a generic reason
         return "going away"
 
 
@@ -921,6 +933,6 @@ def _error_text(e: BaseException) -> str:
             detail = args[0][:1000]
         else:
             detail = ", ".join(brief(a) for a in args[:4])
-    except Exception:
+    except Exception:  # noqa: BLE001 - an exotic exception's args: the type name alone says enough
         detail = ""
     return f"{name}: {detail}" if detail else name

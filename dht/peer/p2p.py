@@ -31,8 +31,7 @@ from .channel import FrameChannel
 from .errors import HandshakeError, P2PError, PeerUnreachableError
 from .identity import Identity, PeerID
 from .multiplex import GOAWAY, HEADER, Connection, Limits, Stream
-from .resources import ResourceManager
-from .resources import ip_key
+from .resources import ResourceManager, ip_key
 from .transport import Transport
 from .untrusted import LogLimiter
 
@@ -271,7 +270,8 @@ class P2P:
             except HandshakeError as e:
                 self._drop_address(peer_id, address, e)
                 continue
-            except P2PError:
+            except P2PError as e:  # unreachable there: try its next address
+                logger.debug("dial-back of %s at %s failed: %s", peer_id.short(), address, e)
                 continue
             self._confirm(peer_id, address)
             try:
@@ -293,7 +293,8 @@ class P2P:
             del self._address_book[pid]
             self._address_texts.pop(pid, None)
             self._dialed.pop(pid, None)
-        for pid in [p for p in self._dialed if p not in self._address_book and not self.is_connected(p) and not keep(p)]:
+        for pid in [p for p in self._dialed
+                    if p not in self._address_book and not self.is_connected(p) and not keep(p)]:
             del self._dialed[pid]
         return len(gone)
 
@@ -443,7 +444,8 @@ class P2P:
         elif self._num_inbound >= limits.max_connections:
             reason = f"too many connections (limit {limits.max_connections})"
         elif self._per_peer.get(channel.remote_peer_id, 0) >= limits.max_connections_per_peer:
-            reason = f"too many connections with peer {channel.remote_peer_id} (limit {limits.max_connections_per_peer})"
+            reason = (f"too many connections with peer {channel.remote_peer_id} "
+                      f"(limit {limits.max_connections_per_peer})")
         elif ip is not None and self._inbound_per_ip.get(ip, 0) >= limits.max_connections_per_ip:
             reason = f"too many connections from {ip} (limit {limits.max_connections_per_ip})"
         else:
@@ -518,7 +520,7 @@ def _refuse(channel: FrameChannel, reason: str) -> None:
     """Close an authenticated channel at once, telling the other side why (a GOAWAY frame)."""
     try:
         channel.write_frame(HEADER.pack(GOAWAY, 0, 0) + msgpack.packb({"m": reason[:500]}))
-    except P2PError:
+    except P2PError:  # the channel broke already: closing it is all there is left to do
         pass
     channel.close()
 

@@ -44,7 +44,7 @@ def brief(value: Any, limit: int = 60) -> str:
         if isinstance(value, (list, tuple, dict, set, frozenset)):
             return f"{type(value).__name__} of {len(value)}"
         return f"a {type(value).__name__[:40]}"
-    except Exception:  # a hostile __len__ or __repr__ of some exotic type
+    except Exception:  # noqa: BLE001 - a hostile __len__ or __repr__ of some exotic type: never raise
         return "an unprintable value"
 
 
