@@ -406,7 +406,8 @@ def _bulyan_select(x: torch.Tensor, f: int) -> list[int]:
     if f == 0:
         return list(range(n))
     d2 = _pairwise2(_gram(x, _anchor(x)))
-    remaining, selected = list(range(n)), []
+    remaining = list(range(n))
+    selected: list[int] = []
     while len(selected) < n - 2 * f:
         winner = _krum_order(x, remaining, d2[remaining][:, remaining], n - f - 2)[0]
         selected.append(winner)
@@ -626,6 +627,7 @@ def flag_solve(x: torch.Tensor, weights: torch.Tensor | None = None, m: int | No
         if c2 is not None:
             diff = v[:, None] + v[None, :] - 2 * proj
             c2 = 2 * pair_scale ** 2 * ((1 - diff).abs() + eps) ** -0.5
+    assert best_t is not None  # iters >= 1 and the first iteration always keeps its subspace
     c_hat = best_t @ gh @ wa / m  # aggregate = (1/m) Σ_i w_i Y Yᵀ x̂_i = X̂ᵀ c_hat
     if mode == "rescaled":
         c_hat = c_hat * (m / float(wa.sum())) * _weighted_median_1d(na, wa)

@@ -40,7 +40,8 @@ Attack = Callable[..., torch.Tensor]
 
 
 def _check(honest: torch.Tensor, b: int) -> None:
-    if not isinstance(honest, torch.Tensor) or honest.dim() != 2 or honest.shape[0] < 1 or not honest.is_floating_point():
+    if (not isinstance(honest, torch.Tensor) or honest.dim() != 2 or honest.shape[0] < 1
+            or not honest.is_floating_point()):
         raise ValueError(f"honest must be a float tensor of shape [m >= 1, d], got "
                          f"{tuple(honest.shape) if isinstance(honest, torch.Tensor) else type(honest).__name__}")
     if isinstance(b, bool) or not isinstance(b, int) or b < 0:
@@ -55,13 +56,15 @@ def _generator(generator: torch.Generator | None) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(0)
 
 
-def sign_flip(honest: torch.Tensor, b: int, *, scale: float = 1000.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sign_flip(honest: torch.Tensor, b: int, *, scale: float = 1000.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """``-scale * g`` (own update g); scale 1000 as in BTARD, 10 as Garfield's "reverse"."""
     _check(honest, b)
     return -scale * _own(honest, b)
 
 
-def scaling(honest: torch.Tensor, b: int, *, scale: float = 1000.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def scaling(honest: torch.Tensor, b: int, *, scale: float = 1000.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """``scale * g``: the own update blown up (default x1000)."""
     _check(honest, b)
     return scale * _own(honest, b)
@@ -84,7 +87,8 @@ def random_direction(honest: torch.Tensor, b: int, *, scale: float = 1000.0,
     return scale * norms * u[None, :]
 
 
-def gaussian(honest: torch.Tensor, b: int, *, sigma: float = 200.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def gaussian(honest: torch.Tensor, b: int, *, sigma: float = 200.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """i.i.d. ``N(0, sigma^2)`` coordinates (sigma 200)."""
     _check(honest, b)
     return sigma * torch.randn(b, honest.shape[1], generator=_generator(generator), dtype=honest.dtype)
@@ -325,7 +329,10 @@ def get(name: str, **params: Any) -> Attack:
 def make_inputs(honest: torch.Tensor, b: int, attack: str | Attack, generator: torch.Generator | None = None,
                 **params: Any) -> torch.Tensor:
     """``[honest; attack(honest, b)]``, shape ``[m + b, d]``: what an aggregator sees."""
-    f = get(attack, **params) if isinstance(attack, str) else (functools.partial(attack, **params) if params else attack)
+    if isinstance(attack, str):
+        f = get(attack, **params)
+    else:
+        f = functools.partial(attack, **params) if params else attack
     malicious = f(honest, b, generator=generator)
     if malicious.shape != (b, honest.shape[1]):
         raise ValueError(f"attack returned shape {tuple(malicious.shape)}, expected {(b, honest.shape[1])}")

@@ -61,7 +61,8 @@ def _bytes(msg: Any, key: str, expected: int) -> bytes | bytearray | memoryview:
 
 def _raw(x: torch.Tensor) -> memoryview:
     """The bytes of a contiguous tensor without copying them (the message keeps the tensor alive)."""
-    return memoryview(x.contiguous().numpy()).cast("B")
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+    return memoryview(x.contiguous().numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _floats(msg: Any, key: str, count: int) -> list[float]:

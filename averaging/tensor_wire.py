@@ -40,7 +40,8 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise NotImplementedError("big-endian hosts are not supported")
-    return memoryview(flat.view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _dtype_name(tensor: torch.Tensor) -> str:
@@ -118,6 +119,7 @@ async def recv_tensor(stream: Stream, *, max_bytes: int | None = DEFAULT_MAX_BYT
         if out is None:
             grown += chunk
         else:
+            assert buffer is not None  # out was allocated for nbytes > 0
             buffer[received:received + len(chunk)] = memoryview(chunk).cast("B")
         received += len(chunk)
     if out is None:

@@ -10,8 +10,17 @@ import signal
 import sys
 from typing import Any, Coroutine
 
-from .exitcodes import EXIT_CHECKPOINT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCAL, EXIT_NETWORK, \
-    EXIT_OK, EXIT_USAGE, startup_error
+from .exitcodes import (
+    EXIT_CHECKPOINT,
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_LOCAL,
+    EXIT_NETWORK,
+    EXIT_OK,
+    EXIT_USAGE,
+    startup_error,
+)
 
 __all__ = ["main", "build_parser", "parse_announce"]
 
@@ -260,9 +269,11 @@ def _runs(args: argparse.Namespace) -> int:
             seen = "dead (long ago)"
         else:
             seen = "dead, " + _ago(now - r.last_seen)
-        print(f"{r.run_id[:24]:24} {r.peers:>5} {r.samples_per_second:>10.1f} {r.epoch:>6} {loss:>8}  {seen:13} {r.task}")
+        print(f"{r.run_id[:24]:24} {r.peers:>5} {r.samples_per_second:>10.1f} {r.epoch:>6} {loss:>8}  {seen:13} "
+              f"{r.task}")
     if hidden:
-        print(f"({hidden} run{'' if hidden == 1 else 's'} dead for over {args.hide_after:g} s hidden: --all shows them)")
+        print(f"({hidden} run{'' if hidden == 1 else 's'} dead for over {args.hide_after:g} s hidden: "
+              "--all shows them)")
     return EXIT_OK
 
 

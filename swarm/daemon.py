@@ -254,8 +254,8 @@ def _check_task(task: Any, model: Any, device: Any, batch_size: int | None, shar
         if callable(close):
             try:
                 close()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception:  # the trial batch is in hand: a generator that fails to close is not fatal
+                logger.debug("closing the trial data iterator failed", exc_info=True)
     batch = _to_device(batch, device)
     try:
         samples = task.samples_in(batch)
@@ -268,8 +268,8 @@ def _check_task(task: Any, model: Any, device: Any, batch_size: int | None, shar
     try:
         loss = task.loss(trial, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss() must return a scalar tensor, got "
-                            f"{'a tensor of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss() must return a scalar tensor, got {got}")
         if not loss.requires_grad:
             raise TypeError("the loss does not depend on the model's parameters (it has no gradient)")
         loss.backward()
@@ -413,7 +413,8 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
                 announcer = RunAnnouncer(dht, announcement)
 
         opt = Optimizer(dht=dht, run_id=run_id, optimizer=task.optimizer, params=model.parameters(),
-                        target_batch_size=task.target_batch_size, batch_size_per_step=args.batch_size or task.batch_size,
+                        target_batch_size=task.target_batch_size,
+                        batch_size_per_step=args.batch_size or task.batch_size,
                         client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
 
         if args.checkpoint_dir:
@@ -525,9 +526,9 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
             if not args.quiet and time.monotonic() - last_line > 2.0:
                 last_line = time.monotonic()
                 g = opt.global_progress
-                line = (f"epoch {opt.local_epoch} | loss {opt.last_loss:.4f} | {opt.samples_per_second:.0f} samples/s here, "
-                        f"{g.samples_per_second:.0f} in the swarm | {g.num_peers} peer{'' if g.num_peers == 1 else 's'} "
-                        "online")
+                line = (f"epoch {opt.local_epoch} | loss {opt.last_loss:.4f} | "
+                        f"{opt.samples_per_second:.0f} samples/s here, {g.samples_per_second:.0f} in the swarm | "
+                        f"{g.num_peers} peer{'' if g.num_peers == 1 else 's'} online")
                 if last_eval:
                     line += " | " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float))
                 print(line, flush=True)
@@ -539,5 +540,6 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
         finally:
             if metrics_file is not None:
                 metrics_file.close()
-    print(f"{reason}; epoch {opt.local_epoch}, {(opt.bytes_sent + opt.bytes_received) / 1e6:.1f} MB exchanged", flush=True)
+    exchanged = (opt.bytes_sent + opt.bytes_received) / 1e6
+    print(f"{reason}; epoch {opt.local_epoch}, {exchanged:.1f} MB exchanged", flush=True)
     return EXIT_INTERRUPTED if reason.startswith("interrupted") else 0

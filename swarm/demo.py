@@ -114,7 +114,8 @@ def _plot(out: Path, metrics: list[list[dict]], t0: float, target: tuple[str, fl
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("swarm demo: collaborative training on loopback" + (f" (target {target[0]} {target[1]})" if target else ""))
+    fig.suptitle("swarm demo: collaborative training on loopback"
+                 + (f" (target {target[0]} {target[1]})" if target else ""))
     fig.tight_layout()
     path = out / "loss_curves.png"
     fig.savefig(path, dpi=100)
@@ -195,7 +196,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 epochs = [m[-1]["epoch"] if m else 0 for m in metrics]
                 evals = [r["eval"] for m in metrics for r in m if "eval" in r]
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items()) if evals else "not evaluated yet"
-                print(f"  {time.monotonic() - started:5.0f} s | epochs {epochs} | latest evaluation: {shown}", flush=True)
+                print(f"  {time.monotonic() - started:5.0f} s | epochs {epochs} | latest evaluation: {shown}",
+                      flush=True)
         failed = [i for i, p in enumerate(peers) if p.poll() not in (None, 0)]
         if any(p.poll() in (130, -signal.SIGINT, -signal.SIGTERM) for p in peers):
             interrupted.append("a signal to the peers")  # e.g. Ctrl-C reached the peers' process group first
@@ -220,8 +222,8 @@ def run_demo(args: argparse.Namespace) -> int:
     total_bytes = sum((m[-1]["bytes_sent"] + m[-1]["bytes_received"]) for m in metrics if m)
     plot = _plot(out, metrics, t0, task.target)
     print("\nsummary")
-    for i, (m, e) in enumerate(zip(metrics, final_evals)):
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in (e or {}).items())
+    for i, (m, final) in enumerate(zip(metrics, final_evals)):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (final or {}).items())
         print(f"  peer {i}: epoch {m[-1]['epoch'] if m else 0}, {shown or 'no evaluation'}")
     print(f"  time {elapsed:.1f} s, {total_bytes / 1e6:.2f} MB exchanged by all peers (sent + received)")
     for i in failed:

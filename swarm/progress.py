@@ -84,7 +84,8 @@ class PeerProgress:
             return None
         try:
             record = cls(str(value["peer_id"]), int(value["epoch"]), int(value["samples"]),
-                         float(value["samples_per_second"]), None if value.get("loss") is None else float(value["loss"]),
+                         float(value["samples_per_second"]),
+                         None if value.get("loss") is None else float(value["loss"]),
                          float(value["time"]), bool(value.get("client_mode", False)),
                          int(value.get("bytes_sent", 0)), int(value.get("bytes_received", 0)),
                          bool(value.get("left", False)))
@@ -111,7 +112,9 @@ class GlobalProgress:
     def eta(self) -> float:
         """Seconds until the swarm reaches ``target_batch_size`` at the current rate (inf if idle)."""
         missing = max(self.target_batch_size - self.samples, 0)
-        return 0.0 if missing == 0 else (missing / self.samples_per_second if self.samples_per_second > 0 else float("inf"))
+        if missing == 0:
+            return 0.0
+        return missing / self.samples_per_second if self.samples_per_second > 0 else float("inf")
 
 
 def summarize(records: list[PeerProgress], target_batch_size: int, now: float,
@@ -221,7 +224,8 @@ class ProgressTracker:
                 known = self._known.get(record.peer_id) if record is not None else None
                 if record is not None and (known is None or record.time >= known.time):
                     if known is None:  # first sight: as old as its DHT time says (a dead peer's last word)
-                        self._heard[record.peer_id] = time.monotonic() - min(max(now - record.time, 0.0), self.expiration)
+                        age = min(max(now - record.time, 0.0), self.expiration)
+                        self._heard[record.peer_id] = time.monotonic() - age
                     elif record.time > known.time:
                         self._heard[record.peer_id] = time.monotonic()
                     self._known[record.peer_id] = record

@@ -7,10 +7,11 @@ it (another peer can only add a *competing* record under its own key; the earlie
 run wins, and a record whose creation time lies in the future is ignored). The announcement holds the
 run id, the task reference, the sha256 of the task's code, the hyperparameters, the settings every
 peer must share (task attribute, optimizer mode and options, batch sizes: see
-:func:`settings_differences`), the creator's peer id and the creation time. The creator refreshes it every ``refresh_period`` seconds with an expiration of
-``expiration`` seconds (default one hour); if every creator's record expired, the next peer to join
-creates the run anew. The functions here register :data:`RUNS_SCHEMA` on the DHT they are given:
-its node then refuses announcements of another shape (and a plain value under the key).
+:func:`settings_differences`), the creator's peer id and the creation time. The creator refreshes it
+every ``refresh_period`` seconds with an expiration of ``expiration`` seconds (default one hour); if
+every creator's record expired, the next peer to join creates the run anew. The functions here
+register :data:`RUNS_SCHEMA` on the DHT they are given: its node then refuses announcements of another
+shape (and a plain value under the key).
 
 :func:`list_runs` reads every announcement and each run's progress records (:mod:`swarm.progress`).
 """
@@ -235,7 +236,8 @@ def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> l
         for run_id, found in zip(ids, progress):
             records = []
             if found is not None and isinstance(found.value, dict):
-                records = [r for r in (PeerProgress.parse(getattr(v, "value", None)) for v in found.value.values()) if r]
+                parsed = (PeerProgress.parse(getattr(v, "value", None)) for v in found.value.values())
+                records = [r for r in parsed if r]
             records = [r for r in records if r.time <= now + 60]  # a record from the future is not evidence
             a = runs[run_id]
             g = summarize(records, a.target_batch_size or 1, now, online_window=online_window)

@@ -113,7 +113,8 @@ def state_hash(blob: bytes | memoryview) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict, dict[str, torch.Tensor]]:
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer,
+                               prefix: str = "opt") -> tuple[dict, dict[str, torch.Tensor]]:
     """Split ``optimizer.state_dict()`` into msgpack-able metadata and named tensors."""
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -127,7 +128,8 @@ def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "
                 scalars[key] = value
             else:
                 raise TypeError(f"optimizer state {key!r} of type {type(value).__name__} cannot be shared")
-        per_param[str(index)] = {"scalars": scalars, "tensors": [k for k, v in entry.items() if isinstance(v, torch.Tensor)]}
+        tensor_names = [k for k, v in entry.items() if isinstance(v, torch.Tensor)]
+        per_param[str(index)] = {"scalars": scalars, "tensors": tensor_names}
     groups = [{k: v for k, v in group.items() if _msgpackable(v)} for group in state_dict["param_groups"]]
     return {"param_groups": groups, "state": per_param}, tensors
 

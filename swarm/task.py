@@ -161,13 +161,13 @@ def load_task(ref: str) -> Task:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except BaseException as e:  # noqa: BLE001 - any failure of user code is reported, not dumped
+        except BaseException as e:  # any failure of user code is reported, not dumped
             sys.modules.pop(module_name, None)
             raise TaskLoadError(f"task file {location} failed to import: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(location)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             raise TaskLoadError(f"task module {location} failed to import: {type(e).__name__}: {e}") from e
     if not hasattr(module, attr):
         raise TaskLoadError(f"{location} has no attribute {attr!r} (a task file defines `task = swarm.Task(...)`, "
@@ -176,7 +176,7 @@ def load_task(ref: str) -> Task:
     if callable(task) and not isinstance(task, Task):
         try:
             task = task()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             raise TaskLoadError(f"{location}:{attr}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(task, Task):
         kind = type(task).__name__

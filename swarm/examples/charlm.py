@@ -68,8 +68,8 @@ def _corpus(path: Path, pattern: str, max_bytes: int) -> tuple[bytes, ...]:
     if path.is_file():
         candidates = [path]
     else:
-        candidates = sorted(p for p in path.glob(pattern) if p.is_file()
-                            and not any(part in SKIP_DIRS or part.startswith(".") for part in p.relative_to(path).parts))
+        candidates = sorted(p for p in path.glob(pattern) if p.is_file() and not any(
+            part in SKIP_DIRS or part.startswith(".") for part in p.relative_to(path).parts))
     files, total = [], 0
     for p in candidates:
         try:

@@ -33,6 +33,7 @@ def main() -> int:
                 cmd += ["--initial-peers", *addresses]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             procs.append(proc)
+            assert proc.stdout is not None  # stdout=PIPE
             header = proc.stdout.readline()
             address = proc.stdout.readline().strip()
             if not address.startswith("/ip4/"):
