@@ -1,11 +1,11 @@
-"""The in-memory transport: latency, loss, silent death, and the virtual clock."""
+"""The in-memory transport: latency, loss, silent death, the virtual clock, and the optional real handshake."""
 
 import asyncio
 import time
 
 import pytest
 
-from dht import DeadlineExceededError, Limits, PeerUnreachableError
+from dht import ConnectionLostError, DeadlineExceededError, HandshakeError, Identity, Limits, PeerUnreachableError
 from dht.peer import virtual_clock
 from dht.peer.memory_transport import MemoryNetwork
 
@@ -123,3 +123,70 @@ def test_a_thousand_peers_simulate_quickly():
     wall = time.monotonic()
     assert virtual_clock.run(main()) == list(range(1000))
     assert time.monotonic() - wall < 60
+
+
+# ---- secure=True: the real handshake over the in-memory link -----------------------------------------
+
+
+def _liar() -> Identity:
+    """An identity that signs with another key: it cannot prove the PeerID it claims."""
+    liar, other = Identity(), Identity()
+    liar.sign = other.sign
+    return liar
+
+
+def test_secure_network_authenticates_peers_with_the_real_handshake():
+    async def main():
+        network = MemoryNetwork(latency=0.5, secure=True)
+        a, b = await network.create_peer(), await network.create_peer()
+        callers = []
+
+        async def who(request, ctx):
+            callers.append(ctx.peer_id)
+            return request
+
+        b.add_unary_handler("who", who)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await a.connect(b.get_visible_addresses()[0]) == b.peer_id
+        connected = loop.time() - start
+        assert await a.call(b.peer_id, "who", "x", timeout=30) == "x"
+        assert callers == [a.peer_id]  # the responder learnt the dialer's PeerID from its proof
+
+        # the peer at the address is not the one expected: refused with both PeerIDs in the message
+        c = await network.create_peer()
+        stranger = Identity().peer_id
+        with pytest.raises(HandshakeError) as info:
+            await c.connect(b.get_visible_addresses()[0].with_peer_id(stranger))
+        assert str(stranger) in str(info.value) and str(b.peer_id) in str(info.value)
+        assert not c.is_connected(b.peer_id)
+        await asyncio.gather(a.shutdown(), b.shutdown(), c.shutdown())
+        return connected
+
+    assert virtual_clock.run(main()) == pytest.approx(1.0)  # M1 there, M2 + M3 back, then M4 goes with the call
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_network_refuses_peers_that_cannot_prove_their_key(secure):
+    async def main():
+        network = MemoryNetwork(latency=0.01, secure=secure)
+        honest = await network.create_peer()
+        lying_listener = await network.create_peer(identity=_liar())
+        lying_dialer = await network.create_peer(identity=_liar())
+        for p in (honest, lying_listener):
+            p.add_unary_handler("echo", echo)
+        outcomes = []
+        for caller, callee in ((honest, lying_listener), (lying_dialer, honest)):
+            try:
+                outcomes.append(await caller.call(callee.get_visible_addresses()[0], "echo", 1, timeout=5))
+            except (HandshakeError, ConnectionLostError, DeadlineExceededError) as e:
+                outcomes.append(type(e).__name__ + (": bad signature" if "bad signature" in str(e) else ""))
+        await asyncio.gather(honest.shutdown(), lying_listener.shutdown(), lying_dialer.shutdown())
+        return outcomes
+
+    outcomes = virtual_clock.run(main())
+    if secure:
+        assert outcomes[0] == "HandshakeError: bad signature"
+        assert outcomes[1] == "ConnectionLostError"  # the listener closes the connection instead of serving it
+    else:
+        assert outcomes == [1, 1]  # trusted identities: nothing is checked

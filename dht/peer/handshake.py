@@ -63,11 +63,11 @@ _BULK = 64 << 10  # frames at least this long are sealed without joining head an
 
 
 class _FrameCipher:
-    """One direction's AEAD key: ``encrypt``/``decrypt`` as the AEAD, plus :meth:`seal_into`."""
+    """One direction's AEAD key: ``decrypt`` as the AEAD's, and :meth:`seal_into`."""
 
     def __init__(self, name: str, key: bytes):
         self.name, self._key, self._aead = name, key, CIPHERS[name](key)
-        self.encrypt, self.decrypt = self._aead.encrypt, self._aead.decrypt
+        self.decrypt = self._aead.decrypt
 
     def seal_into(self, nonce: bytes, head: bytes, data: bytes | bytearray | memoryview, aad: bytes,
                   out: memoryview) -> None:

@@ -9,7 +9,10 @@ random generator returning one, e.g. ``lambda rng: rng.uniform(0.01, 0.2)``). ``
 probability that a new call (its OPEN frame, hence everything on that stream) is dropped, so the
 caller sees its deadline pass, like a lost datagram. ``kill(peer_id)`` makes a peer vanish silently:
 frames to and from it are dropped and dialing it hangs until the dial timeout, as with a host that
-lost power. Identities are trusted (the network is one process), there is no encryption.
+lost power. By default identities are trusted (the network is one process) and a connection costs
+one round trip; with ``secure=True`` each connection runs the real handshake
+(:mod:`dht.peer.handshake_state`, M1-M4 over the link: one and a half round trips, Ed25519 and
+X25519 work per side), so a peer must prove its PeerID as over TCP. Frames are never encrypted.
 Run on :mod:`dht.peer.virtual_clock` for simulations that take virtual hours in seconds.
 """
 
@@ -18,18 +21,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import random
 from typing import Callable, Union
 
 from .addresses import PeerAddress
 from .channel import FrameChannel, PeerInfo
 from .errors import ConnectionLostError, HandshakeError, PeerUnreachableError
+from .handshake import within
+from .handshake_state import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from .identity import Identity, PeerID
 from .multiplex import OPEN, Limits
 from .p2p import P2P
 from .transport import Transport
 
 __all__ = ["MemoryNetwork", "MemoryTransport", "MemoryChannel"]
+
+logger = logging.getLogger(__name__)
 
 Latency = Union[float, Callable[[random.Random], float]]
 
@@ -106,6 +114,35 @@ class MemoryChannel(FrameChannel):
     async def wait_closed(self) -> None:
         return None
 
+    async def handshake(self, machine: InitiatorHandshake | ResponderHandshake, timeout: float) -> None:
+        """Run ``machine`` over this link (the initiator's M1 already sent) for at most ``timeout``
+        seconds; then this channel's remote PeerID and info are the ones the other side proved.
+        Raises the HandshakeError that ended it (the channel is closed then)."""
+        try:
+            result = await within(self._run(machine), timeout)
+        except asyncio.TimeoutError:
+            self.close()
+            raise HandshakeError(f"{machine.what} timed out after {timeout:g} s") from None
+        except BaseException:
+            self.close()
+            raise
+        self.remote_peer_id, self.remote_info = result.remote_peer_id, result.remote_info
+
+    async def _run(self, machine: InitiatorHandshake | ResponderHandshake) -> HandshakeResult:
+        while machine.outcome is None:
+            try:
+                data = await self.read_frame()
+            except ConnectionLostError as e:
+                machine.receive_eof(type(e).__name__)
+                break
+            out = machine.receive_data(data)
+            if out:
+                self._send(out)  # handshake messages are never lost (loss drops calls)
+        if isinstance(machine.outcome, HandshakeError):
+            raise machine.outcome
+        assert isinstance(machine.outcome, HandshakeResult)
+        return machine.outcome
+
 
 class MemoryTransport(Transport):
     """A peer's attachment to a MemoryNetwork, addressed as ``/memory/NAME``."""
@@ -116,6 +153,7 @@ class MemoryTransport(Transport):
         self.alive = True
         self.listening = False
         self._on_channel: Callable[[FrameChannel], None] | None = None
+        self._handshakes: set[asyncio.Task] = set()  # responder sides of secure connections in progress
 
     async def listen(self, on_channel: Callable[[FrameChannel], None]) -> list[PeerAddress]:
         self._on_channel = on_channel
@@ -132,28 +170,62 @@ class MemoryTransport(Transport):
         if not target.alive:
             await asyncio.sleep(self.limits.dial_timeout)
             raise PeerUnreachableError(f"cannot connect to {address}: timed out")
+        if self.network.secure:
+            return await self._dial_secure(target, expected)
         await asyncio.sleep(2 * self.network.sample_latency())  # one round trip for the handshake
         if expected is not None and target.identity.peer_id != expected:
             raise HandshakeError(f"handshake with memory:{target.name}: expected peer {expected}, "
                                  f"but the peer there is {target.identity.peer_id}")
         if not (target.alive and target.listening and self.alive) or target._on_channel is None:
             raise PeerUnreachableError(f"cannot connect to {address}: the peer went away")
-        ours, theirs = MemoryChannel(self.network, self, target), MemoryChannel(self.network, target, self)
-        ours._peer, theirs._peer = theirs, ours
+        ours, theirs = self._link(target)
         target._on_channel(theirs)
         return ours
 
+    def _link(self, target: "MemoryTransport") -> tuple[MemoryChannel, MemoryChannel]:
+        ours, theirs = MemoryChannel(self.network, self, target), MemoryChannel(self.network, target, self)
+        ours._peer, theirs._peer = theirs, ours
+        return ours, theirs
+
+    async def _dial_secure(self, target: "MemoryTransport", expected: PeerID | None) -> FrameChannel:
+        ours, theirs = self._link(target)
+        task = asyncio.get_running_loop().create_task(target._respond(theirs))
+        target._handshakes.add(task)
+        task.add_done_callback(target._handshakes.discard)
+        machine = InitiatorHandshake(self.identity, self.info, f"memory:{target.name}", expected)
+        ours._send(machine.initial_bytes)
+        await ours.handshake(machine, self.limits.handshake_timeout)
+        return ours
+
+    async def _respond(self, channel: MemoryChannel) -> None:
+        """The listener's side of a secure connection: hand the channel over once the dialer proved its key."""
+        machine = ResponderHandshake(self.identity, self.info, channel.endpoint)
+        try:
+            await channel.handshake(machine, self.limits.handshake_timeout)
+        except HandshakeError as e:
+            logger.debug("memory:%s refused a connection: %s", self.name, e)
+            return
+        if not (self.alive and self.listening) or self._on_channel is None:
+            channel.close()
+            return
+        self._on_channel(channel)
+
     async def close(self) -> None:
         self.listening = False
+        for task in list(self._handshakes):
+            task.cancel()
 
 
 class MemoryNetwork:
     """A simulated network of in-process peers."""
 
-    def __init__(self, latency: Latency = 0.0, loss: float = 0.0, seed: int | None = None):
+    def __init__(self, latency: Latency = 0.0, loss: float = 0.0, seed: int | None = None, secure: bool = False):
+        """``latency`` in seconds per frame, ``loss`` the probability that a call is dropped, ``seed``
+        for the random generator; ``secure`` runs the real handshake on each connection (default off:
+        identities are trusted)."""
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must lie in [0, 1)")
-        self.latency, self.loss = latency, loss
+        self.latency, self.loss, self.secure = latency, loss, secure
         self.rng = random.Random(seed)
         self._transports: dict[str, MemoryTransport] = {}
         self._by_peer: dict[PeerID, list[MemoryTransport]] = {}
