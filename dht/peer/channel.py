@@ -34,13 +34,18 @@ class PeerInfo:
         if not isinstance(data, dict):
             raise HandshakeError("peer info must be a map")
         addrs = data.get("addrs", [])
-        window, max_msg = data.get("window"), data.get("max_msg")
-        if not (isinstance(addrs, list) and len(addrs) <= 32 and all(isinstance(a, str) and len(a) <= 256 for a in addrs)):
+        if not (isinstance(addrs, list) and len(addrs) <= 32
+                and all(isinstance(a, str) and len(a) <= 256 for a in addrs)):
             raise HandshakeError("peer info: 'addrs' must be a list of at most 32 short strings")
-        for name, value in (("window", window), ("max_msg", max_msg)):
-            if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
-                raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {brief(value)}")
+        window, max_msg = _limit(data, "window"), _limit(data, "max_msg")
         return cls(list(addrs), window, max_msg)
+
+
+def _limit(data: dict, name: str) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or not (1 << 16) <= value <= (1 << 34):
+        raise HandshakeError(f"peer info: {name!r} must be an integer in [64 KiB, 16 GiB], got {brief(value)}")
+    return value
 
 
 class FrameChannel(abc.ABC):

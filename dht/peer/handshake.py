@@ -39,7 +39,7 @@ import asyncio
 import collections
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -47,8 +47,18 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .channel import FrameChannel, PeerInfo
 from .errors import ConnectionLostError, HandshakeError, ProtocolError
-from .handshake_state import (CIPHERS, MAX_HANDSHAKE_FRAME, PROTOCOL_NAME, SUPPORTED_VERSIONS, TAG_SIZE,
-                              HandshakeResult, InitiatorHandshake, PeerBusyError, ResponderHandshake, busy_reply)
+from .handshake_state import (
+    CIPHERS,
+    MAX_HANDSHAKE_FRAME,
+    PROTOCOL_NAME,
+    SUPPORTED_VERSIONS,
+    TAG_SIZE,
+    HandshakeResult,
+    InitiatorHandshake,
+    PeerBusyError,
+    ResponderHandshake,
+    busy_reply,
+)
 from .handshake_state import nonce as _nonce
 from .identity import Identity, PeerID
 
@@ -97,7 +107,7 @@ class _FrameReader(asyncio.BufferedProtocol):
     _INITIAL = 16 << 10  # buffer bytes of a connection without recent large frames
     _SHRINK_AFTER = 2.0  # seconds without a large frame after which a grown buffer is given back
 
-    def __init__(self, channel: "SecureChannel", transport: asyncio.BaseTransport, previous: Any,
+    def __init__(self, channel: "SecureChannel", transport: asyncio.Transport, previous: Any,
                  leftover: bytes):
         self._channel, self._transport, self._previous = channel, transport, previous
         self._buf = bytearray(max(self._INITIAL, 2 * len(leftover)))
@@ -229,12 +239,13 @@ class SecureChannel(FrameChannel):
         self._small: list[bytearray] = []  # small frames of this loop iteration, written with one call
         self._frames: _FrameReader | None = None
         leftover = getattr(reader, "_buffer", None)  # read past the handshake, not parsed yet
-        previous = writer.transport.get_protocol()
+        transport = cast(asyncio.Transport, writer.transport)  # a socket's: it reads as well
+        previous = transport.get_protocol()
         if isinstance(leftover, bytearray) and reader.exception() is None and not reader.at_eof():
-            self._frames = _FrameReader(self, writer.transport, previous, bytes(leftover))
+            self._frames = _FrameReader(self, transport, previous, bytes(leftover))
             leftover.clear()
-            writer.transport.set_protocol(self._frames)
-            writer.transport.resume_reading()  # in case the StreamReader had paused it
+            transport.set_protocol(self._frames)
+            transport.resume_reading()  # in case the StreamReader had paused it
             self._frames.buffer_updated(0)  # frames that arrived with the handshake's last message
 
     def write_frame(self, data: bytes | bytearray | memoryview, head: bytes = b"") -> None:
@@ -252,10 +263,12 @@ class SecureChannel(FrameChannel):
             self._small.append(buf)
             return
         self._flush()
-        buf = self._spare
+        spare = self._spare
         # reuse the previous bulk buffer only when the transport holds nothing (it may keep a
         # reference to a buffer it has not written yet); fresh large buffers cost page faults
-        if not (buf is not None and len(buf) >= 4 + n and self._writer.transport.get_write_buffer_size() == 0):
+        if spare is not None and len(spare) >= 4 + n and self._writer.transport.get_write_buffer_size() == 0:
+            buf = spare
+        else:
             buf = bytearray(4 + n)
         frame = memoryview(buf)[:4 + n]
         _LEN.pack_into(buf, 0, n)
@@ -374,7 +387,8 @@ async def _drive(machine: InitiatorHandshake | ResponderHandshake, reader: async
 async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
                    local_info: PeerInfo, endpoint: str, expected_peer_id: PeerID | None,
                    max_frame_size: int, versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                   ciphers: tuple[str, ...] = tuple(CIPHERS), ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
+                   ciphers: tuple[str, ...] = tuple(CIPHERS),
+                   ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
     """Run the initiator (dialer) side; HandshakeError names ``endpoint`` and the cause.
     ``versions`` and ``ciphers`` are offered in that order; ``ephemeral`` (default: fresh) is this
     session's X25519 key, for test vectors."""
@@ -387,7 +401,8 @@ async def initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i
 async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
                   local_info: PeerInfo, endpoint: str, max_frame_size: int,
                   versions: tuple[int, ...] = SUPPORTED_VERSIONS, first_byte_timeout: float | None = None,
-                  ciphers: tuple[str, ...] = tuple(CIPHERS), ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
+                  ciphers: tuple[str, ...] = tuple(CIPHERS),
+                  ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
     """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause.
     ``first_byte_timeout`` (seconds, None: no separate limit) bounds the wait for the first byte;
     ``ciphers`` in order of preference; ``ephemeral`` as for :func:`initiate`."""

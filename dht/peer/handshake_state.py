@@ -115,7 +115,7 @@ def _unpack_handshake(raw: bytes, what: str) -> dict:
     try:
         message = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=limit,
                                   max_array_len=limit, max_map_len=limit, max_ext_len=0)
-    except Exception:  # msgpack's failures have many types; any of them means the same here
+    except Exception:  # noqa: BLE001 - msgpack fails with many types; each means a malformed message
         raise HandshakeError(f"{what}: malformed handshake message") from None
     if not isinstance(message, dict):
         raise HandshakeError(f"{what}: handshake message is not a map")
@@ -249,7 +249,8 @@ class _Handshake:
         if self.outcome is not None:
             return
         if self.received == 0:
-            self.outcome = self._closed_before_reply(f"{self.what}: connection closed before anything was received ({cause})")
+            self.outcome = self._closed_before_reply(
+                f"{self.what}: connection closed before anything was received ({cause})")
         else:
             self.outcome = HandshakeError(f"{self.what}: connection closed during the handshake ({cause})")
 
@@ -334,7 +335,8 @@ class InitiatorHandshake(_Handshake):
     def _on_sealed(self, proof: dict) -> None:  # M3
         remote_id, remote_info = _check_proof(proof, self._transcript_hash, "responder", self.what)
         if self.expected_peer_id is not None and remote_id != self.expected_peer_id:
-            raise HandshakeError(f"{self.what}: expected peer {self.expected_peer_id}, but the peer there is {remote_id}")
+            raise HandshakeError(
+                f"{self.what}: expected peer {self.expected_peer_id}, but the peer there is {remote_id}")
         self._out += _sealed(self._send_key, self._cipher,
                              _proof(self.identity, self.local_info, "initiator", self._transcript_hash))
         self._finish(remote_id, remote_info)

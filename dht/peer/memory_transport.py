@@ -79,8 +79,10 @@ class MemoryChannel(FrameChannel):
         loop = asyncio.get_running_loop()
         self._pump = None
         now = loop.time()
+        peer = self._peer
+        assert peer is not None  # set before anything is sent
         while self._in_flight and self._in_flight[0][0] <= now:
-            self._peer._deliver(self._in_flight.popleft()[1])
+            peer._deliver(self._in_flight.popleft()[1])
         if self._in_flight:
             self._pump = loop.call_at(self._in_flight[0][0], self._deliver_due)
 

@@ -20,8 +20,7 @@ from typing import Callable
 from .addresses import PeerAddress, interface_addresses
 from .channel import FrameChannel, PeerInfo
 from .errors import HandshakeError, P2PError, PeerUnreachableError
-from .handshake import (MAX_HANDSHAKE_FRAME, PeerBusyError, initiate, observed_host, refuse_busy, respond,
-                        within)
+from .handshake import MAX_HANDSHAKE_FRAME, PeerBusyError, initiate, observed_host, refuse_busy, respond, within
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .resources import ip_key
@@ -65,7 +64,7 @@ def raise_fd_limit() -> None:
                 return
             except (ValueError, OSError):
                 continue
-    except Exception as e:  # no resource module, or an exotic platform
+    except Exception as e:  # noqa: BLE001 - no resource module, or an exotic platform: keep the limit
         logger.debug("could not raise the open files limit: %s", type(e).__name__)
 
 
@@ -215,12 +214,13 @@ class TCPTransport(Transport):
             _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: handshake timed out "
                           "after %g s", endpoint, self.limits.handshake_timeout)
         except HandshakeError as e:
-            _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: %s", endpoint, brief(str(e), 300))
+            _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: %s", endpoint,
+                          brief(str(e), 300))
         except (ConnectionError, OSError) as e:
             _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: %s", endpoint, type(e).__name__)
         except asyncio.CancelledError:
             raise  # evicted or shutting down: the finally clause closes the socket
-        except Exception as e:  # whatever arrives, the socket is closed (and this is a bug worth a line)
+        except Exception as e:  # noqa: BLE001 - whatever arrives, the socket is closed (a bug worth a line)
             _refusals.log(logger, logging.WARNING, entry.ip, "refused connection from %s: unexpected %s during "
                           "the handshake", endpoint, type(e).__name__)
         finally:
@@ -231,7 +231,7 @@ class TCPTransport(Transport):
             return
         try:
             on_channel(channel)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - logged; the connection is dropped, the listener goes on
             channel.close()
             _refusals.log(logger, logging.WARNING, entry.ip, "dropped connection from %s: %s in the connection "
                           "handler", endpoint, type(e).__name__)
@@ -267,7 +267,8 @@ class TCPTransport(Transport):
                 self.limits.handshake_timeout)
         except asyncio.TimeoutError:
             writer.transport.abort()
-            raise HandshakeError(f"handshake with {endpoint} timed out after {self.limits.handshake_timeout} s") from None
+            raise HandshakeError(
+                f"handshake with {endpoint} timed out after {self.limits.handshake_timeout} s") from None
         except (ConnectionError, OSError) as e:
             writer.transport.abort()
             raise HandshakeError(f"handshake with {endpoint} failed: {type(e).__name__}") from None
