@@ -45,7 +45,7 @@ from typing import Annotated, Callable
 import pydantic
 
 from dht import DHT, PeerID, RemoteError, SchemaValidator, get_dht_time
-from dht.peer.errors import BadRequestError, P2PError
+from dht.peer.errors import BadRequestError, ErrorCode, P2PError
 from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
 
@@ -278,7 +278,7 @@ class StateSharing:
                                               f"for a {length}-byte chunk")
                 except RemoteError as e:
                     queue.appendleft(offset)  # someone else takes it
-                    if e.code != "overloaded":
+                    if e.code != ErrorCode.OVERLOADED:
                         failures.append(f"{donor.peer_id}: {e}")
                         logger.info("state donor %s failed (%s); continuing with the others", donor.peer_id, e)
                         return
