@@ -25,9 +25,10 @@ at most 4 deep) before any field is looked at.
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import hashlib
 import struct
-from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import msgpack
@@ -63,7 +64,7 @@ class PeerBusyError(HandshakeError):
     before its first reply (as a peer with no room for one more does); retrying shortly may work."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HandshakeResult:
     """A finished handshake: the session's parameters and the authenticated other side.
 
@@ -179,7 +180,7 @@ def _cipher_names(ciphers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(ciphers)
 
 
-class _Handshake:
+class _Handshake(abc.ABC):
     """What both sides share: framing with bounded buffering, the sealed message, the outcome.
 
     ``outcome`` is None while the handshake runs, then a :class:`HandshakeResult` or the
@@ -240,7 +241,7 @@ class _Handshake:
         except HandshakeError as e:
             self.outcome = e
         if isinstance(self.outcome, HandshakeResult) and pos < len(data):
-            self.outcome = _with_trailing(self.outcome, data[pos:])
+            self.outcome = dataclasses.replace(self.outcome, trailing=data[pos:])
         out, self._out = bytes(self._out), bytearray()
         return out
 
@@ -282,16 +283,13 @@ class _Handshake:
         self.outcome = HandshakeResult(self._version, self._cipher, self._send_key, self._recv_key, remote_peer_id,
                                        remote_info, self._transcript_hash)
 
+    @abc.abstractmethod
     def _on_plain(self, raw: bytes, message: dict) -> None:
-        raise NotImplementedError
+        """The plain message (M1 or M2; ``raw``: its bytes, for the transcript)."""
 
+    @abc.abstractmethod
     def _on_sealed(self, message: dict) -> None:
-        raise NotImplementedError
-
-
-def _with_trailing(result: HandshakeResult, trailing: bytes) -> HandshakeResult:
-    return HandshakeResult(result.version, result.cipher, result.send_key, result.recv_key, result.remote_peer_id,
-                           result.remote_info, result.transcript_hash, trailing)
+        """The decrypted identity proof (M3 or M4)."""
 
 
 class InitiatorHandshake(_Handshake):
