@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, Sequence, TypeVar
 
 from .node import DHTNode, get_dht_time
 from .peer.identity import PeerID
@@ -105,8 +105,8 @@ class DHT:
             raise
         _live.add(self)
 
-    def _run(self, coro: Awaitable[T], return_future: bool = False, timeout: float | None = None) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+    def _run(self, coro: Coroutine[Any, Any, T], return_future: bool = False, timeout: float | None = None) -> Any:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future if return_future else future.result(timeout)
 
     @property
@@ -151,7 +151,10 @@ class DHT:
 
     def run_coroutine(self, fn: Callable[["DHT", DHTNode], Awaitable[T]], return_future: bool = False) -> Any:
         """Run ``await fn(dht, node)`` on the DHT's event loop; returns its result (or a Future)."""
-        return self._run(fn(self, self.node), return_future)
+        async def call() -> T:  # (any awaitable, not only a coroutine)
+            return await fn(self, self.node)
+
+        return self._run(call(), return_future)
 
     def shutdown(self) -> None:
         """Leave the DHT: close connections and stop the background thread (idempotent). A DHT left

@@ -67,7 +67,7 @@ from .protocol import (
 )
 from .routing import DHTID, RoutingTable
 from .storage import Entry, Storage, StoreRefused, ValueWithExpiration
-from .traverse import LookupResult, iterative_lookup
+from .traverse import LookupResult, Query, iterative_lookup
 from .validation import CompositeValidator, DHTRecord, RecordValidator, SignatureValidator, ValidationError
 
 __all__ = ["DHTNode", "get_dht_time", "MAX_CLOCK_SKEW"]
@@ -156,8 +156,6 @@ class DHTNode:
         self._stale_checks: set[PeerID] = set()  # least-recently-seen nodes being pinged
         self._prefixes: dict[str, str | None] = {}  # host -> prefix_of(host), memoized (bounded)
         self._sources: dict[str, str | None] = {}  # endpoint -> its prefix, memoized (bounded)
-        self._diversity = dict(group_of=self._lookup_group, max_per_group=lim.max_lookup_peers_per_prefix,
-                               max_queries=lim.max_lookup_queries)  # keyword arguments of every lookup
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self.is_alive = True
@@ -384,7 +382,7 @@ class DHTNode:
 
     def _learn(self, peers: list[tuple[PeerID, list[str]]]) -> list[tuple[PeerID, int]]:
         """Remember where the contacts of a reply listen; returns them as (peer, node id), ours left out."""
-        contacts = []
+        contacts: list[tuple[PeerID, int]] = []
         for contact, addresses in peers:
             if contact == self.peer_id:
                 continue
@@ -400,7 +398,9 @@ class DHTNode:
     def _initial_contacts(self, target: int, k: int | None = None) -> list[tuple[PeerID, int]]:
         """The ``k`` (default: bucket size) known contacts nearest ``target`` that are not backed off."""
         k = k or self.k
-        return [(p, i) for p, i in self.routing_table.nearest(target, k * 2) if not self._excluded(p)][:k]
+        contacts: list[tuple[PeerID, int]] = [(p, i) for p, i in self.routing_table.nearest(target, k * 2)
+                                              if not self._excluded(p)]
+        return contacts[:k]
 
     async def find_nearest_nodes(self, target: int, k: int | None = None) -> list[tuple[PeerID, int]]:
         """The ``k`` (default: bucket size) responsive nodes closest to ``target``, closest first
@@ -413,10 +413,18 @@ class DHTNode:
             found = await self._find(peer_id, [target], k=max(k, self.k))
             return None if found is None else found[0][1]
 
-        result = await iterative_lookup(target, self._initial_contacts(target, max(k, self.k)), query, k=k,
-                                        alpha=self.alpha, exclude=self.peer_id, **self._diversity)
+        return (await self._lookup(target, self._initial_contacts(target, max(k, self.k)), query, k)).nearest
+
+    async def _lookup(self, target: int, initial: list[tuple[PeerID, int]], query: Query, k: int,
+                      done: Callable[[], bool] = lambda: False) -> LookupResult:
+        """An iterative lookup from this node (alpha queries in flight, the per-prefix diversity and
+        query limits of ``self.limits``); kept as :attr:`last_lookup`."""
+        result = await iterative_lookup(target, initial, query, k=k, alpha=self.alpha, done=done, exclude=self.peer_id,
+                                        group_of=self._lookup_group,
+                                        max_per_group=self.limits.max_lookup_peers_per_prefix,
+                                        max_queries=self.limits.max_lookup_queries)
         self.last_lookup = result
-        return result.nearest
+        return result
 
     # ---- store -----------------------------------------------------------------------------
     async def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
@@ -535,10 +543,7 @@ class DHTNode:
                 outcome[i] |= answer is True
             return self._learn(contacts)
 
-        result = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.num_replicas,
-                                        alpha=self.alpha, exclude=self.peer_id, **self._diversity)
-        self.last_lookup = result
-        nearest = result.nearest
+        nearest = (await self._lookup(key_id, self._initial_contacts(key_id), query, self.num_replicas)).nearest
         if not self.client_mode and (len(nearest) < self.num_replicas or
                                      self.node_id ^ key_id < nearest[-1][1] ^ key_id):
             now = self.clock()
@@ -608,9 +613,8 @@ class DHTNode:
                 found_any = best is not None
                 return contacts
 
-            self.last_lookup = await iterative_lookup(key_id, self._initial_contacts(key_id), query, k=self.k,
-                                                      alpha=self.alpha, done=lambda: found_any and not latest,
-                                                      exclude=self.peer_id, **self._diversity)
+            await self._lookup(key_id, self._initial_contacts(key_id), query, self.k,
+                               done=lambda: found_any and not latest)
             if best is not None and lacking:
                 self._spawn(self._cache_at(min(lacking)[1], key_id, best))
         if best is None:
@@ -679,9 +683,9 @@ class DHTNode:
                 return None
         # each subkey on its own: one peer's garbage subkey must not hide the others' (signed) ones
         subkeys, dropped = {}, 0
-        for s, (v, e) in entry.subkeys.items():
+        for s, (v, exp) in entry.subkeys.items():
             try:
-                subkeys[_unpack(s)] = ValueWithExpiration(decode(s, v, e), e)
+                subkeys[_unpack(s)] = ValueWithExpiration(decode(s, v, exp), exp)
             except undecodable:
                 dropped += 1
         if dropped:
@@ -745,7 +749,7 @@ class DHTNode:
         server, keys, k = parse_find(request, self.limits)
         self._charge_finds(ctx, len(keys))
         now = self.clock()
-        results = []
+        results: list[tuple[list | None, list[tuple[PeerID, list[str]]]]] = []
         # the reply stays far below the message limit whatever we hold: contacts and entries share a
         # byte budget (a dictionary sends its smallest subkeys first, see protocol.encode_entry_within)
         budget = min(self.limits.max_find_reply_bytes, self._request_budget())
@@ -808,7 +812,7 @@ class DHTNode:
         among = self.routing_table.among_nearest(DHTID.of_peer(newcomer), self.num_replicas, exclude=newcomer)
         chunk = max(self.limits.handover_chunk, 1)
         budget, size = self._request_budget(), 0
-        items = []
+        items: list[StoreItem] = []
         for scanned, (key_id, entry) in enumerate(self.storage.items(now), 1):
             if scanned % chunk == 0:
                 await asyncio.sleep(0)
@@ -843,13 +847,12 @@ class DHTNode:
 
         forgotten = self.p2p.forget_peers(table.knows, self.limits.forget_after)
         now, mono = asyncio.get_running_loop().time(), time.monotonic()
-        for peer_id in self._buckets.keys():
-            bucket = self._buckets.peek(peer_id)
+        for peer_id, bucket in self._buckets.items():
             refilled = bucket.tokens + (mono - bucket.updated) * bucket.rate >= bucket.burst
             if refilled and not keep(peer_id):
                 self._buckets.pop(peer_id)
-        for peer_id in self._backoff.keys():
-            if self._backoff.peek(peer_id, (0.0, 0))[0] + 300.0 < mono and not table.knows(peer_id):
+        for peer_id, (until, _) in self._backoff.items():
+            if until + 300.0 < mono and not table.knows(peer_id):
                 self._backoff.pop(peer_id)
         for peer_id in self._skew_warned.keys():
             if not keep(peer_id):

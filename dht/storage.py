@@ -154,7 +154,7 @@ class _Heaviest:
         return best[2]
 
 
-_Charge = tuple  # (peer, source, cost): who stored a record, from which address range, and its bytes
+_Charge = tuple[Any, Any, int]  # (peer, source, cost): who stored a record, from which address range, and its bytes
 _ANY = object()  # any address range
 
 
@@ -239,7 +239,8 @@ class Storage:
         return charge
 
     def _put(self, key_id: int, key_bytes: bytes, subkey: bytes | None, value: bytes, exp: float,
-             charge: _Charge, now: float) -> None:
+             charge: _Charge | None, now: float) -> None:
+        assert charge is not None  # (every stored part is charged: what _take returns for it is not None)
         entry = self._entries.get(key_id)
         if entry is None:
             entry = self._entries[key_id] = Entry(key_bytes)
@@ -258,6 +259,7 @@ class Storage:
         """Remove one part of an entry (and its charge); the entry goes when it is empty."""
         entry = self._entries[key_id]
         if subkey is None:
+            assert entry.regular is not None  # (callers take parts that exist)
             (value, exp), entry.regular = entry.regular, None
         else:
             value, exp = entry.subkeys.pop(subkey)
@@ -363,7 +365,7 @@ class Storage:
                 if self._evict_foreign(keep=key_id):
                     continue
                 foreign_left = False  # nothing foreign left to evict for this store
-                if self.is_foreign(key_id):
+                if self.is_foreign is not None and self.is_foreign(key_id):
                     raise StoreRefused("storage is full and this node is not among the closest to the key")
             heavy_source = self._sources.top(avoid=source)
             victim = self._source_peers[heavy_source].top(avoid=peer) if heavy_source in self._source_peers else None

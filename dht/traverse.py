@@ -42,12 +42,11 @@ async def iterative_lookup(target: int, initial: list[tuple[PeerID, int]], query
     answered: list[tuple[int, PeerID, int]] = []
     failed: set[PeerID] = set()
     per_group: collections.Counter[str] = collections.Counter()
-    limit_groups = group_of is not None and max_per_group is not None
 
     def learn(contacts: list[tuple[PeerID, int]], hop: int) -> None:
         for peer_id, node_id in contacts:
             if peer_id not in seen and peer_id != exclude:
-                if limit_groups:
+                if group_of is not None and max_per_group is not None:
                     group = group_of(peer_id)
                     if group is not None:
                         if per_group[group] >= max_per_group:

@@ -18,7 +18,7 @@ import collections
 import ipaddress
 import logging
 import time
-from typing import Awaitable, Callable, Generic, Hashable, TypeVar
+from typing import Awaitable, Callable, Generic, Hashable, TypeVar, overload
 
 from .identity import PeerID
 
@@ -106,11 +106,21 @@ class BoundedLRU(Generic[K, V]):
         self.max_size = max_size
         self._items: collections.OrderedDict[K, V] = collections.OrderedDict()
 
+    @overload
+    def get(self, key: K) -> V | None: ...
+    @overload
+    def get(self, key: K, default: V) -> V: ...
+
     def get(self, key: K, default: V | None = None) -> V | None:
         value = self._items.get(key, default)
         if key in self._items:
             self._items.move_to_end(key)
         return value
+
+    @overload
+    def peek(self, key: K) -> V | None: ...
+    @overload
+    def peek(self, key: K, default: V) -> V: ...
 
     def peek(self, key: K, default: V | None = None) -> V | None:
         """Like :meth:`get`, without making ``key`` the most recently used."""
@@ -134,6 +144,10 @@ class BoundedLRU(Generic[K, V]):
     def keys(self) -> list[K]:
         return list(self._items)
 
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot of the items, least recently used first (none made more recent)."""
+        return list(self._items.items())
+
 
 class KeyedBuckets:
     """A token bucket per key (a peer, an IP prefix), for at most ``max_keys`` keys (LRU)."""
@@ -155,8 +169,7 @@ class KeyedBuckets:
 
     def forget_refilled(self, now: float) -> int:
         """Drop the buckets that are full again (they carry no information); returns how many."""
-        full = [key for key in self._buckets.keys()
-                if (b := self._buckets.peek(key)).tokens + max(now - b.updated, 0.0) * b.rate >= b.burst]
+        full = [key for key, b in self._buckets.items() if b.tokens + max(now - b.updated, 0.0) * b.rate >= b.burst]
         for key in full:
             self._buckets.pop(key)
         return len(full)
@@ -184,7 +197,8 @@ class DialBacks:
         self._verify, self._admit = verify, admit
         self.concurrency, self.max_pending, self.retry_after = concurrency, max_pending, retry_after
         self._rates = KeyedBuckets(rate, burst, max_remembered)
-        self._rate_total, self._total = rate_total, None  # a TokenBucket, made on first use
+        self._rate_total = rate_total
+        self._total: TokenBucket | None = None  # made on first use (it needs the running loop's time)
         self._pending: collections.OrderedDict[PeerID, None] = collections.OrderedDict()
         self._running: set[PeerID] = set()
         self._failed: BoundedLRU[PeerID, float] = BoundedLRU(max_remembered)
@@ -249,7 +263,7 @@ class DialBacks:
     def forget_expired(self) -> int:
         """Drop the failures whose retry time has come; returns how many."""
         now = asyncio.get_running_loop().time()
-        expired = [p for p in self._failed.keys() if self._failed.peek(p, 0.0) <= now]
+        expired = [p for p, until in self._failed.items() if until <= now]
         for peer_id in expired:
             self._failed.pop(peer_id)
         return len(expired)

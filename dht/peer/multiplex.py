@@ -395,8 +395,9 @@ class Stream:
             else:
                 await asyncio.wait_for(event.wait(), remaining)
         except asyncio.TimeoutError:
-            self.cancel(DeadlineExceededError(f"call {self._describe()} exceeded its deadline"))
-            raise self._error from None
+            error = DeadlineExceededError(f"call {self._describe()} exceeded its deadline")
+            self.cancel(error)
+            raise (self._error or error) from None
 
     def cancel(self, error: BaseException | None = None) -> None:
         """Abandon the stream: the other side is told (CANCEL or ERROR) and local waiters fail."""

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Sequence, Union
 
 import msgpack
 
@@ -178,7 +178,8 @@ class P2P:
         return conn.peer_id
 
     # ---- peers and addresses ---------------------------------------------------------------
-    def add_addresses(self, peer_id: PeerID, addresses: list[PeerAddress | str], *, third_party: bool = False) -> None:
+    def add_addresses(self, peer_id: PeerID, addresses: Sequence[PeerAddress | str], *,
+                      third_party: bool = False) -> None:
         """Remember where ``peer_id`` listens. Addresses we dialled successfully are tried first, then
         those the peer announced itself (its handshake) or the local program gave, then those
         ``third_party`` peers told us (e.g. DHT replies; at most 4 per peer), newest first within each
@@ -208,8 +209,9 @@ class P2P:
         book.touched = time.monotonic()
         if book.add(parsed, rank):
             self._address_texts.pop(peer_id, None)
-        if all(isinstance(a, str) for a in addresses) and all(a in book.addresses for a in parsed):
-            book.texts.update(addresses)
+        texts = [a for a in addresses if isinstance(a, str)]
+        if len(texts) == len(addresses) and all(a in book.addresses for a in parsed):
+            book.texts.update(texts)
 
     def get_addresses(self, peer_id: PeerID) -> list[PeerAddress]:
         """Where ``peer_id`` listens, in the order they are dialled (see :meth:`add_addresses`)."""
