@@ -68,9 +68,6 @@ class DHTID(int):
             raise ValueError("a DHT id is 20 bytes")
         return cls(int.from_bytes(data, "big"))
 
-    def xor_distance(self, other: int) -> int:
-        return int(self) ^ int(other)
-
 
 @dataclass
 class KBucket:
