@@ -510,7 +510,7 @@ class DHTNode:
                 request = store_request(self._serving, [prepared[i][1] for i in chunk])
                 try:
                     answers = parse_store_response(await self._call(peer_id, "dht.store", request), len(chunk))
-                except (P2PError, asyncio.TimeoutError):
+                except (P2PError, asyncio.TimeoutError):  # _call logged it; these items count as not stored there
                     return
                 for i, answer in zip(chunk, answers):
                     outcome[i] |= answer is True
@@ -706,8 +706,9 @@ class DHTNode:
                 items = items[:count]
                 break
         try:
-            request = store_request(self._serving, items[:self.limits.max_items_per_store])
-            await self._call(peer_id, "dht.store", request)
+            items = items[:self.limits.max_items_per_store]
+            response = await self._call(peer_id, "dht.store", store_request(self._serving, items))
+            parse_store_response(response, len(items))
         except (P2PError, asyncio.TimeoutError) as e:
             logger.debug("caching key %s at %s failed: %s", DHTID(key_id), peer_id.short(), e)
 
@@ -831,7 +832,8 @@ class DHTNode:
                 break
         if items:
             try:
-                await self._call(newcomer, "dht.store", store_request(self._serving, items))
+                parse_store_response(await self._call(newcomer, "dht.store", store_request(self._serving, items)),
+                                     len(items))
             except (P2PError, asyncio.TimeoutError) as e:  # its next republish or lookup fills the gap
                 logger.debug("handing %d records to %s failed: %s", len(items), newcomer.short(), e)
 
