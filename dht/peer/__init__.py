@@ -2,8 +2,9 @@
 
 - :mod:`~dht.peer.identity`: Ed25519 identities and PeerIDs; :mod:`~dht.peer.addresses`: multiaddrs.
 - :mod:`~dht.peer.channel`: the frame pipe every transport provides (and :class:`PeerInfo`, what a
-  peer announces in the handshake); :mod:`~dht.peer.handshake`: the secure handshake and frame
-  encryption; :mod:`~dht.peer.tcp_transport` and :mod:`~dht.peer.memory_transport` (in-process
+  peer announces in the handshake); :mod:`~dht.peer.handshake_state`: the secure handshake as sans-IO
+  state machines, driven over asyncio streams by :mod:`~dht.peer.handshake` (which also holds the
+  frame encryption); :mod:`~dht.peer.tcp_transport` and :mod:`~dht.peer.memory_transport` (in-process
   network for simulations, with :mod:`~dht.peer.virtual_clock`).
 - :mod:`~dht.peer.multiplex`: streams and RPC frames over one channel; :mod:`~dht.peer.p2p`: the
   :class:`P2P` endpoint (dialing, connection pool, handlers).
