@@ -4,44 +4,31 @@ Phase 0 (the butterfly, algorithms.md §5.2): member ``j`` owns the ranges ``lay
 the flat vector. Every member streams its values for those ranges to ``j`` in chunks (stream
 ``avg.part``), ``j`` reduces each chunk as soon as every live member delivered it (weighted mean
 by default, or any aggregator, computed in member order so the result does not depend on arrival
-order), and streams the *averaged values* back; sending, reducing and receiving overlap. The owner
-ends with ``{"done": contributors, "mixed": bool}``: which members' values are in every chunk, and
-whether a member was dropped after some chunks already included it.
+order, in a worker thread), and streams the *averaged values* back; sending, reducing and
+receiving overlap. The owner ends with ``{"done": contributors, "mixed": bool}``: which members'
+values are in every chunk, and whether a member was dropped after some chunks already included it.
 
 A member that stops sending for ``sender_timeout``, sends a malformed chunk or NaN/Inf values is
-excluded (with a logged reason naming it); an owner that stops answering for ``reducer_timeout``
-has failed (and is excluded from the caller's own part too). Then members exchange reports of the
-failures they saw (``avg.report``, one call per pair of reachable members; client-mode members
-call the reachable ones, which relay what the other clients reported) and agree on the survivors F. Every part whose owner failed, that is mixed, or whose
-contributors are not exactly F is re-reduced among F in a recovery phase (the same protocol over
-those ranges, split among the survivors), from the same snapshot. So every survivor ends with the
-exact weighted mean over F for the whole vector, bit-identical across members, or the round fails
-with :class:`AveragingError` and leaves the caller's tensors untouched.
+excluded (logged at INFO, naming it: expected under churn); an owner that stops answering for
+``reducer_timeout`` has failed (and is excluded from the caller's own part too). Then members
+exchange reports of the failures they saw (``avg.report``, one call per pair of reachable members;
+client-mode members call the reachable ones, which relay what the other clients reported) and
+agree on the survivors F. Every part whose owner failed, that is mixed, or whose contributors are
+not exactly F is re-reduced among F in a recovery phase (the same protocol over those ranges,
+split among the survivors), from the same snapshot. So every survivor ends with the exact weighted
+mean over F for the whole vector, bit-identical across members, or the round fails with
+:class:`AveragingError` (logged as a WARNING: this peer's round is lost) and leaves the caller's
+tensors untouched.
 
-Messages (validated on receipt; a malformed one gets ``bad_request`` and at most the transport's
-rate-limited one-line log per peer, never a traceback):
+The messages, their fields and limits are in :mod:`averaging.protocol`; a malformed one gets
+``bad_request`` and at most the transport's rate-limited one-line log per peer, never a traceback.
+One stream per member and phase; a header for a round this peer has not started yet waits
+``join_wait`` (10 s) for it, at most ``max_waiting_per_peer`` (8) such streams per peer and
+``max_waiting`` (256) in all (beyond: ``overloaded``); the waiting table is emptied however the
+stream ends. One ``avg.report`` call per member in flight (a second one gets ``bad_request``).
 
-==============  ==================================================================================
-``avg.part``    stream, member -> owner. First message, the header: ``{"g": group id (bytes, 1 to
-                MAX_GROUP_ID_BYTES=64), "p": phase (int 0 or 1), "t": recovery tag (bytes, at most
-                MAX_TAG_BYTES=32; b"" in phase 0), "i": the caller's index in the group (int, 0 <= i <
-                members; must be the caller's PeerID), "w": weight (int or float, finite, >= 0)}``.
-                Then one codec map per chunk of the owner's ranges (sizes checked by the codec, NaN/Inf
-                excluded). Owner -> member: one averaged codec map per chunk, then ``{"done":
-                [member indices], "mixed": bool}``. One stream per member and phase. A header for a
-                round this peer has not started yet waits ``join_wait`` (10 s) for it, at most
-                ``max_waiting_per_peer`` (8) such streams per peer and ``max_waiting`` (256) in all
-                (beyond: ``overloaded``); the waiting table is emptied however the stream ends.
-``avg.report``  unary, member -> member: ``{"g": group id (bytes, as above), "i": the caller's index
-                (int, its PeerID), "failed": [member indices] (ints in range, at most members)}``;
-                reply ``{"failed": [member indices]}`` once this peer's own report is ready. One
-                call per member in flight (a second one gets ``bad_request``). Reachable members
-                call each other (the lower index calls); a client-mode member calls every reachable
-                one and gets two more fields in the reply, for the other clients it cannot reach:
-                ``"heard"`` (the client members whose reports this peer has, waited for up to half
-                the agreement timeout) and ``"relayed"`` (the union of their reports), each a list
-                of member indices checked like ``failed``.
-==============  ==================================================================================
+Time: every duration and timeout is on the running loop's clock (``loop.time()``), so a round runs
+on the virtual clock (:mod:`dht.peer.virtual_clock`) as on a real one.
 """
 
 from __future__ import annotations
@@ -57,28 +44,24 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dht import P2P, P2PError, PeerID, RemoteError, Stream
-from dht.peer.errors import BadRequestError
 from dht.peer.p2p import CallContext
 from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
 
+from . import protocol
 from .compression import Codec, CodecError
 from .errors import AveragingError
+from .group import GroupInfo
+from .load_balancing import part_sizes
 from .partition import Layout, chunk_ranges
+from .protocol import BadRequestError, PartHeader, refuse
 
-__all__ = ["GroupInfo", "AllReduceResult", "Reducer", "weighted_mean", "all_finite", "AllReduceService"]
+__all__ = ["RoundConfig", "AllReduceResult", "Reducer", "weighted_mean", "all_finite", "AllReduceService"]
 
 logger = logging.getLogger(__name__)
 
-MAX_GROUP_ID_BYTES = 64  # matchmaking makes 20-byte ids
-MAX_TAG_BYTES = 32  # recovery tags are 16 bytes
-MAX_REPORT_BYTES = 64 << 10  # an avg.report request (at most 4096 member indices)
 MAX_FINISHED_ROUNDS = 256  # group ids of finished rounds remembered, to refuse late streams at once
-
-
-def _now() -> float:
-    """Seconds on the running loop's clock (virtual on dht.peer.virtual_clock): durations and timeouts."""
-    return asyncio.get_running_loop().time()
+INLINE_VALUES = 1 << 14  # a reduction of fewer values (members x chunk) runs on the loop: a thread hop costs more
 
 # (x [n, len], weights [n]) -> [len]; a reducer with ``chunkwise = True`` may be applied to pieces of a
 # part (pipelined); any other sees each part whole, once every live member delivered all of it.
@@ -100,38 +83,46 @@ def all_finite(x: torch.Tensor) -> bool:
 weighted_mean.chunkwise = True  # type: ignore[attr-defined]  # may be applied chunk by chunk (pipelined)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class RoundConfig:
+    """One member's settings for one round, fixed for the round.
 
+    - ``group``, ``me``: the group as matchmaking agreed it, this member's index in it.
+    - ``weight``: this member's weight (e.g. its number of samples), finite and >= 0.
+    - ``codec``: compression of the chunks, both directions.
+    - ``reducer`` (:func:`weighted_mean`): what an owner computes over its part.
+    - ``chunk_elems`` (2**18): values per chunk on the wire.
+    - ``sender_timeout`` (5 s): a member that sends nothing this long is excluded from a part.
+    - ``reducer_timeout`` (None: 2 x sender_timeout): an owner silent this long has failed
+      (:attr:`owner_timeout`).
+    """
 
-def _indices(value: Any, n: int) -> list[int] | None:
-    """``value`` as a sorted list of distinct member indices in ``[0, n)``, or None if it is not one."""
-    if not isinstance(value, list) or len(value) > n or not all(_is_int(v) and 0 <= v < n for v in value):
-        return None
-    return sorted(set(value))
+    group: GroupInfo
+    me: int
+    weight: float
+    codec: Codec
+    reducer: Reducer = weighted_mean
+    chunk_elems: int = 1 << 18
+    sender_timeout: float = 5.0
+    reducer_timeout: float | None = None
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.me < len(self.group.members):
+            raise ValueError(f"me={self.me} is not a member index of a group of {len(self.group.members)}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be finite and >= 0, got {self.weight!r}")
+        if self.chunk_elems < 1 or not self.sender_timeout > 0:
+            raise ValueError("chunk_elems and sender_timeout must be positive")
 
-def _is_client(group: "GroupInfo", member: int) -> bool:
-    """Whether ``member`` of ``group`` is in client mode (accepts no connections)."""
-    return member < len(group.client_mode) and bool(group.client_mode[member])
+    @property
+    def owner_timeout(self) -> float:
+        """Seconds without an answer after which an owner has failed."""
+        return self.reducer_timeout or 2 * self.sender_timeout
 
-
-def _refuse(ctx: CallContext, what: str, value: Any = None) -> BadRequestError:
-    """A BadRequestError for ``ctx``'s caller naming what is wrong (``value`` described by ``brief``);
-    the transport answers ``bad_request`` and logs one rate-limited line per peer, no traceback."""
-    return BadRequestError(what if value is None else f"{what} (got {brief(value)})")
-
-
-@dataclass
-class GroupInfo:
-    """A group as agreed in matchmaking: the same at every member."""
-
-    group_id: bytes
-    members: list[PeerID]  # ordered; the order decides who owns which part
-    part_sizes: list[int]  # values each member reduces (0: client-mode or slow peers)
-    bandwidths: list[float | None] = field(default_factory=list)
-    client_mode: list[bool] = field(default_factory=list)  # cannot be dialed: it calls the others
-    gathered: list[Any] = field(default_factory=list)  # metadata each member contributed
+    @property
+    def label(self) -> str:
+        """The round's name in logs."""
+        return f"averaging round {self.group.group_id.hex()[:8]}"
 
 
 @dataclass
@@ -146,176 +137,52 @@ class AllReduceResult:
     recovery_seconds: float
 
 
-class _Owner:
-    """The reducing side of one member in one phase."""
+@dataclass(frozen=True)
+class _PhasePlan:
+    """What one phase reduces: 0, the butterfly over the whole vector among every member; 1,
+    recovery, over the ranges of the parts to redo, among the survivors."""
 
-    def __init__(self, run: "_Phase"):
-        self.run = run
-        self.chunks = chunk_ranges(run.layout.ranges[run.me], run.chunk_elems)
-        self.pending: list[dict[int, torch.Tensor]] = [{} for _ in self.chunks]
-        self.weights: dict[int, float] = {}
-        self.delivered = {i: 0 for i in run.active}
-        self.alive = set(run.active)
-        self.last_progress = {i: _now() for i in run.active}
-        self.encoded: list[dict | None] = [None] * len(self.chunks)
-        self.reduced = 0
-        self.mixed = False
-        self.changed = asyncio.Event()
-        self.finished = asyncio.Event()
-        self.serving: set[int] = set()  # members whose part stream is being served (one each)
-        self.aborted = False  # the phase is over here: nothing more is delivered or excluded
-        if not self.chunks:
-            self.finished.set()
-
-    def abort(self) -> None:
-        """The phase is over (or was cancelled): every stream still served here ends now."""
-        self.aborted = True
-        self.finished.set()
-        self.changed.set()
-
-    def exclude(self, member: int, reason: str) -> None:
-        if member not in self.alive or self.aborted:
-            return
-        logger.warning("averaging round %s: excluding %s: %s", self.run.group_id.hex()[:8],
-                       self.run.members[member], reason)
-        self.alive.discard(member)
-        self.run.failed.add(member)
-        if self.reduced > 0:
-            self.mixed = True
-        for pending in self.pending:
-            pending.pop(member, None)
-        self._advance()
-
-    def deliver(self, member: int, index: int, values: torch.Tensor, weight: float, finite: bool | None = None) -> None:
-        """``member``'s values for chunk ``index``; ``finite``: already checked (off the event loop)."""
-        if member not in self.alive or self.aborted:
-            return
-        if not (all_finite(values) if finite is None else finite):
-            self.exclude(member, "sent NaN or Inf values")
-            return
-        self.weights[member] = weight
-        self.pending[index][member] = values
-        self.delivered[member] = index + 1
-        self.last_progress[member] = _now()
-        self._advance()
-
-    def _advance(self) -> None:
-        if getattr(self.run.reducer, "chunkwise", False):
-            self._reduce_chunks()
-        else:
-            self._reduce_whole_part()
-        if not self.alive and self.reduced < len(self.chunks):
-            self.finished.set()  # nobody left to reduce for: the part fails
-        if self.reduced == len(self.chunks):
-            self.finished.set()
-        self.changed.set()
-
-    def _reduce_chunks(self) -> None:
-        """Chunk-wise reducers (the weighted mean): each chunk as soon as every live member sent it."""
-        while self.reduced < len(self.chunks) and self.alive and all(m in self.pending[self.reduced] for m in self.alive):
-            order = sorted(self.alive)
-            x = torch.stack([self.pending[self.reduced][m] for m in order])
-            self._publish(self.reduced, self._reduce(x, order), x)
-            self.pending[self.reduced] = {}
-            self.reduced += 1
-
-    def _reduce_whole_part(self) -> None:
-        """Other aggregators see the whole part at once, x of shape [members, part length]."""
-        if self.reduced or not self.alive or not all(self.delivered[m] == len(self.chunks) for m in self.alive):
-            return
-        order = sorted(self.alive)
-        x = torch.stack([torch.cat([pending[m] for pending in self.pending]) for m in order])
-        averaged = self._reduce(x, order)
-        offset = 0
-        for index, (lo, hi) in enumerate(self.chunks):
-            self._publish(index, averaged[offset:offset + hi - lo], x[:, offset:offset + hi - lo])
-            offset += hi - lo
-        self.pending = [{} for _ in self.chunks]
-        self.reduced = len(self.chunks)
-
-    def _reduce(self, x: torch.Tensor, order: list[int]) -> torch.Tensor:
-        w = torch.tensor([self.weights[m] for m in order], dtype=torch.float32)
-        return self.run.reducer(x, w).to(torch.float32).contiguous()
-
-    def _publish(self, index: int, averaged: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Encode chunk ``index``'s result once for every member; ``inputs``: the contributions it
-        reduced (the codec may send the result relative to them: see Codec.encode_result)."""
-        lo, hi = self.chunks[index]
-        message = self.run.codec.encode_result(averaged.contiguous(), lo, inputs)
-        self.encoded[index] = message
-        # exactly what the others get (each decodes it with its own values, as this owner does here)
-        self.run.result[lo:hi] = self.run.codec.decode_result(message, hi - lo, self.run.flat[lo:hi])
-
-    @property
-    def contributors(self) -> list[int]:
-        return sorted(self.alive)
-
-    async def watchdog(self) -> None:
-        period = min(0.25, self.run.sender_timeout / 4)
-        while not self.finished.is_set():
-            await asyncio.sleep(period)
-            now = _now()
-            for member in list(self.alive):
-                if self.delivered[member] < len(self.chunks) and now - self.last_progress[member] > self.run.sender_timeout:
-                    self.exclude(member, f"sent nothing for {self.run.sender_timeout:.1f} s")
-
-    async def serve(self, stream: Stream, member: int, weight: float) -> None:
-        """Receive ``member``'s chunks on ``stream`` and send back averaged chunks as they are ready."""
-        loop = asyncio.get_running_loop()
-
-        async def receive() -> None:
-            for index, (lo, hi) in enumerate(self.chunks):
-                message = await stream.recv()
-                self.run.bytes_received += _size(message)
-                try:
-                    values, finite = await _run(loop, self.run.codec, _decode_checked, self.run.codec, message, hi - lo)
-                except CodecError as e:
-                    self.exclude(member, f"sent a malformed chunk ({e})")
-                    return
-                self.deliver(member, index, values, weight, finite)
-                if member not in self.alive:
-                    return
-
-        def receiver_done(task: asyncio.Future) -> None:  # e.g. a codec that raised on a hostile chunk
-            if not task.cancelled() and task.exception() is not None:
-                self.exclude(member, f"its chunks could not be read: {type(task.exception()).__name__}")
-
-        self.serving.add(member)
-        receiver = asyncio.ensure_future(receive())
-        receiver.add_done_callback(receiver_done)
-        try:
-            sent = 0
-            while True:
-                while sent < self.reduced and member in self.alive:
-                    message = self.encoded[sent]
-                    await stream.send(message)
-                    self.run.bytes_sent += _size(message)
-                    sent += 1
-                if member not in self.alive:
-                    stream.fail_remote("excluded", "you were excluded from this part")
-                    return
-                if sent == len(self.chunks):
-                    await stream.send({"done": self.contributors, "mixed": self.mixed}, end=True)
-                    return
-                if self.finished.is_set() and self.reduced < len(self.chunks):
-                    stream.fail_remote("failed", "the part could not be reduced")
-                    return
-                self.changed.clear()
-                await self.changed.wait()
-        except (P2PError, asyncio.TimeoutError) as e:
-            self.exclude(member, f"stream failed: {e}")
-        finally:
-            self.serving.discard(member)
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
+    number: int
+    tag: bytes  # the recovery plan's hash (b"" in phase 0): members that disagree on the plan are refused
+    layout: Layout
+    active: tuple[int, ...]  # sorted
 
 
-async def _run(loop: asyncio.AbstractEventLoop, codec: Codec, fn: Callable[..., Any], *args: Any) -> Any:
+@dataclass
+class _Traffic:
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
+class _PhaseOutcome:
+    failed: set[int]  # members this member saw fail (itself included if its own part or values failed)
+    part_reports: dict[int, tuple[list[int], bool]]  # owner -> (contributors, mixed)
+    traffic: _Traffic = field(default_factory=_Traffic)
+
+
+def _size(message: Any) -> int:
+    """Bytes a codec map carries (its payload fields)."""
+    if isinstance(message, dict):
+        return sum(v.nbytes if isinstance(v, memoryview) else len(v) if isinstance(v, (bytes, bytearray)) else 8
+                   for v in message.values())
+    return 8
+
+
+async def _in_worker(values: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the default executor, or right here when it handles fewer than INLINE_VALUES
+    ``values`` (a thread hop costs more)."""
+    if values < INLINE_VALUES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _codec_work(codec: Codec, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in the default executor, or right here for codecs that do no per-value work (a
     thread hop costs more than checking and copying one chunk)."""
     if codec.inline:
         return fn(*args)
-    return await loop.run_in_executor(None, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def _decode_checked(codec: Codec, message: Any, length: int) -> tuple[torch.Tensor, bool]:
@@ -337,65 +204,249 @@ class _LocalError(AveragingError):
     """This member could not send its own values (e.g. its codec failed): it, not the owner, failed."""
 
 
-def _size(message: Any) -> int:
-    if isinstance(message, dict):
-        return sum(v.nbytes if isinstance(v, memoryview) else len(v) if isinstance(v, (bytes, bytearray)) else 8
-                   for v in message.values())
-    return 8
+class _Owner:
+    """The reducing side of one member in one phase: takes every active member's values for this
+    member's ``ranges``, reduces them in member order (in a worker thread: :meth:`reduce`) and serves
+    the encoded averages to every member's part stream (:meth:`serve`)."""
+
+    def __init__(self, config: RoundConfig, ranges: Sequence[tuple[int, int]], active: Sequence[int],
+                 flat: torch.Tensor, result: torch.Tensor, failed: set[int], traffic: _Traffic):
+        now = asyncio.get_running_loop().time()
+        self.config, self.flat, self.result = config, flat, result
+        self.failed, self.traffic = failed, traffic  # shared with the phase: members excluded here are failed there
+        self.chunks = chunk_ranges(ranges, config.chunk_elems)
+        self.pending: list[dict[int, torch.Tensor]] = [{} for _ in self.chunks]
+        self.weights: dict[int, float] = {}
+        self.delivered = {i: 0 for i in active}
+        self.alive = set(active)
+        self.last_progress = {i: now for i in active}
+        self.encoded: list[dict | None] = [None] * len(self.chunks)
+        self.reduced = 0
+        self.reducing = False  # a reduction is in flight: the values of the live members are in it
+        self.mixed = False
+        self.arrived = asyncio.Event()  # for the reducer: values arrived or a member was dropped
+        self.changed = asyncio.Event()  # for the part streams: chunks were reduced or a member was dropped
+        self.finished = asyncio.Event()
+        self.serving: set[int] = set()  # members whose part stream is being served (one each)
+        self.aborted = False  # the phase is over here: nothing more is delivered or excluded
+        if not self.chunks:
+            self.finished.set()
+
+    def abort(self) -> None:
+        """The phase is over (or was cancelled): every stream still waiting for a chunk ends now."""
+        self.aborted = True
+        self.finished.set()
+        self.changed.set()
+
+    def exclude(self, member: int, reason: str) -> None:
+        if member not in self.alive or self.aborted:
+            return
+        logger.info("%s: excluding %s: %s", self.config.label, self.config.group.members[member], reason)
+        self.alive.discard(member)
+        self.failed.add(member)
+        if self.reduced > 0 or self.reducing:
+            self.mixed = True
+        for pending in self.pending:
+            pending.pop(member, None)
+        self.arrived.set()
+        self.changed.set()
+
+    def deliver(self, member: int, index: int, values: torch.Tensor, weight: float, finite: bool) -> None:
+        """``member``'s values for chunk ``index``; ``finite``: checked off the event loop."""
+        if member not in self.alive or self.aborted:
+            return
+        if not finite:
+            self.exclude(member, "sent NaN or Inf values")
+            return
+        self.weights[member] = weight
+        self.pending[index][member] = values
+        self.delivered[member] = index + 1
+        self.last_progress[member] = asyncio.get_running_loop().time()
+        self.arrived.set()
+
+    @property
+    def contributors(self) -> list[int]:
+        return sorted(self.alive)
+
+    # ---- reducing ----------------------------------------------------------------------------------
+    def _next_job(self) -> tuple[int, list[int], list[float], list[list[torch.Tensor]]] | None:
+        """(first chunk, member order, their weights, each one's values for the chunks from the first
+        on) ready to reduce, or None: a chunk-wise reducer takes each chunk once every live member
+        sent it, any other the whole part once every live member sent all of it."""
+        order = sorted(self.alive)
+        if getattr(self.config.reducer, "chunkwise", False):
+            chunk = self.pending[self.reduced]
+            if not all(m in chunk for m in order):
+                return None
+            rows = [[chunk[m]] for m in order]
+            self.pending[self.reduced] = {}
+        else:
+            if self.reduced or not all(self.delivered[m] == len(self.chunks) for m in order):
+                return None
+            rows = [[pending[m] for pending in self.pending] for m in order]
+            self.pending = [{} for _ in self.chunks]
+        return self.reduced, order, [self.weights[m] for m in order], rows
+
+    def _reduce(self, first: int, weights: list[float], rows: list[list[torch.Tensor]]) -> list[dict]:
+        """Reduce chunks ``first, first + 1, ...`` (``rows``: the members' values for them, in member
+        order, with their ``weights``), write the results into ``result`` and return their encoded
+        messages (one for every member: each decodes it with its own values, as done here). Runs in
+        a worker thread (small ones on the loop)."""
+        x = torch.stack([row[0] if len(row) == 1 else torch.cat(row) for row in rows])
+        w = torch.tensor(weights, dtype=torch.float32)
+        averaged = self.config.reducer(x, w).to(torch.float32).contiguous()
+        codec, messages, offset = self.config.codec, [], 0
+        for lo, hi in self.chunks[first:first + len(rows[0])]:
+            # the codec may send the result relative to the contributions it reduced: see Codec.encode_result
+            message = codec.encode_result(averaged[offset:offset + hi - lo].contiguous(), lo,
+                                          x[:, offset:offset + hi - lo])
+            self.result[lo:hi] = codec.decode_result(message, hi - lo, self.flat[lo:hi])
+            messages.append(message)
+            offset += hi - lo
+        return messages
+
+    async def reduce(self) -> None:
+        """Reduce the part as its values arrive, until it is done, fails (nobody left) or the phase
+        ends; the reductions and encodings run in a worker thread (small ones on the loop)."""
+        try:
+            while self.reduced < len(self.chunks) and self.alive and not self.aborted:
+                job = self._next_job()
+                if job is None:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+                    continue
+                first, order, weights, rows = job
+                self.reducing = True
+                try:
+                    values = len(order) * sum(t.numel() for t in rows[0])
+                    messages = await _in_worker(values, self._reduce, first, weights, rows)
+                finally:
+                    self.reducing = False
+                if self.aborted:
+                    return
+                self.encoded[first:first + len(messages)] = messages
+                self.reduced += len(messages)
+                self.changed.set()
+        except Exception as e:  # noqa: BLE001 - e.g. a custom reducer that raised: this member's part fails
+            logger.warning("%s: reducing my part failed: %s: %s", self.config.label, type(e).__name__,
+                           brief(str(e), 200))
+        finally:
+            self.finished.set()  # done, or failed: nobody left to reduce for
+            self.changed.set()
+
+    async def watchdog(self) -> None:
+        timeout = self.config.sender_timeout
+        loop = asyncio.get_running_loop()
+        while not self.finished.is_set():
+            await asyncio.sleep(min(0.25, timeout / 4))
+            now = loop.time()
+            for member in list(self.alive):
+                if self.delivered[member] < len(self.chunks) and now - self.last_progress[member] > timeout:
+                    self.exclude(member, f"sent nothing for {timeout:.1f} s")
+
+    # ---- serving -----------------------------------------------------------------------------------
+    async def serve(self, stream: Stream, member: int, weight: float) -> None:
+        """Receive ``member``'s chunks on ``stream`` and send back averaged chunks as they are ready."""
+        codec = self.config.codec
+
+        async def receive() -> None:
+            for index, (lo, hi) in enumerate(self.chunks):
+                message = await stream.recv()
+                self.traffic.received += _size(message)
+                try:
+                    values, finite = await _codec_work(codec, _decode_checked, codec, message, hi - lo)
+                except CodecError as e:
+                    self.exclude(member, f"sent a malformed chunk ({e})")
+                    return
+                self.deliver(member, index, values, weight, finite)
+                if member not in self.alive:
+                    return
+
+        def receiver_done(task: asyncio.Future) -> None:  # e.g. a codec that raised on a hostile chunk
+            if not task.cancelled() and task.exception() is not None:
+                self.exclude(member, f"its chunks could not be read: {type(task.exception()).__name__}")
+
+        self.serving.add(member)
+        receiver = asyncio.ensure_future(receive())
+        receiver.add_done_callback(receiver_done)
+        try:
+            sent = 0
+            while True:
+                while sent < self.reduced and member in self.alive:
+                    message = self.encoded[sent]
+                    await stream.send(message)
+                    self.traffic.sent += _size(message)
+                    sent += 1
+                if member not in self.alive:
+                    stream.fail_remote("excluded", "you were excluded from this part")
+                    return
+                if sent == len(self.chunks):
+                    await stream.send(protocol.part_done(self.contributors, self.mixed), end=True)
+                    return
+                if self.finished.is_set() and self.reduced < len(self.chunks):
+                    stream.fail_remote("failed", "the part could not be reduced")
+                    return
+                self.changed.clear()
+                await self.changed.wait()
+        except (P2PError, asyncio.TimeoutError) as e:
+            self.exclude(member, f"stream failed: {e}")
+        finally:
+            self.serving.discard(member)
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
 
 
 class _Phase:
-    """One phase (0: the butterfly, 1: recovery) of a round, at one member."""
+    """One phase of a round at one member: sends this member's values to every other owner and
+    receives their averages into ``result``, while its :class:`_Owner` reduces its own ranges."""
 
-    def __init__(self, service: "AllReduceService", group: GroupInfo, me: int, phase: int, tag: bytes,
-                 layout: Layout, active: Sequence[int], flat: torch.Tensor, result: torch.Tensor, weight: float,
-                 codec: Codec, reducer: Reducer, chunk_elems: int, sender_timeout: float, reducer_timeout: float):
-        self.service, self.group, self.me, self.phase, self.tag = service, group, me, phase, tag
-        self.group_id, self.members = group.group_id, group.members
-        self.layout, self.active = layout, sorted(active)
-        self.flat, self.result, self.weight = flat, result, weight
-        self.codec, self.reducer, self.chunk_elems = codec, reducer, chunk_elems
-        self.sender_timeout, self.reducer_timeout = sender_timeout, reducer_timeout
-        self.failed: set[int] = set()
-        self.part_reports: dict[int, tuple[list[int], bool]] = {}  # owner -> (contributors, mixed)
-        self.bytes_sent = self.bytes_received = 0
-        self.owner = _Owner(self)
+    def __init__(self, service: "AllReduceService", config: RoundConfig, plan: _PhasePlan, flat: torch.Tensor,
+                 result: torch.Tensor):
+        self.service, self.config, self.plan, self.flat, self.result = service, config, plan, flat, result
+        self.outcome = _PhaseOutcome(set(), {})
+        self.owner = _Owner(config, plan.layout.ranges[config.me], plan.active, flat, result, self.outcome.failed,
+                            self.outcome.traffic)
 
-    def header(self) -> dict:
-        return {"g": self.group_id, "p": self.phase, "t": self.tag, "i": self.me, "w": self.weight}
-
-    async def run(self) -> None:
-        watchdog = asyncio.ensure_future(self.owner.watchdog())
+    async def exchange(self) -> _PhaseOutcome:
+        """Run the phase to its end here: every part this member takes part in is done or failed."""
+        owner, me = self.owner, self.config.me
+        tasks = [asyncio.ensure_future(owner.watchdog()), asyncio.ensure_future(owner.reduce())]
         try:
-            if self.owner.chunks:
-                for index, (lo, hi) in enumerate(self.owner.chunks):
-                    self.owner.deliver(self.me, index, self.flat[lo:hi], self.weight)
-            await asyncio.gather(*(self._exchange_with(owner) for owner in self.layout.owners() if owner != self.me))
-            await self.owner.finished.wait()
-            if self.owner.chunks:
-                self.part_reports[self.me] = (self.owner.contributors, self.owner.mixed)
-                if self.owner.reduced < len(self.owner.chunks):
-                    self.failed.add(self.me)
+            if owner.chunks:
+                finite = await _in_worker(sum(hi - lo for lo, hi in owner.chunks),
+                                          lambda: [all_finite(self.flat[lo:hi]) for lo, hi in owner.chunks])
+                for index, (lo, hi) in enumerate(owner.chunks):
+                    owner.deliver(me, index, self.flat[lo:hi], self.config.weight, finite[index])
+            await asyncio.gather(*(self._exchange_with(j) for j in self.plan.layout.owners() if j != me))
+            await owner.finished.wait()
+            if owner.chunks:
+                self.outcome.part_reports[me] = (owner.contributors, owner.mixed)
+                if owner.reduced < len(owner.chunks):
+                    self.outcome.failed.add(me)
         finally:
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return self.outcome
 
     async def _exchange_with(self, owner: int) -> None:
         """Send my values for ``owner``'s ranges, receive the averages into ``result``."""
-        chunks = chunk_ranges(self.layout.ranges[owner], self.chunk_elems)
-        loop = asyncio.get_running_loop()
-        peer = self.members[owner]
+        config, traffic, codec = self.config, self.outcome.traffic, self.config.codec
+        chunks = chunk_ranges(self.plan.layout.ranges[owner], config.chunk_elems)
         try:
-            stream = await self.service.p2p.open_stream(peer, self.service.part_method, timeout=self.service.round_timeout)
+            stream = await self.service.p2p.open_stream(config.group.members[owner], self.service.part_method,
+                                                        timeout=self.service.round_timeout)
         except (P2PError, asyncio.TimeoutError) as e:
             self._owner_failed(owner, f"cannot reach it: {e}")
             return
 
         async def send() -> None:
-            await stream.send(self.header())
+            header = PartHeader(config.group.group_id, self.plan.number, self.plan.tag, config.me, config.weight)
+            await stream.send(protocol.part_header(header))
             for lo, hi in chunks:
-                message = await _run(loop, self.codec, self.codec.encode, self.flat[lo:hi], lo, False)
+                message = await _codec_work(codec, codec.encode, self.flat[lo:hi], lo, False)
                 await stream.send(message)
-                self.bytes_sent += _size(message)
+                traffic.sent += _size(message)
 
         sender = asyncio.ensure_future(send())
 
@@ -407,26 +458,23 @@ class _Phase:
         sender.add_done_callback(sender_done)
         try:
             for lo, hi in chunks:
-                message = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
-                self.bytes_received += _size(message)
-                if not await _run(loop, self.codec, _decode_into, self.codec, message, self.result, lo, hi, self.flat):
+                message = await asyncio.wait_for(stream.recv(), config.owner_timeout)
+                traffic.received += _size(message)
+                if not await _codec_work(codec, _decode_into, codec, message, self.result, lo, hi, self.flat):
                     raise AveragingError("the owner returned NaN/Inf")
-            done = await asyncio.wait_for(stream.recv(), self.reducer_timeout)
-            contributors, mixed = done["done"], done["mixed"]
-            contributors = _indices(contributors, len(self.members))
-            if contributors is None or not isinstance(mixed, bool):
-                raise AveragingError("malformed final message")
-            self.part_reports[owner] = (contributors, mixed)
-            if self.me not in contributors:
-                self.failed.add(self.me)
+            done = await asyncio.wait_for(stream.recv(), config.owner_timeout)
+            contributors, mixed = protocol.parse_part_done(done, len(config.group.members))
+            self.outcome.part_reports[owner] = (contributors, mixed)
+            if config.me not in contributors:
+                self.outcome.failed.add(config.me)
         except _LocalError as e:
-            logger.warning("averaging round %s: %s", self.group_id.hex()[:8], e)
-            self.failed.add(self.me)
+            logger.warning("%s: %s", config.label, e)  # this member's own values are lost: so is its round
+            self.outcome.failed.add(config.me)
             stream.cancel()
-        except (P2PError, asyncio.TimeoutError, CodecError, AveragingError, KeyError, TypeError) as e:
-            reason = "no answer for %.1f s" % self.reducer_timeout if isinstance(e, asyncio.TimeoutError) else str(e)
+        except (P2PError, asyncio.TimeoutError, CodecError, AveragingError, TypeError) as e:  # TypeError: a codec
+            reason = f"no answer for {config.owner_timeout:.1f} s" if isinstance(e, asyncio.TimeoutError) else str(e)
             if isinstance(e, RemoteError) and e.code == "excluded":
-                self.failed.add(self.me)
+                self.outcome.failed.add(config.me)
             self._owner_failed(owner, reason)
             stream.cancel()
         finally:
@@ -435,14 +483,13 @@ class _Phase:
             await stream.aclose()
 
     def _owner_failed(self, owner: int, reason: str) -> None:
-        if owner not in self.failed:
-            logger.warning("averaging round %s: part owner %s failed: %s", self.group_id.hex()[:8],
-                           self.members[owner], reason)
-        self.failed.add(owner)
+        if owner not in self.outcome.failed:
+            logger.info("%s: part owner %s failed: %s", self.config.label, self.config.group.members[owner], reason)
+        self.outcome.failed.add(owner)
         # it is no survivor now (our report names it): waiting for its values to my part would only
         # delay the round by sender_timeout. Only before my part is done: the contributors announced in
         # my final messages must be what I report for it myself.
-        if self.owner is not None and not self.owner.finished.is_set():
+        if not self.owner.finished.is_set():
             self.owner.exclude(owner, f"failed as a part owner: {reason}")
 
 
@@ -453,14 +500,15 @@ class AllReduceService:
     header for a round not started here yet waits for it; ``max_waiting_per_peer`` (8) and
     ``max_waiting`` (256): such waiting streams per calling peer and in all (``overloaded`` beyond);
     ``header_timeout`` (10 s): a part stream must send its header this soon. The messages and
-    their limits are in the module docstring.
+    their limits are in :mod:`averaging.protocol`.
     """
 
     def __init__(self, p2p: P2P, prefix: str, round_timeout: float = 120.0, *, join_wait: float = 10.0,
                  max_waiting_per_peer: int = 8, max_waiting: int = 256, header_timeout: float = 10.0):
         self.p2p = p2p
         self.round_timeout, self.join_wait, self.header_timeout = round_timeout, join_wait, header_timeout
-        self.part_method, self.report_method = f"avg.part.{prefix}", f"avg.report.{prefix}"
+        self.part_method = protocol.method(protocol.PART_METHOD, prefix)
+        self.report_method = protocol.method(protocol.REPORT_METHOD, prefix)
         self._phases: dict[tuple[bytes, int], _Phase] = {}
         # (group id, phase) -> [event set when the phase starts, streams waiting for it]
         self._phase_ready: dict[tuple[bytes, int], list] = {}
@@ -472,7 +520,7 @@ class AllReduceService:
         self._report_calls: set[tuple[bytes, int]] = set()  # (group id, member) with a report call in flight
         self._relay_wait: dict[bytes, float] = {}  # group id -> how long a client's report call waits for the others'
         p2p.add_stream_handler(self.part_method, self._serve_part)
-        p2p.add_unary_handler(self.report_method, self._serve_report, max_message_size=MAX_REPORT_BYTES)
+        p2p.add_unary_handler(self.report_method, self._serve_report, max_message_size=protocol.MAX_REPORT_BYTES)
 
     def close(self) -> None:
         self.p2p.remove_handler(self.part_method)
@@ -484,13 +532,16 @@ class AllReduceService:
         ``join_wait``, so the others give up on this peer and retry without delay."""
         if group_id in self._groups:
             return  # the round runs here: it cleans up itself
-        self._finished[group_id] = None
-        while len(self._finished) > MAX_FINISHED_ROUNDS:
-            self._finished.popitem(last=False)
+        self._remember_finished(group_id)
         for phase_no in (0, 1):
             entry = self._phase_ready.get((group_id, phase_no))
             if entry is not None:
                 entry[0].set()  # the waiting streams find no phase: "the averaging round is over"
+
+    def _remember_finished(self, group_id: bytes) -> None:
+        self._finished[group_id] = None
+        while len(self._finished) > MAX_FINISHED_ROUNDS:
+            self._finished.popitem(last=False)
 
     def table_sizes(self) -> dict[str, int]:
         """Entries in every table keyed by what peers send (for tests: back to 0 between rounds)."""
@@ -500,24 +551,7 @@ class AllReduceService:
                 "relay_wait": len(self._relay_wait)}
 
     # ---- serving ---------------------------------------------------------------------------
-    def _parse_header(self, header: Any, ctx: CallContext) -> tuple[tuple[bytes, int], bytes, int, Any]:
-        """(key, tag, member index, weight) of a part header, checked for types and lengths."""
-        if not isinstance(header, dict):
-            raise _refuse(ctx, "the part header must be a map", header)
-        group_id, phase, tag, member, weight = (header.get(k) for k in ("g", "p", "t", "i", "w"))
-        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
-            raise _refuse(ctx, f"'g' must be a group id of 1 to {MAX_GROUP_ID_BYTES} bytes", group_id)
-        if not _is_int(phase) or phase not in (0, 1):
-            raise _refuse(ctx, "'p' must be the phase, 0 or 1", phase)
-        if not isinstance(tag, bytes) or len(tag) > MAX_TAG_BYTES:
-            raise _refuse(ctx, f"'t' must be a tag of at most {MAX_TAG_BYTES} bytes", tag)
-        if not _is_int(member) or not 0 <= member < (1 << 16):
-            raise _refuse(ctx, "'i' must be a member index", member)
-        if not (_is_int(weight) or isinstance(weight, float)):
-            raise _refuse(ctx, "'w' must be a number", weight)
-        return (group_id, phase), tag, member, weight
-
-    async def _wait_for_phase(self, key: tuple[bytes, int], ctx: CallContext) -> "_Phase":
+    async def _wait_for_phase(self, key: tuple[bytes, int], ctx: CallContext) -> _Phase:
         """The phase ``key`` once it starts here (the caller may have learned of the group a moment
         before we did); waits at most ``join_wait`` within the waiting budgets."""
         with self._waiting.hold(ctx.peer_id):  # OverloadedError: the caller gets "overloaded"
@@ -540,125 +574,101 @@ class AllReduceService:
 
     async def _serve_part(self, stream: Stream, ctx: CallContext) -> None:
         try:
-            header = await asyncio.wait_for(stream.recv(), self.header_timeout)
+            message = await asyncio.wait_for(stream.recv(), self.header_timeout)
         except asyncio.TimeoutError:
-            raise _refuse(ctx, f"no part header within {self.header_timeout:.3g} s") from None
-        key, tag, member, weight = self._parse_header(header, ctx)
-        del header
+            raise refuse(f"no part header within {self.header_timeout:.3g} s") from None
+        header = protocol.parse_part_header(message)
+        del message
+        key = (header.group_id, header.phase)
         phase = self._phases.get(key)
         if phase is None:
-            if key[0] in self._finished:
+            if header.group_id in self._finished:
                 raise P2PError("the averaging round is over")
             phase = await self._wait_for_phase(key, ctx)
-        owner = phase.owner
-        if owner is None:
-            raise P2PError("the averaging round is over")
-        if member >= len(phase.members) or phase.members[member] != ctx.peer_id:
-            raise _refuse(ctx, "not a member of this group at that index", member)
+        owner, members, member = phase.owner, phase.config.group.members, header.member
+        if member >= len(members) or members[member] != ctx.peer_id:
+            raise refuse("not a member of this group at that index", member)
         if member in owner.serving:
-            raise _refuse(ctx, "a second part stream for the same phase")
+            raise refuse("a second part stream for the same phase")
         if member not in owner.alive:
             raise P2PError("not an active member of this phase (or already excluded)")
-        if tag != phase.tag:
+        if header.tag != phase.plan.tag:
             owner.exclude(member, "disagrees on the recovery plan")
             raise P2PError("recovery plan mismatch")
-        if not (math.isfinite(weight) and weight >= 0):
-            owner.exclude(member, f"sent an invalid weight {brief(weight)}")
+        if not (math.isfinite(header.weight) and header.weight >= 0):
+            owner.exclude(member, f"sent an invalid weight {brief(header.weight)}")
             raise BadRequestError("invalid weight")
-        await owner.serve(stream, member, float(weight))
+        await owner.serve(stream, member, float(header.weight))
 
-    async def _serve_report(self, request: Any, ctx: CallContext) -> Any:
-        if not isinstance(request, dict):
-            raise _refuse(ctx, "a report must be a map", request)
-        group_id, member = request.get("g"), request.get("i")
-        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
-            raise _refuse(ctx, f"'g' must be a group id of 1 to {MAX_GROUP_ID_BYTES} bytes", group_id)
-        if not _is_int(member):
-            raise _refuse(ctx, "'i' must be a member index", member)
+    async def _serve_report(self, message: Any, ctx: CallContext) -> Any:
+        request = protocol.parse_report_request(message)
+        group_id, member = request.group_id, request.member
         group, futures, mine = self._groups.get(group_id), self._reports.get(group_id), self._my_reports.get(group_id)
         if group is None or futures is None or mine is None:
             raise P2PError("unknown averaging group")
         if member not in futures or group.members[member] != ctx.peer_id:
-            raise _refuse(ctx, "not a member of this group at that index", member)
-        failed = _indices(request.get("failed"), len(group.members))
-        if failed is None:
-            raise _refuse(ctx, "'failed' must be a list of member indices", request.get("failed"))
+            raise refuse("not a member of this group at that index", member)
+        failed = protocol.member_indices(request.failed, len(group.members))
         if (group_id, member) in self._report_calls:
-            raise _refuse(ctx, "a second report for the same round")
+            raise refuse("a second report for the same round")
         self._report_calls.add((group_id, member))
         try:
             if not futures[member].done():
                 futures[member].set_result(set(failed))
-            reply: dict[str, Any] = {"failed": sorted(await asyncio.shield(mine))}
-            if _is_client(group, member):  # it cannot reach the other clients: relay what they reported
-                others = [c for c in futures if c != member and _is_client(group, c)]
-                pending = [futures[c] for c in others if not futures[c].done()]
-                if pending:  # they report at about the same time; a missing one is waited for a while only
-                    await asyncio.wait(pending, timeout=self._relay_wait.get(group_id, 0.0))
-                heard = [c for c in others if futures[c].done() and futures[c].result() is not None]
-                reply["heard"] = heard
-                reply["relayed"] = sorted(set().union(*(futures[c].result() for c in heard)))
-            return reply
+            mine_failed = sorted(await asyncio.shield(mine))
+            if not group.is_client(member):
+                return protocol.report_reply(mine_failed)
+            # it cannot reach the other clients: relay what they reported
+            others = [c for c in futures if c != member and group.is_client(c)]
+            pending = [futures[c] for c in others if not futures[c].done()]
+            if pending:  # they report at about the same time; a missing one is waited for a while only
+                await asyncio.wait(pending, timeout=self._relay_wait.get(group_id, 0.0))
+            heard = [c for c in others if futures[c].done() and futures[c].result() is not None]
+            relayed = sorted(set().union(*(futures[c].result() for c in heard)))
+            return protocol.report_reply(mine_failed, heard, relayed)
         finally:
             self._report_calls.discard((group_id, member))
 
-    # ---- running ---------------------------------------------------------------------------
-    async def run(self, group: GroupInfo, me: int, flat: torch.Tensor, weight: float, codec: Codec,
-                  reducer: Reducer = weighted_mean, chunk_elems: int = 1 << 18, sender_timeout: float = 5.0,
-                  reducer_timeout: float | None = None, result: torch.Tensor | None = None
+    # ---- a round ---------------------------------------------------------------------------
+    async def run(self, config: RoundConfig, flat: torch.Tensor, result: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, AllReduceResult]:
-        """Average ``flat`` with the group; returns (result vector, what happened) or raises AveragingError.
-
-        ``result``: where to put the averages (a vector like ``flat``; default: a new one)."""
-        reducer_timeout = reducer_timeout or 2 * sender_timeout
-        n = len(group.members)
-        start = _now()
+        """Average ``flat`` with the group; returns (result vector, what happened) or raises
+        AveragingError. ``result``: where to put the averages (a vector like ``flat``; default: a new one)."""
+        group, me, n = config.group, config.me, len(config.group.members)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         result = torch.empty_like(flat) if result is None else result
         layout = Layout.contiguous(group.part_sizes)
-        everyone = list(range(n))
         self._groups[group.group_id] = group
-        self._reports[group.group_id] = {i: asyncio.get_running_loop().create_future() for i in everyone if i != me}
-        self._my_reports[group.group_id] = asyncio.get_running_loop().create_future()
+        self._reports[group.group_id] = {i: loop.create_future() for i in range(n) if i != me}
+        self._my_reports[group.group_id] = loop.create_future()
         try:
-            phase0 = await self._run_phase(group, me, 0, b"", layout, everyone, flat, result, weight, codec, reducer,
-                                           chunk_elems, sender_timeout, reducer_timeout)
-            survivors = await self._agree(group, me, phase0.failed, reducer_timeout + sender_timeout)
+            phase0 = await self._butterfly(config, _PhasePlan(0, b"", layout, tuple(range(n))), flat, result)
+            survivors = await self._agree(config, phase0.failed, config.owner_timeout + config.sender_timeout)
             if me not in survivors:
                 raise AveragingError(f"this peer was excluded from the group ({len(survivors)} of {n} survived)")
             if len(survivors) < max(2, n // 2 + 1):  # an isolated minority must not 'average' with itself
                 raise AveragingError(f"lost contact with most of the group: only {len(survivors)} of {n} members "
                                      f"(this one included) are reachable")
             affected = [j for j in layout.owners()
-                        if j not in survivors or phase0.part_reports.get(j, ([], True))[1]
-                        or phase0.part_reports.get(j, ([], True))[0] != survivors]
+                        if j not in survivors or phase0.part_reports.get(j, ([], True)) != (survivors, False)]
             spans = [r for j in affected for r in layout.ranges[j]]
-            sent, received = phase0.bytes_sent, phase0.bytes_received
-            recovery_start = _now()
+            traffic = phase0.traffic
+            recovery_start = loop.time()
             if spans:
-                if len(survivors) < 1:
-                    raise AveragingError("no survivors")
-                total = sum(e - s for s, e in spans)
-                bandwidths = [group.bandwidths[i] if i < len(group.bandwidths) else None for i in survivors]
-                from .load_balancing import part_sizes
-
-                sizes_among = part_sizes(total, [b if b is None or b > 0 else 0.0 for b in bandwidths]) \
-                    if any(b is None or b > 0 for b in bandwidths) else None
-                if sizes_among is None:
-                    raise AveragingError("every survivor is in client mode: nobody can reduce the failed parts")
-                sizes = [0] * n
-                for i, size in zip(survivors, sizes_among):
-                    sizes[i] = size
-                tag = hashlib.sha256(repr((group.group_id, survivors, spans)).encode()).digest()[:16]
-                phase1 = await self._run_phase(group, me, 1, tag, Layout.over(spans, sizes), survivors, flat, result,
-                                               weight, codec, reducer, chunk_elems, sender_timeout, reducer_timeout)
-                sent, received = sent + phase1.bytes_sent, received + phase1.bytes_received
+                phase1 = await self._butterfly(config, _recovery_plan(group, survivors, spans), flat, result)
+                traffic = _Traffic(traffic.sent + phase1.traffic.sent, traffic.received + phase1.traffic.received)
                 if phase1.failed:
                     raise AveragingError("a member failed during recovery: " +
                                          ", ".join(str(group.members[i]) for i in sorted(phase1.failed)))
             survivor_ids = [group.members[i] for i in survivors]
             parts = [(s, e, survivor_ids) for j in layout.owners() for s, e in layout.ranges[j]]
-            return result, AllReduceResult(group.members, survivor_ids, parts, spans, sent, received,
-                                           _now() - start, _now() - recovery_start if spans else 0.0)
+            end = loop.time()
+            return result, AllReduceResult(group.members, survivor_ids, parts, spans, traffic.sent, traffic.received,
+                                           end - start, end - recovery_start if spans else 0.0)
+        except AveragingError as e:
+            logger.warning("%s lost here: %s", config.label, e)
+            raise
         finally:
             self._groups.pop(group.group_id, None)
             self._reports.pop(group.group_id, None)
@@ -666,77 +676,63 @@ class AllReduceService:
             mine = self._my_reports.pop(group.group_id, None)
             if mine is not None and not mine.done():
                 mine.set_result(set(range(n)))
-            self._finished[group.group_id] = None
-            while len(self._finished) > MAX_FINISHED_ROUNDS:
-                self._finished.popitem(last=False)
+            self._remember_finished(group.group_id)
 
-    async def _run_phase(self, group: GroupInfo, me: int, phase_no: int, tag: bytes, layout: Layout,
-                         active: Sequence[int], flat: torch.Tensor, result: torch.Tensor, weight: float, codec: Codec,
-                         reducer: Reducer, chunk_elems: int, sender_timeout: float, reducer_timeout: float) -> _Phase:
-        phase = _Phase(self, group, me, phase_no, tag, layout, active, flat, result, weight, codec, reducer,
-                       chunk_elems, sender_timeout, reducer_timeout)
-        key = (group.group_id, phase_no)
+    async def _butterfly(self, config: RoundConfig, plan: _PhasePlan, flat: torch.Tensor,
+                         result: torch.Tensor) -> _PhaseOutcome:
+        """One phase of the round, registered so that the other members' part streams find it."""
+        phase = _Phase(self, config, plan, flat, result)
+        key = (config.group.group_id, plan.number)
         self._phases[key] = phase
         waiting = self._phase_ready.get(key)
         if waiting is not None:
             waiting[0].set()  # the streams waiting for it go on (and leave the table themselves)
         try:
-            await phase.run()
+            return await phase.exchange()
         finally:
             self._phases.pop(key, None)
             phase.owner.abort()  # streams still served here end now, also when the round was cancelled
-            # the phase and its owner referred to each other: every round's snapshot, result and encoded
-            # part stayed alive until the cyclic GC happened to run (memory grew round after round)
-            phase.owner = phase.flat = phase.result = None
-        return phase
 
-    async def _agree(self, group: GroupInfo, me: int, failed: set[int], timeout: float) -> list[int]:
+    async def _agree(self, config: RoundConfig, failed: set[int], timeout: float) -> list[int]:
         """Exchange failure reports with every member; returns the survivors everyone should agree on.
 
         One call per pair of reachable members (the lower index calls); a client-mode member calls
         every reachable one, and learns what the other clients reported (they cannot reach each
         other) from those replies: which clients each reachable member heard from, and the union of
         their reports. A member heard from nowhere is dropped."""
+        group, me, n = config.group, config.me, len(config.group.members)
         self._relay_wait[group.group_id] = timeout / 2
-        mine = self._my_reports[group.group_id]
-        mine.set_result(set(failed))
+        self._my_reports[group.group_id].set_result(set(failed))
         futures = self._reports[group.group_id]
-        n = len(group.members)
         relayed: set[int] = set()  # failures the other clients reported, as relayed to this client
+        request = protocol.report_request(group.group_id, me, sorted(failed))
 
         async def call(peer: int) -> None:
             try:
-                response = await self.p2p.call(group.members[peer], self.report_method,
-                                               {"g": group.group_id, "i": me, "failed": sorted(failed)}, timeout=timeout)
-                report = _indices(response["failed"], n)
-                if report is None:
-                    raise ValueError("malformed report")
+                response = await self.p2p.call(group.members[peer], self.report_method, request, timeout=timeout)
+                report, heard, through = protocol.parse_report_reply(response, n, client=group.is_client(me))
                 if not futures[peer].done():
                     futures[peer].set_result(set(report))
-                if _is_client(group, me):
-                    heard, through = _indices(response.get("heard", []), n), _indices(response.get("relayed", []), n)
-                    if heard is None or through is None:
-                        raise ValueError("malformed relayed reports")
-                    relayed.update(through)
-                    for c in heard:
-                        if c in futures and _is_client(group, c) and not futures[c].done():
-                            futures[c].set_result(set())  # its failures are in ``relayed``
-            except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError, AttributeError):
+                relayed.update(through)
+                for c in heard:
+                    if c in futures and group.is_client(c) and not futures[c].done():
+                        futures[c].set_result(set())  # its failures are in ``relayed``
+            except (P2PError, asyncio.TimeoutError):
                 if not futures[peer].done():
                     futures[peer].set_result(None)
 
         async def call_all(peers: list[int]) -> None:
             await asyncio.gather(*(call(peer) for peer in peers))
-            if _is_client(group, me):  # clients that no reachable member heard from are dropped
+            if group.is_client(me):  # clients that no reachable member heard from are dropped
                 for c, future in futures.items():
-                    if _is_client(group, c) and not future.done():
+                    if group.is_client(c) and not future.done():
                         future.set_result(None)
 
         peers = []
         for peer in futures:
             if peer in failed:
                 futures[peer].set_result(None)
-            elif not _is_client(group, peer) and (_is_client(group, me) or me < peer):
+            elif not group.is_client(peer) and (group.is_client(me) or me < peer):
                 peers.append(peer)  # clients call me (or reach me through the reachable members)
         calls = asyncio.ensure_future(call_all(peers))
         try:
@@ -753,3 +749,17 @@ class AllReduceService:
                 survivors -= report
         survivors -= failed | relayed
         return sorted(survivors)
+
+
+def _recovery_plan(group: GroupInfo, survivors: list[int], spans: list[tuple[int, int]]) -> _PhasePlan:
+    """Phase 1: ``spans`` (the parts to redo) split among the ``survivors`` by bandwidth; client-mode
+    survivors reduce nothing. Its tag (a hash of the plan) lets members that disagree refuse each other."""
+    total = sum(e - s for s, e in spans)
+    bandwidths = [group.bandwidth(i) for i in survivors]
+    if not any(b is None or b > 0 for b in bandwidths):
+        raise AveragingError("every survivor is in client mode: nobody can reduce the failed parts")
+    sizes = [0] * len(group.members)
+    for i, size in zip(survivors, part_sizes(total, [b if b is None or b > 0 else 0.0 for b in bandwidths])):
+        sizes[i] = size
+    tag = hashlib.sha256(repr((group.group_id, survivors, spans)).encode()).digest()[:16]
+    return _PhasePlan(1, tag, Layout.over(spans, sizes), tuple(survivors))

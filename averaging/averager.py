@@ -48,10 +48,11 @@ import torch
 from dht import DHT, DHTNode, PeerID
 
 from . import compression as compression_module
-from .allreduce import AllReduceService, Reducer, weighted_mean
+from .allreduce import AllReduceService, Reducer, RoundConfig, weighted_mean
 from .errors import AveragingError
-from .matchmaking import MAX_INFO_BYTES, Matchmaker, next_group_bits, packed_size
+from .matchmaking import Matchmaker, next_group_bits
 from .partition import flatten, unflatten_into
+from .protocol import MAX_INFO_BYTES, packed_size
 
 __all__ = ["AsyncAverager", "Averager", "StepResult"]
 
@@ -258,8 +259,9 @@ class AsyncAverager:
                     raise AveragingError(f"the step's timeout of {timeout} s ran out in matchmaking")
                 try:
                     result, outcome = await asyncio.wait_for(
-                        self._service.run(group, me, snapshot, weight, self.codec, self.reducer, self.chunk_elems,
-                                          self.sender_timeout, self.reducer_timeout, result=self._take_buffer()),
+                        self._service.run(RoundConfig(group, me, weight, self.codec, self.reducer, self.chunk_elems,
+                                                      self.sender_timeout, self.reducer_timeout),
+                                          snapshot, result=self._take_buffer()),
                         remaining)
                 except asyncio.TimeoutError:
                     raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None

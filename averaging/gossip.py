@@ -10,10 +10,13 @@ no leader, and a peer may join, leave or be slow at any time. Peers find each ot
 clipped one (the incoming estimate is moved at most ``clip_tau`` away from ours), which bounds what a
 single bad push can do, at the price of exact mass conservation.
 
-Cost per step: one push of the full vector (``d`` values, compressed by ``compression`` if given),
-versus ``2d(M-1)/M`` sent per butterfly round in a group of M; see benchmarks/gossip_vs_butterfly.py.
+Cost per step: one push of the full sum, uncompressed: ``8 d`` bytes for ``d`` values (float64),
+versus about ``2 · 4d (M-1)/M`` bytes sent per member in a butterfly round of a group of M (float32,
+uncompressed: :mod:`averaging.allreduce`), which also ends with the exact mean of the group rather
+than a step towards it; ``tests/test_gossip.py`` prints the rounds and kB per peer that 16 peers need.
 
-The ``gossip.push.{prefix}`` stream (pusher -> receiver), validated on receipt:
+The ``gossip.push.{prefix}`` stream (pusher -> receiver), validated on receipt (encoded and parsed
+in :mod:`averaging.protocol`):
 
 =========  ===========================================================================================
 message    content and limits
@@ -32,6 +35,7 @@ reply      ``"ok"`` once the push is mixed in; ``bad_request`` for any malformed
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import threading
@@ -40,22 +44,22 @@ from typing import Any, Sequence
 import torch
 
 from dht import DHT, MessageTooLargeError, P2PError, PeerID, ProtocolError, Stream
-from dht.peer.errors import BadRequestError
+from dht.peer.errors import BadRequestError, ErrorCode
 from dht.peer.p2p import CallContext
 from dht.peer.slots import Slots
-from averaging.tensor_wire import DEFAULT_CHUNK_BYTES, recv_tensor, send_tensor
-from dht.peer.untrusted import brief
 
+from . import protocol
 from .errors import AveragingError
 from .partition import flatten, unflatten_into
+from .protocol import PUSH_CHUNK_BYTES
+from .tensor_wire import recv_tensor, send_tensor
 
 __all__ = ["Gossip"]
 
-PUSH_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # bytes per data message of a push (the handler refuses bigger ones)
-
+logger = logging.getLogger(__name__)
 
 class _PushTimeout(P2PError):
-    code = "deadline"  # the pusher gets DeadlineExceededError
+    code = ErrorCode.DEADLINE  # the pusher gets DeadlineExceededError
 
 
 class Gossip:
@@ -91,7 +95,7 @@ class Gossip:
         self.bytes_sent = self.bytes_received = 0
         self.pushes_sent = self.pushes_failed = 0
         self._key = f"{prefix}.gossip"
-        self._method = f"gossip.push.{prefix}"
+        self._method = protocol.method(protocol.GOSSIP_PUSH_METHOD, prefix)
         self._peers: list[PeerID] = []
         self._declared_at = -math.inf
         sum_bytes = max(self.s.numel() * 8, 1)
@@ -140,12 +144,10 @@ class Gossip:
     async def _push(self, node, target: PeerID, s: torch.Tensor, w: float) -> None:
         stream = await node.p2p.open_stream(target, self._method, timeout=self.request_timeout)
         async with stream:
-            await stream.send({"w": w})
+            await stream.send(protocol.push_header(w))
             self.bytes_sent += await send_tensor(stream, s, chunk_bytes=PUSH_CHUNK_BYTES)
             await stream.end()
-            reply = await stream.recv()
-            if reply != "ok":
-                raise AveragingError(f"push refused by {target}: {reply!r}")
+            protocol.check_push_reply(await stream.recv())  # BadRequestError (a P2PError) if it is not "ok"
 
     async def _serve_push(self, stream: Stream, ctx: CallContext) -> None:
         with self._slots.hold(ctx.peer_id):  # OverloadedError: the pusher gets "overloaded"
@@ -155,10 +157,7 @@ class Gossip:
                 raise _PushTimeout(f"the push did not complete within {self.request_timeout:.3g} s") from None
 
     async def _receive_push(self, stream: Stream) -> None:
-        header = await stream.recv()
-        w = header.get("w") if isinstance(header, dict) else None
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
-            raise BadRequestError(f"the first message must be {{'w': a positive finite weight}} (got {brief(w)})")
+        w = protocol.parse_push_header(await stream.recv())  # BadRequestError: the pusher gets bad_request
         try:  # the header must match our own sum before anything is allocated
             s = await recv_tensor(stream, max_bytes=self.s.numel() * 8, like=self.s)
         except (ProtocolError, MessageTooLargeError) as e:
@@ -175,7 +174,7 @@ class Gossip:
                 s = (ours + delta * (self.clip_tau / norm)) * w
         self.s += s
         self.w += w
-        await stream.send("ok", end=True)
+        await stream.send(protocol.PUSH_OK, end=True)
 
     async def _refresh_peers(self, node) -> None:
         now = node.clock()
@@ -203,8 +202,8 @@ class Gossip:
             node.p2p.remove_handler(self._method)
             try:
                 await node.store(self._key, False, node.clock() + 1, subkey=str(node.peer_id))
-            except Exception:
-                pass
+            except Exception as e:  # noqa: BLE001 - the entry expires on its own within a second anyway
+                logger.debug("withdrawing the gossip entry %s failed: %s", self._key, e)
 
         try:
             self.dht.run_coroutine(teardown)

@@ -17,21 +17,11 @@ keeps its number of peers, and information mixes across the swarm (Moshpit SGD).
 the declaration is withdrawn in the background: the all-reduce starts at once even if the DHT nodes
 holding the key are slow or frozen.
 
-The ``avg.join.{prefix}`` stream (follower -> leader), validated on receipt (a malformed request
-gets ``bad_request`` and at most the transport's rate-limited one-line log per peer):
-
-==========  ==========================================================================================
-request     ``{"key": group key (str, at most MAX_KEY_CHARS=512), "schema": tensor schema hash (bytes,
-            at most 64), "exp": the follower's expiration (finite number), "client": bool, "addrs":
-            [str] (at most MAX_ADDRS=16, each at most 512 chars), "info": map packing to at most
-            MAX_INFO_BYTES=16 KiB (``{"size", "bandwidth", "gather", "min_part"}``)}``
-reply       ``{"status": "rejected", "reason": str}``; or ``{"status": "accepted", "exp": float}`` then,
-            when the group starts, ``{"status": "begin", "group_id": bytes (1 to 64), "members":
-            [PeerID bytes], "addrs": [[str]], "sizes": [int >= 0], "bandwidths": [float >= 0 or None],
-            "client": [bool], "gathered": [info]}`` (all lists as long as ``members``, at most
-            MAX_GROUP_SIZE=4096), or ``{"status": "disbanded", ...}``. A follower checks the same
-            bounds on what its leader sends, and waits for ``begin`` no longer than its own deadline.
-==========  ==========================================================================================
+The ``avg.join.{prefix}`` stream (follower -> leader: request; leader -> follower: ``rejected``,
+or ``accepted`` then ``begin`` or ``disbanded``) is specified, encoded and parsed in
+:mod:`averaging.protocol`; a malformed request gets ``bad_request`` and at most the transport's
+rate-limited one-line log per peer. A follower checks the same bounds on what its leader sends,
+and waits for ``begin`` no longer than its own deadline.
 
 Followers waiting at a leader are bounded by ``target_group_size``; each leaves the table when its
 stream ends, however it ends.
@@ -47,29 +37,20 @@ import random
 import re
 from typing import Annotated, Any
 
-import msgpack
 import pydantic
 
 from dht import P2P, DHTNode, P2PError, PeerID, SchemaValidator, Stream, get_dht_time
-from dht.peer.errors import BadRequestError
 from dht.peer.p2p import CallContext
-from dht.peer.untrusted import brief
 
-from .allreduce import MAX_GROUP_ID_BYTES, GroupInfo
+from . import protocol
 from .errors import MatchmakingError
+from .group import GroupInfo
 from .load_balancing import part_sizes
+from .protocol import MAX_ADDR_CHARS, MAX_JOIN_BYTES
 
 __all__ = ["Matchmaker", "next_group_bits"]
 
 logger = logging.getLogger(__name__)
-
-MAX_KEY_CHARS = 512
-MAX_SCHEMA_BYTES = 64
-MAX_ADDRS = 16
-MAX_ADDR_CHARS = 512
-MAX_INFO_BYTES = 16 << 10  # a member's info (with its ``gather`` value), packed
-MAX_GROUP_SIZE = 4096
-MAX_JOIN_BYTES = 64 << 10  # a join request, packed (the transport refuses a bigger one with too_large)
 
 
 class Declaration(pydantic.BaseModel):
@@ -86,47 +67,6 @@ class GroupKeySchema(pydantic.BaseModel):
 def group_key_schema(prefix: str) -> SchemaValidator:
     """The DHT schema of the group keys ``{prefix}[.{scope}].0b{bits}`` (registered by each Matchmaker)."""
     return SchemaValidator(GroupKeySchema, patterns={"group": re.escape(prefix) + r"(?:\..*)?\.0b[01]*"})
-
-
-def packed_size(value: Any) -> int | None:
-    """Bytes of ``value`` packed with msgpack, or None if it cannot be packed."""
-    try:
-        return len(msgpack.packb(value, use_bin_type=True))
-    except Exception:  # noqa: BLE001 - not serializable (cannot come from the wire, only from a caller)
-        return None
-
-
-def _addresses(value: Any) -> list[str] | None:
-    """``value`` as a list of address strings within the bounds, or None."""
-    if not isinstance(value, list) or len(value) > MAX_ADDRS:
-        return None
-    if not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in value):
-        return None
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_join_request(request: Any) -> str | None:
-    """Why ``request`` is not a well-formed join request (None if it is one)."""
-    if not isinstance(request, dict):
-        return "the request must be a map"
-    if not isinstance(request.get("key"), str) or len(request["key"]) > MAX_KEY_CHARS:
-        return f"'key' must be a string of at most {MAX_KEY_CHARS} characters"
-    if not isinstance(request.get("schema"), bytes) or len(request["schema"]) > MAX_SCHEMA_BYTES:
-        return f"'schema' must be at most {MAX_SCHEMA_BYTES} bytes"
-    if not _is_number(request.get("exp")):
-        return "'exp' must be a finite number"
-    if not isinstance(request.get("client", False), bool):
-        return "'client' must be a bool"
-    if _addresses(request.get("addrs", [])) is None:
-        return f"'addrs' must be at most {MAX_ADDRS} strings of at most {MAX_ADDR_CHARS} characters"
-    info = request.get("info", {})
-    if not isinstance(info, dict) or (packed_size(info) or MAX_INFO_BYTES + 1) > MAX_INFO_BYTES:
-        return f"'info' must be a map of at most {MAX_INFO_BYTES} bytes"
-    return None
 
 
 def next_group_bits(bits: str, group_id: bytes, my_index: int, group_size: int,
@@ -188,7 +128,8 @@ class Matchmaker:
         self._withdrawals: set[asyncio.Future] = set()  # at most one per search, each within request_timeout
         if node is not None:  # (tests drive a Matchmaker without a DHT)
             node.validator.extend([group_key_schema(prefix)])
-        p2p.add_stream_handler(f"avg.join.{prefix}", self._serve_join, max_message_size=MAX_JOIN_BYTES)
+        p2p.add_stream_handler(protocol.method(protocol.JOIN_METHOD, prefix), self._serve_join,
+                               max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
         self.p2p.remove_handler(f"avg.join.{self.prefix}")
@@ -318,23 +259,19 @@ class Matchmaker:
             self._joining = False
             raise MatchmakingError(f"cannot reach {leader}: {str(e) or f'no answer within {self.request_timeout} s'}") from None
         try:
-            await stream.send({"key": self._key, "schema": self.schema_hash, "exp": self._expiration,
-                               "info": self._my_info, "client": self.client_mode,
-                               "addrs": [str(a) for a in self.p2p.get_visible_addresses()]})
+            await stream.send(protocol.join_request(self._key, self.schema_hash, self._expiration, self._my_info,
+                                                    self.client_mode,
+                                                    [str(a) for a in self.p2p.get_visible_addresses()]))
             reply = await asyncio.wait_for(stream.recv(), self.request_timeout)
-            if not isinstance(reply, dict) or reply.get("status") != "accepted":
+            leader_exp = protocol.parse_join_accepted(reply)  # BadRequestError: a bad expiration
+            if leader_exp is None:  # rejected
                 return None
             self._leader = leader
             await self._disband("joined another leader", suggested=leader)
-            leader_exp = reply.get("exp", 0.0)
-            if not _is_number(leader_exp):
-                raise ValueError("bad expiration in the leader's reply")
             # never past our own deadline, whatever the leader announced
             wait_for = min(max(self._expiration, leader_exp), self._deadline) - self.clock() + self.request_timeout
             begin = await asyncio.wait_for(stream.recv(), max(wait_for, self.request_timeout))
-            if not isinstance(begin, dict) or begin.get("status") != "begin":
-                return None
-            return self._parse_begin(begin)
+            return self._parse_begin(begin)  # None: not a begin message (e.g. disbanded)
         except (P2PError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as e:
             raise MatchmakingError(f"leader {leader} failed: {e}") from None
         finally:
@@ -342,38 +279,23 @@ class Matchmaker:
             self._leader = None
             await stream.aclose()
 
-    def _parse_begin(self, begin: dict) -> tuple[GroupInfo, int]:
-        """The group a leader's ``begin`` message announces; ValueError if it breaks any bound."""
-        group_id, members, addrs = begin.get("group_id"), begin.get("members"), begin.get("addrs")
-        sizes, bandwidths, client, gathered = (begin.get(k) for k in ("sizes", "bandwidths", "client", "gathered"))
-        if not isinstance(group_id, bytes) or not 0 < len(group_id) <= MAX_GROUP_ID_BYTES:
-            raise ValueError(f"bad group id {brief(group_id)}")
-        if not isinstance(members, list) or not 0 < len(members) <= MAX_GROUP_SIZE:
-            raise ValueError(f"bad member list {brief(members)}")
-        n = len(members)
-        if not all(isinstance(x, list) and len(x) == n for x in (addrs, sizes, bandwidths, client, gathered)):
-            raise ValueError("inconsistent begin message")
-        if (not all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in sizes)
-                or sum(sizes) != self._my_info.get("size", sum(sizes))):
-            raise ValueError("bad part sizes")
-        if not all(b is None or (_is_number(b) and b >= 0) for b in bandwidths):
-            raise ValueError("bad bandwidths")
-        if not all(isinstance(c, bool) for c in client) or not all(_addresses(a) is not None for a in addrs):
-            raise ValueError("bad client flags or addresses")
-        peers = [PeerID(raw) for raw in members]  # IdentityError (a ValueError) if malformed
-        if len(set(peers)) != n or self.p2p.peer_id not in peers:
-            raise ValueError("inconsistent begin message")
-        for peer_id, peer_addrs in zip(peers, addrs):
+    def _parse_begin(self, message: Any) -> tuple[GroupInfo, int] | None:
+        """The group a leader's ``begin`` message announces (None for another message); BadRequestError
+        if it breaks any bound (:func:`protocol.parse_begin`), ValueError if this peer is not in it."""
+        begin = protocol.parse_begin(message, total=self._my_info.get("size"))
+        if begin is None:
+            return None
+        if self.p2p.peer_id not in begin.members:
+            raise ValueError("inconsistent begin message: this peer is not a member")
+        for peer_id, peer_addrs in zip(begin.members, begin.addrs):
             if peer_id != self.p2p.peer_id and peer_addrs:
                 self.p2p.add_addresses(peer_id, peer_addrs[:8], third_party=True)  # the leader's word
-        group = GroupInfo(group_id, peers, list(sizes), list(bandwidths), list(client), list(gathered))
-        return group, peers.index(self.p2p.peer_id)
+        group = GroupInfo(begin.group_id, begin.members, begin.sizes, begin.bandwidths, begin.client, begin.gathered)
+        return group, begin.members.index(self.p2p.peer_id)
 
     async def _serve_join(self, stream: Stream, ctx: CallContext) -> None:
         request = await asyncio.wait_for(stream.recv(), max(self.request_timeout, 1.0) * 5)
-        problem = check_join_request(request)
-        if problem is not None:  # the transport answers bad_request and logs one rate-limited line
-            raise BadRequestError(f"{problem} (got {brief(request)})")
+        request = protocol.parse_join_request(request)  # bad_request, and one rate-limited log line
         reason = None
         if not self._looking or self._group_ready is None or self._group_ready.done():
             reason = "not looking for a group"
@@ -392,7 +314,7 @@ class Matchmaker:
         elif ctx.peer_id in self._followers:
             reason = "duplicate"
         if reason is not None:
-            await stream.send({"status": "rejected", "reason": reason}, end=True)
+            await stream.send(protocol.join_rejected(reason), end=True)
             return
         addrs = request.get("addrs", [])
         if addrs:
@@ -402,7 +324,7 @@ class Matchmaker:
                 pass
         done = asyncio.get_running_loop().create_future()
         self._followers[ctx.peer_id] = (stream, {**request, "done": done})
-        await stream.send({"status": "accepted", "exp": self._expiration})
+        await stream.send(protocol.join_accepted(self._expiration))
         if len(self._followers) + 1 >= self.target_group_size and not self._joining:
             self._beginning = True
             asyncio.ensure_future(self._begin())
@@ -432,9 +354,9 @@ class Matchmaker:
                       for b in bandwidths]
         total = int(self._my_info.get("size", 0))
         sizes = part_sizes(total, bandwidths, min_part=int(self._my_info.get("min_part", 0)))
-        begin = {"status": "begin", "group_id": os.urandom(20), "members": [m.raw for m in members], "addrs": addrs,
-                 "sizes": sizes, "bandwidths": bandwidths, "client": clients, "gathered": infos}
+        begin = protocol.join_begin(os.urandom(20), [m.raw for m in members], addrs, sizes, bandwidths, clients, infos)
         result = self._parse_begin(begin)
+        assert result is not None
         self._begin_started = True
         for peer_id, (stream, request) in followers.items():
             try:
@@ -450,8 +372,7 @@ class Matchmaker:
     async def _disband(self, reason: str, suggested: PeerID | None = None) -> None:
         for peer_id, (stream, request) in list(self._followers.items()):
             try:
-                await stream.send({"status": "disbanded", "reason": reason,
-                                   "leader": suggested.raw if suggested else None}, end=True)
+                await stream.send(protocol.join_disbanded(reason, suggested.raw if suggested else None), end=True)
             except P2PError:
                 pass
             if not request["done"].done():

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from averaging import Gossip, compression
-from averaging.allreduce import AllReduceService, GroupInfo
+from averaging.allreduce import AllReduceService, RoundConfig
+from averaging.group import GroupInfo
 from averaging.load_balancing import part_sizes
 from averaging.matchmaking import Matchmaker
 from dht import DHT, P2P, P2PError, RemoteError
@@ -58,7 +59,7 @@ async def _round(peers: list[P2P], services: list[AllReduceService], size: int =
 
     async def run(i: int):
         await asyncio.sleep(delays[i])
-        return await services[i].run(group, i, flats[i], weights[i], codec, sender_timeout=3.0)
+        return await services[i].run(RoundConfig(group, i, weights[i], codec, sender_timeout=3.0), flats[i])
 
     outcomes = await asyncio.wait_for(asyncio.gather(*(run(i) for i in range(n))), 30)
     expected = sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)

@@ -194,7 +194,7 @@ def test_member_dead_or_stalled_mid_round_survivors_get_the_exact_mean(fault, ca
                 assert torch.equal(victim.tensors[0], s.values[3])  # its tensors are untouched
             assert f"excluding {victim.node.peer_id}" in caplog.text
 
-    with caplog.at_level(logging.WARNING, logger="averaging.allreduce"):
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):  # member failures are INFO
         run(main())
 
 
@@ -218,7 +218,7 @@ def test_member_that_starts_late(delay, included, caplog):
             assert torch.equal(late.tensors[0], s.values[2])
             assert f"excluding {late.node.peer_id}: sent nothing" in caplog.text
 
-    with caplog.at_level(logging.WARNING, logger="averaging.allreduce"):
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):  # member failures are INFO
         run(main())
 
 
@@ -236,7 +236,7 @@ def test_member_that_sends_nan_is_excluded_and_named(caplog):
             assert torch.equal(bad.tensors[0].isnan(), poisoned.isnan())  # untouched
             assert f"excluding {bad.node.peer_id}: sent NaN or Inf values" in caplog.text
 
-    with caplog.at_level(logging.WARNING, logger="averaging.allreduce"):
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):  # member failures are INFO
         run(main())
 
 
