@@ -1,0 +1,252 @@
+"""The swarm's overview as one JSON-able dict: what ``/api/status`` serves, ``swarm status --json``
+prints and the dashboard draws.
+
+:func:`collect_status` reads the DHT's records (run announcements of :mod:`swarm.runs`, progress
+records ``{run_id}.progress`` of :mod:`swarm.progress`) and, when given, the local peer's own
+:class:`PeerView` (filled by the daemon: role, state, the optimizer's averaging rounds, a bounded
+history of observations). Schema version 1 (every key always present; SI units: seconds, bytes,
+samples/s; times are unix seconds)::
+
+    {"version": 1, "generated_at": float,
+     "self": {"peer_id", "role", "run_id", "addresses", "state", "uptime_s"} | None,
+     "runs": [{"run_id", "peers", "epoch", "samples_per_second", "last_seen_s"}],
+     "peers": [{"peer_id", "address", "role", "stage", "samples_per_second", "reachability",
+                "last_seen_s", "state", "run_id", "epoch", "loss"}],
+     "progress": {"run_id", "epoch", "samples", "target_batch_size", "samples_per_second", "loss", "heldout"},
+     "history": {"t": [...], "epoch": [...], "loss": [...], "heldout": [...], "samples_per_second": [...]},
+     "averaging": {"rounds": [{"t", "group_size", "seconds", "bytes_sent", "bytes_received", "result",
+                               "cause", "epoch"}]},
+     "stages": [], "bans": []}
+
+``last_seen_s`` is how long ago (seconds) the newest record arrived; a peer whose record is older than
+``ONLINE_WINDOW`` seconds, or that said it left, has state ``"left"``. Remote peers' records do not
+say whether they average or download, so they show ``"training"`` while online; the local peer shows
+its own state. Values read from the DHT are untrusted: strings are cut to bounded lengths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dht import get_dht_time
+from dht.peer.identity import PeerID
+
+from .progress import PeerProgress, progress_key, summarize
+from .runs import _announcements, _earliest
+
+__all__ = ["PeerView", "collect_status", "SCHEMA_VERSION", "ONLINE_WINDOW", "HISTORY_POINTS", "ROLES",
+           "STATES"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ONLINE_WINDOW = 10.0  # s: a record older than this counts as a peer gone (as ``swarm runs`` counts)
+HISTORY_POINTS = 1000  # points kept in PeerView.history
+MAX_PEERS = 1000  # peer rows in one overview
+MAX_RUNS = 100
+MAX_ROUNDS = 200  # averaging rounds in one overview (the newest)
+ROLES = ("trainer", "server", "dht", "status")
+STATES = ("starting", "training", "averaging", "downloading", "left", "serving")
+_ID_CHARS = 128  # peer ids and run ids from the DHT are cut to this
+
+
+@dataclass
+class PeerView:
+    """What the local peer knows about itself (filled by the daemon; read by :func:`collect_status`
+    and :class:`swarm.metrics.Metrics`).
+
+    ``role``: one of :data:`ROLES`; ``state``: one of :data:`STATES`; ``optimizer``: the peer's
+    :class:`swarm.Optimizer` while it trains (its epoch, speed, bytes and averaging rounds are read
+    from it); ``loss``/``heldout``: the latest training loss and held-out metric (``heldout_name``);
+    ``history``: bounded points ``(t, epoch, loss, heldout, swarm samples/s)``, at most one per
+    ``history_period`` seconds unless forced; ``state_downloads``: result (``"ok"``, ``"failed"``)
+    -> count, ``state_download_bytes``: bytes of states downloaded."""
+
+    role: str = "trainer"
+    run_id: str | None = None
+    state: str = "starting"
+    started: float = field(default_factory=time.time)  # unix seconds
+    optimizer: Any = None
+    loss: float | None = None
+    heldout: float | None = None
+    heldout_name: str | None = None
+    target_batch_size: int | None = None
+    history_period: float = 1.0
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY_POINTS))
+    state_downloads: dict = field(default_factory=lambda: {"ok": 0, "failed": 0})
+    state_download_bytes: int = 0
+    checkpoint_loads: int = 0
+    _last_point: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+    def set_state(self, state: str) -> None:
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        self.state = state
+
+    def add_point(self, epoch: int, loss: float | None, heldout: float | None, samples_per_second: float,
+                  t: float | None = None, force: bool = False) -> bool:
+        """Append a history point (``t``: unix seconds, default now); skipped (False) if the last one
+        is younger than ``history_period`` seconds, unless ``force``."""
+        t = time.time() if t is None else t
+        if not force and t - self._last_point < self.history_period:
+            return False
+        self._last_point = t
+        self.history.append((t, int(epoch), _num(loss), _num(heldout), float(samples_per_second)))
+        return True
+
+    def record_download(self, ok: bool, nbytes: int = 0) -> None:
+        self.state_downloads["ok" if ok else "failed"] += 1
+        self.state_download_bytes += int(nbytes)
+
+    @property
+    def uptime(self) -> float:
+        return max(time.time() - self.started, 0.0)
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN/Inf)."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _cut(text: Any, limit: int = _ID_CHARS) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def _run_records(node, run_id: str) -> list[PeerProgress]:
+    found = await node.get(progress_key(run_id), latest=True)
+    records: list[PeerProgress] = []
+    if found is not None and isinstance(found.value, dict):
+        for item in found.value.values():
+            record = PeerProgress.parse(getattr(item, "value", None))
+            if record is not None:
+                records.append(record)
+    now = get_dht_time()
+    newest: dict[str, PeerProgress] = {}
+    for r in records:
+        if r.time > now + 60:  # a record from the future is not evidence
+            continue
+        if r.peer_id not in newest or r.time > newest[r.peer_id].time:
+            newest[r.peer_id] = r
+    return list(newest.values())
+
+
+def _address_of(node, peer_id: str) -> str | None:
+    try:
+        pid = PeerID.from_base58(peer_id)
+    except Exception:  # noqa: BLE001 - a malformed id from the DHT: no address
+        return None
+    address = node.p2p.best_address(pid)
+    return None if address is None else str(address.with_peer_id(pid))
+
+
+def _reachability(node, record: PeerProgress) -> str:
+    if record.client_mode:
+        return "client"
+    try:
+        pid = PeerID.from_base58(record.peer_id)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+    return "public" if pid in node.routing_table else "unknown"
+
+
+def _round_rows(optimizer: Any) -> list[dict]:
+    rounds = tuple(getattr(optimizer, "rounds", ()) or ())  # (a copy: the training thread appends)
+    return [dict(r) for r in rounds[-MAX_ROUNDS:]]
+
+
+async def collect_status(node: Any, *, run_id: str | None = None, local: PeerView | None = None,
+                         timeout: float = 10.0) -> dict:
+    """The overview (schema above) of ``run_id`` (default: the local peer's run, else the live run with
+    the most peers), from ``node``'s DHT (a :class:`dht.DHTNode`; run on its event loop) and ``local``.
+    ``runs`` and ``peers`` cover every run found when neither ``run_id`` nor ``local.run_id`` is set.
+    DHT lookups are bounded by ``timeout`` seconds (what did not arrive is left out)."""
+    run_id = run_id if run_id is not None else (local.run_id if local is not None else None)
+    whole_swarm = run_id is None
+    try:
+        announcements = _earliest(await asyncio.wait_for(_announcements(node), timeout))
+    except Exception as e:  # noqa: BLE001 - a lookup that timed out or failed: the overview shows what it has
+        logger.debug("status: run announcements: %s", e)
+        announcements = {}
+    ids = sorted(announcements)[:MAX_RUNS] if whole_swarm else [run_id]
+    try:
+        found = await asyncio.wait_for(asyncio.gather(*(_run_records(node, r) for r in ids)), timeout)
+    except Exception as e:  # noqa: BLE001 - as above
+        logger.debug("status: progress records: %s", e)
+        found = [[] for _ in ids]
+    dht_now = get_dht_time()
+    me = str(node.peer_id)
+    runs, peers = [], []
+    summaries = {}
+    for rid, records in zip(ids, found):
+        announcement = announcements.get(rid)
+        target = announcement.target_batch_size if announcement is not None and announcement.target_batch_size else None
+        if target is None and local is not None and local.run_id == rid:
+            target = local.target_batch_size
+        g = summarize(records, target or 1, dht_now, online_window=ONLINE_WINDOW)
+        epoch = max([g.epoch] + [r.epoch for r in records if not r.client_mode])
+        last_seen = max((r.time for r in records), default=None)
+        summaries[rid] = (g, epoch, target, records)
+        runs.append({"run_id": _cut(rid), "peers": g.num_peers, "epoch": epoch,
+                     "samples_per_second": round(g.samples_per_second, 3),
+                     "last_seen_s": None if last_seen is None else round(max(dht_now - last_seen, 0.0), 3)})
+        for r in sorted(records, key=lambda r: r.peer_id):
+            if len(peers) >= MAX_PEERS:
+                break
+            age = max(dht_now - r.time, 0.0)
+            online = not r.left and age <= ONLINE_WINDOW
+            if r.peer_id == me and local is not None and local.state in ("training", "averaging", "downloading"):
+                state = local.state
+            else:
+                state = "training" if online else "left"
+            peers.append({"peer_id": _cut(r.peer_id), "address": _address_of(node, r.peer_id), "role": "trainer",
+                          "stage": None, "samples_per_second": round(r.samples_per_second, 3) if online else 0.0,
+                          "reachability": _reachability(node, r), "last_seen_s": round(age, 3), "state": state,
+                          "run_id": _cut(rid), "epoch": r.epoch, "loss": _num(r.loss)})
+    runs.sort(key=lambda r: (-r["peers"], r["last_seen_s"] if r["last_seen_s"] is not None else float("inf"),
+                             r["run_id"]))
+    selected = run_id if not whole_swarm else (runs[0]["run_id"] if runs else None)
+    progress: dict[str, Any] = {"run_id": selected, "epoch": 0, "samples": 0, "target_batch_size": None,
+                                "samples_per_second": 0.0, "loss": None, "heldout": None}
+    if selected in summaries:
+        g, epoch, target, _records = summaries[selected]
+        progress.update(epoch=epoch, samples=g.samples if g.epoch == epoch else 0, target_batch_size=target,
+                        samples_per_second=round(g.samples_per_second, 3), loss=_num(g.loss))
+    own_run = local is not None and local.run_id is not None and local.run_id == selected
+    if own_run:
+        progress["heldout"] = _num(local.heldout)
+        if progress["loss"] is None:
+            progress["loss"] = _num(local.loss)
+    if local is not None and (own_run or local.run_id is None):
+        local.add_point(progress["epoch"], progress["loss"], progress["heldout"], progress["samples_per_second"])
+    history: dict[str, list] = {"t": [], "epoch": [], "loss": [], "heldout": [], "samples_per_second": []}
+    if local is not None:
+        for t, e, loss, heldout, sps in tuple(local.history):
+            history["t"].append(round(t, 3))
+            history["epoch"].append(e)
+            history["loss"].append(loss)
+            history["heldout"].append(heldout)
+            history["samples_per_second"].append(sps)
+    own = None
+    if local is not None:
+        own = {"peer_id": me, "role": local.role, "run_id": local.run_id,
+               "addresses": [str(a) for a in node.p2p.get_visible_addresses()], "state": local.state,
+               "uptime_s": round(local.uptime, 3)}
+    rounds = _round_rows(local.optimizer) if local is not None and local.optimizer is not None else []
+    return {"version": SCHEMA_VERSION, "generated_at": time.time(), "self": own, "runs": runs, "peers": peers,
+            "progress": progress, "history": history, "averaging": {"rounds": rounds}, "stages": [], "bans": []}
