@@ -71,6 +71,7 @@ from .errors import (
 )
 from .identity import PeerID
 from .resources import ResourceManager, StreamScope
+from .rpc_stats import MethodStats, RpcStats
 from .untrusted import LogLimiter, brief
 
 __all__ = ["Limits", "Stream", "Connection"]
@@ -240,8 +241,10 @@ class Stream:
     """
 
     def __init__(self, conn: "Connection", stream_id: int, method: str, deadline: float | None, initiator: bool,
-                 scope: StreamScope):
+                 scope: StreamScope, stats: MethodStats | None = None):
         self._conn = conn
+        self._stats = stats  # this method's counters (None: not counted); see dht.peer.rpc_stats
+        self._opened = conn.clock()
         self._scope = scope  # the memory of its unread/unfinished inbound messages is reserved here
         self.max_message_size = conn.max_inbound_message  # a handler's P2P registration may lower it
         self.id = stream_id
@@ -320,6 +323,8 @@ class Stream:
                 await self._conn.drain()
                 self._check_can_send()
             self._send_credit -= total
+            if self._stats is not None:
+                self._stats.bytes_sent += total
             if end:
                 self._local_ended = True
                 self._maybe_release()
@@ -457,6 +462,8 @@ class Stream:
         if not self._closed:
             self._closed = True
             self._partial = None
+            if self._stats is not None:
+                self._stats.observe(self._conn.clock() - self._opened, self._error is not None)
             if self.initiator:
                 self._scope.close()
             else:  # the inbound stream slot is held until the handler returns (Connection._serve)
@@ -469,6 +476,8 @@ class Stream:
             return self._violation("DATA after END")
         size = len(payload)
         self._recv_outstanding += size
+        if self._stats is not None:
+            self._stats.bytes_received += size
         limits = self._conn.limits
         if self._recv_outstanding > limits.stream_window + limits.max_message_size + limits.max_frame_size:
             return self._violation("sent past its flow-control window")
@@ -574,13 +583,16 @@ class Connection:
     makes the coroutine serving it (LookupError for an unknown method); ``on_close(connection)`` runs
     when the connection stops taking new calls (GOAWAY received) and when it closes. ``resources`` is
     the peer's :class:`~dht.peer.resources.ResourceManager` (shared by its connections; a private one if
-    None); ``scope`` is this connection's budget in it.
+    None); ``scope`` is this connection's budget in it. ``stats``: the peer's per-method counters
+    (:class:`~dht.peer.rpc_stats.RpcStats`; None: nothing counted).
     """
 
     def __init__(self, channel: FrameChannel, limits: Limits, initiator: bool,
                  dispatch: Dispatcher, on_close: Callable[["Connection"], None],
-                 resources: ResourceManager | None = None):
+                 resources: ResourceManager | None = None, stats: RpcStats | None = None):
         self.channel = channel
+        self.stats = stats
+        self.clock = asyncio.get_running_loop().time
         self.peer_id = channel.remote_peer_id
         self.limits = limits
         self.resources = resources if resources is not None else ResourceManager(limits)
@@ -681,7 +693,8 @@ class Connection:
         stream_id, self._next_id = self._next_id, self._next_id + 2
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         stream = Stream(self, stream_id, method, deadline, initiator=True,
-                        scope=self.scope.open_stream(inbound=False))
+                        scope=self.scope.open_stream(inbound=False),
+                        stats=None if self.stats is None else self.stats.entry(method, False))
         self._streams[stream_id] = stream
         self._outbound_open += 1
         self.write_frame(OPEN, 0, stream_id, _pack({"m": method, "t": timeout}))
@@ -773,9 +786,13 @@ class Connection:
             serve = self._dispatch(stream)
         except LookupError:
             scope.close()
+            if self.stats is not None:
+                self.stats.unknown_call(len(payload))
             self.write_frame(ERROR, 0, stream_id,
                              _pack({"c": ErrorCode.UNKNOWN_METHOD, "m": f"unknown method {method!r}"}))
             return
+        if self.stats is not None:  # (a method this peer serves: a bounded label)
+            stream._stats = self.stats.entry(method, True)
         self._streams[stream_id] = stream
         task = self._handlers[stream_id] = loop.create_task(self._serve(stream, serve, timeout))
         # also when the task is cancelled before it starts (then _serve's finally never runs)

@@ -32,6 +32,7 @@ from .errors import HandshakeError, P2PError, PeerUnreachableError
 from .identity import Identity, PeerID
 from .multiplex import GOAWAY, HEADER, Connection, Limits, Stream
 from .resources import ResourceManager, ip_key
+from .rpc_stats import RpcStats, enabled
 from .transport import Transport
 from .untrusted import LogLimiter
 
@@ -68,6 +69,7 @@ class P2P:
         self._transport = transport
         self._handlers: dict[str, tuple[bool, Callable, int | None]] = {}
         self.resources = ResourceManager(limits)  # memory and stream budgets of every connection
+        self.stats: RpcStats | None = RpcStats() if enabled() else None  # per-method bytes and call times
         self._connections: dict[PeerID, list[Connection]] = {}
         self._dialing: dict[PeerID, asyncio.Future] = {}
         # address book: peer -> {address: rank} (newest last), least recently used peer first; bounded
@@ -461,7 +463,7 @@ class P2P:
             channel.close()
             raise P2PError("this peer is shut down")
         conn = Connection(channel, self.limits, initiator, self._dispatch, self._on_connection_closed,
-                          resources=self.resources)
+                          resources=self.resources, stats=self.stats)
         ip = ip_key(channel.remote_host) if channel.remote_host and not initiator else None
         self._live[conn] = (not initiator, ip)
         self._per_peer[conn.peer_id] = self._per_peer.get(conn.peer_id, 0) + 1
