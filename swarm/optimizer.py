@@ -66,6 +66,7 @@ __all__ = ["Optimizer", "PINNED_OPTIONS", "pinned_options"]
 
 logger = logging.getLogger(__name__)
 
+MAX_ROUND_RECORDS = 256  # averaging rounds kept in Optimizer.rounds
 MAX_SCHEDULER_REPLAY = 100_000  # scheduler steps replayed for a state without the scheduler's (see _replayed_schedule)
 
 _live: "weakref.WeakSet[Optimizer]" = weakref.WeakSet()  # shut down at interpreter exit, before averagers and DHTs
@@ -183,6 +184,11 @@ class Optimizer:
         self.bytes_sent = self.bytes_received = 0
         self.last_loss: float | None = None
         self.last_averaging: Any = None  # StepResult or the exception of the latest round
+        # the latest averaging rounds as dicts (t, epoch, group_size, seconds, bytes_sent, bytes_received,
+        # result "ok"/"failed", cause), newest last, and the count of all rounds by result (swarm.status/metrics)
+        self.rounds: collections.deque[dict] = collections.deque(maxlen=MAX_ROUND_RECORDS)
+        self.round_counts = {"ok": 0, "failed": 0}
+        self._round_started = time.monotonic()
         self._last_step_time: float | None = None
         self._counted_epoch, self._epoch_started = -1, 0.0  # the epoch whose start _swarm_samples counts from
         self._pending = None  # DiLoCo overlap: (future, snapshot)
@@ -426,12 +432,14 @@ class Optimizer:
         averager.target_group_size = max(2, min(self.max_group_size, peers))
         try:
             self._hash_before_round = self.state_hash
+            self._round_started = time.monotonic()
             future = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
                                    gather=self._gather(), wait=False,
                                    matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
             result = self._wait_for_round(future, averager)
         except AveragingError as e:
             self.last_averaging = e
+            self._record_round(None, e)
             logger.log(self._failure_level(e), "averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
             return False
         self._account(result)
@@ -479,8 +487,23 @@ class Optimizer:
             return logging.INFO
         return logging.WARNING
 
+    def _record_round(self, result: Any, error: BaseException | None = None) -> None:
+        """Append a round record to :attr:`rounds` (a StepResult, or the error that ended the round)."""
+        if error is None:
+            seconds = result.matchmaking_seconds + result.allreduce_seconds + result.recovery_seconds
+            record = {"group_size": len(result.members), "seconds": seconds, "bytes_sent": result.bytes_sent,
+                      "bytes_received": result.bytes_received, "result": "ok", "cause": None}
+        else:
+            cause = f"{type(error).__name__}: {error}"
+            record = {"group_size": 0, "seconds": time.monotonic() - self._round_started, "bytes_sent": 0,
+                      "bytes_received": 0, "result": "failed", "cause": cause[:300]}
+        record.update(t=time.time(), epoch=self.local_epoch)
+        self.round_counts[record["result"]] += 1
+        self.rounds.append(record)
+
     def _account(self, result: Any) -> None:
         self.last_averaging = result
+        self._record_round(result)
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
         if self.verbose:
@@ -522,6 +545,7 @@ class Optimizer:
             self.averager.target_group_size = max(2, min(self.max_group_size, peers))
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
             self._hash_before_round = self.state_hash
+            self._round_started = time.monotonic()
             future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
                                         gather=self._gather(),
                                         matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
@@ -546,6 +570,7 @@ class Optimizer:
             self._check_agreement(result)
         except AveragingError as e:
             self.last_averaging = e
+            self._record_round(None, e)
             logger.log(self._failure_level(e), "averaging pseudo-gradients failed at epoch %d (%s)", self.local_epoch, e)
             if self._behind():
                 return

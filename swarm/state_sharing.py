@@ -117,6 +117,9 @@ class StateSharing:
         self._announcer: asyncio.Task | None = None
         self.bytes_served = 0
         self.overloaded_answers = 0  # 'overloaded' answers this peer got as a joiner (it retried)
+        self.downloads = {"ok": 0, "failed": 0}  # state downloads by result (swarm.metrics)
+        self.bytes_downloaded = 0
+        self.show_progress = False  # a progress line (swarm.progress_bar) on stderr while downloading
         self._slots = Slots(max_requests_per_peer, max_requests, "state requests")
         dht.add_validators([state_schema(run_id)])
         if self.serve:
@@ -226,6 +229,18 @@ class StateSharing:
         ``min_epoch`` or later. ``alive`` (optional): only donors it accepts are considered (e.g. the
         peers online in the progress view: a dead donor's announcement outlives it). Raises
         :class:`StateDownloadError` when every donor failed."""
+        try:
+            found = self._download_agreed(min_epoch, timeout, alive)
+        except StateDownloadError:
+            self.downloads["failed"] += 1
+            raise
+        if found is not None:
+            self.downloads["ok"] += 1
+            self.bytes_downloaded += len(found[0])
+        return found
+
+    def _download_agreed(self, min_epoch: int, timeout: float,
+                         alive: Callable[[Donor], bool] | None) -> tuple[bytes, int] | None:
         deadline = time.monotonic() + timeout
         error: StateDownloadError | None = None
         for _attempt in range(3):  # donors move on to newer states; re-read the announcements and retry
@@ -258,6 +273,11 @@ class StateSharing:
         done = asyncio.Event()
         failures: list[str] = []
         random.shuffle(donors)
+        bar = None
+        if self.show_progress:
+            from .progress_bar import ProgressBar
+            bar = ProgressBar(f"downloading the swarm's state from {len(donors)} peer{'s' if len(donors) != 1 else ''}",
+                              size)
 
         async def worker(donor: Donor) -> None:
             nonlocal pending
@@ -294,6 +314,8 @@ class StateSharing:
                 buffer[offset:offset + length] = data
                 backoff = 0.1
                 pending -= 1
+                if bar is not None:
+                    bar.advance(length)
                 if pending == 0:
                     done.set()
 
@@ -308,6 +330,8 @@ class StateSharing:
         finally:
             for w in (waiter, *workers):
                 w.cancel()
+            if bar is not None:
+                bar.close(ok=done.is_set())
         blob = bytes(buffer)
         if hashlib.sha256(blob).hexdigest() != digest:
             raise StateDownloadError(f"the state downloaded from {', '.join(str(d.peer_id) for d in donors)} does not "
