@@ -173,6 +173,18 @@ async def _dht(args: argparse.Namespace) -> int:
     print(f"DHT peer {node.peer_id} running; {mode}:", flush=True)
     for address in node.p2p.get_visible_addresses():
         print(f"  --initial-peers {address}", flush=True)
+    dashboard = None
+    if args.dashboard_port != -1:  # --dashboard-port off
+        from .dashboard.server import DashboardError, start_dashboard
+        from .status import PeerView
+
+        try:
+            dashboard = await start_dashboard(node, PeerView(role="dht", state="serving"), None,
+                                              args.dashboard_host, args.dashboard_port)
+        except (DashboardError, OSError) as e:
+            await node.shutdown()
+            return _fail(EXIT_LOCAL, str(e))
+        print(f"dashboard: {dashboard.url}", flush=True)
 
     async def report() -> None:
         while True:
@@ -187,6 +199,8 @@ async def _dht(args: argparse.Namespace) -> int:
         await _wait_for_stop_signal()
     finally:
         reporter.cancel()
+        if dashboard is not None:
+            await dashboard.close()
         await node.shutdown()
         print("DHT peer stopped", flush=True)
     return EXIT_OK
@@ -328,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_announce_argument(dht)
     dht.add_argument("--report-interval", type=float, default=30.0,
                      help="seconds between routing-table reports (default 30)")
+    from .dashboard.options import add_dashboard_arguments
+    add_dashboard_arguments(dht)
 
     join = sub.add_parser("join", help="train a task with the swarm (the peer daemon)",
                           description="Join (or create) the training run of TASK and train until stopped: "
