@@ -178,6 +178,8 @@ class Optimizer:
 
         self.local_epoch = 0
         self.local_samples = 0  # accumulated in this epoch
+        self.samples_total = 0  # trained on by this peer, all epochs
+        self.averaging = False  # True while step() waits for an averaging round (swarm.status)
         self.inner_step_count = 0
         self.samples_per_second = 0.0
         self._seconds_per_sample = 0.0  # moving average of the training time per sample
@@ -238,6 +240,7 @@ class Optimizer:
         else:
             self._inner_step(batch_size)
         self.local_samples += batch_size
+        self.samples_total += batch_size
         self._report()
 
         progress = self.tracker.global_progress
@@ -433,6 +436,7 @@ class Optimizer:
         try:
             self._hash_before_round = self.state_hash
             self._round_started = time.monotonic()
+            self.averaging = True
             future = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
                                    gather=self._gather(), wait=False,
                                    matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
@@ -442,6 +446,8 @@ class Optimizer:
             self._record_round(None, e)
             logger.log(self._failure_level(e), "averaging %s failed at epoch %d (%s)", what, self.local_epoch, e)
             return False
+        finally:
+            self.averaging = False
         self._account(result)
         self._check_agreement(result)
         return True

@@ -120,6 +120,7 @@ class StateSharing:
         self.downloads = {"ok": 0, "failed": 0}  # state downloads by result (swarm.metrics)
         self.bytes_downloaded = 0
         self.show_progress = False  # a progress line (swarm.progress_bar) on stderr while downloading
+        self.downloading = False  # a download is in progress (swarm.status)
         self._slots = Slots(max_requests_per_peer, max_requests, "state requests")
         dht.add_validators([state_schema(run_id)])
         if self.serve:
@@ -274,6 +275,7 @@ class StateSharing:
         failures: list[str] = []
         random.shuffle(donors)
         bar = None
+        self.downloading = True
         if self.show_progress:
             from .progress_bar import ProgressBar
             bar = ProgressBar(f"downloading the swarm's state from {len(donors)} peer{'s' if len(donors) != 1 else ''}",
@@ -330,6 +332,7 @@ class StateSharing:
         finally:
             for w in (waiter, *workers):
                 w.cancel()
+            self.downloading = False
             if bar is not None:
                 bar.close(ok=done.is_set())
         blob = bytes(buffer)

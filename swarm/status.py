@@ -64,8 +64,7 @@ class PeerView:
     :class:`swarm.Optimizer` while it trains (its epoch, speed, bytes and averaging rounds are read
     from it); ``loss``/``heldout``: the latest training loss and held-out metric (``heldout_name``);
     ``history``: bounded points ``(t, epoch, loss, heldout, swarm samples/s)``, at most one per
-    ``history_period`` seconds unless forced; ``state_downloads``: result (``"ok"``, ``"failed"``)
-    -> count, ``state_download_bytes``: bytes of states downloaded."""
+    ``history_period`` seconds unless forced; ``checkpoint_loads``: checkpoints resumed from."""
 
     role: str = "trainer"
     run_id: str | None = None
@@ -78,8 +77,6 @@ class PeerView:
     target_batch_size: int | None = None
     history_period: float = 1.0
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY_POINTS))
-    state_downloads: dict = field(default_factory=lambda: {"ok": 0, "failed": 0})
-    state_download_bytes: int = 0
     checkpoint_loads: int = 0
     _last_point: float = field(default=0.0, repr=False)
 
@@ -103,9 +100,15 @@ class PeerView:
         self.history.append((t, int(epoch), _num(loss), _num(heldout), float(samples_per_second)))
         return True
 
-    def record_download(self, ok: bool, nbytes: int = 0) -> None:
-        self.state_downloads["ok" if ok else "failed"] += 1
-        self.state_download_bytes += int(nbytes)
+    def current_state(self) -> str:
+        """``state``, or what the optimizer does now: ``"downloading"`` a state, ``"averaging"``."""
+        opt = self.optimizer
+        if opt is not None and self.state == "training":
+            if getattr(getattr(opt, "sharing", None), "downloading", False):
+                return "downloading"
+            if getattr(opt, "averaging", False):
+                return "averaging"
+        return self.state
 
     @property
     def uptime(self) -> float:
@@ -210,8 +213,9 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
                 break
             age = max(dht_now - r.time, 0.0)
             online = not r.left and age <= ONLINE_WINDOW
-            if r.peer_id == me and local is not None and local.state in ("training", "averaging", "downloading"):
-                state = local.state
+            if r.peer_id == me and local is not None and local.current_state() in ("training", "averaging",
+                                                                                   "downloading"):
+                state = local.current_state()
             else:
                 state = "training" if online else "left"
             peers.append({"peer_id": _cut(r.peer_id), "address": _address_of(node, r.peer_id), "role": "trainer",
@@ -245,7 +249,7 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
     own = None
     if local is not None:
         own = {"peer_id": me, "role": local.role, "run_id": local.run_id,
-               "addresses": [str(a) for a in node.p2p.get_visible_addresses()], "state": local.state,
+               "addresses": [str(a) for a in node.p2p.get_visible_addresses()], "state": local.current_state(),
                "uptime_s": round(local.uptime, 3)}
     rounds = _round_rows(local.optimizer) if local is not None and local.optimizer is not None else []
     return {"version": SCHEMA_VERSION, "generated_at": time.time(), "self": own, "runs": runs, "peers": peers,

@@ -356,6 +356,11 @@ class P2P:
         """Addresses others can dial to reach this peer, with ``/p2p/<our PeerID>``."""
         return [a.with_peer_id(self.peer_id) for a in self._visible]
 
+    @property
+    def num_connections(self) -> tuple[int, int]:
+        """Open connections (inbound, outbound), those past a GOAWAY included."""
+        return self._num_inbound, len(self._live) - self._num_inbound
+
     def connected_peers(self) -> list[PeerID]:
         return [pid for pid, conns in self._connections.items() if any(c.usable for c in conns)]
 
