@@ -291,6 +291,34 @@ def _runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from dht import DHT, P2PError
+
+    from .status import PeerView, collect_status, format_status
+
+    try:
+        dht = DHT(initial_peers=args.initial_peers, host="127.0.0.1", client_mode=True)
+    except (P2PError, OSError, ValueError) as e:
+        return _fail(*startup_error(e))
+    view = PeerView(role="status", run_id=args.run_id, state="serving")
+
+    async def collect(_dht, node):
+        return await collect_status(node, run_id=args.run_id, local=view, timeout=args.timeout)
+    try:
+        status = dht.run_coroutine(collect, return_future=True).result(args.timeout + 5)
+    except Exception as e:  # noqa: BLE001 - a lookup that timed out or failed: one line, the network code
+        return _fail(EXIT_NETWORK, f"could not read the swarm's status: {type(e).__name__}: {e}")
+    finally:
+        dht.shutdown()
+    print(json.dumps(status, indent=1) if args.json else format_status(status), flush=True)
+    if args.run_id is not None and status["runs"][0]["last_seen_s"] is None:
+        print(f"run {args.run_id!r}: no peer of it has a progress record in the DHT", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def add_announce_argument(p: argparse.ArgumentParser) -> None:
     """``--announce-addr``: the address others dial, for hosts behind port forwarding or NAT."""
     p.add_argument("--announce-addr", nargs="+", default=None, metavar="ADDR",
@@ -364,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--hide-after", type=float, default=300.0, metavar="S",
                       help="hide runs whose last peer was seen more than S seconds ago (default 300)")
 
+    status = sub.add_parser("status", help="the swarm's overview: runs, peers, progress (without training)",
+                            description="Join the DHT through --initial-peers as a client (no training, not "
+                                        "reachable) and print the overview the dashboard shows: the runs, the "
+                                        "selected run's progress and its peers (state, reachability, samples/s, "
+                                        "epoch, loss, last seen). Without --run-id: every run found. Exit codes: 0 "
+                                        "shown, 1 --run-id has no peer record, 4 the swarm is unreachable.")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
+                        help="peers in the swarm, as /ip4/HOST/tcp/PORT/p2p/PEERID")
+    status.add_argument("--run-id", default=None, help="one run (default: the whole swarm)")
+    status.add_argument("--json", action="store_true",
+                        help="print the JSON overview (schema version 1, as the dashboard's /api/status)")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds for the DHT lookups (default 10)")
+
     demo = sub.add_parser("demo", help="train a model with a local swarm on loopback and plot it",
                           description="Start a bootstrap peer and N training peers as separate processes on "
                                       "127.0.0.1, train the task to its target, print a summary and write a PNG of "
@@ -409,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
             code = run_join(args)
         elif args.command == "runs":
             code = _runs(args)
+        elif args.command == "status":
+            code = _status(args)
         elif args.command == "demo":
             from .demo import run_demo
             code = run_demo(args)

@@ -39,8 +39,8 @@ from dht.peer.identity import PeerID
 from .progress import PeerProgress, progress_key, summarize
 from .runs import _announcements, _earliest
 
-__all__ = ["PeerView", "collect_status", "SCHEMA_VERSION", "ONLINE_WINDOW", "HISTORY_POINTS", "ROLES",
-           "STATES"]
+__all__ = ["PeerView", "collect_status", "format_status", "SCHEMA_VERSION", "ONLINE_WINDOW", "HISTORY_POINTS",
+           "ROLES", "STATES"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,3 +254,58 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
     rounds = _round_rows(local.optimizer) if local is not None and local.optimizer is not None else []
     return {"version": SCHEMA_VERSION, "generated_at": time.time(), "self": own, "runs": runs, "peers": peers,
             "progress": progress, "history": history, "averaging": {"rounds": rounds}, "stages": [], "bans": []}
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _opt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_status(status: dict, max_peers: int = 50, max_rounds: int = 10) -> str:
+    """The overview as text tables (``swarm status``): runs, the selected run's progress, its peers
+    (at most ``max_peers`` rows) and this peer's latest averaging rounds (at most ``max_rounds``)."""
+    lines = []
+    runs, peers = status["runs"], status["peers"]
+    if not runs:
+        lines.append("no runs found")
+    else:
+        lines.append(f"{'RUN':24} {'PEERS':>5} {'SAMPLES/S':>10} {'EPOCH':>6}  LAST SEEN")
+        for r in runs:
+            lines.append(f"{r['run_id'][:24]:24} {r['peers']:>5} {r['samples_per_second']:>10.1f} {r['epoch']:>6}  "
+                         f"{'now' if r['peers'] else _ago(r['last_seen_s'])}")
+    p = status["progress"]
+    if p["run_id"] is not None:
+        target = p["target_batch_size"]
+        done = f"{p['samples']}/{target} samples ({100 * p['samples'] / target:.0f}%)" if target else \
+            f"{p['samples']} samples"
+        lines += ["", f"run {p['run_id']}: epoch {p['epoch']}, {done} of this epoch, "
+                      f"{p['samples_per_second']:.1f} samples/s, loss {_opt(p['loss'])}, "
+                      f"held-out {_opt(p['heldout'])}"]
+    if peers:
+        lines += ["", f"{'PEER':16} {'RUN':16} {'STATE':11} {'REACH':8} {'SAMPLES/S':>10} {'EPOCH':>6} {'LOSS':>8}  "
+                      f"{'LAST SEEN':10} ADDRESS"]
+        for peer in peers[:max_peers]:
+            lines.append(f"{peer['peer_id'][:16]:16} {str(peer.get('run_id') or '-')[:16]:16} {peer['state']:11} "
+                         f"{peer['reachability']:8} {peer['samples_per_second']:>10.1f} "
+                         f"{peer.get('epoch', '-'):>6} {_opt(peer.get('loss')):>8}  "
+                         f"{_ago(peer['last_seen_s']):10} {peer['address'] or '-'}")
+        if len(peers) > max_peers:
+            lines.append(f"... and {len(peers) - max_peers} more peers (--json lists all)")
+    rounds = status["averaging"]["rounds"][-max_rounds:]
+    if rounds:
+        lines += ["", f"{'ROUND AT':19} {'EPOCH':>6} {'GROUP':>5} {'SECONDS':>8} {'SENT':>10} {'RECEIVED':>10}  RESULT"]
+        for r in rounds:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["t"]))
+            result = r["result"] if r["cause"] is None else f"{r['result']}: {r['cause'][:80]}"
+            lines.append(f"{when:19} {r.get('epoch', '-'):>6} {r['group_size']:>5} {r['seconds']:>8.2f} "
+                         f"{r['bytes_sent']:>10} {r['bytes_received']:>10}  {result}")
+    return "\n".join(lines)
