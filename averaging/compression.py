@@ -74,8 +74,19 @@ def _floats(msg: Any, key: str, count: int) -> list[float]:
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as float16, finite values clamped to ±65504 (±Inf and NaN stay what they are)."""
+    """``x`` as float16, finite values clamped to ±65504 (±Inf and NaN stay what they are). When every
+    value is within ±65504 (one min/max pass says so) this is a plain conversion (~10x cheaper)."""
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        if -FP16_MAX <= float(lo) and float(hi) <= FP16_MAX:  # False for NaN
+            return x.to(torch.float16)
     return torch.where(torch.isinf(x), x, x.clamp(-FP16_MAX, FP16_MAX)).to(torch.float16)
+
+
+def _rows_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position (min, max) over the rows of a 2-D ``x`` (NaN propagates): ``amin`` and ``amax``,
+    ~15x cheaper here than ``torch.aminmax(x, dim=0)``."""
+    return torch.amin(x, dim=0), torch.amax(x, dim=0)
 
 
 # torch warns (once) that a tensor over bytes could be written through; decoded tensors are only read.
@@ -172,7 +183,7 @@ class Float16(Codec):
         if inputs is None or averaged.numel() == 0:
             return absolute
         # max over members of |_half(own) - R| (each member recomputes _half(own)); _half is monotone
-        lowest, highest = torch.aminmax(inputs, dim=0) if inputs.dim() == 2 else (inputs, inputs)
+        lowest, highest = _rows_min_max(inputs) if inputs.dim() == 2 else (inputs, inputs)
         spread = max(float((_half(highest).float() - averaged).max()), float((averaged - _half(lowest).float()).max()))
         if not math.isfinite(spread):
             return absolute
@@ -193,16 +204,22 @@ class Float16(Codec):
         k = msg.get("k")
         if type(k) is not int or not self.RESIDUE_MIN_EXP <= k <= self.RESIDUE_MAX_EXP:
             raise CodecError(f"field 'k': expected an int in [{self.RESIDUE_MIN_EXP}, {self.RESIDUE_MAX_EXP}]")
-        residues = _frombuffer(_bytes(msg, "m", 2 * length), torch.int16).long()
+        residues = _frombuffer(_bytes(msg, "m", 2 * length), torch.int16)
         if own is None or own.numel() != length:
             raise CodecError("a float16 residue chunk needs the receiver's own values")
         reference = _half(own).float()
-        if not torch.isfinite(reference).all():
+        if not torch.isfinite(reference.sum()):  # |values| <= 65504: the sum of finite ones is finite
             raise CodecError("this member's own values are not finite")
         grid = math.ldexp(1.0, k)
-        near = torch.round(reference / grid).long()  # exact, as at the owner
-        n = near.add_(torch.remainder(residues - near + 32768, 65536)).sub_(32768)
-        return (n.double() * grid).float()
+        scaled = torch.round(reference / grid)  # exact, as at the owner (an integer-valued float32)
+        # N = near + ((m - near) mod 2**16, centered): an int16 subtraction that wraps around is exactly
+        # that centered residue. int32 when |near| leaves room for it (the usual case), else int64.
+        wide = torch.int32 if length == 0 or float(scaled.abs().max()) < 2.0 ** 30 else torch.int64
+        near = scaled.to(wide)
+        n = near.add_(torch.sub(residues, near.to(torch.int16)).to(wide))
+        # N * g rounded to float32: N rounded to float32, times the power of two g (exact: |N g| is a
+        # normal float32, at least 2**-36 or zero), the same as (N.double() * g).float()
+        return n.to(torch.float32).mul_(grid)
 
 
 class Uniform8(Codec):

@@ -91,6 +91,19 @@ def test_float16_residues_reach_16_bits_of_the_spread():
     assert error < mse(averaged.to(torch.float16).float(), averaged) / 1e4
 
 
+def test_float16_residues_of_large_values_with_a_tiny_spread_are_recovered_exactly():
+    """Contributions that all round to the same float16 but differ by ~1e-3: the grid is ~2**-25, so
+    round(own / grid) needs more than 31 bits (the int64 path of decode_result); bit-identical, within g / 2."""
+    g = torch.Generator().manual_seed(7)
+    base = 1000.0 + torch.zeros(512)
+    contributions = [base + 1e-3 * torch.randn(512, generator=g) for _ in range(4)]
+    message, (averaged, *decoded) = _owner_and_members(contributions, [1.0, 2.0, 3.0, 4.0])
+    assert "m" in message and 1000.0 / 2.0 ** message["k"] > 2.0 ** 30
+    for d in decoded[1:]:
+        assert torch.equal(d.view(torch.int32), decoded[0].view(torch.int32))
+    assert float((decoded[0].double() - averaged.double()).abs().max()) <= 2.0 ** message["k"] / 2
+
+
 def test_float16_residue_chunks_are_validated():
     codec = compression.get("float16")
     own = torch.randn(16)
