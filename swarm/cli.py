@@ -176,11 +176,13 @@ async def _dht(args: argparse.Namespace) -> int:
     dashboard = None
     if args.dashboard_port != -1:  # --dashboard-port off
         from .dashboard.server import DashboardError, start_dashboard
+        from .metrics import Metrics
         from .status import PeerView
 
+        view = PeerView(role="dht", state="serving")
         try:
-            dashboard = await start_dashboard(node, PeerView(role="dht", state="serving"), None,
-                                              args.dashboard_host, args.dashboard_port)
+            dashboard = await start_dashboard(node, view, Metrics(node, view), args.dashboard_host,
+                                              args.dashboard_port)
         except (DashboardError, OSError) as e:
             await node.shutdown()
             return _fail(EXIT_LOCAL, str(e))

@@ -99,6 +99,8 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="append one JSON line per epoch (time, epoch, loss, evaluation, bytes) to PATH")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
+    from .dashboard.options import add_dashboard_arguments
+    add_dashboard_arguments(p)
 
 
 class _Fatal(Exception):
@@ -373,9 +375,11 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
 
     from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
     from .cli import parse_announce
+    from .dashboard.server import close_for
     from .exitcodes import startup_error
     from .optimizer import Optimizer
     from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run, settings_differences
+    from .status import PeerView
 
     try:
         with signals.interruptible():
@@ -383,11 +387,13 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
                       client_mode=args.client_mode, announce=parse_announce(args.announce_addr))
     except (P2PError, OSError, ValueError) as e:
         raise _Fatal(*startup_error(e, args.host, args.port, identity)) from None
-    announcer = opt = None
+    announcer = opt = dashboard = None
     try:
         print(f"peer {dht.peer_id}" + ("" if args.client_mode else " reachable at:"), flush=True)
         for address in dht.get_visible_addresses():
             print(f"  {address}", flush=True)
+        view = PeerView(role="trainer", run_id=run_id, target_batch_size=task.target_batch_size)
+        dashboard = _start_dashboard(args, dht, view)
         with signals.interruptible():
             announcement = find_run(dht, run_id)
         if announcement is None:
@@ -416,6 +422,7 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
                         target_batch_size=task.target_batch_size,
                         batch_size_per_step=args.batch_size or task.batch_size,
                         client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
+        view.optimizer = opt
 
         if args.checkpoint_dir:
             try:
@@ -426,18 +433,38 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
             except (CheckpointError, ValueError, RuntimeError, KeyError) as e:
                 raise _Fatal(EXIT_CHECKPOINT, f"cannot resume from {args.checkpoint_dir}: {e} (move the file away "
                                               "to start without it)") from None
+        view.set_state("downloading")
         with signals.interruptible():
             _catch_up_at_start(opt)
+        view.set_state("training")
 
         data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.raw).digest()[:4], "little")
         return _train(args, task, model, opt, dht, signals.stop, device, shard, num_shards, data_seed, run_id,
                       save_checkpoint, local)
     finally:
+        if dashboard is not None:
+            close_for(dht, dashboard)
         if opt is not None:
             opt.shutdown()
         if announcer is not None:
             announcer.shutdown()
         dht.shutdown()
+
+
+def _start_dashboard(args: argparse.Namespace, dht: Any, view: Any) -> Any:
+    """Serve the dashboard on the DHT's loop (``--dashboard-port off``: None); prints its URL."""
+    from .dashboard.options import OFF
+    from .dashboard.server import DashboardError, serve_for
+    from .metrics import Metrics
+
+    if args.dashboard_port == OFF:
+        return None
+    try:
+        server = serve_for(dht, view, Metrics(dht.node, view), args.dashboard_host, args.dashboard_port)
+    except (DashboardError, OSError) as e:
+        raise _Fatal(EXIT_LOCAL, str(e)) from None
+    print(f"dashboard: {server.url}", flush=True)
+    return server
 
 
 def _catch_up_at_start(opt: Any) -> None:

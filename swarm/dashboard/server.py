@@ -239,7 +239,6 @@ def make_app(status: StatusCache, metrics: Any = None, *, max_sse_clients: int =
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/events", events)
     app.router.add_get("/metrics", metrics_text)
-    app["sse_streams"] = streams
     return app
 
 
@@ -248,6 +247,7 @@ class DashboardServer:
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, status: StatusCache):
         self.runner, self.host, self.port, self.status = runner, host, port, status
+        self._closed = False
 
     @property
     def url(self) -> str:
@@ -257,8 +257,10 @@ class DashboardServer:
         return f"http://{host}:{self.port}/"
 
     async def close(self) -> None:
-        """Stop listening and end the event streams (within about 2 s)."""
-        await self.runner.cleanup()
+        """Stop listening and end the event streams (within about 2 s); idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self.runner.cleanup()
 
     def __repr__(self) -> str:
         return f"DashboardServer({self.url})"
