@@ -584,9 +584,10 @@ class Optimizer:
         with torch.no_grad():  # keep the inner steps taken meanwhile, on top of the new global parameters
             for p, g, s in zip(self.params, self.global_params, snapshot):
                 p.copy_((g + (p.detach().to("cpu", torch.float32) - s)).to(p.dtype))
-        saved_samples = self.local_samples
+        saved_samples, saved_steps = self.local_samples, self.inner_step_count
         self._end_epoch(peers)
-        self.local_samples = saved_samples  # samples of the next round, taken during the overlap
+        # samples and inner steps of the next round, taken during the overlap (they count towards it)
+        self.local_samples, self.inner_step_count = saved_samples, saved_steps
 
     def _apply_outer_step(self) -> None:
         with self.averager.lock, torch.no_grad():

@@ -371,3 +371,55 @@ def test_a_four_host_swarm_averages_exactly_and_trains_over_limited_links(tmp_pa
                 assert records[-1]["bytes_received"] > 0, records
     finally:
         logs.close()
+
+
+@needs_lab
+@pytest.mark.slow
+def test_the_benchmark_peers_time_a_dht_and_a_diloco_overlap_run_across_hosts(tmp_path):
+    """The lab peers of benchmarks/wan.py on 2 hosts: dht_peer.py stores and finds every key across
+    the hosts (hops counted for remote gets); train_peer.py trains charlm in DiLoCo with overlap for
+    two rounds, both peers end at the same global model (the last round awaited and applied), with
+    compute shares in (0, 1]."""
+    links = [Link(up_mbit=100, down_mbit=100, delay_ms=5)] * 2
+    peers_dir = netlab.ROOT / "tests" / "netlab_peers"
+    logs = _Logs(tmp_path)
+    phases = tmp_path / "phases"
+    phases.mkdir()
+    try:
+        with Lab(links) as lab:
+            hosts = lab.hosts
+            common = ["--processes", "2", "--dir", str(phases), "--nodes", "2", "--keys", "3"]
+            dht_peer = str(peers_dir / "dht_peer.py")
+            logs.spawn("dht0", hosts[0], [dht_peer, "--host", hosts[0].ip, "--index", "0", *common])
+            first = logs.wait_for("dht0", r"^ADDR (\S+)", 60).group(1)
+            logs.spawn("dht1", hosts[1], [dht_peer, "--host", hosts[1].ip, "--index", "1", *common, first])
+            logs.wait_for("dht1", r"^ADDR ", 60)
+            # training peers start (importing torch) while the DHT phases run
+            start = tmp_path / "start"
+            for i in range(2):
+                logs.spawn(f"train{i}", hosts[i], [
+                    str(peers_dir / "train_peer.py"), "--host", hosts[i].ip, "--index", str(i), "--peers", "2",
+                    "--mode", "diloco_overlap", "--samples", "1024", "--run-id", "netlab-overlap",
+                    "--start", str(start),
+                    "--out", str(tmp_path / f"train{i}.json"), "--bandwidth", "12.5", first])
+            (phases / "store").touch()
+            for i in range(2):
+                stored = json.loads(logs.wait_for(f"dht{i}", r"^STORED (.*)$", 60).group(1))
+                assert stored["ok"] == [True] * 6 and all(x > 0 for x in stored["lat"]), stored
+            (phases / "get").touch()
+            for i in range(2):
+                got = json.loads(logs.wait_for(f"dht{i}", r"^GOT (.*)$", 60).group(1))
+                assert got["ok"] == [True] * 6, got
+                assert all(h >= 1 for h, local in zip(got["hops"], got["local"]) if not local), got
+                assert all(h == 0 for h, local in zip(got["hops"], got["local"]) if local), got
+            for i in range(2):
+                logs.wait_for(f"train{i}", r"^ready", 120)
+            start.write_text(repr(time.time() + 1.0))
+            results = [json.loads(logs.wait_for(f"train{i}", r"^DONE (.*)$", 180).group(1)) for i in range(2)]
+    finally:
+        logs.close()
+    for r in results:
+        assert r["steps"] == 32 and r["samples"] == 512 and r["epochs"] == 2 and r["failed_rounds"] == 0, r
+        assert 0 < r["compute"] <= r["wall"] and 0 < r["compute_cpu"] <= r["compute"] * 1.05, r
+        assert r["bytes"] > 0, r
+    assert results[0]["heldout_loss"] == results[1]["heldout_loss"], results  # the same global parameters

@@ -17,7 +17,8 @@ backward and the wrapped torch optimizer's ``step`` (the inner / local steps; da
 accumulation and averaging excluded); ``compute_cpu``: this thread's CPU seconds in those same
 sections (``time.thread_time``), which is what the compute would take on a core of its own;
 ``wall``: from the start to the end of the last step (for the overlap, the steady state: its last
-round, which no further step could hide, is awaited after that: ``drain`` seconds). The held-out loss
+round, which no further step could hide, is awaited after that, and the steps that a round still
+under way when the next was due left out get a last round: ``drain`` seconds). The held-out loss
 (``task.evaluate``, nats per byte) is of the model the swarm agreed on: the parameters (sync, single)
 or DiLoCo's global parameters. Then it stays up (serving its state, heartbeating) until killed.
 """
@@ -140,11 +141,21 @@ def main() -> int:
         steps += 1
         samples += task.samples_in(data)
     wall = time.perf_counter() - begin
-    if opt is not None and opt._pending is not None:  # overlap: the last round is still under way
+
+    def drain() -> int:
+        """Await the overlap's background round and apply it; 1 if it failed."""
+        if opt is None or opt._pending is None:
+            return 0
         opt._pending[0].exception()  # waits for it; its outcome is applied (or logged) next
         opt._finish_outer_round()
-        failed += isinstance(opt.last_averaging, Exception)
-    drain = time.perf_counter() - begin - wall
+        return int(isinstance(opt.last_averaging, Exception))
+
+    failed += drain()
+    if opt is not None and opt.mode == "diloco" and opt.inner_step_count > 0:
+        # overlap: a round still running when the next was due delays that one; its steps get a last round
+        opt._outer_round(opt.tracker.global_progress)
+        failed += drain()
+    drain_s = time.perf_counter() - begin - wall
 
     if opt is not None and opt.mode == "diloco":
         with torch.no_grad():
@@ -152,7 +163,7 @@ def main() -> int:
                 param.copy_(value)
     metrics = task.evaluate(model)
     result = {"mode": args.mode, "index": args.index, "samples": samples, "steps": steps,
-              "epochs": opt.local_epoch if opt else 0, "wall": wall, "drain": drain, "compute": timer.wall,
+              "epochs": opt.local_epoch if opt else 0, "wall": wall, "drain": drain_s, "compute": timer.wall,
               "compute_cpu": timer.cpu,
               "heldout_loss": metrics["loss"], "failed_rounds": failed,
               "bytes": (opt.bytes_sent + opt.bytes_received) if opt else 0}
