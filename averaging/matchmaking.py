@@ -132,7 +132,7 @@ class Matchmaker:
                                max_message_size=MAX_JOIN_BYTES)
 
     def close(self) -> None:
-        self.p2p.remove_handler(f"avg.join.{self.prefix}")
+        self.p2p.remove_handler(protocol.method(protocol.JOIN_METHOD, self.prefix))
         for withdrawal in list(self._withdrawals):
             withdrawal.cancel()
 
@@ -253,8 +253,9 @@ class Matchmaker:
             return None
         self._joining = True
         try:  # a leader that does not answer quickly (dead, preempted) is skipped, not waited for
-            stream = await asyncio.wait_for(self.p2p.open_stream(leader, f"avg.join.{self.prefix}", timeout=None),
-                                            self.request_timeout)
+            stream = await asyncio.wait_for(
+                self.p2p.open_stream(leader, protocol.method(protocol.JOIN_METHOD, self.prefix), timeout=None),
+                self.request_timeout)
         except (P2PError, asyncio.TimeoutError) as e:
             self._joining = False
             raise MatchmakingError(f"cannot reach {leader}: {str(e) or f'no answer within {self.request_timeout} s'}") from None
