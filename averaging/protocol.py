@@ -32,7 +32,9 @@ member -> owner                 butterfly, 1 recovery), "t": recovery tag (bytes
                                 MAX_MEMBER_INDEX=65536; must be the caller's PeerID), "w": weight (int or
                                 float; the owner excludes a member whose weight is not finite and >= 0)}``,
                                 then one codec map per chunk of the owner's ranges (:mod:`.compression`:
-                                the codec checks sizes and values).
+                                the codec checks sizes and values). The tag is the first 16 bytes of
+                                SHA-256 of ``repr((group id, survivors, spans))``, which every survivor
+                                computes alike (:mod:`.allreduce`); an owner refuses another one.
 owner -> member                 one averaged codec map per chunk, then ``{"done": [member indices whose
                                 values are in every chunk], "mixed": bool (a member was dropped after some
                                 chunks included it)}``.
