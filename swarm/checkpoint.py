@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, TextIO
 
 from .state import StateFormatError, TrainingState, unpack_state
 
@@ -74,11 +75,32 @@ def save_checkpoint(directory: str | os.PathLike, run_id: str, epoch: int, blob:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, run_id: str | None = None) -> TrainingState:
-    """Read and validate one checkpoint; raises :class:`CheckpointError` saying what is wrong."""
+_READ_CHUNK = 4 << 20
+
+
+def _read(path: Path, progress: bool | TextIO) -> bytes:
+    if not progress:
+        return path.read_bytes()
+    from .progress_bar import ProgressBar
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        blob = bytearray()
+        with ProgressBar(f"loading checkpoint {path.name}", size,
+                         stream=sys.stderr if progress is True else progress) as bar:
+            while chunk := f.read(_READ_CHUNK):
+                blob += chunk
+                bar.advance(len(chunk))
+    return bytes(blob)
+
+
+def load_checkpoint(path: str | os.PathLike, run_id: str | None = None,
+                    progress: bool | TextIO = False) -> TrainingState:
+    """Read and validate one checkpoint; raises :class:`CheckpointError` saying what is wrong.
+    ``progress``: show the read's progress (:mod:`swarm.progress_bar`) on stderr, or on this stream."""
     path = Path(path)
     try:
-        blob = path.read_bytes()
+        blob = _read(path, progress)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     try:
@@ -99,16 +121,18 @@ def _checkpoints(directory: Path, run_id: str) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(directory: str | os.PathLike, run_id: str) -> tuple[Path, TrainingState] | None:
+def latest_checkpoint(directory: str | os.PathLike, run_id: str,
+                      progress: bool | TextIO = False) -> tuple[Path, TrainingState] | None:
     """The newest valid checkpoint of ``run_id`` in ``directory`` (None if there is none). Invalid
-    files are skipped with a warning; if every file is invalid, :class:`CheckpointError` says why."""
+    files are skipped with a warning; if every file is invalid, :class:`CheckpointError` says why.
+    ``progress``: as for :func:`load_checkpoint`."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
     errors = []
     for _, path in _checkpoints(directory, run_id):
         try:
-            return path, load_checkpoint(path, run_id)
+            return path, load_checkpoint(path, run_id, progress)
         except CheckpointError as e:
             logger.warning("skipping checkpoint: %s", e)
             errors.append(str(e))
