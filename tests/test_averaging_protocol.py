@@ -323,13 +323,13 @@ def _parse_or_refuse(parser, message) -> None:
         assert len(str(e)) < 400, str(e)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(VALID)), message=msgpack_values)
 def test_parsers_refuse_arbitrary_values_with_a_bounded_bad_request(name, message):
     _parse_or_refuse(VALID[name][1], message)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(VALID)), data=st.data())
 def test_parsers_refuse_valid_messages_with_one_field_replaced(name, data):
     """Each valid message with one field (or list element) replaced by an arbitrary value."""
