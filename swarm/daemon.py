@@ -423,12 +423,14 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
                         batch_size_per_step=args.batch_size or task.batch_size,
                         client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
         view.optimizer = opt
+        opt.sharing.show_progress = not args.quiet  # state downloads show their progress on stderr
 
         if args.checkpoint_dir:
             try:
-                found = latest_checkpoint(args.checkpoint_dir, run_id)
+                found = latest_checkpoint(args.checkpoint_dir, run_id, progress=not args.quiet)
                 if found is not None:
                     opt.load_training_state(found[1])
+                    view.checkpoint_loads += 1
                     print(f"resumed from checkpoint {found[0]} (epoch {opt.local_epoch})", flush=True)
             except (CheckpointError, ValueError, RuntimeError, KeyError) as e:
                 raise _Fatal(EXIT_CHECKPOINT, f"cannot resume from {args.checkpoint_dir}: {e} (move the file away "
@@ -440,7 +442,7 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
 
         data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.raw).digest()[:4], "little")
         return _train(args, task, model, opt, dht, signals.stop, device, shard, num_shards, data_seed, run_id,
-                      save_checkpoint, local)
+                      save_checkpoint, local, view)
     finally:
         if dashboard is not None:
             close_for(dht, dashboard)
@@ -487,8 +489,21 @@ def _catch_up_at_start(opt: Any) -> None:
           "catching up later", flush=True)
 
 
+def _observe(view: Any, task: Any, opt: Any, evaluation: dict) -> None:
+    """An epoch's loss and held-out metric (the task's target metric, else its loss) into the
+    dashboard's view, with a history point (at most one per second)."""
+    view.loss = opt.last_loss
+    if evaluation:
+        name = task.target[0] if task.target is not None and task.target[0] in evaluation else "loss"
+        value = evaluation.get(name)
+        if isinstance(value, (int, float)):
+            view.heldout, view.heldout_name = float(value), name
+    g = opt.global_progress
+    view.add_point(opt.local_epoch, g.loss if g.loss is not None else opt.last_loss, view.heldout, g.samples_per_second)
+
+
 def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_seed, run_id, save_checkpoint,
-           local) -> int:
+           local, view=None) -> int:
     import torch
 
     from .local_peers import default_threads
@@ -537,6 +552,8 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
                     last_eval = task.evaluate(model)
                     record["eval"] = last_eval
                     logger.info("epoch %d: %s", opt.local_epoch, last_eval)
+                if view is not None:
+                    _observe(view, task, opt, last_eval)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
                 if opt.local_epoch - last_checkpoint_epoch >= args.checkpoint_every:
