@@ -135,6 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: swarm demo needs {' and '.join(missing)}: {DEMO_EXTRAS}", file=sys.stderr)
         return 2
+    from .progress_bar import ProgressBar, format_seconds
     from .task import TaskLoadError, load_task
 
     try:
@@ -187,17 +188,27 @@ def run_demo(args: argparse.Namespace) -> int:
             if i == 0:
                 time.sleep(2.0)  # the first peer creates the run; the others join it
         print(f"{plural(args.peers, 'peer')} training {task.name} (run {run_id}); logs in {out}/", flush=True)
-        last_print = 0.0
-        while any(p.poll() is None for p in peers) and time.monotonic() - started < args.max_seconds + 30:
-            time.sleep(0.5)
-            if time.monotonic() - last_print > 5:
-                last_print = time.monotonic()
+        # one line redrawn on a terminal, a plain line every 5 s otherwise: bytes exchanged by all peers,
+        # their rate, the epochs, the latest evaluation and the time left at most (--max-seconds)
+        bar = ProgressBar("  exchanged", stream=sys.stdout, interval=4.0)
+        try:
+            last_read = 0.0
+            while any(p.poll() is None for p in peers) and time.monotonic() - started < args.max_seconds + 30:
+                time.sleep(0.5)
+                if time.monotonic() - last_read < (1.0 if bar.tty else 5.0):
+                    continue
+                last_read = time.monotonic()
                 metrics = [_read_metrics(out / f"peer{i}.jsonl") for i in range(args.peers)]
                 epochs = [m[-1]["epoch"] if m else 0 for m in metrics]
                 evals = [r["eval"] for m in metrics for r in m if "eval" in r]
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items()) if evals else "not evaluated yet"
-                print(f"  {time.monotonic() - started:5.0f} s | epochs {epochs} | latest evaluation: {shown}",
-                      flush=True)
+                exchanged = sum(m[-1]["bytes_sent"] + m[-1]["bytes_received"] for m in metrics if m)
+                elapsed = time.monotonic() - started
+                left = args.max_seconds - elapsed
+                bar.update(exchanged, f"{elapsed:.0f} s | epochs {epochs} | latest evaluation: {shown}" +
+                           (f" | at most {format_seconds(left)} left" if left >= 1 else ""))
+        finally:
+            bar.close(ok=not interrupted)
         failed = [i for i, p in enumerate(peers) if p.poll() not in (None, 0)]
         if any(p.poll() in (130, -signal.SIGINT, -signal.SIGTERM) for p in peers):
             interrupted.append("a signal to the peers")  # e.g. Ctrl-C reached the peers' process group first
