@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 SHAPES = "7x13,101,1"  # odd sizes: 193 values
 SENDER_TIMEOUT = 3.0  # the workers' --sender-timeout; reducer timeout = 2x
 STEP_TIMEOUT = 60.0  # the round's global timeout in the fault tests
+FAULTY_TIMEOUT = 20.0  # a faulty member's, where it must not retry until STEP_TIMEOUT (the test waits for it)
 
 
 class Peer:
@@ -152,12 +153,15 @@ def weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> to
 
 
 def step_all(group: Sequence[Peer], directory: Path, weights: Sequence[float] | None = None,
-             timeout: float | Sequence[float] = 20.0, wait: float | None = None) -> list[tuple[dict, torch.Tensor]]:
-    """``step`` on every peer at once; (answer, flat tensors afterwards) per peer."""
+             timeout: float | Sequence[float] = 20.0, wait: float | None = None,
+             faulty: Sequence[int] = ()) -> list[tuple[dict, torch.Tensor]]:
+    """``step`` on every peer at once; (answer, flat tensors afterwards) per peer. The ``faulty``
+    (indices) step with ``allow_retries=False``: once excluded they answer at once, instead of
+    looking for another group, alone, until their step's timeout."""
     weights = weights or [1.0] * len(group)
     timeouts = [timeout] * len(group) if isinstance(timeout, (int, float)) else list(timeout)
-    ids = [p.command("step", weight=w, timeout=t, out=str(directory / f"{p.name}.pt"))
-           for p, w, t in zip(group, weights, timeouts)]
+    ids = [p.command("step", weight=w, timeout=t, out=str(directory / f"{p.name}.pt"), allow_retries=i not in faulty)
+           for i, (p, w, t) in enumerate(zip(group, weights, timeouts))]
     return collect(group, ids, directory, wait or max(timeouts) + 30)
 
 
@@ -209,7 +213,8 @@ BIG_ARGS = ["--shapes", BIG, "--chunk-bytes", str(1 << 16), "--target-group-size
 def _survivors_after_fault(tmp_path: Path, group: list[Peer], fault: str) -> tuple[list, float]:
     weights = [1.0, 2.0, 3.0, 4.0]
     victim = group[3]
-    ids = [p.command("step", weight=w, timeout=STEP_TIMEOUT, out=str(tmp_path / f"{p.name}.pt"))
+    ids = [p.command("step", weight=w, timeout=STEP_TIMEOUT, out=str(tmp_path / f"{p.name}.pt"),
+                     allow_retries=p is not victim)  # excluded, it answers at once when it runs again
            for p, w in zip(group, weights)]
     victim.wait_event(timeout=30)
     time.sleep(0.3)
@@ -260,7 +265,7 @@ def test_member_that_never_sends_is_excluded(tmp_path):
     specs = [seed_args(i, "--target-group-size", "4", "--min-group-size", "4") for i in range(4)]
     specs[2] += ["--fault", "never_send"]
     with peers(tmp_path, specs) as group:
-        outcomes = step_all(group, tmp_path, timeout=STEP_TIMEOUT)
+        outcomes = step_all(group, tmp_path, timeout=STEP_TIMEOUT, faulty=[2])
         silent = group[2]
         expected = weighted_mean([tensors_of(i) for i in (0, 1, 3)], [1.0] * 3)
         assert_exact([outcomes[i] for i in (0, 1, 3)], expected, {p.peer_id for p in group},
@@ -305,7 +310,9 @@ def test_wrong_chunks_and_nan_are_excluded_naming_the_member(tmp_path):
     specs[1] += ["--fault", "bad_chunks"]
     specs[3] += ["--fault", "nan"]
     with peers(tmp_path, specs) as group:
-        outcomes = step_all(group, tmp_path, timeout=STEP_TIMEOUT)
+        # the faulty retry (a failed first round is retried by all), but give up sooner than the others
+        timeouts = [FAULTY_TIMEOUT if i in (1, 3) else STEP_TIMEOUT for i in range(5)]
+        outcomes = step_all(group, tmp_path, timeout=timeouts)
         good = [0, 2, 4]
         expected = weighted_mean([tensors_of(i) for i in good], [1.0] * 3)
         assert_exact([outcomes[i] for i in good], expected, {p.peer_id for p in group},
