@@ -242,7 +242,8 @@ def allreduce(size: int, rounds: int, codecs: list[str], directory: Path, profil
                 peers.append(spawn(f"peer{i}", host, [
                     PEER, "--host", host.ip, "--index", str(i), "--peers", str(len(lab.hosts)), "--size", str(size),
                     "--rounds", str(rounds + 1), "--compression", ",".join(codecs), "--matchmaking-time", "3",
-                    "--bandwidth", str(LINKS_MBIT[i] / 8), "--timeout", "600", "--linger", "10", first]
+                    "--bandwidth", str(LINKS_MBIT[i] / 8), "--timeout", "600", "--linger", "10",
+                    "--sender-timeout", "30", "--no-retries", first]
                     + (["--profile"] if i in profile else [])))
                 sampler.watch(f"peer{i}", peers[-1][0].pid)
             sampler.watch("forwarder", lab._forwarder.pid)

@@ -98,6 +98,9 @@ def main() -> int:
     p.add_argument("--bandwidth", type=float, default=None, help="MB/s announced for load balancing")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per round")
     p.add_argument("--matchmaking-time", type=float, default=2.0)
+    p.add_argument("--sender-timeout", type=float, default=5.0, help="the Averager's (default 5 s)")
+    p.add_argument("--no-retries", action="store_true", help="one attempt per round: a failed round is "
+                   "reported and the peers go on to the next (else retried until --timeout)")
     p.add_argument("--out", default=None)
     p.add_argument("--linger", type=float, default=5.0)
     p.add_argument("--profile", action="store_true", help="sample every thread's stack every 5 ms during the rounds")
@@ -123,7 +126,8 @@ def main() -> int:
     for codec in args.compression.split(","):
         averager = Averager([tensor], dht, prefix=f"netlab-avg-{codec}", target_group_size=args.peers,
                             min_group_size=args.peers, compression=codec, bandwidth=args.bandwidth,
-                            min_matchmaking_time=args.matchmaking_time, default_timeout=args.timeout)
+                            min_matchmaking_time=args.matchmaking_time, default_timeout=args.timeout,
+                            sender_timeout=args.sender_timeout)
         if profiler is not None:
             profiler.start()
         for r in range(args.rounds):
@@ -131,7 +135,8 @@ def main() -> int:
                 tensor.copy_(original)
             started, t_start, cpu = time.monotonic(), time.time(), time.process_time()
             try:
-                result = averager.step(weight=args.index + 1.0, timeout=args.timeout, scope=f"round{r}")
+                result = averager.step(weight=args.index + 1.0, timeout=args.timeout, scope=f"round{r}",
+                                       allow_retries=not args.no_retries)
             except AveragingError as e:
                 print(json.dumps({"codec": codec, "round": r, "error": str(e)[:500]}), flush=True)
                 continue
