@@ -270,6 +270,7 @@ class Browser:
                 "--disable-extensions", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars",
                 f"--window-size={width},{height}", "about:blank"]
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a reused profile: not an old port
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # chromium refuses to run as root with its sandbox
         with open(log, "w") as out:

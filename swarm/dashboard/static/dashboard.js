@@ -162,7 +162,8 @@
     for (let v = Math.ceil(xmin / xstep) * xstep; v <= xmax; v += xstep) {
       const x = Math.round(sx(v)) + 0.5;
       ctx.beginPath(); ctx.moveTo(x, pad.t); ctx.lineTo(x, h - pad.b); ctx.stroke();
-      ctx.fillText(fmtClock(v), x, h - pad.b + 5);
+      const label = fmtClock(v), half = ctx.measureText(label).width / 2 + 1;
+      ctx.fillText(label, Math.min(Math.max(x, half), w - half), h - pad.b + 5);  // kept inside the canvas
     }
     ctx.strokeStyle = "#b8bdc8";
     ctx.beginPath(); ctx.moveTo(pad.l + 0.5, pad.t); ctx.lineTo(pad.l + 0.5, h - pad.b + 0.5);
@@ -239,7 +240,10 @@
     });
     ctx.textBaseline = "top"; ctx.fillStyle = "#6b7385";
     ctx.fillText(fmtClock(obj(shown[0]).t), pad.l + slot / 2, h - pad.b + 5);
-    if (shown.length > 1) ctx.fillText(fmtClock(obj(shown[shown.length - 1]).t), w - pad.r - slot / 2, h - pad.b + 5);
+    if (shown.length > 1) {
+      ctx.textAlign = "right";
+      ctx.fillText(fmtClock(obj(shown[shown.length - 1]).t), w - pad.r, h - pad.b + 5);
+    }
     ctx.textAlign = "left"; ctx.textBaseline = "middle";
     ctx.fillStyle = "#2e9d5b"; ctx.fillRect(pad.l + 6, 6, 10, 3);
     ctx.fillStyle = "#1d2433"; ctx.fillText("ok " + (shown.length - failed), pad.l + 20, 8);
@@ -264,7 +268,7 @@
     const roles = {};
     online.forEach((x) => { const r = text(obj(x).role, 20); roles[r] = (roles[r] || 0) + 1; });
     const left = peers.length - online.length;
-    setText("peer-roles", Object.keys(roles).sort().map((r) => roles[r] + " " + r).join(", ") +
+    setText("peer-roles", Object.keys(roles).sort().map((r) => roles[r] + " " + r + (roles[r] === 1 ? "" : "s")).join(", ") +
       (left ? (online.length ? ", " : "") + left + " left" : "") || "–");
     setText("samples-per-second", fmt(p.samples_per_second, 1));
     setText("loss", fmt(p.loss, 4));
