@@ -479,8 +479,10 @@ async def test_the_page_shows_a_live_swarm_in_chromium(tmp_path):
             assert {p["id"] for p in state["peers"] if p["state"] != "left"} == peer_ids
             assert {p["text"] for p in state["peers"]} == peer_ids
             assert before - 1 <= int(state["epoch"]) <= after + 1, (state["epoch"], before, after)
-            assert math.isfinite(float(state["loss"])) and float(state["lossLast"]) == pytest.approx(
-                float(state["loss"]), rel=0.2, abs=1e-3)
+            # the loss shown is the swarm's: within the range of the losses the peers wrote
+            losses = [r["loss"] for p in metrics for r in read_jsonl(p) if r.get("loss") is not None]
+            assert losses and min(losses) / 2 <= float(state["loss"]) <= max(losses) * 2, (state["loss"], losses)
+            assert math.isfinite(float(state["lossLast"])) and float(state["lossLast"]) > 0
             assert state["connection"].endswith("live")
             # live: the charts grow while we watch
             await browser.wait_for(f"Number(document.getElementById('chart-loss').dataset.points) > "
