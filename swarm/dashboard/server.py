@@ -10,7 +10,8 @@ Routes:
 - ``/metrics``: the peer's Prometheus text (:meth:`swarm.metrics.Metrics.render`), 404 without metrics.
 
 A local flood cannot load the peer: :class:`StatusCache` builds the status at most once per
-``interval`` (1 s) however many clients ask, all of them sharing one build; at most
+``interval`` (1 s) however many clients ask, all of them sharing one build; ``/metrics`` renders at
+most twice a second; at most
 ``max_sse_clients`` (16) event streams are open at once (beyond: 503); the page and its files are
 served from memory. Every response carries a strict Content-Security-Policy (scripts and styles only
 from this server, no inline code) and ``X-Content-Type-Options: nosniff``. While the server listens on
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 1.0  # seconds: the status is built at most this often; /events pushes it this often
 MAX_SSE_CLIENTS = 16  # event streams open at once
+METRICS_INTERVAL = 0.5  # seconds: /metrics renders at most this often (scrapers come every 15 s or so)
 SSE_RETRY_MS = 2000  # the browser reconnects this long after the stream broke
 SHUTDOWN_TIMEOUT = 2.0  # seconds requests in flight get when the server stops
 ERROR_LOG_INTERVAL = 60.0  # seconds between two warnings that building the status failed
@@ -221,12 +223,16 @@ def make_app(status: StatusCache, metrics: Any = None, *, max_sse_clients: int =
         finally:
             streams["open"] -= 1
 
+    rendered: dict[str, Any] = {"at": -math.inf, "body": b""}
+
     async def metrics_text(_request: web.Request) -> web.Response:
         if metrics is None:
             raise web.HTTPNotFound(text="this peer keeps no metrics\n")
         from swarm.metrics import CONTENT_TYPE
 
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        if time.monotonic() - rendered["at"] >= METRICS_INTERVAL:  # a flood of scrapes renders twice a second
+            rendered["body"], rendered["at"] = metrics.render(), time.monotonic()
+        return web.Response(body=rendered["body"], headers={"Content-Type": CONTENT_TYPE})
 
     async def on_shutdown(_app: web.Application) -> None:
         closing.set()  # event streams end at once instead of holding the shutdown
