@@ -9,6 +9,7 @@ unusable or in use, 130 interrupted):
    batch through ``data``, the model, ``loss`` and ``optimizer`` ("task error in loss(): ..."),
    all before any networking;
 3. start a DHT peer and join through ``--initial-peers`` (Ctrl-C is honoured at once while waiting);
+   serve the dashboard on its event loop (:mod:`swarm.dashboard`: ``--dashboard-port``, URL printed);
 4. find the run's announcement: none -> this peer creates the run and says so; otherwise refuse to go
    on (one line per field) if the announced task hash or a pinned setting differs from ours: the
    task attribute, the optimizer mode and options (:data:`swarm.optimizer.PINNED_OPTIONS`), the
