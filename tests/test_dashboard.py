@@ -539,6 +539,15 @@ async def test_the_page_shows_hostile_strings_as_text_and_reconnects(net, tmp_pa
                                    "document.getElementById('connection').classList.contains('live')", timeout=15,
                                    what="updates after the restart")
             assert (await browser.evaluate("document.title")) != "pwned"
+
+            # a new record in the DHT shows on the page within 5 s (the bound on the lag)
+            assert await browser.evaluate("document.getElementById('epoch').textContent") == "3"
+            stored = time.monotonic()
+            assert await attacker.store(progress_key("evil-run"), dict(record, epoch=7, time=get_dht_time()),
+                                        get_dht_time() + 60, subkey=attacker.signature_validator.ownership_marker)
+            await browser.wait_for("document.getElementById('epoch').textContent === '7'", timeout=10,
+                                   what="the new epoch")
+            assert time.monotonic() - stored < 5
             assert browser.errors == []
     finally:
         await server.close()
