@@ -67,8 +67,8 @@ def _shutdown_at_exit() -> None:
     for averager in list(_live):
         try:
             averager.shutdown(timeout=5.0)
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
+        except Exception as e:  # noqa: BLE001 - exiting anyway
+            logger.debug("shutting an averager down at exit failed: %s", e)
 
 
 @dataclass
@@ -264,7 +264,8 @@ class AsyncAverager:
                                           snapshot, result=self._take_buffer()),
                         remaining)
                 except asyncio.TimeoutError:
-                    raise AveragingError(f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
+                    raise AveragingError(
+                        f"the all-reduce did not finish within the step's timeout of {timeout} s") from None
                 break
             except AveragingError as e:
                 # (after a failure the buffers are dropped: a cancelled executor job may still write into them)
@@ -285,7 +286,8 @@ class AsyncAverager:
         self._give_back(snapshot, result)
         if outcome.seconds > 0 and not self.client_mode:
             rate = (outcome.bytes_sent + outcome.bytes_received) / 2 / outcome.seconds / 1e6
-            self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.7 * self.measured_bandwidth + 0.3 * rate
+            previous = self.measured_bandwidth
+            self.measured_bandwidth = rate if previous is None else 0.7 * previous + 0.3 * rate
         gathered = {}
         for peer_id, peer_info in zip(group.members, group.gathered):
             gathered[peer_id] = peer_info.get("gather") if isinstance(peer_info, dict) else None

@@ -125,7 +125,9 @@ class Matchmaker:
         self._beginning = False  # this peer starts its own group: it joins no other
         self._begin_started = False  # a call of _begin is sending the begin messages
         self._tried: dict[PeerID, float] = {}  # leader -> its declared expiration when we asked it
-        self._withdrawals: set[asyncio.Future] = set()  # at most one per search, each within request_timeout
+        # background tasks, cancelled on close: withdrawals (at most one per search, each within
+        # request_timeout) and the start of a group that filled up
+        self._withdrawals: set[asyncio.Future] = set()
         if node is not None:  # (tests drive a Matchmaker without a DHT)
             node.validator.extend([group_key_schema(prefix)])
         p2p.add_stream_handler(protocol.method(protocol.JOIN_METHOD, prefix), self._serve_join,
@@ -187,7 +189,8 @@ class Matchmaker:
                     self._expiration = min(deadline, now + self.min_matchmaking_time)
                     await self._declare_once()
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._group_ready), min(0.5, max(self._expiration - now, 0.01)))
+                    await asyncio.wait_for(asyncio.shield(self._group_ready),
+                                           min(0.5, max(self._expiration - now, 0.01)))
                 except asyncio.TimeoutError:
                     pass
         finally:
@@ -206,8 +209,8 @@ class Matchmaker:
         try:
             await asyncio.wait_for(self.node.store(key, None, expiration, subkey=str(self.p2p.peer_id)),
                                    self.request_timeout)
-        except Exception:  # noqa: BLE001 - the declaration expires on its own anyway
-            pass
+        except Exception as e:  # noqa: BLE001 - the declaration expires on its own anyway
+            logger.debug("withdrawing the declaration under %r failed: %s", key, e)
 
     async def _declare_once(self) -> None:
         value = {"addrs": [str(a) for a in self.p2p.get_visible_addresses()], "client": self.client_mode}
@@ -217,7 +220,7 @@ class Matchmaker:
         while True:
             try:
                 await self._declare_once()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - retried on the next period; logged
                 logger.debug("declaring for matchmaking failed: %s", e)
             await asyncio.sleep(max(self.min_matchmaking_time / 2, 0.5))
 
@@ -258,7 +261,8 @@ class Matchmaker:
                 self.request_timeout)
         except (P2PError, asyncio.TimeoutError) as e:
             self._joining = False
-            raise MatchmakingError(f"cannot reach {leader}: {str(e) or f'no answer within {self.request_timeout} s'}") from None
+            why = str(e) or f"no answer within {self.request_timeout} s"
+            raise MatchmakingError(f"cannot reach {leader}: {why}") from None
         try:
             await stream.send(protocol.join_request(self._key, self.schema_hash, self._expiration, self._my_info,
                                                     self.client_mode,
@@ -328,7 +332,9 @@ class Matchmaker:
         await stream.send(protocol.join_accepted(self._expiration))
         if len(self._followers) + 1 >= self.target_group_size and not self._joining:
             self._beginning = True
-            asyncio.ensure_future(self._begin())
+            begin = asyncio.ensure_future(self._begin())  # kept until done (a task may be collected mid-flight)
+            self._withdrawals.add(begin)
+            begin.add_done_callback(self._withdrawals.discard)
         try:
             await done  # resolved by _begin or _disband; the follower's stream stays open until then
         finally:
@@ -350,7 +356,8 @@ class Matchmaker:
         random.shuffle(order)
         members = [members[i] for i in order]
         infos, clients, addrs = [infos[i] for i in order], [clients[i] for i in order], [addrs[i] for i in order]
-        bandwidths = [0.0 if c else (i.get("bandwidth") if isinstance(i, dict) else None) for i, c in zip(infos, clients)]
+        bandwidths = [0.0 if c else (i.get("bandwidth") if isinstance(i, dict) else None)
+                      for i, c in zip(infos, clients)]
         bandwidths = [b if b is None or (isinstance(b, (int, float)) and math.isfinite(b) and b >= 0) else None
                       for b in bandwidths]
         total = int(self._my_info.get("size", 0))
@@ -359,7 +366,7 @@ class Matchmaker:
         result = self._parse_begin(begin)
         assert result is not None
         self._begin_started = True
-        for peer_id, (stream, request) in followers.items():
+        for stream, request in followers.values():
             try:
                 await stream.send(begin, end=True)
             except P2PError:
@@ -371,7 +378,7 @@ class Matchmaker:
         return result
 
     async def _disband(self, reason: str, suggested: PeerID | None = None) -> None:
-        for peer_id, (stream, request) in list(self._followers.items()):
+        for stream, request in list(self._followers.values()):
             try:
                 await stream.send(protocol.join_disbanded(reason, suggested.raw if suggested else None), end=True)
             except P2PError:

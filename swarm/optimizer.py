@@ -47,7 +47,7 @@ import concurrent.futures
 import inspect
 import logging
 import math
-import time
+import time  # the training thread has no event loop: its retry pacing and speed use this clock
 import warnings
 import weakref
 from typing import Any, Callable, Iterable
@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from averaging import Averager, AveragingError, MatchmakingError
-from dht import DHT, get_dht_time
+from dht import DHT
 
 from .progress import GlobalProgress, ProgressTracker
 from .state import StateFormatError, TrainingState, optimizer_state_from_tensors, optimizer_state_to_tensors, \
@@ -391,7 +391,7 @@ class Optimizer:
 
     def _report(self) -> None:
         if self._counted_epoch != self.local_epoch:  # this peer just entered an epoch (or loaded a state)
-            self._counted_epoch, self._epoch_started = self.local_epoch, get_dht_time()
+            self._counted_epoch, self._epoch_started = self.local_epoch, self.dht.node.clock()
             self._last_step_time = None  # the speed counts training time, not the averaging pause
         self.tracker.report(self.local_epoch, self.local_samples, self.samples_per_second, self.last_loss,
                             self.bytes_sent, self.bytes_received)
@@ -399,7 +399,7 @@ class Optimizer:
     def _swarm_samples(self, progress: GlobalProgress) -> tuple[int, int]:
         """(samples the swarm accumulated at this peer's epoch, peers at it), counting this peer live."""
         me = str(self.dht.peer_id)
-        now = get_dht_time()
+        now = self.dht.node.clock()  # DHT time, as the reports carry it
         others = [r for r in progress.peers if r.peer_id != me]
         samples = 0
         for r in others:

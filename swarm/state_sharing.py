@@ -44,7 +44,7 @@ from typing import Annotated, Callable
 
 import pydantic
 
-from dht import DHT, PeerID, RemoteError, SchemaValidator, get_dht_time
+from dht import DHT, PeerID, RemoteError, SchemaValidator
 from dht.peer.errors import BadRequestError, ErrorCode, P2PError
 from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
@@ -155,7 +155,7 @@ class StateSharing:
             return
         value = {"epoch": int(self._epoch), "hash": self._hash, "size": len(self._blob or b""), "peer_id": str(node.peer_id)}
         try:
-            await node.store(self.key, value, get_dht_time() + self.expiration, subkey=self._subkey)
+            await node.store(self.key, value, node.clock() + self.expiration, subkey=self._subkey)
         except Exception as e:  # noqa: BLE001 - retried by the loop
             logger.debug("state announcement failed: %s", e)
 
@@ -242,7 +242,7 @@ class StateSharing:
 
     def _download_agreed(self, min_epoch: int, timeout: float,
                          alive: Callable[[Donor], bool] | None) -> tuple[bytes, int] | None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout  # the caller's thread (no event loop): its own clock
         error: StateDownloadError | None = None
         for _attempt in range(3):  # donors move on to newer states; re-read the announcements and retry
             choice = self.agreed([d for d in self.donors() if alive is None or alive(d)], min_epoch)
@@ -353,7 +353,7 @@ class StateSharing:
             if self._announcer is not None:
                 self._announcer.cancel()
             if self._hash is not None:  # withdraw the announcement: joiners must not ask a peer that left
-                await node.store(self.key, None, get_dht_time() + self.expiration, subkey=self._subkey)
+                await node.store(self.key, None, node.clock() + self.expiration, subkey=self._subkey)
         try:
             self.dht.run_coroutine(stop, return_future=True).result(timeout)
         except Exception as e:  # noqa: BLE001 - the announcement expires on its own
