@@ -67,6 +67,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from dht.peer.rpc_stats import SECONDS_BUCKETS
 
@@ -128,17 +129,20 @@ def _histogram(name: str, doc: str, bounds: tuple[float, ...], counts: list[int]
 class Metrics:
     """The Prometheus view of one peer: ``node`` (a :class:`dht.DHTNode`) and optionally ``view``
     (its :class:`swarm.status.PeerView`; its optimizer, when training). ``render()`` returns the text
-    format (:data:`CONTENT_TYPE`); ``registry`` is this peer's own ``CollectorRegistry``.
-    ``process=True`` adds prometheus_client's process and platform collectors."""
+    format (:data:`CONTENT_TYPE`); ``registry`` is this peer's own ``CollectorRegistry`` (the swarm
+    collector, and with ``process=True`` prometheus_client's process, platform and GC collectors),
+    for use with prometheus_client's own tools. ``render()`` writes the swarm families itself (their
+    names and label names are constants: no per-sample validation), several times faster than
+    ``generate_latest``, and appends ``generate_latest`` of the process collectors."""
 
     def __init__(self, node: Any, view: PeerView | None = None, *, process: bool = True):
         self.node, self.view = node, view
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        self._process_registry = CollectorRegistry(auto_describe=False)  # (also in self.registry)
         if process:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+            for kind in (ProcessCollector, PlatformCollector, GCCollector):
+                self.registry.register(kind(registry=self._process_registry))
         self._round_seconds = _Histogram(ROUND_SECONDS_BUCKETS)
         self._group_sizes = _Histogram(GROUP_SIZE_BUCKETS)
         self._last_round = 0.0  # "t" of the newest round already counted in the histograms
@@ -147,7 +151,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
-        return generate_latest(self.registry)
+        return _format(self.collect()).encode() + generate_latest(self._process_registry)
 
     # ---- reading the counters ----------------------------------------------------------------
     def _take_rounds(self, optimizer: Any) -> None:
@@ -281,6 +285,26 @@ class Metrics:
                                   value=getattr(sharing, "bytes_served", 0))
         yield CounterMetricFamily("swarm_checkpoint_loads", "checkpoints loaded",
                                   value=getattr(view, "checkpoint_loads", 0))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format(families: Iterator[Metric]) -> str:
+    """The text format of families whose names and label names are valid constants (as
+    ``generate_latest`` writes them: counters as ``NAME_total``, no timestamps nor ``_created``)."""
+    out: list[str] = []
+    for family in families:
+        name = family.name + "_total" if family.type == "counter" else family.name
+        out.append(f"# HELP {name} {family.documentation}\n# TYPE {name} {family.type}\n")
+        for sample in family.samples:
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(sample.labels.items()))
+                out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
+    return "".join(out)
 
 
 class _Collector:

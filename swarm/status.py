@@ -181,17 +181,26 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
     DHT lookups are bounded by ``timeout`` seconds (what did not arrive is left out)."""
     run_id = run_id if run_id is not None else (local.run_id if local is not None else None)
     whole_swarm = run_id is None
-    try:
-        announcements = _earliest(await asyncio.wait_for(_announcements(node), timeout))
-    except Exception as e:  # noqa: BLE001 - a lookup that timed out or failed: the overview shows what it has
-        logger.debug("status: run announcements: %s", e)
-        announcements = {}
-    ids = sorted(announcements)[:MAX_RUNS] if whole_swarm else [run_id]
-    try:
-        found = await asyncio.wait_for(asyncio.gather(*(_run_records(node, r) for r in ids)), timeout)
-    except Exception as e:  # noqa: BLE001 - as above
-        logger.debug("status: progress records: %s", e)
-        found = [[] for _ in ids]
+
+    async def bounded(coro: Any, default: Any, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except Exception as e:  # noqa: BLE001 - a lookup that timed out or failed: the overview shows what it has
+            logger.debug("status: %s: %s", what, e)
+            return default
+
+    async def records_of(ids: list[str]) -> list[list[PeerProgress]]:
+        return list(await asyncio.gather(*(_run_records(node, r) for r in ids)))
+
+    if whole_swarm:  # the runs first, then their records
+        announcements = _earliest(await bounded(_announcements(node), [], "run announcements"))
+        ids = sorted(announcements)[:MAX_RUNS]
+        found = await bounded(records_of(ids), [[] for _ in ids], "progress records")
+    else:  # both lookups at once
+        ids = [run_id]
+        listed, found = await asyncio.gather(bounded(_announcements(node), [], "run announcements"),
+                                             bounded(records_of(ids), [[]], "progress records"))
+        announcements = _earliest(listed)
     dht_now = get_dht_time()
     me = str(node.peer_id)
     runs, peers = [], []

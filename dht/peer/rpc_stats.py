@@ -23,8 +23,7 @@ import os
 __all__ = ["MethodStats", "RpcStats", "SECONDS_BUCKETS", "OTHER", "enabled"]
 
 OTHER = "other"
-SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                   60.0)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 60.0)  # histogram bounds, s
 
 
 def enabled() -> bool:
