@@ -256,7 +256,8 @@ def main() -> None:
     print(f"scrape with {s['known_peers']} routing-table peers, {s['connections']} connections and "
           f"{s['progress_records']} progress records ({os.cpu_count()} CPUs):")
     print(f"  {'what':34} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"  {'Metrics.render() (/metrics)':34} {s['scrapes']:>6} {s['render_p50_ms']:>8.2f} {s['render_p99_ms']:>8.2f}"
+    print(f"  {'Metrics.render() (/metrics)':34} {s['scrapes']:>6} {s['render_p50_ms']:>8.2f} "
+          f"{s['render_p99_ms']:>8.2f}"
           f"   ({s['metrics_bytes']} bytes)")
     print(f"  {'collect_status() (/api/status)':34} {s['status_calls']:>6} {s['status_p50_ms']:>8.2f} "
           f"{s['status_p99_ms']:>8.2f}")
@@ -264,7 +265,8 @@ def main() -> None:
           f"{s['get_p99_ms']:>8.2f}")
     if "overhead" in result:
         o = result["overhead"]
-        print(f"\ninstrumentation overhead: 2 peers x {o['steps_per_peer']} steps of digits, {o['repeats']} runs a mode:")
+        print(f"\ninstrumentation overhead: 2 peers x {o['steps_per_peer']} steps of digits, "
+              f"{o['repeats']} runs a mode:")
         print(f"  {'mode':10} {'CPU ms/step':>12} {'wall s':>8} {'epochs':>10} {'rounds ok':>9} {'scrapes':>8}")
         for r in o["runs"]:
             print(f"  {'on' if r['counting'] else 'off':10} {r['cpu_per_step_ms']:>12.2f} {r['wall_s']:>8.1f} "

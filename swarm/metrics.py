@@ -204,9 +204,9 @@ class Metrics:
                     _histogram("", "", SECONDS_BUCKETS, list(m.buckets), m.seconds, values=[method, side],
                                family=seconds)
                     failures.add_metric([method, side], m.failures)
-            for method, (s, r) in sorted(totals.items()):
-                sent.add_metric([method], s)
-                received.add_metric([method], r)
+            for method, (out, into) in sorted(totals.items()):
+                sent.add_metric([method], out)
+                received.add_metric([method], into)
         yield from (sent, received, seconds, failures)
         inbound, outbound = p2p.num_connections
         connections = GaugeMetricFamily("swarm_connections", "open connections", labels=["direction"])

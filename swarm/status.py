@@ -197,13 +197,15 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
         ids = sorted(announcements)[:MAX_RUNS]
         found = await bounded(records_of(ids), [[] for _ in ids], "progress records")
     else:  # both lookups at once
+        assert run_id is not None
         ids = [run_id]
         listed, found = await asyncio.gather(bounded(_announcements(node), [], "run announcements"),
                                              bounded(records_of(ids), [[]], "progress records"))
         announcements = _earliest(listed)
     dht_now = get_dht_time()
     me = str(node.peer_id)
-    runs, peers = [], []
+    runs: list[dict] = []
+    peers: list[dict] = []
     summaries = {}
     for rid, records in zip(ids, found):
         announcement = announcements.get(rid)
@@ -241,7 +243,7 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
         progress.update(epoch=epoch, samples=g.samples if g.epoch == epoch else 0, target_batch_size=target,
                         samples_per_second=round(g.samples_per_second, 3), loss=_num(g.loss))
     own_run = local is not None and local.run_id is not None and local.run_id == selected
-    if own_run:
+    if own_run and local is not None:
         progress["heldout"] = _num(local.heldout)
         if progress["loss"] is None:
             progress["loss"] = _num(local.loss)
