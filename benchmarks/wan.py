@@ -63,10 +63,11 @@ time: latency of each get as the reader sees it (all gets, and "remote": those w
 replica itself), hops (``LookupResult.rounds`` of the get's lookup, 0 when answered locally; over
 remote gets), the fraction found, store latency.
 
-``--json`` prints one line: ``{"allreduce": [{"codec", "ours_s", "hivemind_s", "bound_s",
-"rounds_s", "config"}, ...], "training": [{"mode", "utilisation", "heldout_loss",
-"utilisation_cpu", ...}, ...], "dht": {"ours": {"get_p50_ms", "get_p95_ms", "hops_p50", ...},
-"hivemind": null, "config"}, "config", "training_config", "dht_config", "cpu", "forwarder", ...}``
+``--json`` prints one line on stdout (the tables go to stderr then): ``{"allreduce": [{"codec",
+"ours_s", "hivemind_s", "bound_s", "rounds_s", "skews", "config"}, ...], "training": [{"mode",
+"utilisation", "heldout_loss", "utilisation_cpu", ...}, ...], "dht": {"ours": {"get_p50_ms",
+"get_p95_ms", "hops_p50", ...}, "hivemind": null, "config"}, "config", "training_config",
+"dht_config", "cpu", "forwarder", ...}``
 (workloads not run: empty).
 
 Measured here (``sudo .venv/bin/python benchmarks/wan.py --workloads 1,2 --json``, 504 s wall, and
@@ -468,42 +469,47 @@ def _fmt(value, spec: str = ".2f", missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_tables(result: dict) -> None:
+def print_tables(result: dict, out=sys.stdout) -> None:
+    """The tables, every row naming its configuration."""
+
+    def pr(*parts: object) -> None:
+        print(*parts, file=out)
+
     if result.get("allreduce"):
         cfg = result["config"]
-        print(f"1. all-reduce, {cfg['peers']} peers x {cfg['size'] / 1e6:g}M float32, links {cfg['links_mbit']} Mbit/s "
-              f"(symmetric), {cfg['rtt_ms']:g} ms RTT; median of {cfg['rounds']} rounds, matchmaking excluded")
-        print(f"   {'configuration':<47} {'ours s':>8} {'hivemind s':>11} {'bound s':>8} {'ours/bound':>11}")
+        pr(f"1. all-reduce, {cfg['peers']} peers x {cfg['size'] / 1e6:g}M float32, links {cfg['links_mbit']} Mbit/s "
+           f"(symmetric), {cfg['rtt_ms']:g} ms RTT; median of {cfg['rounds']} rounds, matchmaking excluded")
+        pr(f"   {'configuration':<47} {'ours s':>8} {'hivemind s':>11} {'bound s':>8} {'ours/bound':>11}")
         for row in result["allreduce"]:
             ratio = f"{row['ours_s'] / row['bound_s']:.2f}x" if row["ours_s"] is not None else "-"
-            print(f"   {row['config']:<47} {_fmt(row['ours_s'], '.2f', 'failed'):>8} {'n/a':>11} "
-                  f"{row['bound_s']:>8.2f} {ratio:>11}")
+            pr(f"   {row['config']:<47} {_fmt(row['ours_s'], '.2f', 'failed'):>8} {'n/a':>11} "
+               f"{row['bound_s']:>8.2f} {ratio:>11}")
         for codec, c in result.get("cpu", {}).items():
-            print(f"   cpu during the last {codec} round: machine {c['machine_cores']:.2f} cores, peers "
-                  f"{c['peers_cores']:.2f}, forwarder {c['forwarder_cores']:.2f}; busiest thread per peer "
-                  f"{sorted(c['peer_top_thread_cores'].values(), reverse=True)[:4]}")
+            pr(f"   cpu during the last {codec} round: machine {c['machine_cores']:.2f} cores, peers "
+               f"{c['peers_cores']:.2f}, forwarder {c['forwarder_cores']:.2f}; busiest thread per peer "
+               f"{sorted(c['peer_top_thread_cores'].values(), reverse=True)[:4]}")
     if result.get("training"):
         cfg = result["training_config"]
-        print(f"2. training charlm, {cfg['samples']} samples per mode, {cfg['peers']} peers at {cfg['mbit']} Mbit/s, "
-              f"{cfg['rtt_ms']:g} ms RTT (sync: epochs of {cfg['sync_target_batch']}; DiLoCo: "
-              f"{cfg['diloco_inner_steps']} inner steps of {cfg['batch']})")
-        print(f"   {'configuration':<54} {'util':>6} {'util cpu':>9} {'held-out':>9} {'wall s':>7} {'ms/step':>8} "
-              f"{'MB/peer':>8} {'failed':>6}")
+        pr(f"2. training charlm, {cfg['samples']} samples per mode, {cfg['peers']} peers at {cfg['mbit']} Mbit/s, "
+           f"{cfg['rtt_ms']:g} ms RTT (sync: epochs of {cfg['sync_target_batch']}; DiLoCo: "
+           f"{cfg['diloco_inner_steps']} inner steps of {cfg['batch']})")
+        pr(f"   {'configuration':<54} {'util':>6} {'util cpu':>9} {'held-out':>9} {'wall s':>7} {'ms/step':>8} "
+           f"{'MB/peer':>8} {'failed':>6}")
         for r in result["training"]:
-            print(f"   {r['config']:<54} {100 * r['utilisation']:5.1f}% {100 * r['utilisation_cpu']:8.1f}% "
-                  f"{r['heldout_loss']:9.4f} {r['wall_s']:7.1f} {r['ms_per_step']:8.1f} {r['mb_per_peer']:8.2f} "
-                  f"{r['failed_rounds']:6d}")
+            pr(f"   {r['config']:<54} {100 * r['utilisation']:5.1f}% {100 * r['utilisation_cpu']:8.1f}% "
+               f"{r['heldout_loss']:9.4f} {r['wall_s']:7.1f} {r['ms_per_step']:8.1f} {r['mb_per_peer']:8.2f} "
+               f"{r['failed_rounds']:6d}")
     if result.get("dht"):
         d, o = result["dht"], result["dht"]["ours"]
-        print(f"3. {d['config']}: {result['dht_config']['keys_per_peer']} keys stored and read per peer")
-        print(f"   {'':<10} {'get p50 ms':>10} {'p95':>7} {'remote p50':>10} {'p95':>7} {'hops p50':>8} {'p95':>4} "
-              f"{'found':>6} {'store p50':>9}")
-        print(f"   {'ours':<10} {_fmt(o['get_p50_ms'], '.1f'):>10} {_fmt(o['get_p95_ms'], '.1f'):>7} "
-              f"{_fmt(o['remote_get_p50_ms'], '.1f'):>10} {_fmt(o['remote_get_p95_ms'], '.1f'):>7} "
-              f"{_fmt(o['hops_p50'], 'd'):>8} {_fmt(o['hops_p95'], 'd'):>4} {100 * o['found']:5.1f}% "
-              f"{_fmt(o['store_p50_ms'], '.1f'):>9}")
-        print(f"   {'hivemind':<10} {'n/a':>10}")
-    print(f"hivemind: {HIVEMIND_NOTE}")
+        pr(f"3. {d['config']}: {result['dht_config']['keys_per_peer']} keys stored and read per peer")
+        pr(f"   {'':<10} {'get p50 ms':>10} {'p95':>7} {'remote p50':>10} {'p95':>7} {'hops p50':>8} {'p95':>4} "
+           f"{'found':>6} {'store p50':>9}")
+        pr(f"   {'ours':<10} {_fmt(o['get_p50_ms'], '.1f'):>10} {_fmt(o['get_p95_ms'], '.1f'):>7} "
+           f"{_fmt(o['remote_get_p50_ms'], '.1f'):>10} {_fmt(o['remote_get_p95_ms'], '.1f'):>7} "
+           f"{_fmt(o['hops_p50'], 'd'):>8} {_fmt(o['hops_p95'], 'd'):>4} {100 * o['found']:5.1f}% "
+           f"{_fmt(o['store_p50_ms'], '.1f'):>9}")
+        pr(f"   {'hivemind':<10} {'n/a':>10}")
+    pr(f"hivemind: {HIVEMIND_NOTE}")
 
 
 def main() -> int:
@@ -558,9 +564,10 @@ def main() -> int:
     result["wall_s"] = time.monotonic() - started
     result["loadavg"] = {"start": load_start, "end": os.getloadavg()}
     result["hivemind_note"] = HIVEMIND_NOTE
-    print_tables(result)
+    table = sys.stderr if args.json else sys.stdout  # with --json, stdout is the one JSON line
+    print_tables(result, table)
     print(f"wall time {result['wall_s']:.0f} s; load average {result['loadavg']['start'][0]:.1f} at the start, "
-          f"{result['loadavg']['end'][0]:.1f} at the end (2 cores)")
+          f"{result['loadavg']['end'][0]:.1f} at the end ({os.cpu_count()} cores)", file=table)
     if args.json:
         print(json.dumps(result))
     return 0
