@@ -12,7 +12,11 @@ rendered once a second (a scrape; Prometheus scrapes every 15 s by default); wit
 (``SWARM_METRICS=0``, read when a P2P starts) nothing is counted nor rendered. The process's CPU
 seconds (all threads) over the training window, divided by the steps of both peers, are CPU seconds
 per step. Modes alternate (off, on, off, on, ...) ``--repeats`` times; the ratio is the median "on"
-over the median "off" (its spread: the extreme ratios of the individual pairs).
+over the median "off" (its spread: the extreme ratios of the individual pairs). On a shared machine
+that ratio's noise is several percent, more than the effect, so the script also estimates the
+overhead from its parts: the CPU time of the counting operations per RPC (timed over 200,000
+iterations) times the RPCs per training step (counted in the "on" runs), plus the scrapes' CPU time
+per step, over the CPU time per step with counting off.
 
 (b) Scrape latency. A DHT node in this process (bucket size 64, so that its routing table holds them
 all) and ``--peers`` DHT nodes on 127.0.0.1 in 4 worker processes (so that this process holds the
@@ -57,13 +61,19 @@ def _train_once(steps: int, counting: bool) -> dict:
     dhts += [DHT(initial_peers=dhts[0].get_visible_addresses(), host="127.0.0.1") for _ in range(2)]
     assert all((d.node.p2p.stats is not None) == counting for d in dhts)
     opts, models = [], []
+    run_id = f"bench-metrics-{counting}-{time.time_ns()}"
     for d in dhts[1:]:
         torch.manual_seed(0)
         model = task.model()
-        opts.append(Optimizer(dht=d, run_id=f"bench-metrics-{counting}-{time.time_ns()}", optimizer=task.optimizer,
+        opts.append(Optimizer(dht=d, run_id=run_id, optimizer=task.optimizer,
                               params=model.parameters(), target_batch_size=task.target_batch_size,
                               batch_size_per_step=task.batch_size, matchmaking_time=1.0))
         models.append(model)
+    deadline = time.monotonic() + 30
+    while min(o.tracker.refresh().num_peers for o in opts) < 2 and time.monotonic() < deadline:
+        for o in opts:  # a first report, so that each sees the other before the measured window
+            o.tracker.report(0, 0, 0.0)
+        time.sleep(0.2)
     views = [PeerView(role="trainer", run_id=o.run_id, state="training", optimizer=o) for o in opts]
     metrics = [Metrics(d.node, v) for d, v in zip(dhts[1:], views)] if counting else []
     start = threading.Barrier(3)
@@ -102,13 +112,44 @@ def _train_once(steps: int, counting: bool) -> dict:
             raise errors[0]
         rounds = sum(o.round_counts["ok"] for o in opts)
         epochs = [o.local_epoch for o in opts]
+        calls = 0
+        for d in dhts[1:]:
+            stats = d.node.p2p.stats
+            if stats is not None:
+                calls += sum(m.calls for table in (stats.outbound, stats.inbound) for m in table.values())
     finally:
         for o in opts:
             o.shutdown()
         for d in dhts:
             d.shutdown()
     return {"counting": counting, "cpu_per_step_ms": 1e3 * cpu / (2 * steps), "wall_s": wall, "epochs": epochs,
-            "rounds_ok": rounds, "scrapes": scrapes, "render_ms_mean": 1e3 * render_seconds / max(scrapes, 1)}
+            "rounds_ok": rounds, "scrapes": scrapes, "render_ms_mean": 1e3 * render_seconds / max(scrapes, 1),
+            "rpc_calls_per_step": calls / (2 * steps), "render_ms_per_step": 1e3 * render_seconds / (2 * steps)}
+
+
+def _per_call_cost(iterations: int = 200_000) -> dict:
+    """CPU microseconds that counting adds to one RPC, both ends together: the operations the
+    multiplexer runs per call when counting is on (the method's entry looked up, a message sent and
+    one received counted, the call's duration observed; on each side), timed over many iterations."""
+    from dht.peer.rpc_stats import RpcStats
+
+    client, server = RpcStats(), RpcStats()
+    for i in range(20):  # a realistic table: a few methods on each side
+        client.entry(f"method.{i}", False)
+        server.entry(f"method.{i}", True)
+    clock = time.monotonic
+    t0 = time.process_time()
+    for _ in range(iterations):
+        for stats, inbound in ((client, False), (server, True)):
+            opened = clock()
+            entry = stats.entry("method.7", inbound)
+            if entry is not None:
+                entry.bytes_sent += 300
+            if entry is not None:
+                entry.bytes_received += 300
+            if entry is not None:
+                entry.observe(clock() - opened, False)
+    return {"counting_us_per_call": 1e6 * (time.process_time() - t0) / iterations}
 
 
 def overhead(steps: int, repeats: int) -> dict:
@@ -122,9 +163,16 @@ def overhead(steps: int, repeats: int) -> dict:
     off = [r["cpu_per_step_ms"] for r in runs if not r["counting"]]
     on = [r["cpu_per_step_ms"] for r in runs if r["counting"]]
     pairs = [b / a for a, b in zip(off, on)]
+    cost = _per_call_cost()
+    counted = [r for r in runs if r["counting"]]
+    calls_per_step = statistics.median(r["rpc_calls_per_step"] for r in counted)
+    render_per_step = statistics.median(r["render_ms_per_step"] for r in counted)
+    # the estimate: what counting adds to each call, times the calls per step, plus the scrapes' share
+    estimate = (cost["counting_us_per_call"] * calls_per_step / 1e3 + render_per_step) / statistics.median(off)
     return {"steps_per_peer": steps, "repeats": repeats, "cpu_per_step_ms_off": statistics.median(off),
             "cpu_per_step_ms_on": statistics.median(on), "ratio": statistics.median(on) / statistics.median(off),
-            "ratio_min": min(pairs), "ratio_max": max(pairs), "runs": runs}
+            "ratio_min": min(pairs), "ratio_max": max(pairs), "rpc_calls_per_step": calls_per_step,
+            "render_ms_per_step": render_per_step, **cost, "estimated_overhead": estimate, "runs": runs}
 
 
 async def _host_peers(count: int, address: str, run_id: str) -> None:
@@ -189,11 +237,12 @@ async def _scrape_latency(peers: int, scrapes: int, workers: int = 4) -> dict:
         metrics = Metrics(first, view)
         for _ in range(20):  # warm up
             metrics.render()
-        render = []
+        render, render_cpu = [], []
         for _ in range(scrapes):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             metrics.render()
             render.append(1e3 * (time.perf_counter() - t0))
+            render_cpu.append(1e3 * (time.thread_time() - c0))
         status_ms = []
         seen = 0
         for _ in range(max(scrapes // 20, 10)):
@@ -210,6 +259,7 @@ async def _scrape_latency(peers: int, scrapes: int, workers: int = 4) -> dict:
                 "open_fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None,
                 "progress_records": seen, "scrapes": scrapes,
                 "render_p50_ms": _pct(render, 50), "render_p99_ms": _pct(render, 99),
+                "render_cpu_p50_ms": _pct(render_cpu, 50), "render_cpu_p99_ms": _pct(render_cpu, 99),
                 "metrics_bytes": len(metrics.render()), "status_calls": len(status_ms),
                 "status_p50_ms": _pct(status_ms, 50), "status_p99_ms": _pct(status_ms, 99),
                 "get_p50_ms": _pct(get_ms, 50), "get_p99_ms": _pct(get_ms, 99)}
@@ -257,7 +307,7 @@ def main() -> None:
           f"{s['progress_records']} progress records ({os.cpu_count()} CPUs):")
     print(f"  {'what':34} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"  {'Metrics.render() (/metrics)':34} {s['scrapes']:>6} {s['render_p50_ms']:>8.2f} "
-          f"{s['render_p99_ms']:>8.2f}"
+          f"{s['render_p99_ms']:>8.2f}   (CPU {s['render_cpu_p50_ms']:.2f} / {s['render_cpu_p99_ms']:.2f})"
           f"   ({s['metrics_bytes']} bytes)")
     print(f"  {'collect_status() (/api/status)':34} {s['status_calls']:>6} {s['status_p50_ms']:>8.2f} "
           f"{s['status_p99_ms']:>8.2f}")
@@ -267,12 +317,17 @@ def main() -> None:
         o = result["overhead"]
         print(f"\ninstrumentation overhead: 2 peers x {o['steps_per_peer']} steps of digits, "
               f"{o['repeats']} runs a mode:")
-        print(f"  {'mode':10} {'CPU ms/step':>12} {'wall s':>8} {'epochs':>10} {'rounds ok':>9} {'scrapes':>8}")
+        print(f"  {'mode':10} {'CPU ms/step':>12} {'wall s':>8} {'epochs':>10} {'rounds ok':>9} {'scrapes':>8} "
+              f"{'calls/step':>10}")
         for r in o["runs"]:
             print(f"  {'on' if r['counting'] else 'off':10} {r['cpu_per_step_ms']:>12.2f} {r['wall_s']:>8.1f} "
-                  f"{str(r['epochs']):>10} {r['rounds_ok']:>9} {r['scrapes']:>8}")
+                  f"{str(r['epochs']):>10} {r['rounds_ok']:>9} {r['scrapes']:>8} {r['rpc_calls_per_step']:>10.2f}")
         print(f"  median on / median off = {o['ratio']:.4f} ({100 * (o['ratio'] - 1):+.2f} %; pairs "
-              f"{o['ratio_min']:.3f}..{o['ratio_max']:.3f})")
+              f"{o['ratio_min']:.3f}..{o['ratio_max']:.3f}: the noise of this machine)")
+        print(f"  counting costs {o['counting_us_per_call']:.2f} us of CPU per RPC (both ends); "
+              f"{o['rpc_calls_per_step']:.1f} RPCs and {o['render_ms_per_step']:.3f} ms of scrapes per step")
+        print(f"  estimated overhead = (counting x calls + scrapes) per step / CPU per step = "
+              f"{100 * o['estimated_overhead']:.2f} %")
 
 
 if __name__ == "__main__":
