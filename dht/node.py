@@ -93,6 +93,14 @@ def _default_clock() -> Callable[[], float]:
     return loop.dht_time if isinstance(loop, VirtualClockLoop) else get_dht_time
 
 
+def _loop_time() -> float:
+    """The running event loop's clock (virtual on dht.peer.virtual_clock), else time.monotonic()."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 def _pack(obj: Any) -> bytes:
     try:
         return msgpack.packb(obj, use_bin_type=True)
@@ -226,13 +234,13 @@ class DHTNode:
 
     def _excluded(self, peer_id: PeerID) -> bool:
         until = self._backoff.get(peer_id, (0.0, 0))[0]
-        return until > time.monotonic()
+        return until > _loop_time()
 
     def _on_failure(self, peer_id: PeerID, error: BaseException) -> None:
         logger.debug("DHT peer %s failed: %s", peer_id.short(), error)
         self.routing_table.remove(peer_id)
         _, failures = self._backoff.get(peer_id, (0.0, 0))
-        self._backoff[peer_id] = (time.monotonic() + min(5.0 * 2 ** failures, 300.0), failures + 1)
+        self._backoff[peer_id] = (_loop_time() + min(5.0 * 2 ** failures, 300.0), failures + 1)
 
     def _on_success(self, peer_id: PeerID, server: bool) -> None:
         """A call of ours to ``peer_id`` was answered (``server``: it says it accepts calls)."""
@@ -725,8 +733,8 @@ class DHTNode:
         bucket = self._buckets.get(ctx.peer_id)
         if bucket is None:  # (a bounded LRU: _buckets)
             bucket = self._buckets[ctx.peer_id] = TokenBucket(self.limits.store_rate, self.limits.store_burst,
-                                                              time.monotonic())
-        allowed = bucket.take_up_to(len(items), time.monotonic())
+                                                              _loop_time())
+        allowed = bucket.take_up_to(len(items), _loop_time())
         answers: list[bool | str] = []
         # storage budgets count every address range, loopback and private ones included
         source = prefix_of(getattr(ctx, "remote_host", None) or host_of(ctx.endpoint), local_too=True)
@@ -848,13 +856,13 @@ class DHTNode:
             return table.knows(peer_id) or self.p2p.is_connected(peer_id)
 
         forgotten = self.p2p.forget_peers(table.knows, self.limits.forget_after)
-        now, mono = asyncio.get_running_loop().time(), time.monotonic()
+        now = _loop_time()  # backoffs, buckets and dial-backs all run on the loop's clock
         for peer_id, bucket in self._buckets.items():
-            refilled = bucket.tokens + (mono - bucket.updated) * bucket.rate >= bucket.burst
+            refilled = bucket.tokens + (now - bucket.updated) * bucket.rate >= bucket.burst
             if refilled and not keep(peer_id):
                 self._buckets.pop(peer_id)
         for peer_id, (until, _) in self._backoff.items():
-            if until + 300.0 < mono and not table.knows(peer_id):
+            if until + 300.0 < now and not table.knows(peer_id):
                 self._backoff.pop(peer_id)
         for peer_id in self._skew_warned.keys():
             if not keep(peer_id):

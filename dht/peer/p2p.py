@@ -190,7 +190,7 @@ class P2P:
         rank = _THIRD_PARTY if third_party else _ANNOUNCED
         book = self._address_book.get(peer_id)
         if third_party and book is not None and all(a in book.texts for a in addresses):
-            book.touched = time.monotonic()  # the common case: the DHT relearns known contacts
+            book.touched = _now()  # the common case: the DHT relearns known contacts
             self._address_book.move_to_end(peer_id)
             return
         parsed = []
@@ -208,7 +208,7 @@ class P2P:
             self._trim_address_book()
         else:
             self._address_book.move_to_end(peer_id)
-        book.touched = time.monotonic()
+        book.touched = _now()
         if book.add(parsed, rank):
             self._address_texts.pop(peer_id, None)
         texts = [a for a in addresses if isinstance(a, str)]
@@ -290,7 +290,7 @@ class P2P:
     def forget_peers(self, keep: Callable[[PeerID], bool], idle: float = 0.0) -> int:
         """Drop the addresses (and dial records) of peers that are not connected, not ``keep(peer)``,
         and not mentioned for ``idle`` seconds; returns how many peers were forgotten."""
-        now = time.monotonic()
+        now = _now()
         gone = [pid for pid, book in self._address_book.items()
                 if now - book.touched >= idle and not self.is_connected(pid) and not keep(pid)]
         for pid in gone:
@@ -327,7 +327,7 @@ class P2P:
         if book is None:
             book = self._address_book[peer_id] = _Book()
             self._trim_address_book()
-        book.touched = time.monotonic()
+        book.touched = _now()
         book.add([address], _CONFIRMED)
         self._address_texts.pop(peer_id, None)
         self._dialed[peer_id] = address
@@ -523,6 +523,14 @@ class P2P:
 
     def __repr__(self) -> str:
         return f"P2P({self.peer_id}, {len(self._connections)} peers connected)"
+
+
+def _now() -> float:
+    """The running loop's clock (virtual on dht.peer.virtual_clock), else time.monotonic()."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def _refuse(channel: FrameChannel, reason: str) -> None:
