@@ -471,10 +471,18 @@ class _Phase:
             logger.warning("%s: %s", config.label, e)  # this member's own values are lost: so is its round
             self.outcome.failed.add(config.me)
             stream.cancel()
+        except RemoteError as e:
+            if e.code == "excluded":
+                # the owner refused my values: I failed (to it), not it. Reporting it, or excluding it
+                # from my own part, would make the members that it serves well drop it, and the
+                # honest owners that excluded a faulty member would be failed by that member's report
+                logger.info("%s: excluded from the part of %s", config.label, config.group.members[owner])
+                self.outcome.failed.add(config.me)
+            else:
+                self._owner_failed(owner, str(e))
+            stream.cancel()
         except (P2PError, asyncio.TimeoutError, CodecError, AveragingError, TypeError) as e:  # TypeError: a codec
             reason = f"no answer for {config.owner_timeout:.1f} s" if isinstance(e, asyncio.TimeoutError) else str(e)
-            if isinstance(e, RemoteError) and e.code == "excluded":
-                self.outcome.failed.add(config.me)
             self._owner_failed(owner, reason)
             stream.cancel()
         finally:
@@ -624,7 +632,9 @@ class AllReduceService:
             if pending:  # they report at about the same time; a missing one is waited for a while only
                 await asyncio.wait(pending, timeout=self._relay_wait.get(group_id, 0.0))
             heard = [c for c in others if futures[c].done() and futures[c].result() is not None]
-            relayed = sorted(set().union(*(futures[c].result() for c in heard)))
+            # a client failed here, or that failed itself, is relayed as failed, what it says of others not
+            relayed = sorted(set().union(*({c} if c in mine_failed or c in futures[c].result()
+                                           else futures[c].result() for c in heard)))
             return protocol.report_reply(mine_failed, heard, relayed)
         finally:
             self._report_calls.discard((group_id, member))
@@ -713,6 +723,8 @@ class AllReduceService:
                 report, heard, through = protocol.parse_report_reply(response, n, client=group.is_client(me))
                 if not futures[peer].done():
                     futures[peer].set_result(set(report))
+                if peer in report:
+                    return  # it failed itself: it is dropped, and what it relays does not count either
                 relayed.update(through)
                 for c in heard:
                     if c in futures and group.is_client(c) and not futures[c].done():
@@ -731,23 +743,29 @@ class AllReduceService:
         peers = []
         for peer in futures:
             if peer in failed:
-                futures[peer].set_result(None)
+                if not futures[peer].done():  # its report may have come already: it does not count (below)
+                    futures[peer].set_result(None)
             elif not group.is_client(peer) and (group.is_client(me) or me < peer):
                 peers.append(peer)  # clients call me (or reach me through the reachable members)
         calls = asyncio.ensure_future(call_all(peers))
+        # failed here (e.g. excluded), this round is lost: the members I call learn it at once, the
+        # others need not be waited for
+        awaited = [futures[p] for p in peers] if me in failed else list(futures.values())
         try:
-            await asyncio.wait(list(futures.values()), timeout=timeout)
+            if awaited:
+                await asyncio.wait(awaited, timeout=timeout)
         finally:
             calls.cancel()
             await asyncio.gather(calls, return_exceptions=True)
-        survivors = set(range(n))
+        survivors = set(range(n)) - failed - relayed
         for peer, future in futures.items():
             report = future.result() if future.done() else None
-            if report is None:
+            if report is None or peer in failed or peer in report:
+                # unreachable, failed here, or it failed itself (e.g. excluded): what it says of the
+                # others does not count (an excluded member would blame the owners that excluded it)
                 survivors.discard(peer)
             else:
                 survivors -= report
-        survivors -= failed | relayed
         return sorted(survivors)
 
 

@@ -1,0 +1,155 @@
+"""AllReduceService rounds on MemoryNetwork and the virtual clock, with faults at exact points.
+
+- Two faulty members of five (NaN values, or a stall after the first chunks; or two stalls): the
+  owners exclude them, and what the excluded members then report or do (they were refused by every
+  good owner) must not make the honest ones drop each other: the three honest members end with the
+  exact weighted mean over themselves, bit-identical, and the faulty ones are named in the log.
+- A failure report that arrives before this member's own agreement starts (from a member it has
+  already seen fail) is taken into account, not an error.
+- An owner whose own event loop stalls longer than the sender timeout (a synchronous call that
+  blocks it), or whose decoding of a member's chunk is slow, does not blame the members whose chunks
+  were already on their way: nobody is excluded; a member that really sends nothing still is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import pytest
+import torch
+
+from averaging import allreduce, compression
+from averaging.allreduce import AllReduceService, RoundConfig
+from averaging.errors import AveragingError
+from averaging.group import GroupInfo
+from dht import P2P
+from dht.peer import virtual_clock
+from dht.peer.memory_transport import MemoryNetwork
+
+PART = 4_000  # values per member's part: 4 chunks of 1 024 (the last one shorter)
+CHUNK = 1_024
+SENDER_TIMEOUT = 2.0
+GROUP_ID = b"\x42" * 20
+
+
+class Round:
+    """``n`` P2P peers with an AllReduceService each on one MemoryNetwork (on the running loop)."""
+
+    def __init__(self, n: int, latency: float = 0.005, seed: int = 0):
+        self.n, self.latency, self.seed = n, latency, seed
+        self.peers: list[P2P] = []
+        self.services: list[AllReduceService] = []
+        g = torch.Generator().manual_seed(seed)
+        self.values = [torch.randn(n * PART, generator=g) for _ in range(n)]
+        self.weights = [float(i + 1) for i in range(n)]
+
+    async def __aenter__(self) -> "Round":
+        network = MemoryNetwork(latency=self.latency, seed=self.seed)
+        self.peers = [await network.create_peer(name=f"p{i}") for i in range(self.n)]
+        for a in self.peers:
+            for b in self.peers:
+                if a is not b:
+                    a.add_addresses(b.peer_id, b.get_visible_addresses())
+        self.services = [AllReduceService(p, "faults") for p in self.peers]
+        self.group = GroupInfo(GROUP_ID, [p.peer_id for p in self.peers], [PART] * self.n, [None] * self.n,
+                               [False] * self.n, [None] * self.n)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        for service in self.services:
+            service.close()
+        await asyncio.gather(*(p.shutdown() for p in self.peers))
+
+    def config(self, i: int, **kwargs: Any) -> RoundConfig:
+        options = dict(codec=compression.get("none"), chunk_elems=CHUNK, sender_timeout=SENDER_TIMEOUT)
+        options.update(kwargs)
+        return RoundConfig(self.group, i, self.weights[i], **options)
+
+    async def run(self, configs: dict[int, dict] | None = None) -> list[Any]:
+        """Every member's ``run`` at once: its (result, AllReduceResult) or the exception it raised."""
+        configs = configs or {}
+        return await asyncio.gather(*(self.services[i].run(self.config(i, **configs.get(i, {})), self.values[i])
+                                      for i in range(self.n)), return_exceptions=True)
+
+    def name(self, i: int) -> str:
+        return str(self.peers[i].peer_id)
+
+
+def on_outgoing_chunk(p2p: P2P, chunk: int, action: Callable[[], Any]) -> None:
+    """Await ``action()`` before ``p2p`` sends chunk number ``chunk`` (0: the first after the header)
+    on each of its outgoing part streams; the send goes on when it returns."""
+    original = p2p.open_stream
+
+    async def open_stream(peer: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        stream = await original(peer, method, *args, **kwargs)
+        if ".part" not in method:
+            return stream
+        sent = 0
+        send = stream.send
+
+        async def faulty_send(message: Any, **kw: Any) -> None:
+            nonlocal sent
+            sent += 1
+            if sent == chunk + 2:
+                await action()
+            await send(message, **kw)
+
+        stream.send = faulty_send
+        return stream
+
+    p2p.open_stream = open_stream  # type: ignore[method-assign]
+
+
+async def stall_forever() -> None:
+    await asyncio.Event().wait()  # alive and connected, but sends nothing more
+
+
+def assert_exact_mean(r: Round, outcomes: Sequence[Any], honest: Sequence[int]) -> None:
+    """Every honest member succeeded with the weighted mean over exactly ``honest`` (float32
+    accuracy), bit-identical, every part contributed by exactly them."""
+    expected = sum(r.weights[i] * r.values[i].double() for i in honest) / sum(r.weights[i] for i in honest)
+    ids = {r.peers[i].peer_id for i in honest}
+    first = outcomes[honest[0]][0]
+    for i in honest:
+        assert isinstance(outcomes[i], tuple), f"member {i}: {outcomes[i]!r}"
+        result, info = outcomes[i]
+        assert set(info.survivors) == ids
+        assert all(set(contributors) == ids for _, _, contributors in info.parts)
+        assert torch.allclose(result.double(), expected, rtol=1e-6, atol=1e-6), (result.double() - expected).abs().max()
+        assert torch.equal(result.view(torch.int32), first.view(torch.int32))
+
+
+@pytest.mark.parametrize("faults", [("nan", "stall"), ("stall", "stall"), ("stall", "nan")])
+def test_two_faulty_members_of_five_honest_ones_get_the_exact_mean(faults, caplog):
+    """Members 1 and 3 are faulty (NaN values: every owner refuses them at once; or they stop
+    sending after two chunks: excluded after the sender timeout). Each faulty member's own part
+    waits for the other faulty one, so it is still open when the good owners exclude it: what it
+    does then must not drop good owners. The honest 0, 2, 4 get the exact mean over themselves."""
+    async def main() -> None:
+        async with Round(5) as r:
+            for i, fault in zip((1, 3), faults):
+                if fault == "nan":
+                    r.values[i][::97] = float("nan")
+                else:
+                    on_outgoing_chunk(r.peers[i], 2, stall_forever)
+            started = asyncio.get_running_loop().time()
+            outcomes = await asyncio.wait_for(r.run(), 60)
+            assert_exact_mean(r, outcomes, [0, 2, 4])
+            for i in (0, 2, 4):
+                assert outcomes[i][1].recovered_ranges, "the faulty members' parts are re-reduced"
+            for i in (1, 3):
+                assert isinstance(outcomes[i], AveragingError), outcomes[i]
+            # virtual seconds: exclusion after the sender timeout, then agreement and recovery
+            assert asyncio.get_running_loop().time() - started < 4 * SENDER_TIMEOUT
+            for i, fault in zip((1, 3), faults):
+                reason = "sent NaN or Inf values" if fault == "nan" else "sent nothing"
+                assert f"excluding {r.name(i)}: {reason}" in caplog.text
+            for i in (0, 2, 4):
+                assert f"excluding {r.name(i)}" not in caplog.text
+                assert f"part owner {r.name(i)} failed" not in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
+        virtual_clock.run(main())
