@@ -112,9 +112,10 @@ def assert_exact_mean(r: Round, outcomes: Sequence[Any], honest: Sequence[int]) 
     accuracy), bit-identical, every part contributed by exactly them."""
     expected = sum(r.weights[i] * r.values[i].double() for i in honest) / sum(r.weights[i] for i in honest)
     ids = {r.peers[i].peer_id for i in honest}
-    first = outcomes[honest[0]][0]
     for i in honest:
         assert isinstance(outcomes[i], tuple), f"member {i}: {outcomes[i]!r}"
+    first = outcomes[honest[0]][0]
+    for i in honest:
         result, info = outcomes[i]
         assert set(info.survivors) == ids
         assert all(set(contributors) == ids for _, _, contributors in info.parts)
@@ -150,6 +151,40 @@ def test_two_faulty_members_of_five_honest_ones_get_the_exact_mean(faults, caplo
             for i in (0, 2, 4):
                 assert f"excluding {r.name(i)}" not in caplog.text
                 assert f"part owner {r.name(i)} failed" not in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
+        virtual_clock.run(main())
+
+
+def test_a_report_that_arrives_before_the_local_agreement_starts(caplog):
+    """Member 0's reducer raises: its part fails, so the others see it fail as an owner, while it
+    sees nobody fail and sends its report ({0}) to every member at once. Member 2 starts its own
+    agreement only after that report arrived (the report of a member it already counts as failed):
+    the report is taken (it does not count), no error; 1, 2, 3 get the exact mean over themselves."""
+    def broken(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a reducer that fails")
+
+    async def main() -> None:
+        async with Round(4) as r:
+            late = r.services[2]
+            original = late._agree
+
+            async def agree_after_the_report(config: RoundConfig, failed: set[int], timeout: float) -> list[int]:
+                assert 0 in failed
+                report = late._reports[GROUP_ID][0]
+                await asyncio.wait_for(asyncio.shield(report), 10)  # member 0's report is here
+                assert report.result() == {0}
+                return await original(config, failed, timeout)
+
+            late._agree = agree_after_the_report  # type: ignore[method-assign]
+            outcomes = await asyncio.wait_for(r.run({0: dict(reducer=broken)}), 60)
+            assert isinstance(outcomes[2], tuple), repr(outcomes[2])  # (it was an InvalidStateError)
+            assert isinstance(outcomes[0], AveragingError), outcomes[0]
+            assert_exact_mean(r, outcomes, [1, 2, 3])
+            # member 0's values are in every part: all are re-reduced without them
+            assert all(outcomes[i][1].recovered_ranges == [(i * PART, (i + 1) * PART) for i in range(4)]
+                       for i in (1, 2, 3))
+            assert "InvalidStateError" not in caplog.text
 
     with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
         virtual_clock.run(main())
