@@ -200,6 +200,33 @@ def _decode_into(codec: Codec, message: Any, result: torch.Tensor, lo: int, hi: 
     return True
 
 
+class _RunningClock:
+    """Time in which this member's event loop ran, for one phase: ``loop.time()`` minus the stalls
+    of the loop (a synchronous call, a GC pause, an overloaded machine), seen as the lateness of a
+    tick every ``tick`` seconds (:meth:`run`). A member's silence and an owner's answer are timed
+    on it, so that this member blames nobody for its own stall: bytes that arrived meanwhile wait
+    in the transport until the loop reads them, after the stall."""
+
+    def __init__(self, tick: float):
+        self.tick, self.loop = tick, asyncio.get_running_loop()
+        self.last = self.loop.time()  # when the last tick ran
+        self.stalled = 0.0  # seconds the ticks so far came late
+
+    def now(self) -> float:
+        """Running seconds (the lateness of a tick that is due now counts as stalled too)."""
+        now = self.loop.time()
+        return now - self.stalled - max(0.0, now - self.last - self.tick)
+
+    async def run(self, on_tick: Callable[[float], None]) -> None:
+        """Tick until cancelled, calling ``on_tick(running seconds)`` at every tick."""
+        while True:
+            await asyncio.sleep(self.tick)
+            now = self.loop.time()
+            self.stalled += max(0.0, now - self.last - self.tick)
+            self.last = now
+            on_tick(now - self.stalled)
+
+
 class _LocalError(AveragingError):
     """This member could not send its own values (e.g. its codec failed): it, not the owner, failed."""
 
@@ -210,8 +237,10 @@ class _Owner:
     the encoded averages to every member's part stream (:meth:`serve`)."""
 
     def __init__(self, config: RoundConfig, ranges: Sequence[tuple[int, int]], active: Sequence[int],
-                 flat: torch.Tensor, result: torch.Tensor, failed: set[int], traffic: _Traffic):
-        now = asyncio.get_running_loop().time()
+                 flat: torch.Tensor, result: torch.Tensor, failed: set[int], traffic: _Traffic,
+                 clock: _RunningClock):
+        self.clock = clock  # the phase's: members' silences are measured in time this loop ran
+        now = clock.now()
         self.config, self.flat, self.result = config, flat, result
         self.failed, self.traffic = failed, traffic  # shared with the phase: members excluded here are failed there
         self.chunks = chunk_ranges(ranges, config.chunk_elems)
@@ -219,7 +248,8 @@ class _Owner:
         self.weights: dict[int, float] = {}
         self.delivered = {i: 0 for i in active}
         self.alive = set(active)
-        self.last_progress = {i: now for i in active}
+        self.last_progress = {i: now for i in active}  # running time (self.clock) of its last chunk
+        self.decoding: set[int] = set()  # members with a chunk taken from their stream, being decoded
         self.encoded: list[dict | None] = [None] * len(self.chunks)
         self.reduced = 0
         self.reducing = False  # a reduction is in flight: the values of the live members are in it
@@ -261,7 +291,7 @@ class _Owner:
         self.weights[member] = weight
         self.pending[index][member] = values
         self.delivered[member] = index + 1
-        self.last_progress[member] = asyncio.get_running_loop().time()
+        self.last_progress[member] = self.clock.now()
         self.arrived.set()
 
     @property
@@ -334,15 +364,17 @@ class _Owner:
             self.finished.set()  # done, or failed: nobody left to reduce for
             self.changed.set()
 
-    async def watchdog(self) -> None:
+    def check_senders(self, now: float) -> None:
+        """Exclude every member whose next chunk did not arrive for ``sender_timeout`` of running time
+        ``now`` (the phase clock's: this loop's own stalls do not count); one whose chunk is being
+        decoded is not silent (its bytes are here)."""
+        if self.finished.is_set():
+            return
         timeout = self.config.sender_timeout
-        loop = asyncio.get_running_loop()
-        while not self.finished.is_set():
-            await asyncio.sleep(min(0.25, timeout / 4))
-            now = loop.time()
-            for member in list(self.alive):
-                if self.delivered[member] < len(self.chunks) and now - self.last_progress[member] > timeout:
-                    self.exclude(member, f"sent nothing for {timeout:.1f} s")
+        for member in list(self.alive):
+            if (self.delivered[member] < len(self.chunks) and member not in self.decoding
+                    and now - self.last_progress[member] > timeout):
+                self.exclude(member, f"sent nothing for {timeout:.1f} s")
 
     # ---- serving -----------------------------------------------------------------------------------
     async def serve(self, stream: Stream, member: int, weight: float) -> None:
@@ -353,11 +385,15 @@ class _Owner:
             for index, (lo, hi) in enumerate(self.chunks):
                 message = await stream.recv()
                 self.traffic.received += _size(message)
+                self.last_progress[member] = self.clock.now()  # its bytes are here, however long decoding takes
+                self.decoding.add(member)
                 try:
                     values, finite = await _codec_work(codec, _decode_checked, codec, message, hi - lo)
                 except CodecError as e:
                     self.exclude(member, f"sent a malformed chunk ({e})")
                     return
+                finally:
+                    self.decoding.discard(member)
                 self.deliver(member, index, values, weight, finite)
                 if member not in self.alive:
                     return
@@ -404,13 +440,14 @@ class _Phase:
                  result: torch.Tensor):
         self.service, self.config, self.plan, self.flat, self.result = service, config, plan, flat, result
         self.outcome = _PhaseOutcome(set(), {})
+        self.clock = _RunningClock(min(0.25, config.sender_timeout / 4))
         self.owner = _Owner(config, plan.layout.ranges[config.me], plan.active, flat, result, self.outcome.failed,
-                            self.outcome.traffic)
+                            self.outcome.traffic, self.clock)
 
     async def exchange(self) -> _PhaseOutcome:
         """Run the phase to its end here: every part this member takes part in is done or failed."""
         owner, me = self.owner, self.config.me
-        tasks = [asyncio.ensure_future(owner.watchdog()), asyncio.ensure_future(owner.reduce())]
+        tasks = [asyncio.ensure_future(self.clock.run(owner.check_senders)), asyncio.ensure_future(owner.reduce())]
         try:
             if owner.chunks:
                 finite = await _in_worker(sum(hi - lo for lo, hi in owner.chunks),
@@ -458,11 +495,11 @@ class _Phase:
         sender.add_done_callback(sender_done)
         try:
             for lo, hi in chunks:
-                message = await asyncio.wait_for(stream.recv(), config.owner_timeout)
+                message = await self._answer(stream)
                 traffic.received += _size(message)
                 if not await _codec_work(codec, _decode_into, codec, message, self.result, lo, hi, self.flat):
                     raise AveragingError("the owner returned NaN/Inf")
-            done = await asyncio.wait_for(stream.recv(), config.owner_timeout)
+            done = await self._answer(stream)
             contributors, mixed = protocol.parse_part_done(done, len(config.group.members))
             self.outcome.part_reports[owner] = (contributors, mixed)
             if config.me not in contributors:
@@ -489,6 +526,19 @@ class _Phase:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             await stream.aclose()
+
+    async def _answer(self, stream: Stream) -> Any:
+        """The owner's next message on ``stream``; asyncio.TimeoutError after ``owner_timeout`` of
+        running time (this member's own stalls do not count: what arrived meanwhile is read first)."""
+        deadline = self.clock.now() + self.config.owner_timeout
+        while True:
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            try:
+                return await asyncio.wait_for(stream.recv(), remaining)
+            except asyncio.TimeoutError:
+                continue  # the loop may have stalled meanwhile: the deadline is checked again
 
     def _owner_failed(self, owner: int, reason: str) -> None:
         if owner not in self.outcome.failed:
@@ -655,6 +705,8 @@ class AllReduceService:
         try:
             phase0 = await self._butterfly(config, _PhasePlan(0, b"", layout, tuple(range(n))), flat, result)
             survivors = await self._agree(config, phase0.failed, config.owner_timeout + config.sender_timeout)
+            if me in phase0.failed:
+                raise AveragingError("this peer failed in this round (an owner excluded it, or its own part failed)")
             if me not in survivors:
                 raise AveragingError(f"this peer was excluded from the group ({len(survivors)} of {n} survived)")
             if len(survivors) < max(2, n // 2 + 1):  # an isolated minority must not 'average' with itself

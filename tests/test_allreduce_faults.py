@@ -188,3 +188,80 @@ def test_a_report_that_arrives_before_the_local_agreement_starts(caplog):
 
     with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
         virtual_clock.run(main())
+
+
+def stall_the_loop(seconds: float) -> None:
+    """This process's event loop blocks for ``seconds`` (a synchronous call, a GC pause, an overloaded
+    machine): on the virtual clock, time moves on while nothing else runs."""
+    asyncio.get_running_loop()._jumping_selector.now += seconds  # type: ignore[attr-defined]
+
+
+def on_delivery(monkeypatch: pytest.MonkeyPatch, owner: int, member: int, chunk: int, action: Callable[[], None]) -> None:
+    """Call ``action()`` (synchronously) the first time the owner ``owner`` takes chunk ``chunk`` of
+    ``member``."""
+    original = allreduce._Owner.deliver
+    done: list[bool] = []
+
+    def deliver(self: Any, who: int, index: int, *args: Any) -> None:
+        if self.config.me == owner and who == member and index == chunk and not done:
+            done.append(True)
+            action()
+        original(self, who, index, *args)
+
+    monkeypatch.setattr(allreduce._Owner, "deliver", deliver)
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["all-healthy", "one-silent"])
+def test_an_owner_whose_own_loop_stalls_blames_no_member(silent, monkeypatch, caplog):
+    """The loop stalls for 3 x the sender timeout (more than the owner timeout too) while member 0
+    takes member 1's second chunk, every member's chunks in flight: nobody is excluded for the
+    owner's stall, and every member gets the exact mean of all four. With member 3 silent (it
+    stops after two chunks), it alone is excluded, after the sender timeout of running time."""
+    async def main() -> None:
+        async with Round(4) as r:
+            loop = asyncio.get_running_loop()
+            on_delivery(monkeypatch, 0, 1, 1, lambda: stall_the_loop(3 * SENDER_TIMEOUT))
+            if silent:
+                on_outgoing_chunk(r.peers[3], 2, stall_forever)
+            outcomes = await asyncio.wait_for(r.run(), 60)
+            if not silent:
+                assert_exact_mean(r, outcomes, [0, 1, 2, 3])
+                assert all(info.recovered_ranges == [] for _, info in outcomes)
+                assert "excluding" not in caplog.text and "failed" not in caplog.text
+                return
+            assert_exact_mean(r, outcomes, [0, 1, 2])
+            assert isinstance(outcomes[3], AveragingError), outcomes[3]
+            assert f"excluding {r.name(3)}: sent nothing" in caplog.text
+            for i in (0, 1, 2):
+                assert f"excluding {r.name(i)}" not in caplog.text
+            assert loop.time() < 3 * SENDER_TIMEOUT + 3 * SENDER_TIMEOUT  # the stall, exclusion, recovery
+
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
+        virtual_clock.run(main())
+
+
+def test_a_chunk_that_is_slow_to_decode_blames_no_member(monkeypatch, caplog):
+    """Owner 0's decoding of member 1's second chunk takes 1.5 x the sender timeout (e.g. its worker
+    threads are busy; less than the owner timeout, after which the others rightly give up on owner
+    0) while its loop runs on: member 1's chunk had arrived, it is not excluded."""
+    original = allreduce._codec_work
+    slowed = []
+
+    async def codec_work(codec: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        if fn is allreduce._decode_checked and not slowed and asyncio.current_task().get_name() == "slow":
+            slowed.append(True)
+            await asyncio.sleep(1.5 * SENDER_TIMEOUT)
+        return await original(codec, fn, *args)
+
+    async def main() -> None:
+        async with Round(4) as r:
+            # the receiving task of owner 0 for member 1 is named "slow" once it took member 1's first chunk
+            on_delivery(monkeypatch, 0, 1, 0, lambda: asyncio.current_task().set_name("slow"))
+            monkeypatch.setattr(allreduce, "_codec_work", codec_work)
+            outcomes = await asyncio.wait_for(r.run(), 60)
+            assert slowed
+            assert_exact_mean(r, outcomes, [0, 1, 2, 3])
+            assert "excluding" not in caplog.text and "failed" not in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="averaging.allreduce"):
+        virtual_clock.run(main())
