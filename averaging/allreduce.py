@@ -10,15 +10,20 @@ values are in every chunk, and whether a member was dropped after some chunks al
 
 A member that stops sending for ``sender_timeout``, sends a malformed chunk or NaN/Inf values is
 excluded (logged at INFO, naming it: expected under churn); an owner that stops answering for
-``reducer_timeout`` has failed (and is excluded from the caller's own part too). Then members
-exchange reports of the failures they saw (``avg.report``, one call per pair of reachable members;
-client-mode members call the reachable ones, which relay what the other clients reported) and
-agree on the survivors F. Every part whose owner failed, that is mixed, or whose contributors are
-not exactly F is re-reduced among F in a recovery phase (the same protocol over those ranges,
-split among the survivors), from the same snapshot. So every survivor ends with the exact weighted
-mean over F for the whole vector, bit-identical across members, or the round fails with
-:class:`AveragingError` (logged as a WARNING: this peer's round is lost) and leaves the caller's
-tensors untouched.
+``reducer_timeout`` has failed (and is excluded from the caller's own part too). Both are timed in
+the time this peer's event loop ran (:class:`_RunningClock`): a stall of its own loop, or a chunk
+that arrived and is still being decoded, is nobody's silence. A member that an owner excluded has
+failed itself: it blames no owner for that. Then members exchange reports of the failures they saw
+(``avg.report``, one call per pair of reachable members; client-mode members call the reachable
+ones, which relay what the other clients reported) and agree on the survivors F: a report counts
+against every member it names, except a report from a member that names itself or that this member
+saw fail, which counts only against its sender (an excluded member would blame the good owners). A
+member that failed itself makes its calls and waits for no other report. Every part whose owner
+failed, that is mixed, or whose contributors are not exactly F is re-reduced among F in a recovery
+phase (the same protocol over those ranges, split among the survivors), from the same snapshot. So
+every survivor ends with the exact weighted mean over F for the whole vector, bit-identical across
+members, or the round fails with :class:`AveragingError` (logged as a WARNING: this peer's round is
+lost) and leaves the caller's tensors untouched.
 
 The messages, their fields and limits are in :mod:`averaging.protocol`; a malformed one gets
 ``bad_request`` and at most the transport's rate-limited one-line log per peer, never a traceback.
@@ -92,7 +97,8 @@ class RoundConfig:
     - ``codec``: compression of the chunks, both directions.
     - ``reducer`` (:func:`weighted_mean`): what an owner computes over its part.
     - ``chunk_elems`` (2**18): values per chunk on the wire.
-    - ``sender_timeout`` (5 s): a member that sends nothing this long is excluded from a part.
+    - ``sender_timeout`` (5 s): a member that sends nothing this long (of time this loop ran: its own
+      stalls do not count) is excluded from a part.
     - ``reducer_timeout`` (None: 2 x sender_timeout): an owner silent this long has failed
       (:attr:`owner_timeout`).
     """
@@ -224,7 +230,10 @@ class _RunningClock:
             now = self.loop.time()
             self.stalled += max(0.0, now - self.last - self.tick)
             self.last = now
-            on_tick(now - self.stalled)
+            try:
+                on_tick(now - self.stalled)
+            except Exception as e:  # noqa: BLE001 - a bug there must not stop the clock (nothing would time out)
+                logger.warning("running clock: %s: %s", type(e).__name__, brief(str(e), 200))
 
 
 class _LocalError(AveragingError):

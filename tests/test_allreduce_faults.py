@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -64,7 +63,7 @@ class Round:
         await asyncio.gather(*(p.shutdown() for p in self.peers))
 
     def config(self, i: int, **kwargs: Any) -> RoundConfig:
-        options = dict(codec=compression.get("none"), chunk_elems=CHUNK, sender_timeout=SENDER_TIMEOUT)
+        options: dict[str, Any] = dict(codec=compression.get("none"), chunk_elems=CHUNK, sender_timeout=SENDER_TIMEOUT)
         options.update(kwargs)
         return RoundConfig(self.group, i, self.weights[i], **options)
 
@@ -97,7 +96,7 @@ def on_outgoing_chunk(p2p: P2P, chunk: int, action: Callable[[], Any]) -> None:
                 await action()
             await send(message, **kw)
 
-        stream.send = faulty_send
+        stream.send = faulty_send  # type: ignore[method-assign]
         return stream
 
     p2p.open_stream = open_stream  # type: ignore[method-assign]
@@ -110,7 +109,8 @@ async def stall_forever() -> None:
 def assert_exact_mean(r: Round, outcomes: Sequence[Any], honest: Sequence[int]) -> None:
     """Every honest member succeeded with the weighted mean over exactly ``honest`` (float32
     accuracy), bit-identical, every part contributed by exactly them."""
-    expected = sum(r.weights[i] * r.values[i].double() for i in honest) / sum(r.weights[i] for i in honest)
+    total = sum(r.weights[i] for i in honest)
+    expected = torch.stack([r.weights[i] * r.values[i].double() for i in honest]).sum(0) / total
     ids = {r.peers[i].peer_id for i in honest}
     for i in honest:
         assert isinstance(outcomes[i], tuple), f"member {i}: {outcomes[i]!r}"
@@ -196,7 +196,8 @@ def stall_the_loop(seconds: float) -> None:
     asyncio.get_running_loop()._jumping_selector.now += seconds  # type: ignore[attr-defined]
 
 
-def on_delivery(monkeypatch: pytest.MonkeyPatch, owner: int, member: int, chunk: int, action: Callable[[], None]) -> None:
+def on_delivery(monkeypatch: pytest.MonkeyPatch, owner: int, member: int, chunk: int,
+                action: Callable[[], None]) -> None:
     """Call ``action()`` (synchronously) the first time the owner ``owner`` takes chunk ``chunk`` of
     ``member``."""
     original = allreduce._Owner.deliver
@@ -240,15 +241,25 @@ def test_an_owner_whose_own_loop_stalls_blames_no_member(silent, monkeypatch, ca
         virtual_clock.run(main())
 
 
+def _current_task() -> asyncio.Task:
+    task = asyncio.current_task()
+    assert task is not None
+    return task
+
+
+def _task_name() -> str:
+    return _current_task().get_name()
+
+
 def test_a_chunk_that_is_slow_to_decode_blames_no_member(monkeypatch, caplog):
     """Owner 0's decoding of member 1's second chunk takes 1.5 x the sender timeout (e.g. its worker
     threads are busy; less than the owner timeout, after which the others rightly give up on owner
     0) while its loop runs on: member 1's chunk had arrived, it is not excluded."""
     original = allreduce._codec_work
-    slowed = []
+    slowed: list[bool] = []
 
     async def codec_work(codec: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        if fn is allreduce._decode_checked and not slowed and asyncio.current_task().get_name() == "slow":
+        if fn is allreduce._decode_checked and not slowed and _task_name() == "slow":
             slowed.append(True)
             await asyncio.sleep(1.5 * SENDER_TIMEOUT)
         return await original(codec, fn, *args)
@@ -256,7 +267,7 @@ def test_a_chunk_that_is_slow_to_decode_blames_no_member(monkeypatch, caplog):
     async def main() -> None:
         async with Round(4) as r:
             # the receiving task of owner 0 for member 1 is named "slow" once it took member 1's first chunk
-            on_delivery(monkeypatch, 0, 1, 0, lambda: asyncio.current_task().set_name("slow"))
+            on_delivery(monkeypatch, 0, 1, 0, lambda: _current_task().set_name("slow"))
             monkeypatch.setattr(allreduce, "_codec_work", codec_work)
             outcomes = await asyncio.wait_for(r.run(), 60)
             assert slowed
