@@ -26,7 +26,7 @@ T = TypeVar("T")
 EPOCH = 1.7e9  # default wall-clock seconds (DHT time) at virtual time 0: a fixed value, for determinism
 
 
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpingSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
@@ -58,7 +58,10 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         """Wall-clock seconds (DHT time) on this loop: ``epoch`` + virtual seconds."""
         return self.epoch + self._jumping_selector.now
 
-    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future:
+    # typeshed ties func's arguments to *args with a TypeVarTuple (typing_extensions on 3.10); this
+    # override forwards them unchanged
+    def run_in_executor(self, executor: Any, func: Callable[..., T],  # type: ignore[override]
+                        *args: Any) -> asyncio.Future:
         """As asyncio's; the clock does not move until the job is done."""
         future = super().run_in_executor(executor, func, *args)
         self._jumping_selector.busy += 1
