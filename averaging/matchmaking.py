@@ -341,7 +341,8 @@ class Matchmaker:
             self._followers.pop(ctx.peer_id, None)
 
     async def _begin(self) -> tuple[GroupInfo, int]:
-        if self._group_ready is None or self._group_ready.done():
+        assert self._group_ready is not None  # set by the search before any follower is accepted
+        if self._group_ready.done():
             return self._group_ready.result()
         if self._begin_started:  # another call is sending the begin messages: the same group
             return await asyncio.shield(self._group_ready)
