@@ -112,9 +112,10 @@ class StateSharing:
         self.serve = serve and not dht.client_mode
         self._blob: bytes | None = None
         self._hash: str | None = None
-        self._previous: tuple[str, bytes] | None = None  # still served: a joiner may be downloading it
+        self._previous: tuple[str, bytes | None] | None = None  # still served: a joiner may be downloading it
         self._epoch = -1
         self._announcer: asyncio.Task | None = None
+        self._announcements: set[asyncio.Task] = set()  # one-off announcements, kept until done
         self.bytes_served = 0
         self.overloaded_answers = 0  # 'overloaded' answers this peer got as a joiner (it retried)
         self.downloads = {"ok": 0, "failed": 0}  # state downloads by result (swarm.metrics)
@@ -146,14 +147,17 @@ class StateSharing:
                 self._previous = (self._hash, self._blob)
             self._blob, self._hash, self._epoch = blob, digest, epoch
             if self._announcer is not None:
-                asyncio.ensure_future(self._announce(self.dht.node))
+                task = asyncio.ensure_future(self._announce(self.dht.node))
+                self._announcements.add(task)
+                task.add_done_callback(self._announcements.discard)
         self.dht.loop.call_soon_threadsafe(swap)
         return digest
 
     async def _announce(self, node) -> None:
         if self._hash is None:
             return
-        value = {"epoch": int(self._epoch), "hash": self._hash, "size": len(self._blob or b""), "peer_id": str(node.peer_id)}
+        value = {"epoch": int(self._epoch), "hash": self._hash, "size": len(self._blob or b""),
+                 "peer_id": str(node.peer_id)}
         try:
             await node.store(self.key, value, node.clock() + self.expiration, subkey=self._subkey)
         except Exception as e:  # noqa: BLE001 - retried by the loop
@@ -204,6 +208,8 @@ class StateSharing:
             if found is not None and isinstance(found.value, dict):
                 for item in found.value.values():
                     v = getattr(item, "value", None)
+                    if not isinstance(v, dict):
+                        continue
                     try:
                         donor = Donor(PeerID.from_base58(v["peer_id"]), int(v["epoch"]), str(v["hash"]), int(v["size"]))
                     except (KeyError, TypeError, ValueError):
@@ -264,6 +270,7 @@ class StateSharing:
                     error = e
                     if not e.corrupt:
                         break
+        assert error is not None  # every attempt that did not return recorded its error
         raise error
 
     async def _download(self, digest: str, size: int, donors: list[Donor]) -> bytes:
