@@ -58,8 +58,17 @@ from averaging import Averager, AveragingError, MatchmakingError
 from dht import DHT
 
 from .progress import GlobalProgress, ProgressTracker
-from .state import StateFormatError, TrainingState, optimizer_state_from_tensors, optimizer_state_to_tensors, \
-    pack_state, scheduler_state_to_tensors, state_hash, unpack_state, validated_scheduler_state
+from .state import (
+    StateFormatError,
+    TrainingState,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    pack_state,
+    scheduler_state_to_tensors,
+    state_hash,
+    unpack_state,
+    validated_scheduler_state,
+)
 from .state_sharing import StateDownloadError, StateSharing
 
 __all__ = ["Optimizer", "PINNED_OPTIONS", "pinned_options"]
@@ -78,8 +87,8 @@ def _shutdown_at_exit() -> None:
     for opt in list(_live):
         try:
             opt.shutdown(timeout=5.0)
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
+        except Exception:  # exiting anyway
+            logger.debug("shutting an optimizer down at exit failed", exc_info=True)
 
 
 # the options every peer of a run must share (a run announcement pins them): the rest
@@ -94,9 +103,9 @@ def pinned_options(options: dict) -> dict[str, Any]:
     parameters = inspect.signature(Optimizer.__init__).parameters
     unknown = sorted(set(options) - set(parameters) | set(options) & {"self", "dht", "run_id", "optimizer", "params"})
     if unknown:
-        raise TypeError(f"unknown optimizer option(s) {', '.join(map(repr, unknown))} (known: "
-                        f"{', '.join(n for n in parameters if n not in ('self', 'dht', 'run_id', 'optimizer', 'params'))})")
-    pinned = {}
+        known = ", ".join(n for n in parameters if n not in ("self", "dht", "run_id", "optimizer", "params"))
+        raise TypeError(f"unknown optimizer option(s) {', '.join(map(repr, unknown))} (known: {known})")
+    pinned: dict[str, Any] = {}
     for name in PINNED_OPTIONS:
         value = options.get(name, parameters[name].default)
         if name == "compression" and value == "auto":
@@ -134,7 +143,8 @@ class Optimizer:
     - ``load_state_timeout`` (600 s); ``share_state`` (True): offer the state to joiners.
     """
 
-    def __init__(self, *, dht: DHT, run_id: str, optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
+    def __init__(self, *, dht: DHT, run_id: str,
+                 optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
                  params: Iterable[torch.nn.Parameter] | None = None, target_batch_size: int | None = None,
                  batch_size_per_step: int | None = None, mode: str = "sync", inner_steps: int = 50,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, overlap: bool = False,
@@ -169,7 +179,8 @@ class Optimizer:
         self.alone_grace = 0.5  # s without any other peer online before a round is given up
         self.moved_on_grace = 1.5  # s without any other peer at this epoch before a round is given up
         self.max_group_size = target_group_size
-        self.average_state_every, self.load_state_timeout, self.verbose = average_state_every, load_state_timeout, verbose
+        self.average_state_every, self.load_state_timeout = average_state_every, load_state_timeout
+        self.verbose = verbose
         self.client_mode = dht.client_mode if client_mode is None else client_mode
         self._scheduler_factory = scheduler
         self.scheduler = scheduler(self.opt) if scheduler is not None else None
@@ -193,7 +204,8 @@ class Optimizer:
         self._round_started = time.monotonic()
         self._last_step_time: float | None = None
         self._counted_epoch, self._epoch_started = -1, 0.0  # the epoch whose start _swarm_samples counts from
-        self._pending = None  # DiLoCo overlap: (future, snapshot)
+        # DiLoCo overlap: the round in flight (its future, the parameters at its start, the peers counted)
+        self._pending: tuple[concurrent.futures.Future, list[torch.Tensor], int] | None = None
         self.state_hash: str | None = None
         self._hash_before_round: str | None = None
         self._resync_epoch: int | None = None  # the epoch at which to re-download the swarm's state
@@ -211,7 +223,8 @@ class Optimizer:
                              min_matchmaking_time=matchmaking_time, request_timeout=min(2.0, matchmaking_time / 2),
                              default_timeout=averaging_timeout)
         self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
-        self.state_averager = None
+        self.state_averager: Averager | None = None
+        self._state_tensors: list[torch.Tensor] = []  # what state_averager averages (set with it)
         self._state_averager_opts = dict(averager_opts, compression=None, aggregator="mean")
         # records outlive their peer by 10 min, so that `swarm runs` can tell a dead run's last epoch and when
         # it was last seen (who is online is decided on arrival times, not on expiration)
@@ -333,7 +346,7 @@ class Optimizer:
             b.zero_()
         self._publish_state(blob)
         logger.info("loaded the swarm's state at epoch %d (%.1f MB, hash %s)", self.local_epoch, len(blob) / 1e6,
-                    self.state_hash[:12])
+                    (self.state_hash or "")[:12])
         self._report()
         return True
 
@@ -348,8 +361,8 @@ class Optimizer:
         if self._pending is not None:
             try:
                 self._pending[0].result(self.averaging_timeout if timeout is None else timeout)
-            except Exception:  # noqa: BLE001 - leaving anyway
-                pass
+            except Exception:  # leaving anyway
+                logger.debug("the outer round in flight failed while shutting down", exc_info=True)
             self._pending = None
         self.tracker.shutdown()
         self.sharing.shutdown()
@@ -440,6 +453,7 @@ class Optimizer:
             future = averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
                                    gather=self._gather(), wait=False,
                                    matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
+            assert isinstance(future, concurrent.futures.Future)  # wait=False
             result = self._wait_for_round(future, averager)
         except AveragingError as e:
             self.last_averaging = e
@@ -552,9 +566,11 @@ class Optimizer:
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
             self._hash_before_round = self.state_hash
             self._round_started = time.monotonic()
-            future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
+            future = self.averager.step(weight=weight, timeout=self.averaging_timeout + self.matchmaking_time,
+                                        wait=False,
                                         gather=self._gather(),
                                         matchmaking_timeout=self.matchmaking_timeout, scope=f"epoch{self.local_epoch}")
+            assert isinstance(future, concurrent.futures.Future)  # wait=False
             self._pending = (future, snapshot, peers)
             self.local_samples = 0
             self.inner_step_count = 0
@@ -568,6 +584,7 @@ class Optimizer:
         self._end_epoch(peers)
 
     def _finish_outer_round(self) -> None:
+        assert self._pending is not None  # called only while a round is in flight
         future, snapshot, peers = self._pending
         self._pending = None
         try:
@@ -577,7 +594,8 @@ class Optimizer:
         except AveragingError as e:
             self.last_averaging = e
             self._record_round(None, e)
-            logger.log(self._failure_level(e), "averaging pseudo-gradients failed at epoch %d (%s)", self.local_epoch, e)
+            logger.log(self._failure_level(e), "averaging pseudo-gradients failed at epoch %d (%s)",
+                       self.local_epoch, e)
             if self._behind():
                 return
         self._apply_outer_step()
@@ -624,6 +642,7 @@ class Optimizer:
     def _state_to_average(self) -> list[torch.Tensor]:
         """The parameters (DiLoCo: the global ones) and the optimizer's floating-point statistics
         (e.g. Adam's moments, SGD's momentum: state tensors shaped like their parameter)."""
+        opt: torch.optim.Optimizer
         if self.mode == "diloco":
             tensors = list(self.global_params)
             opt, params = self.outer_opt, self.global_params
@@ -720,7 +739,7 @@ class Optimizer:
     def _load_scheduler(self, schedule: dict | None) -> None:
         """Adopt the scheduler ``state_dict`` ``schedule`` and the learning rates it last set (the inner
         optimizer's state is not shared in DiLoCo mode)."""
-        if schedule is None:
+        if schedule is None or self.scheduler is None:
             return
         self.scheduler.load_state_dict(schedule)
         last = getattr(self.scheduler, "_last_lr", None)
@@ -736,6 +755,7 @@ class Optimizer:
         steps need the metrics) or when the factory fails (logged): the scheduler is kept as it is."""
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return None
+        assert self._scheduler_factory is not None  # called only for an optimizer with a scheduler
         for group in self.opt.param_groups:
             group["lr"] = group.get("initial_lr", group["lr"])
         try:
