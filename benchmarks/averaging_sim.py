@@ -39,20 +39,20 @@ which the max relative deviation is at most 1e-6 (null if none within ``--rounds
 "bytes_per_peer", "group_size", "churn", "churn_rounds", "dim", "wall_seconds", "virtual_seconds",
 "per_round": [...]}``.
 
-Measured here (2 cores shared with other jobs, load average 3.4-5.2, so this process got about 60% of a
-core), ``--peers 1000 --json`` with the defaults: built in 43.2 s wall; round 1 (1,000 peers, 64 groups,
-0 failed, max deviation 0.35, 120 B/peer, 3.6 virtual s) 311 s wall; round 2 (100 left, 100 joined, 76
-groups, 10 failed: ``MatchmakingError: no averaging group ... before the deadline``, each under a
-different key, 117 B/peer, 10.6 virtual s: the failed peers polled until ``--step-timeout``) 296 s wall;
-round 3 (the same churn, 76 groups, 9 failed, max deviation 1.16, 10.5 virtual s) 173 s wall; peak RSS
-6.0 GB. The run was not complete within the time available, so ``rounds_to_1e-6`` at 1,000 peers is not
-measured yet; at 12 or more rounds of 3-5 minutes each it takes most of an hour of wall time under that
-load, not the 10 minutes aimed for. Round 1 takes 6.4 s of CPU at 128 peers, 12.9 s at 256 and 40 s at
-512, about 150 s at 1,000 (with the GC thresholds that ``simulate`` sets; before that change, 256 peers
-spent 29% of round 1 in the collector's older generations). At 1,000 peers the 64 keys hold 15.6 peers
-each, fewer than a group of 16, so leaders wait the whole ``--matchmaking-time`` (3.6 virtual s against
-1.0 at 512 peers, whose 32 keys hold 16 each) and followers poll the DHT all that time: that is where the
-rest of the per-peer growth comes from.
+Measured here (2 cores shared with other jobs, load average 1.5-5.2, so this process got 60-80% of a
+core), ``--peers 1000 --json`` with the defaults: built in 43.2 s wall; then per round (groups, failed
+steps, max deviation, virtual s, wall s; 117-120 B/peer each): 1: 64, 0, 0.35, 3.6, 311; 2 (100 left, 100
+joined): 76, 10, 1.27, 10.6, 296; 3 (churn): 76, 9, 1.16, 10.5, 173; 4 (churn): 78, 5, 0.91, 10.7, 196;
+5: 66, 13, 0.73, 10.6, 147. The failed steps are ``MatchmakingError: no averaging group ... before the
+deadline``, each under a different key: those peers polled until ``--step-timeout``, hence the 10.6
+virtual s. Peak RSS 7.0 GB, 18.8 min of CPU for build and 5 rounds. The run was stopped after round 5
+(deadline), so ``rounds_to_1e-6`` at 1,000 peers is not measured yet; at 12 or more rounds of 2.5-5
+minutes each it takes most of an hour of wall time here, not the 10 minutes aimed for. Round 1 takes 6.4
+s of CPU at 128 peers, 12.9 s at 256 and 40 s at 512, about 150 s at 1,000 (with the GC thresholds that
+``simulate`` sets; before that change, 256 peers spent 29% of round 1 in the collector's older
+generations). At 1,000 peers the 64 keys hold 15.6 peers each, fewer than a group of 16, so leaders wait
+the whole ``--matchmaking-time`` (3.6 virtual s against 1.0 at 512 peers, whose 32 keys hold 16 each) and
+followers poll the DHT all that time: that is where the rest of the per-peer growth comes from.
 """
 
 from __future__ import annotations
