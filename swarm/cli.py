@@ -73,7 +73,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-async def _wait_for_stop_signal() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT, SIGTERM and SIGHUP set, on the running loop. Call it before printing the
+    peer's addresses: whoever reads them may signal at once, before the slower set-up that follows."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for name in STOP_SIGNALS:
@@ -83,7 +85,7 @@ async def _wait_for_stop_signal() -> None:
             loop.add_signal_handler(getattr(signal, name), stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C arrives as KeyboardInterrupt
             pass
-    await stop.wait()
+    return stop
 
 
 async def _peer(args: argparse.Namespace) -> int:
@@ -97,6 +99,7 @@ async def _peer(args: argparse.Namespace) -> int:
         p2p = await P2P.create(host=args.host, port=args.port, identity_path=args.identity, announce=announce)
     except (P2PError, OSError, ValueError) as e:
         return _fail(*startup_error(e, args.host, args.port, args.identity))
+    stop = _stop_on_signals()
     print(f"peer {p2p.peer_id} listening on:", flush=True)
     for address in p2p.get_visible_addresses():
         print(f"  {address}", flush=True)
@@ -120,7 +123,7 @@ async def _peer(args: argparse.Namespace) -> int:
                     print(f"ping {peer_id} failed: {e}", flush=True)
 
     pinger = asyncio.ensure_future(ping_loop())
-    stopper = asyncio.ensure_future(_wait_for_stop_signal())
+    stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({pinger, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if args.ping_rounds and pinger.done():
@@ -169,6 +172,7 @@ async def _dht(args: argparse.Namespace) -> int:
                                     identity_path=args.identity, client_mode=args.client_mode, announce=announce)
     except (P2PError, ValueError, OSError) as e:
         return _fail(*startup_error(e, args.host, args.port, args.identity))
+    stop = _stop_on_signals()
     mode = "client mode (not reachable by others)" if args.client_mode else "others can join with"
     print(f"DHT peer {node.peer_id} running; {mode}:", flush=True)
     for address in node.p2p.get_visible_addresses():
@@ -198,7 +202,7 @@ async def _dht(args: argparse.Namespace) -> int:
 
     reporter = asyncio.ensure_future(report())
     try:
-        await _wait_for_stop_signal()
+        await stop.wait()
     finally:
         reporter.cancel()
         if dashboard is not None:
