@@ -27,6 +27,7 @@ from averaging.group import GroupInfo
 from dht import P2P
 from dht.peer import virtual_clock
 from dht.peer.memory_transport import MemoryNetwork
+from tests.fault_injection import on_outgoing_chunk, stall_forever
 
 PART = 4_000  # values per member's part: 4 chunks of 1 024 (the last one shorter)
 CHUNK = 1_024
@@ -75,35 +76,6 @@ class Round:
 
     def name(self, i: int) -> str:
         return str(self.peers[i].peer_id)
-
-
-def on_outgoing_chunk(p2p: P2P, chunk: int, action: Callable[[], Any]) -> None:
-    """Await ``action()`` before ``p2p`` sends chunk number ``chunk`` (0: the first after the header)
-    on each of its outgoing part streams; the send goes on when it returns."""
-    original = p2p.open_stream
-
-    async def open_stream(peer: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-        stream = await original(peer, method, *args, **kwargs)
-        if ".part" not in method:
-            return stream
-        sent = 0
-        send = stream.send
-
-        async def faulty_send(message: Any, **kw: Any) -> None:
-            nonlocal sent
-            sent += 1
-            if sent == chunk + 2:
-                await action()
-            await send(message, **kw)
-
-        stream.send = faulty_send  # type: ignore[method-assign]
-        return stream
-
-    p2p.open_stream = open_stream  # type: ignore[method-assign]
-
-
-async def stall_forever() -> None:
-    await asyncio.Event().wait()  # alive and connected, but sends nothing more
 
 
 def assert_exact_mean(r: Round, outcomes: Sequence[Any], honest: Sequence[int]) -> None:

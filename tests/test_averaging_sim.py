@@ -32,6 +32,7 @@ from dht import DHTNode
 from dht.peer import virtual_clock
 from dht.peer.identity import Identity
 from dht.peer.memory_transport import MemoryNetwork
+from tests.fault_injection import on_outgoing_chunk as inject
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 20_000  # values per peer: parts of 5 000 in chunks of 1 024 (several chunks per part)
@@ -83,29 +84,8 @@ async def swarm(n: int = 4, seed: int = 0, **options: Any) -> AsyncIterator[Swar
 
 
 def on_outgoing_chunk(averager: AsyncAverager, chunk: int, action: Callable[[], Any]) -> None:
-    """Run ``action`` (a coroutine function) before ``averager`` sends chunk number ``chunk`` (0: the
-    first after the header) on each of its outgoing part streams; the send goes on when it returns."""
-    p2p = averager.node.p2p
-    original = p2p.open_stream
-
-    async def open_stream(peer: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-        stream = await original(peer, method, *args, **kwargs)
-        if not method.startswith("avg.part."):
-            return stream
-        sent = 0
-        send = stream.send
-
-        async def faulty_send(message: Any, **kw: Any) -> None:
-            nonlocal sent
-            sent += 1
-            if sent == chunk + 2:
-                await action()
-            await send(message, **kw)
-
-        stream.send = faulty_send
-        return stream
-
-    p2p.open_stream = open_stream
+    """:func:`tests.fault_injection.on_outgoing_chunk` on ``averager``'s peer."""
+    inject(averager.node.p2p, chunk, action)
 
 
 def after_group_formed(averager: AsyncAverager, action: Callable[[], Any]) -> None:
