@@ -314,6 +314,20 @@ class Optimizer:
             logger.debug("could not read the state announcements: %s", e)
             return []
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """DiLoCo with ``overlap``: wait (at most ``timeout`` seconds, default ``averaging_timeout``) for
+        the outer round running in the background and apply its outcome now rather than at the next
+        inner step; call it before evaluating or saving the global parameters at the end of training.
+        True if a round was applied (or failed: see ``last_averaging``), False if none was in flight."""
+        if self._pending is None:
+            return False
+        limit = self.averaging_timeout if timeout is None else timeout
+        concurrent.futures.wait([self._pending[0]], limit)
+        if not self._pending[0].done():
+            raise TimeoutError(f"the background outer round did not finish within {limit} s")
+        self._finish_outer_round()
+        return True
+
     def load_state_from_peers(self, min_epoch: int | None = None) -> bool:
         """Download the swarm's agreed state (newest epoch, majority hash) from peers and adopt it.
         Returns False when no peer offers a state at ``min_epoch`` (default: this peer's epoch + 1)."""

@@ -334,6 +334,9 @@ def test_diloco_overlap_and_a_client_mode_peer(dhts):
                 assert torch.equal(ga, gb)
             final_loss = held_out_loss(*opt_a.global_params)
             assert final_loss < 0.5 * initial_loss, (final_loss, initial_loss)
+            for opt, _ in runs:  # a round still in flight is applied now; then nothing is left to flush
+                opt.flush(timeout=30)
+                assert opt.flush() is False
         finally:
             for opt, _ in runs:
                 opt.shutdown()

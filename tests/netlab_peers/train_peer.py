@@ -144,10 +144,8 @@ def main() -> int:
 
     def drain() -> int:
         """Await the overlap's background round and apply it; 1 if it failed."""
-        if opt is None or opt._pending is None:
+        if opt is None or not opt.flush():
             return 0
-        opt._pending[0].exception()  # waits for it; its outcome is applied (or logged) next
-        opt._finish_outer_round()
         return int(isinstance(opt.last_averaging, Exception))
 
     failed += drain()
