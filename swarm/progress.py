@@ -30,7 +30,7 @@ import pydantic
 
 from dht import DHT, SchemaValidator, get_dht_time
 
-__all__ = ["PeerProgress", "GlobalProgress", "ProgressTracker", "progress_key", "progress_schema"]
+__all__ = ["PeerProgress", "GlobalProgress", "ProgressTracker", "progress_key", "progress_schema", "fetch_records"]
 
 logger = logging.getLogger(__name__)
 _Count = Annotated[int, pydantic.Field(ge=0, lt=2 ** 63)]
@@ -57,6 +57,23 @@ class ProgressRecord(pydantic.BaseModel):
 
 class ProgressSchema(pydantic.BaseModel):
     progress: dict[str, ProgressRecord]  # a dictionary: subkey = the peer's owner marker
+
+
+async def fetch_records(node: Any, run_id: str) -> list[PeerProgress]:
+    """The valid progress records of ``run_id`` in ``node``'s DHT, the newest per peer (one lookup).
+    Records dated over 60 s ahead of this peer's DHT clock are dropped: a record from the future is
+    not evidence."""
+    found = await node.get(progress_key(run_id), latest=True)
+    now = get_dht_time()
+    newest: dict[str, PeerProgress] = {}
+    if found is not None and isinstance(found.value, dict):
+        for item in found.value.values():
+            record = PeerProgress.parse(getattr(item, "value", None))
+            if record is None or record.time > now + 60:
+                continue
+            if record.peer_id not in newest or record.time > newest[record.peer_id].time:
+                newest[record.peer_id] = record
+    return list(newest.values())
 
 
 def progress_schema(run_id: str) -> SchemaValidator:

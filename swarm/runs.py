@@ -28,7 +28,7 @@ import pydantic
 from dht import DHT, SchemaValidator, get_dht_time
 from dht.peer.untrusted import brief
 
-from .progress import PeerProgress, progress_key, summarize
+from .progress import fetch_records, summarize
 
 __all__ = ["RunAnnouncement", "RunInfo", "RUNS_KEY", "RUNS_SCHEMA", "find_run", "announce_run", "list_runs",
            "RunAnnouncer", "settings_differences"]
@@ -230,15 +230,10 @@ def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> l
     async def go(_dht, node):
         runs = _earliest(await _announcements(node))
         ids = list(runs)
-        progress = await asyncio.gather(*(node.get(progress_key(r), latest=True) for r in ids))
+        progress = await asyncio.gather(*(fetch_records(node, r) for r in ids))
         now = get_dht_time()
         infos = []
-        for run_id, found in zip(ids, progress):
-            records = []
-            if found is not None and isinstance(found.value, dict):
-                parsed = (PeerProgress.parse(getattr(v, "value", None)) for v in found.value.values())
-                records = [r for r in parsed if r]
-            records = [r for r in records if r.time <= now + 60]  # a record from the future is not evidence
+        for run_id, records in zip(ids, progress):
             a = runs[run_id]
             g = summarize(records, a.target_batch_size or 1, now, online_window=online_window)
             last_seen = max((r.time for r in records), default=None)

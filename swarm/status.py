@@ -36,7 +36,7 @@ from typing import Any
 from dht import get_dht_time
 from dht.peer.identity import PeerID
 
-from .progress import PeerProgress, progress_key, summarize
+from .progress import PeerProgress, fetch_records, summarize
 from .runs import _announcements, _earliest
 
 __all__ = ["PeerView", "collect_status", "format_status", "SCHEMA_VERSION", "ONLINE_WINDOW", "HISTORY_POINTS",
@@ -131,24 +131,6 @@ def _cut(text: Any, limit: int = _ID_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-async def _run_records(node, run_id: str) -> list[PeerProgress]:
-    found = await node.get(progress_key(run_id), latest=True)
-    records: list[PeerProgress] = []
-    if found is not None and isinstance(found.value, dict):
-        for item in found.value.values():
-            record = PeerProgress.parse(getattr(item, "value", None))
-            if record is not None:
-                records.append(record)
-    now = get_dht_time()
-    newest: dict[str, PeerProgress] = {}
-    for r in records:
-        if r.time > now + 60:  # a record from the future is not evidence
-            continue
-        if r.peer_id not in newest or r.time > newest[r.peer_id].time:
-            newest[r.peer_id] = r
-    return list(newest.values())
-
-
 def _address_of(node, peer_id: str) -> str | None:
     try:
         pid = PeerID.from_base58(peer_id)
@@ -190,7 +172,7 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
             return default
 
     async def records_of(ids: list[str]) -> list[list[PeerProgress]]:
-        return list(await asyncio.gather(*(_run_records(node, r) for r in ids)))
+        return list(await asyncio.gather(*(fetch_records(node, r) for r in ids)))
 
     if whole_swarm:  # the runs first, then their records
         announcements = _earliest(await bounded(_announcements(node), [], "run announcements"))
