@@ -178,7 +178,8 @@ async def _dht(args: argparse.Namespace) -> int:
     for address in node.p2p.get_visible_addresses():
         print(f"  --initial-peers {address}", flush=True)
     dashboard = None
-    if args.dashboard_port != -1:  # --dashboard-port off
+    from .dashboard.options import OFF
+    if args.dashboard_port != OFF:
         from .dashboard.server import DashboardError, start_dashboard
         from .metrics import Metrics
         from .status import PeerView
