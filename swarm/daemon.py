@@ -327,7 +327,7 @@ def _join(args: argparse.Namespace, signals: _Signals) -> int:
         seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "little")
         torch.manual_seed(seed)  # every peer of the run starts from the same parameters
         try:
-            model = task.model().to(device)
+            model = task.build_model().to(device)
         except Exception as e:  # noqa: BLE001 - the user's code
             raise _Fatal(EXIT_TASK, f"task error in model(): {_describe_error(e)}") from None
         _check_task(task, model, device, args.batch_size, shard, num_shards)

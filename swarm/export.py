@@ -61,7 +61,7 @@ def export_state_dict(checkpoint: str | os.PathLike | TrainingState, task: Task 
     else:
         path, state = resolve_checkpoint(checkpoint, run_id)
         where = str(path)
-    model = task.model()
+    model = task.build_model()
     named = list(model.named_parameters())  # model.parameters() order, what the swarm trained by position
     count = state.metadata.get("num_params")
     if count is not None and count != len(named):

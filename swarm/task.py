@@ -45,6 +45,16 @@ class TaskLoadError(RuntimeError):
     """A task reference could not be loaded; the message says why."""
 
 
+def _required(*_args: Any) -> Any:
+    """Default of the Task fields that must be given (``__post_init__`` says which is missing)."""
+    raise TypeError("a required Task field was not given")
+
+
+def _first_item(batch: Any) -> Any:
+    """The default ``Task.stage_input``: ``batch[0]`` of a tuple or list, else the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 @dataclass
 class Task:
     """A training job.
@@ -73,13 +83,21 @@ class Task:
       (per local step), ``hyperparameters`` (free-form, shown in the run announcement) and
       ``optimizer_options`` (extra keyword arguments for :class:`swarm.Optimizer`, e.g.
       ``{"mode": "diloco", "inner_steps": 50}``).
+
+    A **pipeline** task (SWARM parallelism, :mod:`swarm.pipeline`) gives ``stages=[f0, f1, ...]``
+    instead of ``model``: zero-argument factories of ``torch.nn.Module``, stage ``k`` feeding stage
+    ``k + 1``. Then ``loss`` is ``loss(output, batch) -> scalar tensor`` (the last stage's output and
+    the batch), ``stage_input(batch)`` is the first stage's input (default ``batch[0]``), and
+    ``stage_costs`` (optional, one positive number per stage) are the relative FLOPs per sample of the
+    stages (default: each stage's parameter count). ``optimizer`` is applied to one stage's
+    parameters. :meth:`build_stage` builds a stage with the same initial weights on every peer.
     """
 
     name: str
-    model: Callable[[], torch.nn.Module]
-    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-    data: Callable[[int, int, int, int], Iterable[Any]]
-    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    model: Callable[[], torch.nn.Module] | None = None  # None only for a pipeline task (``stages``)
+    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] = _required
+    data: Callable[[int, int, int, int], Iterable[Any]] = _required
+    loss: Callable[[Any, Any], torch.Tensor] = _required  # (model, batch); pipeline: (output, batch)
     batch_size: int = 32
     target_batch_size: int = 256
     evaluate: Callable[[torch.nn.Module], dict] | None = None
@@ -89,10 +107,20 @@ class Task:
     hyperparameters: dict = field(default_factory=dict)
     optimizer_options: dict = field(default_factory=dict)
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    stages: list[Callable[[], torch.nn.Module]] | None = None
+    stage_input: Callable[[Any], Any] = _first_item
+    stage_costs: list[float] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("model", "optimizer", "data", "loss"):
-            if not callable(getattr(self, name)):
+        for name in ("optimizer", "data", "loss"):
+            if getattr(self, name) is _required:
+                raise TypeError(f"Task.{name} is required")
+        if self.stages is not None:
+            self._check_stages()
+        elif self.stage_costs is not None:
+            raise ValueError("Task.stage_costs needs Task.stages")
+        for name in ("model", "optimizer", "data", "loss", "stage_input"):
+            if not (self.stages is not None and name == "model") and not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
         if self.scheduler is not None and not callable(self.scheduler):
             raise TypeError(f"Task.scheduler must be a factory taking the optimizer, got {self.scheduler!r}")
@@ -102,6 +130,75 @@ class Task:
             raise ValueError("Task.batch_size and Task.target_batch_size must be positive")
         if self.target is not None and (len(self.target) != 2 or not isinstance(self.target[0], str)):
             raise ValueError("Task.target must be (metric name, goal), e.g. ('accuracy', 0.9)")
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh ``model()``; a pipeline task has no single model (ValueError: use :meth:`build_stage`)."""
+        if self.model is None:
+            raise ValueError(f"task {self.name!r} is a pipeline task of {self.num_stages} stages: it has no "
+                             "single model (build_stage(k) builds stage k)")
+        return self.model()
+
+    def _check_stages(self) -> None:
+        stages = self.stages
+        if not isinstance(stages, (list, tuple)) or not stages or not all(callable(f) for f in stages):
+            raise TypeError(f"Task.stages must be a non-empty list of module factories, got {stages!r}")
+        self.stages = list(stages)
+        if self.model is not None:
+            raise ValueError("a pipeline task gives Task.stages instead of Task.model, not both")
+        if self.stage_costs is not None:
+            costs = list(self.stage_costs)
+            if len(costs) != len(stages) or not all(isinstance(c, (int, float)) and 0 < c < float("inf")
+                                                    for c in costs):
+                raise ValueError(f"Task.stage_costs must be {len(stages)} positive numbers (one per stage), "
+                                 f"got {self.stage_costs!r}")
+            self.stage_costs = [float(c) for c in costs]
+
+    @property
+    def is_pipeline(self) -> bool:
+        """Whether the model is split into ``stages`` (served by different peers)."""
+        return self.stages is not None
+
+    @property
+    def num_stages(self) -> int:
+        """The number of stages (1 for a task with a single ``model``)."""
+        return len(self.stages) if self.stages is not None else 1
+
+    def _stage_factory(self, k: int) -> Callable[[], torch.nn.Module]:
+        if self.stages is None:
+            raise ValueError(f"task {self.name!r} is not a pipeline task (it has no Task.stages)")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.stages):
+            raise IndexError(f"task {self.name!r} has stages 0..{len(self.stages) - 1}, not {k!r}")
+        return self.stages[k]
+
+    def stage_seed(self, k: int) -> int:
+        """The torch seed :meth:`build_stage` uses for stage ``k``: the first 8 bytes (big-endian, top
+        bit cleared) of ``sha256(f"swarm.stage:{name}:{k}")``, so every peer builds the same weights."""
+        digest = hashlib.sha256(f"swarm.stage:{self.name}:{k}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") & (2 ** 63 - 1)
+
+    def build_stage(self, k: int) -> torch.nn.Module:
+        """A fresh stage ``k`` with the initial weights every peer gets (``torch.manual_seed``
+        (:meth:`stage_seed`) inside a forked RNG: the caller's random state is left untouched)."""
+        factory = self._stage_factory(k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.stage_seed(k))
+            module = factory()
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"Task.stages[{k}]() returned {type(module).__name__}, not a torch.nn.Module")
+        return module
+
+    def stage_cost(self, k: int) -> float:
+        """Relative FLOPs per sample of stage ``k``: ``stage_costs[k]`` if given, else the stage's
+        parameter count (at least 1), counted on the meta device (no memory allocated)."""
+        factory = self._stage_factory(k)
+        if self.stage_costs is not None:
+            return self.stage_costs[k]
+        try:
+            with torch.device("meta"):
+                module = factory()
+        except Exception:  # noqa: BLE001 - a factory that insists on real tensors: build it for real
+            module = self.build_stage(k)
+        return float(max(sum(p.numel() for p in module.parameters()), 1))
 
     def samples_in(self, batch: Any) -> int:
         """The number of samples in ``batch``."""
