@@ -19,6 +19,17 @@ frame at (kernel receive timestamp + delay), runs SCHED_FIFO where allowed, and 
 MAX_QUEUED bytes per output port. Hosts' TCP buffers may grow to 64 MB (tcp_rmem/tcp_wmem inside the
 lab only), so a long fat link is not window-limited; IPv6 is off; neighbours are static (no ARP).
 
+NAT boxes (``Lab(links, nats=[Nat("port-restricted"), ...])``): a NAT box is one more host on the switch
+(its public address follows the hosts' ones) with a private side: a bridge ``lan0`` in its namespace
+with one or more inner hosts on a private documentation subnet (a /27 of a range other than the lab's,
+the box at ``.1``, inner hosts from ``.2``; their default route is the box). nftables in the box
+masquerades what leaves ``eth0`` and drops unsolicited inbound packets silently (as home routers do, no
+RST): ``endpoint-independent`` maps an inner (address, port) to the same public port for every
+destination (port-preserving) and accepts inbound packets from anyone on a mapped port (full cone);
+``port-restricted`` maps the same way but lets in only replies from the endpoint an inner host sent
+to; ``symmetric`` gives every new connection a random public port (``masquerade random,fully-random``)
+and filters like ``port-restricted``. Needs ``nft`` (nftables); ``conntrack`` is used to inspect.
+
 Nothing outlives the lab: a namespace is held by a holder process (no ``ip netns`` name, no bind
 mount), so it disappears with the last process inside it; holders, the forwarder and every process
 started with ``host.popen`` get ``PDEATHSIG=SIGKILL`` (they die with the process that started the
@@ -33,7 +44,8 @@ running in parallel never collide.
 ...     lab.hosts[0].run([sys.executable, "-m", "swarm", "ping", address])   # RTT ~60 ms
 
 Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip``, ``tc`` (iproute2), ``nsenter`` and ``setpriv``
-(util-linux). :func:`unavailable` says why a lab cannot be built here (tests skip with that reason).
+(util-linux). :func:`unavailable` says why a lab cannot be built here (tests skip with that reason);
+:func:`nat_unavailable` the same for labs with NAT boxes.
 
 Also a command line, run inside the lab's namespaces by the lab itself::
 
@@ -94,6 +106,35 @@ class Link:
             raise ValueError(f"queue_ms must be in [1, 10000], not {self.queue_ms}")
 
 
+NAT_KINDS = ("endpoint-independent", "port-restricted", "symmetric")
+
+
+@dataclass(frozen=True)
+class Nat:
+    """A NAT box with ``inner`` hosts behind it (see the module docstring for the kinds).
+
+    ``kind``: one of NAT_KINDS. ``link``: the box's access link to the core (the inner hosts' traffic to
+    the rest of the lab crosses it; the private side is unlimited, without delay). ``inner``: number of
+    inner hosts. ``subnet``: the private subnet (inside the documentation ranges, outside the lab's);
+    None picks a /27 of its own. ``mapping_timeout_s``: how long an endpoint-independent box accepts
+    inbound packets on a port after its inner host last sent from it.
+    """
+
+    kind: str = "port-restricted"
+    link: Link = Link()
+    inner: int = 1
+    subnet: str | None = None
+    mapping_timeout_s: int = 120
+
+    def __post_init__(self) -> None:
+        if self.kind not in NAT_KINDS:
+            raise ValueError(f"kind must be one of {NAT_KINDS}, not {self.kind!r}")
+        if not 1 <= self.inner <= 29:
+            raise ValueError(f"inner must be in [1, 29], not {self.inner}")
+        if not 1 <= self.mapping_timeout_s <= 3600:
+            raise ValueError(f"mapping_timeout_s must be in [1, 3600], not {self.mapping_timeout_s}")
+
+
 def unavailable() -> str | None:
     """Why a lab cannot be built on this machine (one line), or None when it can."""
     if not sys.platform.startswith("linux"):
@@ -104,6 +145,14 @@ def unavailable() -> str | None:
     if missing:
         return f"the network lab needs {', '.join(missing)} (iproute2, util-linux)"
     return None
+
+
+def nat_unavailable() -> str | None:
+    """Why a lab with NAT boxes cannot be built on this machine (one line), or None when it can."""
+    reason = unavailable()
+    if reason is None and shutil.which("nft") is None:
+        reason = "NAT boxes in the network lab need nft (nftables)"
+    return reason
 
 
 def _pdeathsig(argv: Sequence[str]) -> list[str]:
@@ -179,9 +228,10 @@ class _Namespace:
 class Host:
     """One emulated host: ``ip`` is its address, ``link`` its access link."""
 
-    def __init__(self, lab: "Lab", index: int, ip: str, mac: str, link: Link, namespace: _Namespace):
+    def __init__(self, lab: "Lab", index: int, ip: str, mac: str, link: Link, namespace: _Namespace,
+                 name: str | None = None):
         self.lab, self.index, self.ip, self.mac, self.link = lab, index, ip, mac, link
-        self.name = f"h{index}"
+        self.name = name or f"h{index}"
         self._ns = namespace
         self._procs: list[subprocess.Popen] = []
 
@@ -234,6 +284,69 @@ class Host:
         return f"Host({self.name}, {self.ip}, {self.link})"
 
 
+class NatBox(Host):
+    """A NAT box: a host on the switch (``ip`` is its public address) with ``inner`` hosts behind it on
+    ``subnet`` (``private_ip`` is its own address there, their gateway)."""
+
+    def __init__(self, lab: "Lab", index: int, ip: str, mac: str, nat: Nat, subnet: ipaddress.IPv4Network,
+                 namespace: _Namespace, number: int):
+        super().__init__(lab, index, ip, mac, nat.link, namespace, name=f"nat{number}")
+        self.nat, self.kind, self.subnet = nat, nat.kind, subnet
+        self.private_ip = str(next(subnet.hosts()))
+        self.inner: list[Host] = []
+
+    def conntrack(self) -> str:
+        """The box's connection-tracking table (``conntrack -L``), to inspect its mappings."""
+        return self._ns.check(["conntrack", "-L"])
+
+    def ruleset(self) -> str:
+        """The box's nftables rules (``nft list ruleset``)."""
+        return self._ns.check(["nft", "list", "ruleset"])
+
+    def __repr__(self) -> str:
+        return f"NatBox({self.name}, {self.kind}, {self.ip}, {self.subnet}, {len(self.inner)} inner)"
+
+
+def _nat_rules(nat: Nat) -> str:
+    """The nftables rules of a NAT box of ``nat.kind`` (public side ``eth0``, private side ``lan0``)."""
+    masquerade = "masquerade random,fully-random" if nat.kind == "symmetric" else "masquerade"
+    cone = nat.kind == "endpoint-independent"
+    lines = [
+        "table ip lab_nat {",
+        f'  chain postrouting {{ type nat hook postrouting priority srcnat; oifname "eth0" {masquerade}; }}',
+    ]
+    if cone:  # full cone: remember which inner endpoint each public port maps to; let anyone in on it
+        lines += [
+            f"  map cone_addr {{ type inet_proto . inet_service : ipv4_addr; flags dynamic,timeout; "
+            f"timeout {nat.mapping_timeout_s}s; }}",
+            f"  map cone_port {{ type inet_proto . inet_service : inet_service; flags dynamic,timeout; "
+            f"timeout {nat.mapping_timeout_s}s; }}",
+            '  chain prerouting { type nat hook prerouting priority dstnat; iifname "eth0" ct state new '
+            "dnat ip to meta l4proto . th dport map @cone_addr : meta l4proto . th dport map @cone_port; }",
+            "  chain record { type filter hook postrouting priority 300;",
+        ]
+        for proto in ("tcp", "udp"):
+            lines.append(f'    iifname "lan0" oifname "eth0" ct direction original meta l4proto {proto} '
+                         f"update @cone_addr {{ meta l4proto . {proto} sport : ct original ip saddr }} "
+                         f"update @cone_port {{ meta l4proto . {proto} sport : ct original proto-src }}")
+        lines.append("  }")
+    lines += [
+        "}",
+        "table inet lab_filter {",
+        "  chain forward { type filter hook forward priority filter; policy drop;",
+        "    ct state established,related accept",
+        '    iifname "lan0" oifname "eth0" accept',
+        *(['    iifname "eth0" oifname "lan0" ct status dnat accept'] if cone else []),
+        "  }",
+        "  chain input { type filter hook input priority filter; policy accept;",
+        '    iifname "eth0" ct state established,related accept',
+        '    iifname "eth0" drop',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 _OPEN_LABS: "weakref.WeakSet[Lab]" = weakref.WeakSet()
 
 
@@ -252,26 +365,56 @@ def _tbf(dev: str, mbit: float, queue_ms: float) -> str:
     return f"qdisc replace dev {dev} root tbf rate {int(mbit * 1e6)}bit burst {burst} limit {limit}"
 
 
+def _private_subnets(public: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                     nats: Sequence[Nat]) -> list[ipaddress.IPv4Network]:
+    """Each NAT box's private subnet: its own when given (checked), else the next free /27 of a
+    documentation range that is not the lab's."""
+    chosen: list[ipaddress.IPv4Network] = []
+    free = (sub for doc in DOC_SUBNETS for sub in ipaddress.ip_network(doc).subnets(new_prefix=27)
+            if not sub.overlaps(public))
+    for nat in nats:
+        if nat.subnet is None:
+            sub = next(s for s in free if not any(s.overlaps(c) for c in chosen))
+        else:
+            sub = ipaddress.ip_network(nat.subnet)
+            if not isinstance(sub, ipaddress.IPv4Network) or not any(
+                    sub.subnet_of(ipaddress.ip_network(doc)) for doc in DOC_SUBNETS):
+                raise ValueError(f"NAT subnet {nat.subnet} is not inside the documentation ranges {DOC_SUBNETS}")
+            if sub.overlaps(public):
+                raise ValueError(f"NAT subnet {nat.subnet} overlaps the lab's public subnet {public}")
+        if sub.num_addresses - 3 < nat.inner:
+            raise ValueError(f"NAT subnet {sub} has no room for {nat.inner} inner hosts")
+        chosen.append(sub)
+    return chosen
+
+
 class Lab:
     """N hosts behind their own links to one core switch (see the module docstring).
 
     ``links[i]`` is host i's access link; hosts get consecutive addresses from ``subnet`` (``.1`` on).
-    ``seed`` seeds the forwarder's loss decisions. Use as a context manager; ``close()`` is idempotent.
+    ``nats[j]`` adds NAT box ``lab.nats[j]`` (a :class:`NatBox`, its inner hosts in ``lab.nats[j].inner``);
+    the boxes' public addresses follow the hosts'. ``seed`` seeds the forwarder's loss decisions. Use as
+    a context manager; ``close()`` is idempotent.
     """
 
-    def __init__(self, links: Sequence[Link], subnet: str = DOC_SUBNETS[0], seed: int = 0):
-        reason = unavailable()
+    def __init__(self, links: Sequence[Link], subnet: str = DOC_SUBNETS[0], seed: int = 0,
+                 nats: Sequence[Nat] = ()):
+        reason = nat_unavailable() if nats else unavailable()
         if reason:
             raise RuntimeError(reason)
         net = ipaddress.ip_network(subnet)
         if not any(net.subnet_of(ipaddress.ip_network(doc)) for doc in DOC_SUBNETS):
             raise ValueError(f"subnet {subnet} is not inside the documentation ranges {DOC_SUBNETS}")
-        if not 1 <= len(links) <= min(200, net.num_addresses - 2):
-            raise ValueError(f"a lab has 1 to {min(200, net.num_addresses - 2)} hosts in {subnet}, not {len(links)}")
+        if not 1 <= len(links) + len(nats) <= min(200, net.num_addresses - 2) or not links and not nats:
+            raise ValueError(f"a lab has 1 to {min(200, net.num_addresses - 2)} hosts and NAT boxes in {subnet}, "
+                             f"not {len(links) + len(nats)}")
         self.links = list(links)
         self.subnet = net
         self.seed = seed
+        self.nat_specs = list(nats)
+        self.private_subnets = _private_subnets(net, self.nat_specs)
         self.hosts: list[Host] = []
+        self.nats: list[NatBox] = []
         self._namespaces: list[_Namespace] = []
         self._forwarder: subprocess.Popen | None = None
         self._forwarder_err = b""
@@ -302,26 +445,41 @@ class Lab:
                            f"link set p{i} up promisc on"]
             if link.down_mbit is not None:
                 core_tc.append(_tbf(f"p{i}", link.down_mbit, link.queue_ms))
+        for j, (nat, private) in enumerate(zip(self.nat_specs, self.private_subnets)):
+            i = len(self.links) + j
+            ns = _Namespace(f"nat{j}")
+            self._namespaces.append(ns)
+            mac = f"02:4e:4c:00:{i >> 8:02x}:{i & 0xff:02x}"
+            core_mac = f"02:4e:4c:01:{i >> 8:02x}:{i & 0xff:02x}"
+            box = NatBox(self, i, str(hosts[i]), mac, nat, private, ns, j)
+            self.nats.append(box)
+            core_setup += [f"link add p{i} address {core_mac} type veth peer name eth0 address {mac} netns {ns.pid}",
+                           f"link set p{i} up promisc on"]
+            if nat.link.down_mbit is not None:
+                core_tc.append(_tbf(f"p{i}", nat.link.down_mbit, nat.link.queue_ms))
+        switch: list[Host] = [*self.hosts, *self.nats]
         sysctl = ("echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; "
                   "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; ")
         core.check(["sh", "-c", sysctl])
         core.check(["ip", "-batch", "-"], input="\n".join(core_setup) + "\n")
         if core_tc:
             core.check(["tc", "-batch", "-"], input="\n".join(core_tc) + "\n")
-        for host in self.hosts:
+        # Window sizes for long fat links (1 Gbit/s x 300 ms); only inside the lab's namespaces.
+        host_sysctl = sysctl + ("echo '4096 131072 67108864' > /proc/sys/net/ipv4/tcp_rmem; "
+                                "echo '4096 16384 67108864' > /proc/sys/net/ipv4/tcp_wmem")
+        for host in switch:
             setup = ["link set lo up", f"addr add {host.ip}/{self.subnet.prefixlen} dev eth0", "link set eth0 up"]
             setup += [f"neigh replace {other.ip} lladdr {other.mac} dev eth0 nud permanent"
-                      for other in self.hosts if other is not host]
-            # Window sizes for long fat links (1 Gbit/s x 300 ms); only inside the lab's namespaces.
-            host_sysctl = sysctl + ("echo '4096 131072 67108864' > /proc/sys/net/ipv4/tcp_rmem; "
-                                    "echo '4096 16384 67108864' > /proc/sys/net/ipv4/tcp_wmem")
+                      for other in switch if other is not host]
             host._ns.check(["sh", "-c", host_sysctl])
             host._ns.check(["ip", "-batch", "-"], input="\n".join(setup) + "\n")
             if host.link.up_mbit is not None:
                 host._ns.check(["tc", "-batch", "-"], input=_tbf("eth0", host.link.up_mbit, host.link.queue_ms) + "\n")
+        for box in self.nats:
+            self._build_private_side(box, host_sysctl)
         config = {"seed": self.seed, "ports": [
             {"ifname": f"p{h.index}", "mac": h.mac, "delay_ns": int(h.link.delay_ms * 1e6), "loss": h.link.loss}
-            for h in self.hosts]}
+            for h in switch]}
         self._forwarder = subprocess.Popen(core.argv([sys.executable, str(Path(__file__).resolve()), "forward",
                                                       json.dumps(config)]),
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -330,6 +488,31 @@ class Lab:
             self._forwarder.kill()
             _, err = self._forwarder.communicate()
             raise RuntimeError(f"the lab's forwarder did not start: {err.decode(errors='replace')[-2000:]}")
+
+    def _build_private_side(self, box: NatBox, host_sysctl: str) -> None:
+        """``box``'s bridge ``lan0``, its inner hosts (default route: the box), forwarding and its rules."""
+        prefix = box.subnet.prefixlen
+        addresses = list(box.subnet.hosts())
+        setup = ["link add lan0 type bridge", f"addr add {box.private_ip}/{prefix} dev lan0", "link set lan0 up"]
+        for k in range(box.nat.inner):
+            ns = _Namespace(f"{box.name}h{k}")
+            self._namespaces.append(ns)
+            inner = Host(self, -1, str(addresses[k + 1]), "", Link(), ns, name=f"{box.name}h{k}")
+            box.inner.append(inner)
+            setup += [f"link add l{k} type veth peer name eth0 netns {ns.pid}", f"link set l{k} master lan0",
+                      f"link set l{k} up"]
+        box._ns.check(["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+        box._ns.check(["ip", "-batch", "-"], input="\n".join(setup) + "\n")
+        box._ns.check(["nft", "-f", "-"], input=_nat_rules(box.nat))
+        for inner in box.inner:
+            inner._ns.check(["sh", "-c", host_sysctl])
+            inner._ns.check(["ip", "-batch", "-"], input="\n".join([
+                "link set lo up", f"addr add {inner.ip}/{prefix} dev eth0", "link set eth0 up",
+                f"route add default via {box.private_ip} dev eth0"]) + "\n")
+
+    def all_hosts(self) -> list[Host]:
+        """The hosts, the NAT boxes and their inner hosts."""
+        return [*self.hosts, *[h for box in self.nats for h in (box, *box.inner)]]
 
     # ------------------------------------------------------------------ queries
 
@@ -360,7 +543,7 @@ class Lab:
             return {}
         self._closed = True
         stats: dict = {}
-        for host in self.hosts:
+        for host in self.all_hosts():
             host._kill_all()
         if self._forwarder is not None:
             try:  # communicate() closes its stdin: the forwarder prints its counters and exits
