@@ -24,6 +24,11 @@ this peer's gradients (weighted by its samples) and, once the swarm reached the 
   SGD step (``outer_lr`` 0.7, ``outer_momentum`` 0.9) to the global parameters. With
   ``overlap=True`` the averaging runs in the background while the next inner steps go on; the local
   progress made meanwhile is kept on top of the new global parameters.
+- Streaming DiLoCo (``mode="diloco", fragments=P``, algorithms.md 7.2, :mod:`swarm.streaming`): the
+  parameters are split into ``P`` fragments, each averaged once every ``inner_steps`` on a staggered
+  schedule (fragment p at inner steps ``floor((p + 1) H / P) + k H``), its round overlapping the next
+  ``fragment_overlap`` inner steps, then merged: ``local = merge_alpha * local + (1 - merge_alpha) *
+  global``. One fragment is on the wire at a time (peak traffic / P), 4-bit by default.
 
 Who takes part is what the progress view says: peers publish a heartbeat every second, and one not
 heard from for 4 s (killed, preempted) or that announced its departure is no longer counted; a round
@@ -55,8 +60,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from averaging import Averager, AveragingError, MatchmakingError
+from averaging import compression as compression_codecs
 from dht import DHT
 
+from . import streaming
 from .progress import GlobalProgress, ProgressTracker
 from .state import (
     StateFormatError,
@@ -94,7 +101,22 @@ def _shutdown_at_exit() -> None:
 # the options every peer of a run must share (a run announcement pins them): the rest
 # (matchmaking_time, client_mode, bandwidth, load_state_timeout, share_state, verbose) is per peer
 PINNED_OPTIONS = ("mode", "inner_steps", "outer_lr", "outer_momentum", "overlap", "averaging_timeout",
-                  "target_group_size", "compression", "aggregator", "average_state_every")
+                  "target_group_size", "compression", "aggregator", "average_state_every", "fragments",
+                  "fragment_overlap", "merge_alpha")
+
+
+def auto_compression(mode: str, fragments: Any = None) -> str | None:
+    """What ``compression="auto"`` means: None (exact) in sync mode, float16 in DiLoCo, and for
+    Streaming DiLoCo (``fragments`` > 1) the 4-bit codec of :mod:`averaging.compression` when it has
+    one (``uniform4``/``fp4``), else 8-bit ``uint8``."""
+    if mode != "diloco":
+        return None
+    if fragments is None or fragments == 1:
+        return "float16"
+    return next((name for name in STREAMING_CODECS if name in compression_codecs.CODECS), "uint8")
+
+
+STREAMING_CODECS = ("uniform4", "fp4", "e3m0")  # 4-bit dense codecs, in order of preference
 
 
 def pinned_options(options: dict) -> dict[str, Any]:
@@ -109,7 +131,7 @@ def pinned_options(options: dict) -> dict[str, Any]:
     for name in PINNED_OPTIONS:
         value = options.get(name, parameters[name].default)
         if name == "compression" and value == "auto":
-            value = "float16" if pinned["mode"] == "diloco" else None
+            value = auto_compression(pinned["mode"], options.get("fragments"))
         if not (value is None or isinstance(value, (bool, int, float, str))):
             text = repr(value)
             value = f"{type(value).__module__}.{type(value).__qualname__}" + (
@@ -133,6 +155,12 @@ class Optimizer:
       ``averaging_timeout`` (60 s): limit of one averaging round; ``target_group_size`` (16).
     - ``compression``: codec for the averaged tensors (None: exact in sync mode, ``"float16"`` in DiLoCo);
       ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
+    - ``fragments`` (None): Streaming DiLoCo with that many fragments (an int: balanced by size; or
+      a list of lists of parameter indices, e.g. strided blocks); needs ``mode="diloco"`` and
+      ``target_batch_size=None`` (the schedule counts inner steps). ``fragment_overlap``: inner steps
+      a fragment's round overlaps (default ``(inner_steps - 1) // P`` with ``overlap=True``, else 0;
+      ``fragment_overlap * P < inner_steps``); ``merge_alpha`` (0.5 with overlap, else 0): weight of
+      the local parameters when a fragment's new global ones are merged in.
     - ``average_state_every`` (0 = never): also average the parameters and the optimizer's statistics
       (e.g. Adam's moments) every that many epochs (a second averaging round, exact, not compressed).
     - ``scheduler``: a factory ``optimizer -> LR scheduler`` (any ``torch.optim.lr_scheduler``),
@@ -152,7 +180,8 @@ class Optimizer:
                  compression: Any = "auto", aggregator: Any = "mean", average_state_every: int = 0,
                  scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, client_mode: bool | None = None,
                  bandwidth: float | None = None, load_state_timeout: float = 600.0, share_state: bool = True,
-                 verbose: bool = False):
+                 verbose: bool = False, fragments: Any = None, fragment_overlap: int | None = None,
+                 merge_alpha: float | None = None):
         if mode not in ("sync", "diloco"):
             raise ValueError(f"mode must be 'sync' or 'diloco', got {mode!r}")
         if mode == "sync" and not target_batch_size:
@@ -184,8 +213,28 @@ class Optimizer:
         self.client_mode = dht.client_mode if client_mode is None else client_mode
         self._scheduler_factory = scheduler
         self.scheduler = scheduler(self.opt) if scheduler is not None else None
+        if fragments is not None and fragments != 1:
+            if mode != "diloco" or target_batch_size is not None:
+                raise ValueError("fragments (Streaming DiLoCo) needs mode='diloco' and target_batch_size=None "
+                                 "(its schedule counts inner steps)")
+            self.fragment_indices = streaming.partition([p.numel() for p in self.params], fragments)
+            count = len(self.fragment_indices)
+            if fragment_overlap is None:
+                fragment_overlap = (inner_steps - 1) // count if overlap else 0
+            streaming.check(inner_steps, count, fragment_overlap)
+            merge_alpha = (0.5 if fragment_overlap else 0.0) if merge_alpha is None else float(merge_alpha)
+            if not 0.0 <= merge_alpha <= 1.0:
+                raise ValueError(f"merge_alpha must lie in [0, 1], got {merge_alpha}")
+            self.fragment_offsets = streaming.offsets(inner_steps, count)
+        else:
+            self.fragment_indices, self.fragment_offsets = [], []
+        self.streaming = bool(self.fragment_indices)
+        self.fragment_overlap, self.merge_alpha = fragment_overlap or 0, merge_alpha or 0.0
+        self.stream_step = 0  # inner steps counted by the streaming schedule (set from the epoch on a state load)
+        # fragment rounds in flight: fragment -> (future or None when alone, peers counted, state hash at the start)
+        self._fragment_pending: dict[int, tuple[concurrent.futures.Future | None, int, str | None]] = {}
         if compression == "auto":
-            compression = "float16" if mode == "diloco" else None
+            compression = auto_compression(mode, len(self.fragment_indices) if self.streaming else None)
 
         self.local_epoch = 0
         self.local_samples = 0  # accumulated in this epoch
@@ -222,7 +271,18 @@ class Optimizer:
                              aggregator=aggregator, client_mode=self.client_mode, bandwidth=bandwidth,
                              min_matchmaking_time=matchmaking_time, request_timeout=min(2.0, matchmaking_time / 2),
                              default_timeout=averaging_timeout)
-        self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
+        self.averagers: list[Averager] = []  # Streaming DiLoCo: one per fragment (own prefix, own groups)
+        self._fragment_buffers: list[list[torch.Tensor]] = []
+        if self.streaming:
+            count = len(self.fragment_indices)
+            for f, indices in enumerate(self.fragment_indices):
+                buffers = [self._buffers[i] for i in indices]
+                self._fragment_buffers.append(buffers)
+                self.averagers.append(Averager(buffers, dht, prefix=f"{run_id}.frag{f}of{count}", **averager_opts))
+            self.averager = self.averagers[0]
+        else:
+            self.averager = Averager(self._buffers, dht, prefix=f"{run_id}.grads", **averager_opts)
+            self.averagers.append(self.averager)
         self.state_averager: Averager | None = None
         self._state_tensors: list[torch.Tensor] = []  # what state_averager averages (set with it)
         self._state_averager_opts = dict(averager_opts, compression=None, aggregator="mean")
@@ -248,8 +308,11 @@ class Optimizer:
             if math.isfinite(value):
                 self.last_loss = value
         self._update_speed(batch_size)
+        changed = False
         if self.mode == "sync":
             self._accumulate(batch_size)
+        elif self.streaming:
+            changed = self._streaming_step()
         else:
             self._inner_step(batch_size)
         self.local_samples += batch_size
@@ -257,9 +320,10 @@ class Optimizer:
         self._report()
 
         progress = self.tracker.global_progress
-        if progress.epoch > self.local_epoch and self._pending is None and time.monotonic() >= self._catch_up_next_try:
-            return self._catch_up(progress)
-        if self._resync_epoch is not None and self._pending is None and time.monotonic() >= self._resync_next_try:
+        idle = self._pending is None and not self._fragment_pending
+        if progress.epoch > self.local_epoch and idle and time.monotonic() >= self._catch_up_next_try:
+            return self._catch_up(progress) or changed
+        if self._resync_epoch is not None and idle and time.monotonic() >= self._resync_next_try:
             if self._resync_epoch != self.local_epoch:
                 self._resync_epoch = None
             else:
@@ -268,6 +332,8 @@ class Optimizer:
                     self._resync_epoch = None
                     return True
                 self._resync_next_try = time.monotonic() + 1.0  # the donors have not announced it yet
+        if self.streaming:
+            return changed
         if self._ready(progress):
             if self.mode == "sync":
                 self._sync_epoch(progress)
@@ -318,10 +384,22 @@ class Optimizer:
         """DiLoCo with ``overlap``: wait (at most ``timeout`` seconds, default ``averaging_timeout``) for
         the outer round running in the background and apply its outcome now rather than at the next
         inner step; call it before evaluating or saving the global parameters at the end of training.
-        True if a round was applied (or failed: see ``last_averaging``), False if none was in flight."""
+        True if a round was applied (or failed: see ``last_averaging``), False if none was in flight.
+        Streaming DiLoCo: the fragment round in flight, if any, is finished now (waited for at most
+        ``timeout``), not ``fragment_overlap`` steps after its start."""
+        limit = self.averaging_timeout if timeout is None else timeout
+        if self._fragment_pending:
+            for fragment in sorted(self._fragment_pending):
+                future = self._fragment_pending[fragment][0]
+                if future is not None:
+                    concurrent.futures.wait([future], limit)
+                    if not future.done():
+                        raise TimeoutError(f"the round of fragment {fragment} did not finish within {limit} s")
+                if fragment in self._fragment_pending:  # (a catch-up while finishing an earlier one drops it)
+                    self._finish_fragment(fragment)
+            return True
         if self._pending is None:
             return False
-        limit = self.averaging_timeout if timeout is None else timeout
         concurrent.futures.wait([self._pending[0]], limit)
         if not self._pending[0].done():
             raise TimeoutError(f"the background outer round did not finish within {limit} s")
@@ -372,15 +450,19 @@ class Optimizer:
             return
         self._closed = True
         _live.discard(self)
-        if self._pending is not None:
+        pending = [self._pending[0]] if self._pending is not None else []
+        pending += [f for f, _, _ in self._fragment_pending.values() if f is not None]
+        for future in pending:
             try:
-                self._pending[0].result(self.averaging_timeout if timeout is None else timeout)
+                future.result(self.averaging_timeout if timeout is None else timeout)
             except Exception:  # leaving anyway
                 logger.debug("the outer round in flight failed while shutting down", exc_info=True)
-            self._pending = None
+        self._pending = None
+        self._fragment_pending.clear()
         self.tracker.shutdown()
         self.sharing.shutdown()
-        self.averager.shutdown()
+        for averager in self.averagers:
+            averager.shutdown()
         if self.state_averager is not None:
             self.state_averager.shutdown()
 
@@ -442,7 +524,7 @@ class Optimizer:
         return samples + self.local_samples, len(others) + 1
 
     def _ready(self, progress: GlobalProgress) -> bool:
-        if self._pending is not None:
+        if self._pending is not None or self.streaming:
             return False
         if self.target_batch_size is None:
             return self.inner_step_count >= self.inner_steps
@@ -628,6 +710,86 @@ class Optimizer:
         self.outer_opt.step()
         self.outer_opt.zero_grad(set_to_none=True)
 
+    # ---- Streaming DiLoCo (swarm.streaming has the schedule)
+
+    def _streaming_step(self) -> bool:
+        """One inner step, then the schedule's events at it; True if a fragment's outer step landed."""
+        self.opt.step()
+        self.inner_step_count += 1
+        self.stream_step += 1
+        finishing, starting = streaming.events(self.stream_step, self.inner_steps, self.fragment_offsets,
+                                               self.fragment_overlap)
+        changed = False
+        epoch = self.local_epoch
+        for fragment in finishing:
+            if fragment in self._fragment_pending:
+                changed |= self._finish_fragment(fragment)
+        for fragment in starting:
+            if self.local_epoch != epoch:  # a catch-up moved this peer on: the schedule restarts from the state
+                break
+            self._start_fragment(fragment)
+            if self.fragment_overlap == 0:
+                changed |= self._finish_fragment(fragment)
+        return changed
+
+    def _start_fragment(self, fragment: int) -> None:
+        """Take the fragment's pseudo-gradient (global - local) and start its averaging round."""
+        _, peers = self._swarm_samples(self.tracker.global_progress)
+        averager, buffers = self.averagers[fragment], self._fragment_buffers[fragment]
+        with averager.lock, torch.no_grad():
+            for buffer, i in zip(buffers, self.fragment_indices[fragment]):
+                torch.sub(self.global_params[i], self.params[i].detach().to("cpu", torch.float32), out=buffer)
+            self.before_averaging(buffers)
+        future: concurrent.futures.Future | None = None
+        if peers >= 2:
+            averager.target_group_size = max(2, min(self.max_group_size, peers))
+            self._round_started = time.monotonic()
+            round_ = averager.step(weight=self.averaging_weight(),
+                                   timeout=self.averaging_timeout + self.matchmaking_time, wait=False,
+                                   gather=self._gather(), matchmaking_timeout=self.matchmaking_timeout,
+                                   scope=f"epoch{self.local_epoch}")
+            assert isinstance(round_, concurrent.futures.Future)  # wait=False
+            future = round_
+        self._fragment_pending[fragment] = (future, peers, self.state_hash)
+
+    def _finish_fragment(self, fragment: int) -> bool:
+        """Wait for the fragment's round (if it is still running), apply the outer step to its global
+        parameters and merge them into the local ones; the last fragment ends the epoch. False if a
+        failed round made this peer adopt the swarm's newer state instead."""
+        future, peers, hash_before = self._fragment_pending.pop(fragment)
+        averager = self.averagers[fragment]
+        if future is not None:
+            try:
+                self.averaging = True
+                result = self._wait_for_round(future, averager)
+                self._account(result)
+                self._hash_before_round = hash_before
+                self._check_agreement(result)
+            except AveragingError as e:
+                self.last_averaging = e
+                self._record_round(None, e)
+                logger.log(self._failure_level(e), "averaging fragment %d failed at epoch %d (%s)", fragment,
+                           self.local_epoch, e)
+                if self._behind():
+                    return False
+            finally:
+                self.averaging = False
+        indices = self.fragment_indices[fragment]
+        with averager.lock, torch.no_grad():
+            for i, buffer in zip(indices, self._fragment_buffers[fragment]):
+                self.global_params[i].grad = buffer.clone()
+        self.outer_opt.step()  # only this fragment's global parameters have gradients: the others stay
+        self.outer_opt.zero_grad(set_to_none=True)
+        alpha = self.merge_alpha
+        with torch.no_grad():
+            for i in indices:
+                p, g = self.params[i], self.global_params[i]
+                merged = g if alpha == 0 else torch.lerp(g, p.detach().to("cpu", torch.float32), alpha)
+                p.copy_(merged.to(p.device, p.dtype))
+        if fragment == len(self.fragment_indices) - 1:
+            self._end_epoch(peers)
+        return True
+
     def _end_epoch(self, peers: int) -> None:
         self.local_epoch += 1
         self.local_samples = 0
@@ -747,6 +909,9 @@ class Optimizer:
             else:
                 optimizer_state_from_tensors(self.opt, meta["optimizer"], state.tensors, prefix="opt")
         self.local_epoch = int(meta.get("epoch", self.local_epoch))
+        if self.streaming:  # the schedule restarts right after the epoch's last fragment finished
+            self._fragment_pending.clear()
+            self.stream_step = self.local_epoch * self.inner_steps + self.fragment_overlap
         if self.scheduler is not None:
             self._load_scheduler(schedule if schedule is not None else self._replayed_schedule(self.local_epoch))
 
