@@ -121,3 +121,89 @@ def test_choose_stage_auto():
     assert choose_stage(swarm_of([[1, 1], [1], [1, 1]]), [1.0, 1.0, 1.0], can_host=lambda s: s != 1) == 0
     with pytest.raises(ValueError):
         choose_stage([], [1.0], can_host=lambda s: False)
+
+
+# ---------------------------------------------------------------- the stage step (algorithms.md 1.4)
+
+class _Accumulating:
+    """What a StageStepper steps: a stage module whose ``.grad`` the backward calls accumulate (the
+    calls are made by the test itself, as a StageServer's backward would), and the samples count."""
+
+    def __init__(self, module):
+        import asyncio
+        self.stage, self.module = 1, module
+        self.samples_accumulated = 0
+        self._lock = asyncio.Lock()
+        self.paused_count = 0
+
+    def backward(self, x, y):  # a summed per-sample loss, as trainers send it
+        loss = ((self.module(x) - y) ** 2).sum()
+        loss.backward()
+        self.samples_accumulated += len(x)
+
+    def reset_accumulated(self):
+        self.samples_accumulated = 0
+
+    def paused(self):
+        self.paused_count += 1
+        return self._lock
+
+
+def test_stage_servers_average_and_step_together_replicas_stay_identical(tmp_path):
+    import threading
+    import time
+
+    import torch
+
+    from dht import DHT
+    from swarm.pipeline.stage_training import StageStepper
+
+    first = DHT(host="127.0.0.1")
+    second = DHT(initial_peers=first.get_visible_addresses(), host="127.0.0.1")
+    steppers = []
+    try:
+        servers = []
+        for _ in range(2):
+            torch.manual_seed(3)  # what Task.build_stage does: the same initial weights on every server
+            servers.append(_Accumulating(torch.nn.Linear(8, 2)))
+        initial = [p.detach().clone() for p in servers[0].module.parameters()]
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(16, 8, generator=g), torch.randn(16, 2, generator=g)) for _ in range(4)]
+        for i, (x, y) in enumerate(data):  # 48 samples on the first server, 16 on the second
+            servers[0 if i < 3 else 1].backward(x, y)
+        for dht, server in zip((first, second), servers):
+            steppers.append(StageStepper(dht, "ptest", server, lambda p: torch.optim.SGD(p, lr=0.01),
+                                         target_batch_size=64, matchmaking_time=1.0, averaging_timeout=10))
+        results = [False, False]
+
+        def run(i):
+            deadline = time.monotonic() + 40
+            while not results[i] and time.monotonic() < deadline:
+                results[i] = steppers[i].handover()
+                time.sleep(0.1)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [True, True]
+        assert all(s.epoch == 1 and s.steps == 1 for s in steppers)
+        assert steppers[0].opt.last_averaging is not None and steppers[0].opt.bytes_sent > 0, "no averaging"
+        # the reference: one SGD step on the mean gradient of all 64 samples
+        reference = torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            for p, v in zip(reference.parameters(), initial):
+                p.copy_(v)
+        x = torch.cat([d[0] for d in data])
+        y = torch.cat([d[1] for d in data])
+        ((reference(x) - y) ** 2).sum(dim=1).mean().backward()
+        for a, b, r in zip(servers[0].module.parameters(), servers[1].module.parameters(), reference.parameters()):
+            assert torch.equal(a, b), "the replicas of the stage differ"
+            assert torch.allclose(a, r - 0.01 * r.grad, atol=1e-6)
+        assert all(s.samples_accumulated == 0 and s.module.weight.grad is None for s in servers)
+        assert all(s.paused_count >= 1 for s in servers)
+    finally:
+        for s in steppers:
+            s.shutdown()
+        second.shutdown()
+        first.shutdown()

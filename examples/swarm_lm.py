@@ -1,0 +1,1 @@
+../swarm/examples/swarm_lm.py
