@@ -271,6 +271,17 @@ class Host:
         """``host.popen([sys.executable, *args])``: this venv's python inside the host."""
         return self.popen([sys.executable, *args], **kwargs)
 
+    def block_inbound(self) -> None:
+        """Firewall this host: drop (silently) every packet that is not part of a connection it opened;
+        its address stays its own (a "firewalled" peer, as opposed to one behind NAT)."""
+        self._ns.check(["nft", "-f", "-"], input=(
+            "table inet lab_firewall {\n"
+            "  chain input { type filter hook input priority filter; policy accept;\n"
+            '    iifname "eth0" ct state established,related accept\n'
+            '    iifname "eth0" drop\n'
+            "  }\n"
+            "}\n"))
+
     def _kill_all(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:

@@ -1,8 +1,8 @@
 """Plain-socket probes for the lab's NAT boxes (tests/test_nat_lab.py), run inside lab hosts.
 
     nat_probe.py observe PORT                  # TCP and UDP on PORT: answer each client with its address
-    nat_probe.py ask HOST PORT [--sport P] [--udp] [--timeout S]
-                                               # print {"ip", "port"} as HOST:PORT saw us (or {"error"})
+    nat_probe.py ask HOST:PORT... [--sport P] [--udp] [--timeout S]
+                                               # print {"ip", "port"} as each saw us (or {"error"})
     nat_probe.py rendezvous PORT               # pair punchers: tell each the other's observed address
     nat_probe.py punch HOST PORT --pair ID --role a|b --sport P [--attempts N] [--timeout S]
                                                # N simultaneous TCP opens with the paired peer
@@ -55,22 +55,32 @@ def observe(port: int) -> int:
             conn.sendall(f"{addr[0]} {addr[1]}\n".encode())
 
 
-def ask(host: str, port: int, sport: int, use_udp: bool, timeout: float) -> int:
-    s = _bound(sport, udp=use_udp)
-    s.settimeout(timeout)
+def ask(targets: list[str], sport: int, use_udp: bool, timeout: float) -> int:
+    """Ask each HOST:PORT in turn from local port ``sport`` (one UDP socket for all of them, so that
+    every answer comes back to it); print one JSON line per target."""
+    udp = _bound(sport, udp=True) if use_udp else None
     try:
-        if use_udp:
-            s.sendto(b"?", (host, port))
-            data = s.recvfrom(2048)[0]
-        else:
-            s.connect((host, port))
-            data = s.recv(2048)
-        ip, seen = data.decode().split()
-        print(json.dumps({"ip": ip, "port": int(seen), "local": s.getsockname()[1]}), flush=True)
-    except OSError as e:
-        print(json.dumps({"error": type(e).__name__, "detail": str(e)[:200]}), flush=True)
+        for target in targets:
+            host, port = target.rsplit(":", 1)
+            s = udp or _bound(sport)
+            s.settimeout(timeout)
+            try:
+                if use_udp:
+                    s.sendto(b"?", (host, int(port)))
+                    data = s.recvfrom(2048)[0]
+                else:
+                    s.connect((host, int(port)))
+                    data = s.recv(2048)
+                ip, seen = data.decode().split()
+                print(json.dumps({"ip": ip, "port": int(seen), "local": s.getsockname()[1]}), flush=True)
+            except OSError as e:
+                print(json.dumps({"error": type(e).__name__, "detail": str(e)[:200]}), flush=True)
+            finally:
+                if udp is None:
+                    s.close()
     finally:
-        s.close()
+        if udp is not None:
+            udp.close()
     return 0
 
 
@@ -168,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("observe")
     p.add_argument("port", type=int)
     p = sub.add_parser("ask")
-    p.add_argument("host")
-    p.add_argument("port", type=int)
+    p.add_argument("targets", nargs="+", metavar="HOST:PORT")
     p.add_argument("--sport", type=int, default=0)
     p.add_argument("--udp", action="store_true")
     p.add_argument("--timeout", type=float, default=3.0)
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "observe":
         return observe(args.port)
     if args.cmd == "ask":
-        return ask(args.host, args.port, args.sport, args.udp, args.timeout)
+        return ask(args.targets, args.sport, args.udp, args.timeout)
     if args.cmd == "rendezvous":
         return rendezvous(args.port)
     return punch(args.host, args.port, args.pair, args.role, args.sport, args.attempts, args.timeout)

@@ -1,0 +1,188 @@
+"""NAT boxes in the network lab (tests/netlab.py) and peers behind them (issue 17).
+
+First the boxes themselves, with plain sockets (tests/netlab_peers/nat_probe.py): each kind maps and
+filters as its name says, and a raw simultaneous TCP open gets through two endpoint-independent
+mappings but not through two symmetric ones. Then real peers behind them (``swarm dht`` / ``swarm
+join`` processes in lab hosts): reachability verdicts, relays, hole punching, training.
+
+Needs root and nftables (CI installs it, .ci/run); elsewhere these tests skip with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from . import netlab
+from .netlab import Lab, Link, Nat
+
+REASON = netlab.nat_unavailable()
+needs_nat_lab = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+PROBE = str(netlab.ROOT / "tests" / "netlab_peers" / "nat_probe.py")
+OBSERVER_PORT = 7000
+RENDEZVOUS_PORT = 7100
+
+
+# ---------------------------------------------------------------- configuration (no root needed)
+
+def test_nat_boxes_are_validated():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Nat("full-cone")
+    with pytest.raises(ValueError, match="inner"):
+        Nat(inner=0)
+    with pytest.raises(ValueError, match="mapping_timeout_s"):
+        Nat(mapping_timeout_s=0)
+    with pytest.raises(ValueError, match="documentation ranges"):
+        netlab._private_subnets(netlab.ipaddress.ip_network("192.0.2.0/24"), [Nat(subnet="10.0.0.0/24")])
+    with pytest.raises(ValueError, match="overlaps the lab's public subnet"):
+        netlab._private_subnets(netlab.ipaddress.ip_network("192.0.2.0/24"), [Nat(subnet="192.0.2.0/28")])
+    with pytest.raises(ValueError, match="no room"):
+        netlab._private_subnets(netlab.ipaddress.ip_network("192.0.2.0/24"), [Nat(inner=20, subnet="203.0.113.0/28")])
+    # automatic private subnets: distinct /27s outside the lab's subnet; a given one may be shared
+    subnets = netlab._private_subnets(netlab.ipaddress.ip_network("198.51.100.0/24"),
+                                      [Nat(), Nat(), Nat(subnet="192.0.2.0/24"), Nat(subnet="192.0.2.0/24")])
+    assert [str(s) for s in subnets] == ["192.0.2.0/27", "192.0.2.32/27", "192.0.2.0/24", "192.0.2.0/24"]
+
+
+def test_the_rules_say_what_each_kind_does():
+    cone, restricted, symmetric = (netlab._nat_rules(Nat(kind)) for kind in netlab.NAT_KINDS)
+    assert "masquerade random,fully-random" in symmetric and "random" not in restricted
+    assert "dnat" in cone and "dnat" not in restricted and "dnat" not in symmetric
+    for rules in (cone, restricted, symmetric):
+        assert "policy drop" in rules and 'iifname "eth0" drop' in rules  # unsolicited: dropped, no RST
+
+
+# ---------------------------------------------------------------- the boxes, with plain sockets
+
+KINDS = ["endpoint-independent", "port-restricted", "port-restricted", "symmetric", "symmetric"]
+
+
+@pytest.fixture(scope="module")
+def socket_lab():
+    """Two public hosts (observers, rendezvous on h0) and five NAT boxes with one inner host each."""
+    if REASON is not None:
+        pytest.skip(REASON)
+    with Lab([Link(delay_ms=2)] * 2, nats=[Nat(kind, Link(delay_ms=3)) for kind in KINDS]) as lab:
+        ready = [h.popen([sys.executable, PROBE, "observe", str(OBSERVER_PORT)], stdout=subprocess.PIPE, text=True)
+                 for h in lab.hosts]
+        ready.append(lab.hosts[0].popen([sys.executable, PROBE, "rendezvous", str(RENDEZVOUS_PORT)],
+                                        stdout=subprocess.PIPE, text=True))
+        for proc in ready:
+            assert proc.stdout.readline().strip() == "ready"
+        yield lab
+
+
+def _asks(jobs: list[tuple]) -> list[list[dict]]:
+    """Run ``nat_probe.py ask`` for each (host, [target ip:port...], extra args) at once; their answers."""
+    procs = [host.popen([sys.executable, PROBE, "ask", *targets, *extra], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True) for host, targets, extra in jobs]
+    answers = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
+        answers.append([json.loads(line) for line in out.strip().splitlines()])
+    return answers
+
+
+@needs_nat_lab
+def test_mappings_are_port_preserving_or_random_as_the_kind_says(socket_lab):
+    """Each inner host asks both observers from the same local port (TCP and UDP), for two ports: an
+    endpoint-independent mapping (both EIM kinds) shows the box's address and the local port to
+    everyone; a symmetric one a different port per destination."""
+    lab = socket_lab
+    observers = [f"{h.ip}:{OBSERVER_PORT}" for h in lab.hosts]
+    jobs = [(box.inner[0], observers, ["--sport", str(sport), *udp])
+            for box in lab.nats for sport in (4100, 4101) for udp in ([], ["--udp"])]
+    answers = iter(_asks(jobs))
+    for box in lab.nats:
+        seen = {(sport, proto): next(answers) for sport in (4100, 4101) for proto in ("tcp", "udp")}
+        for (sport, proto), replies in seen.items():
+            assert [r.get("ip") for r in replies] == [box.ip, box.ip], (box, proto, replies)
+            if box.kind != "symmetric":
+                assert [r["port"] for r in replies] == [sport, sport], (box, proto, replies)
+        if box.kind == "symmetric":
+            for proto in ("tcp", "udp"):
+                ports = [r["port"] for sport in (4100, 4101) for r in seen[sport, proto]]
+                assert len(set(ports)) == 4, (box, proto, ports)  # one public port per destination
+
+
+@needs_nat_lab
+def test_filtering_lets_in_what_the_kind_allows_and_drops_the_rest(socket_lab):
+    """An inner host listens on port 4200 and sends to h0 from it. Then h1, and h0 from another port,
+    connect to the box's public port of that mapping: the endpoint-independent box lets both in (to
+    the inner host, which sees their real addresses); the port-restricted and symmetric ones drop
+    them (a timeout, not a refusal). Nobody gets in on a port that nothing inside sent from."""
+    lab = socket_lab
+    listeners = [box.inner[0].popen([sys.executable, PROBE, "observe", "4200"], stdout=subprocess.PIPE, text=True)
+                 for box in lab.nats]
+    for proc in listeners:
+        assert proc.stdout.readline().strip() == "ready"
+    try:
+        outbound = [a[0] for a in _asks([(box.inner[0], [f"{lab.hosts[0].ip}:{OBSERVER_PORT}"], ["--sport", "4200"])
+                                          for box in lab.nats])]
+        h0, h1 = lab.hosts
+        jobs = []
+        for box, mapped in zip(lab.nats, outbound):
+            assert mapped["ip"] == box.ip, mapped
+            port = mapped["port"]
+            jobs += [(h1, [f"{box.ip}:{port}"], ["--timeout", "1"]),
+                     (h0, [f"{box.ip}:{port}"], ["--sport", "7001", "--timeout", "1"]),
+                     (h1, [f"{box.ip}:4300"], ["--timeout", "1"])]
+        answers = iter(a[0] for a in _asks(jobs))
+        for box in lab.nats:
+            other_host, other_port, unmapped = next(answers), next(answers), next(answers)
+            if box.kind == "endpoint-independent":
+                assert other_host == {"ip": h1.ip, "port": other_host["port"], "local": other_host["port"]}
+                assert other_port == {"ip": h0.ip, "port": 7001, "local": 7001}
+            else:
+                assert other_host.get("error") == "TimeoutError", (box, other_host)
+                assert other_port.get("error") == "TimeoutError", (box, other_port)
+            assert unmapped.get("error") == "TimeoutError", (box, unmapped)
+    finally:
+        for proc in listeners:
+            proc.kill()
+            proc.communicate()
+
+
+def _punch(lab: Lab, pairs: list[tuple[int, int]], attempts: int, timeout: float) -> dict:
+    """Raw simultaneous TCP opens between the inner hosts of boxes (a, b), all pairs at once, through the
+    rendezvous on h0; per pair the two sides' per-attempt results."""
+    procs = {}
+    for n, (a, b) in enumerate(pairs):
+        for role, box in (("a", a), ("b", b)):
+            procs[a, b, role] = lab.nats[box].inner[0].popen(
+                [sys.executable, PROBE, "punch", lab.hosts[0].ip, str(RENDEZVOUS_PORT), "--pair", f"p{a}{b}",
+                 "--role", role, "--sport", str(5000 + 100 * n), "--attempts", str(attempts),
+                 "--timeout", str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results: dict = {}
+    for (a, b, role), proc in procs.items():
+        out, err = proc.communicate(timeout=60 + attempts * (timeout + 1))
+        assert proc.returncode == 0, err[-2000:]
+        results.setdefault((a, b), {})[role] = [json.loads(line) for line in out.splitlines()]
+    return results
+
+
+@needs_nat_lab
+def test_a_raw_simultaneous_open_gets_through_eim_nats_and_not_through_symmetric_ones(socket_lab):
+    """Both sides learn each other's observed address from a rendezvous and connect at the same time
+    from their own port (which they also listen on): port-restricted <-> port-restricted connects on
+    the first SYN; full cone <-> symmetric connects too (the symmetric side's SYN comes in through the
+    cone); symmetric <-> symmetric and port-restricted <-> symmetric never do."""
+    lab = socket_lab
+    kinds = [box.kind for box in lab.nats]
+    restricted = [i for i, k in enumerate(kinds) if k == "port-restricted"]
+    symmetric = [i for i, k in enumerate(kinds) if k == "symmetric"]
+    cone = kinds.index("endpoint-independent")
+    works = [tuple(restricted), (cone, symmetric[0])]
+    fails = [tuple(symmetric), (restricted[0], symmetric[1])]
+    results = _punch(lab, works + fails, attempts=3, timeout=2.0)
+    for pair in works:
+        for role, attempts in results[pair].items():
+            assert all(r["ok"] for r in attempts), (pair, role, attempts)
+            assert all(r["s"] < 0.5 for r in attempts), (pair, role, attempts)  # the first SYN got through
+        assert {r["via"] for r in results[pair]["a"] + results[pair]["b"]} <= {"connect", "accept"}
+    for pair in fails:
+        for role, attempts in results[pair].items():
+            assert not any(r["ok"] for r in attempts), (pair, role, attempts)
