@@ -150,13 +150,20 @@ class RunInfo:
     creator: str
     created: float
     last_seen: float | None = None
+    # pipeline runs only (their announcement pins "pipeline stages"): [{"stage", "servers",
+    # "samples_per_s"}] from the stage announcements, and the trainers' samples/s (the progress records)
+    stages: list[dict] | None = None
+    trainers_samples_per_s: float | None = None
 
     @property
     def alive(self) -> bool:
         return self.peers > 0
 
     def as_dict(self) -> dict:
-        return dict(asdict(self), alive=self.alive)
+        d = dict(asdict(self), alive=self.alive)
+        if self.stages is None:
+            del d["stages"], d["trainers_samples_per_s"]
+        return d
 
 
 async def _announcements(node) -> list[RunAnnouncement]:
@@ -224,6 +231,19 @@ class RunAnnouncer:
             pass
 
 
+async def _pipeline(node, run_id: str, num_stages: int) -> list[dict]:
+    """Servers and their summed samples/s per stage of a pipeline run (empty stages included)."""
+    from .pipeline.registry import fetch_stages
+
+    try:
+        stages = await fetch_stages(node, run_id, num_stages)
+    except Exception as e:  # noqa: BLE001 - the run is still listed, without its stages
+        logger.debug("could not read the stages of %s: %s", brief(run_id), e)
+        stages = {}
+    return [{"stage": k, "servers": len(stages.get(k, [])),
+             "samples_per_s": round(sum(r.samples_per_s for r in stages.get(k, [])), 2)} for k in range(num_stages)]
+
+
 def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> list[RunInfo]:
     """Every announced run with its live progress (peers online, samples/s, latest loss), its last
     known epoch and when a peer of it was last seen; live runs first, then by when they were seen."""
@@ -242,7 +262,12 @@ def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> l
             if not g.num_peers and records:  # dead: the last known loss, at the last known epoch
                 losses = [r.loss for r in records if r.loss is not None and r.epoch == epoch]
                 loss = sum(losses) / len(losses) if losses else None
-            infos.append(RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), epoch, loss, a.task,
-                                 a.task_hash, a.creator, a.created, last_seen))
+            info = RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), epoch, loss, a.task,
+                           a.task_hash, a.creator, a.created, last_seen)
+            num_stages = (a.settings or {}).get("pipeline stages")
+            if isinstance(num_stages, int) and not isinstance(num_stages, bool) and 0 < num_stages <= 1024:
+                info.stages = await _pipeline(node, run_id, num_stages)
+                info.trainers_samples_per_s = info.samples_per_second
+            infos.append(info)
         return sorted(infos, key=lambda i: (-i.peers, -(i.last_seen or i.created), i.run_id))
     return dht.run_coroutine(go, return_future=True).result(timeout)
