@@ -24,6 +24,8 @@ name           what is sent                                               bytes 
                (one power iteration, warm-started from the last round's
                Q at the same position; error feedback as for topk).
                Results travel as float16.
+``sparseloco``, ``demo``, ``uniform4``: low-bandwidth codecs for DiLoCo (top-k + 2-bit, DCT top-k,
+               dense 4-bit), in :mod:`averaging.sparse_codecs`
 =============  ========================================================  =====================
 
 Stateless codecs can be shared; ``topk`` and ``powersgd`` keep a residual per flat position (and
@@ -446,6 +448,10 @@ class PowerSGD(TopK):
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoCompression, Float16, Uniform8, Blockwise8, Quantile8, TopK,
                                                       PowerSGD)}
+
+from .sparse_codecs import SPARSE_CODECS  # noqa: E402 - they build on the classes above
+
+CODECS.update({c.name: c for c in SPARSE_CODECS})
 
 
 def get(codec: "str | Codec | None" = None, **params: Any) -> Codec:
