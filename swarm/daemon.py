@@ -102,6 +102,8 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     from .dashboard.options import add_dashboard_arguments
     add_dashboard_arguments(p)
+    from .pipeline.roles import add_pipeline_arguments  # --role, --stage, --max-memory, --rebalance-period
+    add_pipeline_arguments(p)
 
 
 class _Fatal(Exception):
@@ -315,6 +317,10 @@ def _join(args: argparse.Namespace, signals: _Signals) -> int:
         raise _Fatal(EXIT_TASK, str(e)) from None
     shard, num_shards = _parse_arguments(args)
     options, pinned = _optimizer_options(task, args)
+    if task.is_pipeline or getattr(args, "role", "trainer") == "server":  # swarm.pipeline.roles
+        from .pipeline.roles import run_pipeline_role
+        return run_pipeline_role(args, signals, task, code_hash, args.run_id or task.name, options, pinned, shard,
+                                 num_shards)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
