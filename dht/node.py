@@ -42,6 +42,7 @@ from .peer.admission import BoundedLRU, DialBacks, KeyedBuckets, TokenBucket, ho
 from .peer.errors import ErrorCode, OverloadedError, P2PError, RemoteError
 from .peer.identity import Identity, PeerID
 from .peer.multiplex import Limits
+from .peer.nat import NatOptions, NatService
 from .peer.p2p import P2P, CallContext
 from .peer.untrusted import LogLimiter
 from .peer.virtual_clock import VirtualClockLoop
@@ -178,9 +179,12 @@ class DHTNode:
                      host: str = "0.0.0.0", port: int = 0, identity: Identity | None = None,
                      identity_path: str | None = None, client_mode: bool = False, p2p_limits: Limits | None = None,
                      ensure_bootstrap_success: bool = True, announce: Sequence[str] | None = None,
-                     **kwargs: Any) -> "DHTNode":
+                     nat: NatOptions | None = None, **kwargs: Any) -> "DHTNode":
         """Start a node (and its P2P peer unless ``p2p`` is given) and join via ``initial_peers``.
         ``announce``: the addresses told to others instead of the listening ones (port forwarding).
+        ``nat``: check reachability after joining, use relays, punch holes (:mod:`dht.peer.nat`; default:
+        no check, but the node helps others check theirs and relays for them); a peer found behind NAT
+        or firewalled switches to client mode.
 
         Raises PeerUnreachableError naming every initial peer that failed if none could be reached
         (with ``ensure_bootstrap_success``, the default)."""
@@ -191,6 +195,9 @@ class DHTNode:
         node = cls(p2p, client_mode=client_mode, **kwargs)
         try:
             await node.bootstrap(initial_peers, ensure_success=ensure_bootstrap_success)
+            service = p2p.nat if isinstance(p2p.nat, NatService) else NatService(p2p, nat or NatOptions(check=False))
+            service.on_unreachable.append(node._become_client)
+            await service.start(helpers=node._nat_helpers)
         except BaseException:
             await node.shutdown()
             raise
@@ -225,6 +232,17 @@ class DHTNode:
         if len(self.routing_table):
             await self.find_nearest_nodes(self.node_id)
             await self._refresh_buckets(max_buckets=4)
+
+    def _become_client(self, _reachability: Any) -> None:
+        """Found unreachable: outbound-only from now on (not announced as a server, not routed to)."""
+        if not self.client_mode:
+            logger.info("switching to client mode: other peers cannot dial this one directly")
+            self.client_mode = True
+
+    def _nat_helpers(self) -> list[PeerID]:
+        """Peers to ask for a dial-back: connected ones first, then routing-table servers."""
+        connected = self.p2p.connected_peers()
+        return [*connected, *(p for p in self.routing_table.all_peers() if p not in set(connected))][:16]
 
     # ---- RPC client side -------------------------------------------------------------------
     @property
@@ -937,4 +955,6 @@ class DHTNode:
             task.cancel()
         await self._dial_backs.close()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        if isinstance(self.p2p.nat, NatService):
+            await self.p2p.nat.close()
         await self.p2p.shutdown()

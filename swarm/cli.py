@@ -90,9 +90,13 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _peer(args: argparse.Namespace) -> int:
     from dht import P2P, P2PError
+    from dht.peer.nat import NatService
+
+    from .nat_cli import nat_options
 
     try:
         announce = parse_announce(args.announce_addr)
+        nat = nat_options(args)
     except ValueError as e:
         return _fail(EXIT_USAGE, str(e))
     try:
@@ -109,6 +113,7 @@ async def _peer(args: argparse.Namespace) -> int:
             print(f"connected to {peer_id} (authenticated, encrypted)", flush=True)
         except P2PError as e:
             print(f"could not connect to initial peer {address}: {e}", file=sys.stderr, flush=True)
+    await NatService(p2p, nat).start()
 
     async def ping_loop() -> None:
         rounds = 0
@@ -131,6 +136,7 @@ async def _peer(args: argparse.Namespace) -> int:
     finally:
         pinger.cancel()
         stopper.cancel()
+        await p2p.nat.close()
         await p2p.shutdown()
         print("peer stopped", flush=True)
     return EXIT_OK
@@ -167,13 +173,20 @@ async def _dht(args: argparse.Namespace) -> int:
         announce = parse_announce(args.announce_addr)
     except ValueError as e:
         return _fail(EXIT_USAGE, str(e))
+    from .nat_cli import nat_options
+
+    try:
+        nat = nat_options(args)
+    except ValueError as e:
+        return _fail(EXIT_USAGE, str(e))
     try:
         node = await DHTNode.create(args.initial_peers, host=args.host, port=args.port,
-                                    identity_path=args.identity, client_mode=args.client_mode, announce=announce)
+                                    identity_path=args.identity, client_mode=args.client_mode, announce=announce,
+                                    nat=nat)
     except (P2PError, ValueError, OSError) as e:
         return _fail(*startup_error(e, args.host, args.port, args.identity))
     stop = _stop_on_signals()
-    mode = "client mode (not reachable by others)" if args.client_mode else "others can join with"
+    mode = "client mode (not reachable by others)" if node.client_mode else "others can join with"
     print(f"DHT peer {node.peer_id} running; {mode}:", flush=True)
     for address in node.p2p.get_visible_addresses():
         print(f"  --initial-peers {address}", flush=True)
@@ -351,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR",
                       help="peers to connect to, as /ip4/HOST/tcp/PORT/p2p/PEERID")
     add_announce_argument(peer)
+    from .nat_cli import add_nat_arguments
+    add_nat_arguments(peer)
     peer.add_argument("--ping-interval", type=float, default=5.0, help="seconds between ping rounds (default 5)")
     peer.add_argument("--ping-rounds", type=int, default=0, help="stop after this many rounds (default 0: run forever)")
     peer.add_argument("--linger", type=float, default=2.0, help="seconds to keep serving after the last round")
@@ -375,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--client-mode", action="store_true",
                      help="do not accept inbound connections (for peers behind NAT/firewalls)")
     add_announce_argument(dht)
+    add_nat_arguments(dht)
     dht.add_argument("--report-interval", type=float, default=30.0,
                      help="seconds between routing-table reports (default 30)")
     from .dashboard.options import add_dashboard_arguments

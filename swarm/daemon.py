@@ -85,6 +85,8 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-mode", action="store_true", help="do not accept inbound connections (behind NAT)")
     from .cli import add_announce_argument
     add_announce_argument(p)
+    from .nat_cli import add_nat_arguments
+    add_nat_arguments(p)
     p.add_argument("--bandwidth", type=float, default=None, metavar="MB/S",
                    help="announced bandwidth in megabytes per second (MB/s, not Mbit/s) for load balancing "
                         "(default: measured)")
@@ -384,6 +386,7 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
     from .cli import parse_announce
     from .dashboard.server import close_for
     from .exitcodes import startup_error
+    from .nat_cli import nat_options
     from .optimizer import Optimizer
     from .runs import RunAnnouncement, RunAnnouncer, announce_run, find_run, settings_differences
     from .status import PeerView
@@ -391,7 +394,8 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
     try:
         with signals.interruptible():
             dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port, identity_path=identity,
-                      client_mode=args.client_mode, announce=parse_announce(args.announce_addr))
+                      client_mode=args.client_mode, announce=parse_announce(args.announce_addr),
+                      nat=nat_options(args))
     except (P2PError, OSError, ValueError) as e:
         raise _Fatal(*startup_error(e, args.host, args.port, identity)) from None
     announcer = opt = dashboard = None

@@ -7,6 +7,8 @@ e.g. the listen address a user types):
 - ``/ip6/::1/tcp/31337/p2p/Qm...``
 - ``/dns/example.org/tcp/31337/p2p/Qm...`` (also ``/dns4``, ``/dns6``)
 - ``/memory/NAME/p2p/Qm...`` (the in-memory transport used by simulations and tests)
+- ``/ip4/R/tcp/P/p2p/RELAY/relay/p2p/PEER``: PEER reached through the relay RELAY listening at R:P
+  (:mod:`dht.peer.relay`); ``protocol``/``host``/``port`` are the relay's, ``relay`` its PeerID
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class PeerAddress:
     host: str
     port: int = 0
     peer_id: PeerID | None = None
+    relay: PeerID | None = None  # set for a relayed address: the relay's PeerID (host and port are the relay's)
 
     @classmethod
     def parse(cls, text: str) -> "PeerAddress":
@@ -64,6 +67,15 @@ class PeerAddress:
             except IdentityError as e:
                 raise AddressError(f"{text!r}: {e}") from None
             parts = parts[:-2]
+        relay = None
+        if len(parts) >= 3 and parts[-1] == "relay" and parts[-3] == "p2p":
+            try:
+                relay = PeerID.from_base58(parts[-2])
+            except IdentityError as e:
+                raise AddressError(f"{text!r}: relay: {e}") from None
+            parts = parts[:-3]
+            if proto not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+                raise AddressError(f"{text!r}: a relay address must start with /ip4, /ip6 or /dns")
         if proto == "memory":
             if len(parts) != 2 or not parts[1]:
                 raise AddressError(f"{text!r}: expected /memory/NAME/p2p/PEERID")
@@ -84,7 +96,7 @@ class PeerAddress:
             raise AddressError(f"{text!r}: bad {proto} host: {e}") from None
         if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise AddressError(f"{text!r}: bad TCP port {port_text!r}")
-        return cls(proto, host, int(port_text), peer_id)
+        return cls(proto, host, int(port_text), peer_id, relay)
 
     @classmethod
     def from_host_port(cls, host: str, port: int, peer_id: PeerID | None = None) -> "PeerAddress":
@@ -96,7 +108,19 @@ class PeerAddress:
             return cls("dns", host, port, peer_id)
 
     def with_peer_id(self, peer_id: PeerID | None) -> "PeerAddress":
-        return PeerAddress(self.protocol, self.host, self.port, peer_id)
+        return PeerAddress(self.protocol, self.host, self.port, peer_id, self.relay)
+
+    def relay_address(self) -> "PeerAddress":
+        """Where the relay of a relayed address listens, as a direct address with the relay's PeerID."""
+        if self.relay is None:
+            raise AddressError(f"{self} is not a relay address")
+        return PeerAddress(self.protocol, self.host, self.port, self.relay)
+
+    def via(self, relay: "PeerAddress") -> "PeerAddress":
+        """This peer (``self.peer_id``, may be None) reached through ``relay`` (a direct address with its PeerID)."""
+        if relay.peer_id is None or relay.relay is not None:
+            raise AddressError(f"{relay}: a relay must be given as a direct address with /p2p/PEERID")
+        return PeerAddress(relay.protocol, relay.host, relay.port, self.peer_id, relay.peer_id)
 
     def without_peer_id(self) -> "PeerAddress":
         return self.with_peer_id(None)
@@ -106,6 +130,8 @@ class PeerAddress:
             text = f"/memory/{self.host}"
         else:
             text = f"/{self.protocol}/{self.host}/tcp/{self.port}"
+        if self.relay is not None:
+            text += f"/p2p/{self.relay}/relay"
         if self.peer_id is not None:
             text += f"/p2p/{self.peer_id}"
         return text

@@ -83,6 +83,9 @@ class P2P:
         self._per_peer: dict[PeerID, int] = {}  # open connections per PeerID, both directions
         self._inbound_per_ip: dict[str, int] = {}  # open inbound connections per observed source IP
         self._num_inbound = 0
+        # dials /.../p2p/RELAY/relay/p2p/PEER addresses (set by dht.peer.relay.RelayClient); None: not supported
+        self.relay_dialer: Callable[[PeerAddress], Awaitable[FrameChannel]] | None = None
+        self.nat: Any = None  # the dht.peer.nat.NatService of this peer, once started (verdict, relays, hole punching)
         self.add_unary_handler("p2p.ping", _ping_handler)
 
     @classmethod
@@ -260,7 +263,7 @@ class P2P:
         started meanwhile (it was its newest connection) are still served, and it closes after the
         GOAWAY grace period. Returns the address, or None (after ``timeout`` seconds at most)."""
         book = self._address_book.get(peer_id)
-        candidates = [] if book is None else [a for a, r in book.ranked() if r < _THIRD_PARTY][:4]
+        candidates = [] if book is None else [a for a, r in book.ranked() if r < _THIRD_PARTY and a.relay is None][:4]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for address in candidates:
@@ -286,6 +289,37 @@ class P2P:
             self._on_connection_closed(conn)  # out of the pool now, closed after the grace period
             return address.with_peer_id(peer_id)
         return None
+
+    async def probe(self, address: PeerAddress, peer_id: PeerID, timeout: float) -> None:
+        """Dial ``address`` on a fresh connection, check that ``peer_id`` answers the handshake there,
+        then close it (telling the peer with a GOAWAY). Raises P2PError or asyncio.TimeoutError."""
+        channel = await asyncio.wait_for(self._transport.dial(address.without_peer_id(), peer_id), timeout)
+        _refuse(channel, "dial-back check done")
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    def accept_channel(self, channel: FrameChannel) -> None:
+        """Take an authenticated inbound channel that did not come through the listener (a relayed
+        circuit, a hole-punched socket): adopted, or refused with a GOAWAY as any inbound connection."""
+        self._on_inbound(channel)
+
+    def adopt_channel(self, channel: FrameChannel, initiator: bool) -> Connection:
+        """Take an authenticated channel this peer opened itself (e.g. a hole-punched socket) into the pool."""
+        return self._adopt(channel, initiator)
+
+    def retire(self, conn: Connection, reason: str) -> None:
+        """Stop using ``conn`` for new calls (a GOAWAY tells the peer); it closes after the grace period."""
+        try:
+            conn.write_frame(GOAWAY, 0, 0, msgpack.packb({"m": reason[:200]}))
+        except P2PError:
+            pass
+        self._on_connection_closed(conn)
+
+    def connections_to(self, peer_id: PeerID) -> list[Connection]:
+        """The usable connections with ``peer_id``, oldest first."""
+        return [c for c in self._connections.get(peer_id, ()) if c.usable]
 
     def forget_peers(self, keep: Callable[[PeerID], bool], idle: float = 0.0) -> int:
         """Drop the addresses (and dial records) of peers that are not connected, not ``keep(peer)``,
@@ -423,9 +457,15 @@ class P2P:
         address for it. HandshakeError if every attempt failed that way, else PeerUnreachableError."""
         failures: list[str] = []
         handshake_errors: list[HandshakeError] = []
+        addresses = sorted(addresses, key=lambda a: a.relay is not None)  # direct addresses first, then relays
         for address in addresses[:_MAX_DIAL_ATTEMPTS]:
             try:
-                channel = await self._transport.dial(address, peer_id)
+                if address.relay is None:
+                    channel = await self._transport.dial(address, peer_id)
+                elif self.relay_dialer is None:
+                    raise PeerUnreachableError(f"{address}: this peer does not dial through relays")
+                else:
+                    channel = await self.relay_dialer(address)
             except HandshakeError as e:
                 if peer_id is not None:
                     self._drop_address(peer_id, address, e)
@@ -435,7 +475,8 @@ class P2P:
             except P2PError as e:
                 failures.append(str(e))
                 continue
-            self._confirm(channel.remote_peer_id, address)
+            if address.relay is None:
+                self._confirm(channel.remote_peer_id, address)
             return self._adopt(channel, initiator=True)
         if handshake_errors and len(handshake_errors) == len(failures):
             if len(handshake_errors) == 1:

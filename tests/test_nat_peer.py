@@ -1,0 +1,128 @@
+"""Reachability (dial-back) verdicts and the NAT service over real sockets on loopback.
+
+A "NATed" peer on loopback: it listens on 127.0.0.2 only, while its connections to the helpers (on
+127.0.0.1) leave from 127.0.0.1, so the helpers observe an IP that is none of its own and find nothing
+listening there, as a helper on the internet sees a peer behind an address translator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import sys
+
+import pytest
+
+from dht import P2P, DHTNode, RemoteError
+from dht.peer.nat import NatOptions, NatService
+from dht.peer.reachability import (
+    DIALBACK_METHOD,
+    FIREWALLED,
+    NAT,
+    PUBLIC,
+    UNKNOWN,
+    DialBackService,
+    check_reachability,
+    verdict_line,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs 127.0.0.2 on loopback")
+
+LINE = re.compile(r"^nat: verdict=(public|nat|firewalled|unknown) helpers=(\d+)/(\d+) reached=(\d+) "
+                  r"observed=(\S+) port=(\S+) seconds=([\d.]+) advice=\"[^\"]*\"$")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def helpers(n: int):
+    peers = [await P2P.create(host="127.0.0.1") for _ in range(n)]
+    for p in peers:
+        DialBackService(p)
+    try:
+        yield peers
+    finally:
+        await asyncio.gather(*(p.shutdown() for p in peers))
+
+
+async def connect_all(subject: P2P, peers: list[P2P]) -> list:
+    return [await subject.connect(p.get_visible_addresses()[0]) for p in peers]
+
+
+async def test_verdicts_public_firewalled_nat_unknown():
+    async with helpers(3) as hs:
+        public = await P2P.create(host="127.0.0.1")
+        firewalled = await P2P.create(host="127.0.0.1", announce=[f"/ip4/127.0.0.1/tcp/{closed_port()}"])
+        natted = await P2P.create(host="127.0.0.2")
+        try:
+            for subject, expected in ((public, PUBLIC), (firewalled, FIREWALLED), (natted, NAT)):
+                ids = await connect_all(subject, hs)
+                result = await check_reachability(subject, ids, timeout=10.0)
+                assert result.verdict == expected, (expected, result)
+                assert result.answered == 3 and result.seconds < 10.0
+                assert result.observed_ip == "127.0.0.1"
+                assert LINE.match(verdict_line(result)), verdict_line(result)
+            few = await check_reachability(natted, ids[:2], timeout=10.0, min_helpers=3)
+            assert few.verdict == UNKNOWN and few.answered == 2
+            assert "forward TCP port" in (await check_reachability(natted, ids, timeout=5)).advice
+        finally:
+            await asyncio.gather(public.shutdown(), firewalled.shutdown(), natted.shutdown())
+
+
+async def test_helper_dials_only_the_requesters_observed_ip_and_is_rate_limited():
+    async with helpers(1) as (helper,):
+        requester = await P2P.create(host="127.0.0.1")
+        bystander = await P2P.create(host="127.0.0.3")
+        try:
+            port = requester.get_visible_addresses()[0].port
+            # asks to be dialled at 127.0.0.3 (the bystander's IP, with the bystander's port): dialled at its own IP
+            request = {"v": 1, "addrs": [f"/ip4/127.0.0.3/tcp/{bystander.get_visible_addresses()[0].port}",
+                                         f"/ip4/127.0.0.3/tcp/{port}"]}
+            answer = await requester.call(helper.get_visible_addresses()[0], DIALBACK_METHOD, request, timeout=10)
+            assert answer["ip"] == "127.0.0.1"
+            assert [r["addr"] for r in answer["results"]] == [
+                f"/ip4/127.0.0.1/tcp/{bystander.get_visible_addresses()[0].port}", f"/ip4/127.0.0.1/tcp/{port}"]
+            assert [r["ok"] for r in answer["results"]] == [False, True]
+            assert bystander.num_connections == (0, 0)  # never dialled on the requester's behalf
+            for bad in ({"v": 2, "addrs": ["/ip4/127.0.0.1/tcp/1"]}, {"v": 1, "addrs": []}, {"v": 1, "addrs": ["x"]},
+                        {"v": 1, "addrs": ["/ip4/127.0.0.1/tcp/1"] * 5}, [1, 2]):
+                with pytest.raises(RemoteError) as info:
+                    await requester.call(helper.get_visible_addresses()[0], DIALBACK_METHOD, bad, timeout=5)
+                assert info.value.code == "bad_request"
+            codes = []
+            for _ in range(4):  # burst of 3 per peer (one spent above)
+                try:
+                    await requester.call(helper.get_visible_addresses()[0], DIALBACK_METHOD, request, timeout=10)
+                    codes.append("ok")
+                except RemoteError as e:
+                    codes.append(e.code)
+            assert codes.count("ok") == 2 and codes[-1] == "overloaded", codes
+        finally:
+            await asyncio.gather(requester.shutdown(), bystander.shutdown())
+
+
+async def test_dht_node_behind_nat_switches_to_client_mode_and_logs_the_verdict(caplog):
+    nodes = [await DHTNode.create(host="127.0.0.1")]
+    for _ in range(2):
+        nodes.append(await DHTNode.create([nodes[0].p2p.get_visible_addresses()[0]], host="127.0.0.1"))
+    try:
+        with caplog.at_level("INFO", logger="dht.peer.nat"):
+            natted = await DHTNode.create([nodes[0].p2p.get_visible_addresses()[0]], host="127.0.0.2",
+                                          nat=NatOptions(min_helpers=2, use_relay="off"))
+            nodes.append(natted)
+        assert isinstance(natted.p2p.nat, NatService) and natted.p2p.nat.verdict == NAT
+        assert natted.client_mode
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("nat: ")]
+        assert len(lines) == 1 and LINE.match(lines[0]) and "verdict=nat" in lines[0], lines
+        public = await DHTNode.create([nodes[0].p2p.get_visible_addresses()[0]], host="127.0.0.1",
+                                      nat=NatOptions(min_helpers=2))
+        nodes.append(public)
+        assert public.p2p.nat.verdict == PUBLIC and not public.client_mode
+    finally:
+        await asyncio.gather(*(n.shutdown() for n in nodes))
