@@ -6,6 +6,10 @@ messages), :mod:`.wiring` (throughput EMA and the virtual-time balancer), :mod:`
 server: forward, stateless backward), :mod:`.client` (a trainer's pipeline client).
 """
 
+from .client import PipelineClient, PipelineError
 from .registry import MAX_STAGES, StageRecord, announce, fetch_stages, stage_key, stage_schema
+from .server import StageServer
+from .wiring import NoServersError, PerformanceEMA, StageBalancer
 
-__all__ = ["MAX_STAGES", "StageRecord", "announce", "fetch_stages", "stage_key", "stage_schema"]
+__all__ = ["MAX_STAGES", "StageRecord", "announce", "fetch_stages", "stage_key", "stage_schema",
+           "PipelineClient", "PipelineError", "StageServer", "PerformanceEMA", "StageBalancer", "NoServersError"]

@@ -75,7 +75,8 @@ class StageRecord:
     ``mem_bytes`` (memory it offers for a stage: params + grads + optimizer state, bytes),
     ``last_moved_at`` (DHT time of its last migration, 0 if never), ``relayed`` (reachable only
     through a relay), ``left`` (it stopped serving this stage), ``time`` (DHT time of the record,
-    set by :func:`announce`).
+    set by :func:`announce`); ``expiration_time``: the DHT expiration of the record as fetched (not
+    on the wire; 0 for a record not fetched).
     """
 
     peer_id: str
@@ -87,11 +88,13 @@ class StageRecord:
     last_moved_at: float
     relayed: bool = False
     left: bool = False
-    time: float = field(default=0.0)
+    time: float = 0.0
+    expiration_time: float = field(default=0.0, compare=False)
 
     def to_wire(self) -> dict:
         """The record as stored in the DHT (a msgpack-able dict); ValueError if out of bounds."""
         wire = asdict(self)
+        del wire["expiration_time"]
         wire["addrs"] = list(self.addrs)
         try:
             _WireRecord.model_validate(wire, strict=True)
@@ -168,6 +171,8 @@ async def fetch_stages(node: DHTNode, run_id: str, num_stages: int,
         if isinstance(value, dict):
             for subkey, item in value.items():
                 record = StageRecord.from_wire(getattr(item, "value", None))
+                if record is not None:
+                    record.expiration_time = float(getattr(item, "expiration_time", 0.0))
                 if (record is None or record.stage != k or record.time > now + _FUTURE_TOLERANCE_S
                         or _owner_peer_id(subkey) != record.peer_id):
                     continue
