@@ -10,13 +10,16 @@ Needs root and nftables (CI installs it, .ci/run); elsewhere these tests skip wi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
 from . import netlab
 from .netlab import Lab, Link, Nat
+from .test_netlab import _Logs
 
 REASON = netlab.nat_unavailable()
 needs_nat_lab = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -60,13 +63,15 @@ KINDS = ["endpoint-independent", "port-restricted", "port-restricted", "symmetri
 
 
 @pytest.fixture(scope="module")
-def socket_lab():
-    """Two public hosts (observers, rendezvous on h0) and five NAT boxes with one inner host each."""
+def lab():
+    """Five public hosts (h4 firewalled; observers on h0 and h1, the rendezvous on h0) and five NAT boxes
+    (kinds: KINDS) with one inner host each; one-way delays 2 ms to the core, 3 ms for the boxes."""
     if REASON is not None:
         pytest.skip(REASON)
-    with Lab([Link(delay_ms=2)] * 2, nats=[Nat(kind, Link(delay_ms=3)) for kind in KINDS]) as lab:
+    with Lab([Link(delay_ms=2)] * 5, nats=[Nat(kind, Link(delay_ms=3)) for kind in KINDS]) as lab:
+        lab.hosts[4].block_inbound()
         ready = [h.popen([sys.executable, PROBE, "observe", str(OBSERVER_PORT)], stdout=subprocess.PIPE, text=True)
-                 for h in lab.hosts]
+                 for h in lab.hosts[:2]]
         ready.append(lab.hosts[0].popen([sys.executable, PROBE, "rendezvous", str(RENDEZVOUS_PORT)],
                                         stdout=subprocess.PIPE, text=True))
         for proc in ready:
@@ -87,12 +92,11 @@ def _asks(jobs: list[tuple]) -> list[list[dict]]:
 
 
 @needs_nat_lab
-def test_mappings_are_port_preserving_or_random_as_the_kind_says(socket_lab):
+def test_mappings_are_port_preserving_or_random_as_the_kind_says(lab):
     """Each inner host asks both observers from the same local port (TCP and UDP), for two ports: an
     endpoint-independent mapping (both EIM kinds) shows the box's address and the local port to
     everyone; a symmetric one a different port per destination."""
-    lab = socket_lab
-    observers = [f"{h.ip}:{OBSERVER_PORT}" for h in lab.hosts]
+    observers = [f"{h.ip}:{OBSERVER_PORT}" for h in lab.hosts[:2]]
     jobs = [(box.inner[0], observers, ["--sport", str(sport), *udp])
             for box in lab.nats for sport in (4100, 4101) for udp in ([], ["--udp"])]
     answers = iter(_asks(jobs))
@@ -109,12 +113,11 @@ def test_mappings_are_port_preserving_or_random_as_the_kind_says(socket_lab):
 
 
 @needs_nat_lab
-def test_filtering_lets_in_what_the_kind_allows_and_drops_the_rest(socket_lab):
+def test_filtering_lets_in_what_the_kind_allows_and_drops_the_rest(lab):
     """An inner host listens on port 4200 and sends to h0 from it. Then h1, and h0 from another port,
     connect to the box's public port of that mapping: the endpoint-independent box lets both in (to
     the inner host, which sees their real addresses); the port-restricted and symmetric ones drop
     them (a timeout, not a refusal). Nobody gets in on a port that nothing inside sent from."""
-    lab = socket_lab
     listeners = [box.inner[0].popen([sys.executable, PROBE, "observe", "4200"], stdout=subprocess.PIPE, text=True)
                  for box in lab.nats]
     for proc in listeners:
@@ -122,7 +125,7 @@ def test_filtering_lets_in_what_the_kind_allows_and_drops_the_rest(socket_lab):
     try:
         outbound = [a[0] for a in _asks([(box.inner[0], [f"{lab.hosts[0].ip}:{OBSERVER_PORT}"], ["--sport", "4200"])
                                           for box in lab.nats])]
-        h0, h1 = lab.hosts
+        h0, h1 = lab.hosts[:2]
         jobs = []
         for box, mapped in zip(lab.nats, outbound):
             assert mapped["ip"] == box.ip, mapped
@@ -165,12 +168,11 @@ def _punch(lab: Lab, pairs: list[tuple[int, int]], attempts: int, timeout: float
 
 
 @needs_nat_lab
-def test_a_raw_simultaneous_open_gets_through_eim_nats_and_not_through_symmetric_ones(socket_lab):
+def test_a_raw_simultaneous_open_gets_through_eim_nats_and_not_through_symmetric_ones(lab):
     """Both sides learn each other's observed address from a rendezvous and connect at the same time
     from their own port (which they also listen on): port-restricted <-> port-restricted connects on
     the first SYN; full cone <-> symmetric connects too (the symmetric side's SYN comes in through the
     cone); symmetric <-> symmetric and port-restricted <-> symmetric never do."""
-    lab = socket_lab
     kinds = [box.kind for box in lab.nats]
     restricted = [i for i, k in enumerate(kinds) if k == "port-restricted"]
     symmetric = [i for i, k in enumerate(kinds) if k == "symmetric"]
@@ -186,3 +188,58 @@ def test_a_raw_simultaneous_open_gets_through_eim_nats_and_not_through_symmetric
     for pair in fails:
         for role, attempts in results[pair].items():
             assert not any(r["ok"] for r in attempts), (pair, role, attempts)
+
+
+# ---------------------------------------------------------------- real peers behind the boxes
+
+DHT = ["-m", "swarm", "dht", "--port", "4000", "--report-interval", "2", "--dashboard-port", "off"]
+VERDICT = r"^nat: verdict=(\w+) helpers=(\d+)/(\d+) reached=(\d+) observed=(\S+) .*$"
+
+
+@pytest.fixture(scope="module")
+def swarm(lab, tmp_path_factory):
+    """``swarm dht`` on h0, h1 and h2 (public: the helpers of the others' dial-back checks, and relays);
+    yields (logs, the first one's address)."""
+    logs = _Logs(tmp_path_factory.mktemp("nat_swarm"))
+    try:
+        h = lab.hosts
+        logs.spawn("p0", h[0], [*DHT, "--host", h[0].ip])
+        first = logs.wait_for("p0", r"--initial-peers (/ip4/\S+)", 60).group(1)
+        for i in (1, 2):
+            logs.spawn(f"p{i}", h[i], [*DHT, "--host", h[i].ip, "--initial-peers", first])
+        for i in (1, 2):
+            logs.wait_for(f"p{i}", r"--initial-peers (/ip4/\S+)", 60)
+        yield logs, first
+    finally:
+        logs.close()
+
+
+@needs_nat_lab
+def test_verdicts_are_right_behind_every_box_and_unreachable_peers_go_client_mode(lab, swarm):
+    """With three public peers up, a fourth public peer is found "public"; the firewalled host (its own
+    address, inbound dropped) "firewalled"; a peer behind each kind of box "nat" (observed as the box's
+    address), within 10 s of asking, with advice; the unreachable ones run in client mode and the
+    public peers' routing tables hold the public peers only."""
+    logs, first = swarm
+    candidates = {"public": lab.hosts[3], "firewalled": lab.hosts[4]}
+    candidates.update({f"nat{j}": box.inner[0] for j, box in enumerate(lab.nats)})
+    for name, host in candidates.items():
+        logs.spawn(name, host, [*DHT, "--host", host.ip, "--initial-peers", first])
+    for name, host in candidates.items():
+        match = logs.wait_for(name, VERDICT, 60)
+        verdict, answered, asked, reached, observed = match.groups()
+        print(f"{name} ({host.name}): {match.group(0)[:200]}")
+        expected = name if name in ("public", "firewalled") else "nat"
+        assert verdict == expected and int(answered) >= 3, match.group(0)
+        assert float(re.search(r"seconds=([\d.]+)", match.group(0)).group(1)) <= 10.0, match.group(0)
+        if name.startswith("nat"):
+            assert observed == lab.nats[int(name[3:])].ip, match.group(0)
+            assert "behind NAT" in match.group(0) and "--announce-addr" in match.group(0)
+        else:
+            assert observed == host.ip and int(reached) == (int(answered) if name == "public" else 0)
+        mode = logs.wait_for(name, r"^DHT peer \S+ running; (.*):$", 30).group(1)
+        assert (mode == "others can join with") == (name == "public"), (name, mode)
+    # the public peers' routing tables: the other public peers (3 of p0-p2 and "public"), no NATed peer
+    for name in ("p0", "p1", "p2", "public"):
+        tables = [int(n) for n in re.findall(r"^routing table: (\d+) peers", logs.text(name), re.MULTILINE)]
+        assert tables and tables[-1] == 3, (name, tables)
