@@ -49,17 +49,20 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dht import P2P, P2PError, PeerID, RemoteError, Stream
+from dht.peer.identity import Identity
 from dht.peer.p2p import CallContext
 from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
 
 from . import protocol
+from .commitments import ROLE_INPUT, ROLE_RESULT, Commitment, TensorHasher
 from .compression import Codec, CodecError
 from .errors import AveragingError
 from .group import GroupInfo
 from .load_balancing import part_sizes
 from .partition import Layout, chunk_ranges
 from .protocol import BadRequestError, PartHeader, refuse
+from .transcript import Mismatch, PhaseTranscript, RoundTranscript
 
 __all__ = ["RoundConfig", "AllReduceResult", "Reducer", "weighted_mean", "all_finite", "AllReduceService"]
 
@@ -101,6 +104,12 @@ class RoundConfig:
       stalls do not count) is excluded from a part.
     - ``reducer_timeout`` (None: 2 x sender_timeout): an owner silent this long has failed
       (:attr:`owner_timeout`).
+    - ``banned`` (None): peers whose parts are never accepted and whose results are never used (they
+      are excluded at once, like a member that failed).
+    - ``identity`` (None: commitments off): sign a digest of every part this member sends and of the
+      result of its own part, require them from the others (:mod:`averaging.commitments`), and keep a
+      :class:`~averaging.transcript.RoundTranscript`; ``commit_prefix``: the run prefix they bind.
+      Every member of a group must agree on it (the averager puts it in the schema hash).
     """
 
     group: GroupInfo
@@ -111,6 +120,9 @@ class RoundConfig:
     chunk_elems: int = 1 << 18
     sender_timeout: float = 5.0
     reducer_timeout: float | None = None
+    banned: Callable[[PeerID], bool] | None = None
+    identity: Identity | None = None
+    commit_prefix: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.me < len(self.group.members):
@@ -119,6 +131,23 @@ class RoundConfig:
             raise ValueError(f"weight must be finite and >= 0, got {self.weight!r}")
         if self.chunk_elems < 1 or not self.sender_timeout > 0:
             raise ValueError("chunk_elems and sender_timeout must be positive")
+
+    def is_banned(self, member: int) -> bool:
+        """Whether member ``member`` is banned (a failing ban check counts as not banned, logged)."""
+        if self.banned is None or member == self.me:
+            return False
+        try:
+            return bool(self.banned(self.group.members[member]))
+        except Exception as e:  # noqa: BLE001 - a bug in the check must not break the round
+            logger.warning("%s: the ban check failed: %s: %s", self.label, type(e).__name__, brief(str(e), 200))
+            return False
+
+    def commit(self, phase: int, part: int, role: str, digest: bytes, weight: float = 0.0,
+               members: Sequence[int] = ()) -> Commitment:
+        """This member's signed ``digest`` (commitments on only)."""
+        assert self.identity is not None
+        return Commitment.sign(self.identity, self.commit_prefix, self.group.group_id, phase, part, role, digest,
+                               weight, members)
 
     @property
     def owner_timeout(self) -> float:
@@ -141,6 +170,7 @@ class AllReduceResult:
     bytes_received: int
     seconds: float
     recovery_seconds: float
+    transcript: RoundTranscript | None = None  # commitments on: what this member saw, for checks after the round
 
 
 @dataclass(frozen=True)
@@ -206,6 +236,37 @@ def _decode_into(codec: Codec, message: Any, result: torch.Tensor, lo: int, hi: 
     return True
 
 
+def _hash_ranges(vector: torch.Tensor, chunks: Sequence[tuple[int, int]]) -> bytes:
+    """The digest of ``vector`` over ``chunks`` concatenated (as :func:`~averaging.commitments.tensor_digest`
+    of that concatenation)."""
+    hasher = TensorHasher(vector.dtype, (sum(hi - lo for lo, hi in chunks),))
+    for lo, hi in chunks:
+        hasher.update(vector[lo:hi])
+    return hasher.digest()
+
+
+def _encode_committed(codec: Codec, flat: torch.Tensor, chunks: Sequence[tuple[int, int]]
+                      ) -> tuple[list[Any], bytes]:
+    """Every chunk's message, and the digest of the values as the owner will decode them."""
+    hasher = TensorHasher(torch.float32, (sum(hi - lo for lo, hi in chunks),))
+    messages = []
+    for lo, hi in chunks:
+        message = codec.encode(flat[lo:hi], lo, False)
+        hasher.update(codec.decode(message, hi - lo).to(torch.float32))
+        messages.append(message)
+    return messages, hasher.digest()
+
+
+def _decode_recorded(codec: Codec, message: Any, length: int, buffer: torch.Tensor, offset: int,
+                     hasher: TensorHasher) -> tuple[torch.Tensor, bool]:
+    """Decode a member's chunk into ``buffer[offset:offset + length]`` (kept for the transcript) and
+    feed it to the member's digest."""
+    values = buffer[offset:offset + length]
+    values.copy_(codec.decode(message, length))
+    hasher.update(values)
+    return values, all_finite(values)
+
+
 class _RunningClock:
     """Time in which this member's event loop ran, for one phase: ``loop.time()`` minus the stalls
     of the loop (a synchronous call, a GC pause, an overloaded machine), seen as the lateness of a
@@ -247,8 +308,11 @@ class _Owner:
 
     def __init__(self, config: RoundConfig, ranges: Sequence[tuple[int, int]], active: Sequence[int],
                  flat: torch.Tensor, result: torch.Tensor, failed: set[int], traffic: _Traffic,
-                 clock: _RunningClock):
+                 clock: _RunningClock, record: PhaseTranscript | None = None):
         self.clock = clock  # the phase's: members' silences are measured in time this loop ran
+        self.record = record  # commitments on: the phase's transcript (inputs and received values go there)
+        self._result_digest: asyncio.Future | None = None
+        self._result_commitments: dict[tuple[int, ...], Commitment] = {}
         now = clock.now()
         self.config, self.flat, self.result = config, flat, result
         self.failed, self.traffic = failed, traffic  # shared with the phase: members excluded here are failed there
@@ -373,6 +437,31 @@ class _Owner:
             self.finished.set()  # done, or failed: nobody left to reduce for
             self.changed.set()
 
+    def _check_input(self, member: int, commitment: Commitment, digest: bytes, values: torch.Tensor) -> bool:
+        """Whether ``member``'s whole part (``values``, digest ``digest``) is what it committed to; if not,
+        it is excluded and the mismatch recorded."""
+        assert self.record is not None
+        if digest != commitment.digest:
+            self.record.mismatches.append(Mismatch(member, commitment, digest))
+            self.exclude(member, "its values do not match its signed digest")
+            return False
+        self.record.received[member] = values
+        return True
+
+    async def result_commitment(self, contributors: Sequence[int]) -> Commitment:
+        """The signed digest of this owner's averaged part, binding ``contributors`` (once all of it is
+        reduced; the digest is computed once, off the loop for a big part)."""
+        assert self.record is not None and self.reduced == len(self.chunks)
+        if self._result_digest is None:
+            self._result_digest = asyncio.ensure_future(
+                _in_worker(sum(hi - lo for lo, hi in self.chunks), _hash_ranges, self.result, self.chunks))
+        digest = await asyncio.shield(self._result_digest)
+        key = tuple(contributors)
+        if key not in self._result_commitments:
+            self._result_commitments[key] = self.config.commit(self.record.number, self.config.me, ROLE_RESULT,
+                                                               digest, 0.0, key)
+        return self._result_commitments[key]
+
     def check_senders(self, now: float) -> None:
         """Exclude every member whose next chunk did not arrive for ``sender_timeout`` of running time
         ``now`` (the phase clock's: this loop's own stalls do not count); one whose chunk is being
@@ -389,15 +478,28 @@ class _Owner:
     async def serve(self, stream: Stream, member: int, weight: float) -> None:
         """Receive ``member``'s chunks on ``stream`` and send back averaged chunks as they are ready."""
         codec = self.config.codec
+        commitment = self.record.inputs.get(member) if self.record is not None else None
+        length = sum(hi - lo for lo, hi in self.chunks) if commitment is not None else 0
+        buffer = torch.empty(length, dtype=torch.float32)  # its values, kept for the transcript (commitments on)
+        hasher = TensorHasher(torch.float32, (length,))
 
         async def receive() -> None:
+            offset = 0
             for index, (lo, hi) in enumerate(self.chunks):
                 message = await stream.recv()
                 self.traffic.received += _size(message)
                 self.last_progress[member] = self.clock.now()  # its bytes are here, however long decoding takes
                 self.decoding.add(member)
                 try:
-                    values, finite = await _codec_work(codec, _decode_checked, codec, message, hi - lo)
+                    if commitment is None:
+                        values, finite = await _codec_work(codec, _decode_checked, codec, message, hi - lo)
+                    else:  # kept and hashed as it arrives; checked against the commitment before the last chunk counts
+                        values, finite = await _in_worker(hi - lo, _decode_recorded, codec, message, hi - lo, buffer,
+                                                          offset, hasher)
+                        offset += hi - lo
+                        if offset == buffer.numel() and not self._check_input(member, commitment, hasher.digest(),
+                                                                              buffer):
+                            return
                 except CodecError as e:
                     self.exclude(member, f"sent a malformed chunk ({e})")
                     return
@@ -426,7 +528,9 @@ class _Owner:
                     stream.fail_remote("excluded", "you were excluded from this part")
                     return
                 if sent == len(self.chunks):
-                    await stream.send(protocol.part_done(self.contributors, self.mixed), end=True)
+                    contributors = self.contributors
+                    signed = None if self.record is None else (await self.result_commitment(contributors)).compact()
+                    await stream.send(protocol.part_done(contributors, self.mixed, signed), end=True)
                     return
                 if self.finished.is_set() and self.reduced < len(self.chunks):
                     stream.fail_remote("failed", "the part could not be reduced")
@@ -450,17 +554,29 @@ class _Phase:
         self.service, self.config, self.plan, self.flat, self.result = service, config, plan, flat, result
         self.outcome = _PhaseOutcome(set(), {})
         self.clock = _RunningClock(min(0.25, config.sender_timeout / 4))
+        self.record = None if config.identity is None else PhaseTranscript(
+            plan.number, plan.tag, [list(r) for r in plan.layout.ranges], plan.active)
         self.owner = _Owner(config, plan.layout.ranges[config.me], plan.active, flat, result, self.outcome.failed,
-                            self.outcome.traffic, self.clock)
+                            self.outcome.traffic, self.clock, self.record)
 
     async def exchange(self) -> _PhaseOutcome:
         """Run the phase to its end here: every part this member takes part in is done or failed."""
         owner, me = self.owner, self.config.me
         tasks = [asyncio.ensure_future(self.clock.run(owner.check_senders)), asyncio.ensure_future(owner.reduce())]
         try:
+            for member in self.plan.active:
+                if self.config.is_banned(member):
+                    owner.exclude(member, "banned")
             if owner.chunks:
                 finite = await _in_worker(sum(hi - lo for lo, hi in owner.chunks),
                                           lambda: [all_finite(self.flat[lo:hi]) for lo, hi in owner.chunks])
+                if self.record is not None:  # my own values for my part: committed and kept like the others'
+                    mine = await _in_worker(sum(hi - lo for lo, hi in owner.chunks), self.record.part_values,
+                                            self.flat, me)
+                    digest = await _in_worker(mine.numel(), _hash_ranges, mine, [(0, mine.numel())])
+                    self.record.sent[me] = self.record.inputs[me] = self.config.commit(
+                        self.plan.number, me, ROLE_INPUT, digest, self.config.weight)
+                    self.record.received[me] = mine
                 for index, (lo, hi) in enumerate(owner.chunks):
                     owner.deliver(me, index, self.flat[lo:hi], self.config.weight, finite[index])
             await asyncio.gather(*(self._exchange_with(j) for j in self.plan.layout.owners() if j != me))
@@ -469,6 +585,9 @@ class _Phase:
                 self.outcome.part_reports[me] = (owner.contributors, owner.mixed)
                 if owner.reduced < len(owner.chunks):
                     self.outcome.failed.add(me)
+                elif self.record is not None:
+                    self.record.contributors[me] = owner.contributors
+                    self.record.results[me] = await owner.result_commitment(owner.contributors)
         finally:
             for task in tasks:
                 task.cancel()
@@ -479,6 +598,9 @@ class _Phase:
         """Send my values for ``owner``'s ranges, receive the averages into ``result``."""
         config, traffic, codec = self.config, self.outcome.traffic, self.config.codec
         chunks = chunk_ranges(self.plan.layout.ranges[owner], config.chunk_elems)
+        if config.is_banned(owner):
+            self._owner_failed(owner, "banned")
+            return
         try:
             stream = await self.service.p2p.open_stream(config.group.members[owner], self.service.part_method,
                                                         timeout=self.service.round_timeout)
@@ -487,6 +609,18 @@ class _Phase:
             return
 
         async def send() -> None:
+            if self.record is not None:  # commit first: every chunk encoded, the digest of what the owner decodes
+                messages, digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _encode_committed, codec,
+                                                    self.flat, chunks)
+                mine = self.record.sent[owner] = config.commit(self.plan.number, owner, ROLE_INPUT, digest,
+                                                               config.weight)
+                header = PartHeader(config.group.group_id, self.plan.number, self.plan.tag, config.me, config.weight,
+                                    mine.compact())
+                await stream.send(protocol.part_header(header))
+                for message in messages:
+                    await stream.send(message)
+                    traffic.sent += _size(message)
+                return
             header = PartHeader(config.group.group_id, self.plan.number, self.plan.tag, config.me, config.weight)
             await stream.send(protocol.part_header(header))
             for lo, hi in chunks:
@@ -510,6 +644,8 @@ class _Phase:
                     raise AveragingError("the owner returned NaN/Inf")
             done = await self._answer(stream)
             contributors, mixed = protocol.parse_part_done(done, len(config.group.members))
+            if self.record is not None:
+                await self._check_result(owner, done, contributors, chunks)
             self.outcome.part_reports[owner] = (contributors, mixed)
             if config.me not in contributors:
                 self.outcome.failed.add(config.me)
@@ -535,6 +671,25 @@ class _Phase:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             await stream.aclose()
+
+    async def _check_result(self, owner: int, done: Any, contributors: list[int],
+                            chunks: Sequence[tuple[int, int]]) -> None:
+        """The owner's signed digest of its result (in its final message) against the averages received;
+        AveragingError (the owner failed) if missing, not its signature, or not what it sent."""
+        assert self.record is not None
+        compact = protocol.parse_part_commitment(done)
+        if compact is None:
+            raise AveragingError("the owner sent no signed digest of its result")
+        signed = Commitment.from_compact(compact, self.config.commit_prefix, self.config.group.group_id,
+                                         self.plan.number, owner, ROLE_RESULT, 0.0, contributors,
+                                         sender=self.config.group.members[owner])
+        if not signed.verify():
+            raise AveragingError("the owner's result digest is not signed by it")
+        digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _hash_ranges, self.result, chunks)
+        if digest != signed.digest:
+            raise AveragingError("the owner's averages do not match its signed digest")
+        self.record.results[owner] = signed
+        self.record.contributors[owner] = contributors
 
     async def _answer(self, stream: Stream) -> Any:
         """The owner's next message on ``stream``; asyncio.TimeoutError after ``owner_timeout`` of
@@ -657,6 +812,9 @@ class AllReduceService:
             raise refuse("not a member of this group at that index", member)
         if member in owner.serving:
             raise refuse("a second part stream for the same phase")
+        if phase.config.is_banned(member):
+            owner.exclude(member, "banned")
+            raise P2PError("banned from this run")
         if member not in owner.alive:
             raise P2PError("not an active member of this phase (or already excluded)")
         if header.tag != phase.plan.tag:
@@ -665,6 +823,17 @@ class AllReduceService:
         if not (math.isfinite(header.weight) and header.weight >= 0):
             owner.exclude(member, f"sent an invalid weight {brief(header.weight)}")
             raise BadRequestError("invalid weight")
+        if phase.record is not None:
+            if header.commitment is None:
+                owner.exclude(member, "sent no signed digest of its values")
+                raise refuse("commitments are required in this round")
+            signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
+                                             header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
+                                             sender=ctx.peer_id)
+            if not signed.verify():
+                owner.exclude(member, "its digest is not signed by it")
+                raise refuse("bad signature on the commitment")
+            phase.record.inputs[member] = signed
         await owner.serve(stream, member, float(header.weight))
 
     async def _serve_report(self, message: Any, ctx: CallContext) -> Any:
@@ -708,11 +877,15 @@ class AllReduceService:
         start = loop.time()
         result = torch.empty_like(flat) if result is None else result
         layout = Layout.contiguous(group.part_sizes)
+        transcript = None if config.identity is None else RoundTranscript(
+            config.commit_prefix, group.group_id, list(group.members), me, config.weight,
+            getattr(config.reducer, "__name__", "custom"))
         self._groups[group.group_id] = group
         self._reports[group.group_id] = {i: loop.create_future() for i in range(n) if i != me}
         self._my_reports[group.group_id] = loop.create_future()
         try:
-            phase0 = await self._butterfly(config, _PhasePlan(0, b"", layout, tuple(range(n))), flat, result)
+            phase0 = await self._butterfly(config, _PhasePlan(0, b"", layout, tuple(range(n))), flat, result,
+                                           transcript)
             survivors = await self._agree(config, phase0.failed, config.owner_timeout + config.sender_timeout)
             if me in phase0.failed:
                 raise AveragingError("this peer failed in this round (an owner excluded it, or its own part failed)")
@@ -727,16 +900,20 @@ class AllReduceService:
             traffic = phase0.traffic
             recovery_start = loop.time()
             if spans:
-                phase1 = await self._butterfly(config, _recovery_plan(group, survivors, spans), flat, result)
+                phase1 = await self._butterfly(config, _recovery_plan(group, survivors, spans), flat, result,
+                                               transcript)
                 traffic = _Traffic(traffic.sent + phase1.traffic.sent, traffic.received + phase1.traffic.received)
                 if phase1.failed:
                     raise AveragingError("a member failed during recovery: " +
                                          ", ".join(str(group.members[i]) for i in sorted(phase1.failed)))
             survivor_ids = [group.members[i] for i in survivors]
             parts = [(s, e, survivor_ids) for j in layout.owners() for s, e in layout.ranges[j]]
+            if transcript is not None:
+                transcript.survivors = survivor_ids
+                transcript.result = result.clone()
             end = loop.time()
             return result, AllReduceResult(group.members, survivor_ids, parts, spans, traffic.sent, traffic.received,
-                                           end - start, end - recovery_start if spans else 0.0)
+                                           end - start, end - recovery_start if spans else 0.0, transcript)
         except AveragingError as e:
             logger.warning("%s lost here: %s", config.label, e)
             raise
@@ -750,9 +927,11 @@ class AllReduceService:
             self._remember_finished(group.group_id)
 
     async def _butterfly(self, config: RoundConfig, plan: _PhasePlan, flat: torch.Tensor,
-                         result: torch.Tensor) -> _PhaseOutcome:
+                         result: torch.Tensor, transcript: RoundTranscript | None = None) -> _PhaseOutcome:
         """One phase of the round, registered so that the other members' part streams find it."""
         phase = _Phase(self, config, plan, flat, result)
+        if transcript is not None and phase.record is not None:
+            transcript.phases.append(phase.record)
         key = (config.group.group_id, plan.number)
         self._phases[key] = phase
         waiting = self._phase_ready.get(key)

@@ -53,6 +53,7 @@ from .errors import AveragingError
 from .matchmaking import Matchmaker, next_group_bits
 from .partition import flatten, unflatten_into
 from .protocol import MAX_INFO_BYTES, packed_size
+from .transcript import RoundTranscript
 
 __all__ = ["AsyncAverager", "Averager", "StepResult"]
 
@@ -86,6 +87,7 @@ class StepResult:
     matchmaking_seconds: float
     allreduce_seconds: float
     recovery_seconds: float
+    transcript: RoundTranscript | None = None  # commitments on: signed digests and parts seen (averaging.transcript)
 
 
 def _resolve_reducer(aggregator: str | Callable) -> tuple[str, Reducer]:
@@ -120,6 +122,13 @@ _OPTIONS_DOC = """
       declaration runs in the background).
     - ``default_timeout`` (60 s): a step's limit when ``step(timeout=None)``.
     - ``chunk_bytes`` (1 MiB): values per streamed chunk, as float32 bytes.
+    - ``banned`` (None): ``f(peer_id) -> bool``; matchmaking never groups with a banned peer (neither
+      leads it, nor follows it, nor accepts a group holding it) and the all-reduce never accepts its
+      parts or uses its results. Called on the event loop: keep it cheap (e.g. a set lookup).
+    - ``commitments`` (False): commit-before-reveal: every part sent and every result returned carries
+      a signed SHA-256 digest (the peer's identity; one per part, about 140 bytes), a part that does
+      not match its digest is excluded, and ``StepResult.transcript`` holds what was signed and seen
+      (:mod:`averaging.transcript`). Peers group only with peers of the same setting.
 
     Memory: a round holds a snapshot and a result vector (float32, as many values as the tensors);
     after a round that succeeded both are kept for the next one, so an averager holds 2x the
@@ -143,7 +152,8 @@ class AsyncAverager:
                  min_group_size: int = 2, compression: Any = None, aggregator: str | Callable = "mean",
                  client_mode: bool | None = None, bandwidth: float | None = None, *, initial_group_bits: str = "",
                  min_matchmaking_time: float = 3.0, request_timeout: float = 2.0, sender_timeout: float = 5.0,
-                 reducer_timeout: float | None = None, default_timeout: float = 60.0, chunk_bytes: int = 1 << 20):
+                 reducer_timeout: float | None = None, default_timeout: float = 60.0, chunk_bytes: int = 1 << 20,
+                 banned: Callable[[PeerID], bool] | None = None, commitments: bool = False):
         if not tensors or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
             raise ValueError("tensors must be a non-empty sequence of floating-point torch tensors")
         if not 2 <= min_group_size <= target_group_size:
@@ -169,7 +179,9 @@ class AsyncAverager:
         self.chunk_elems = max(chunk_bytes // 4, 1024)
         self.lock = threading.Lock()  # held while the tensors are read or written (other threads may train)
         self.size = sum(t.numel() for t in self.tensors)
-        schema = repr([(tuple(t.shape), str(t.dtype)) for t in self.tensors] + [self.codec.name, self.aggregator_name])
+        self.banned, self.commitments = banned, bool(commitments)
+        schema = repr([(tuple(t.shape), str(t.dtype)) for t in self.tensors] + [self.codec.name, self.aggregator_name]
+                      + (["commitments"] if self.commitments else []))
         self.schema_hash = hashlib.sha256(schema.encode()).digest()[:16]
         self.closed = False
         # vectors of self.size float32 kept from rounds that succeeded, for the next snapshot and result:
@@ -179,8 +191,12 @@ class AsyncAverager:
         self._service = AllReduceService(node.p2p, prefix, round_timeout=default_timeout * 2)
         self._matchmaker = Matchmaker(node.p2p, node, prefix, self.schema_hash, target_group_size=target_group_size,
                                       min_group_size=min_group_size, min_matchmaking_time=min_matchmaking_time,
-                                      request_timeout=request_timeout, client_mode=self.client_mode)
+                                      request_timeout=request_timeout, client_mode=self.client_mode,
+                                      banned=self._is_banned)
         self._matchmaker.group_bits = initial_group_bits
+
+    def _is_banned(self, peer_id: PeerID) -> bool:
+        return self.banned is not None and bool(self.banned(peer_id))
 
     @property
     def target_group_size(self) -> int:
@@ -260,7 +276,9 @@ class AsyncAverager:
                 try:
                     result, outcome = await asyncio.wait_for(
                         self._service.run(RoundConfig(group, me, weight, self.codec, self.reducer, self.chunk_elems,
-                                                      self.sender_timeout, self.reducer_timeout),
+                                                      self.sender_timeout, self.reducer_timeout, self._is_banned,
+                                                      self.node.p2p.identity if self.commitments else None,
+                                                      self.prefix),
                                           snapshot, result=self._take_buffer()),
                         remaining)
                 except asyncio.TimeoutError:
@@ -291,9 +309,11 @@ class AsyncAverager:
         gathered = {}
         for peer_id, peer_info in zip(group.members, group.gathered):
             gathered[peer_id] = peer_info.get("gather") if isinstance(peer_info, dict) else None
+        if outcome.transcript is not None:
+            outcome.transcript.aggregator = self.aggregator_name
         return StepResult(group.group_id.hex(), outcome.members, outcome.survivors, outcome.parts,
                           outcome.recovered_ranges, gathered, outcome.bytes_sent, outcome.bytes_received,
-                          matchmaking_seconds, outcome.seconds, outcome.recovery_seconds)
+                          matchmaking_seconds, outcome.seconds, outcome.recovery_seconds, outcome.transcript)
 
     def _take_buffer(self) -> torch.Tensor | None:
         with self._buffers_lock:
@@ -335,7 +355,8 @@ class Averager:
                  min_group_size: int = 2, compression: Any = None, aggregator: str | Callable = "mean",
                  client_mode: bool | None = None, bandwidth: float | None = None, *, initial_group_bits: str = "",
                  min_matchmaking_time: float = 3.0, request_timeout: float = 2.0, sender_timeout: float = 5.0,
-                 reducer_timeout: float | None = None, default_timeout: float = 60.0, chunk_bytes: int = 1 << 20):
+                 reducer_timeout: float | None = None, default_timeout: float = 60.0, chunk_bytes: int = 1 << 20,
+                 banned: Callable[[PeerID], bool] | None = None, commitments: bool = False):
         self.dht = dht
         self._shutdown = False
 
@@ -344,7 +365,7 @@ class Averager:
                 tensors, node, prefix, target_group_size, min_group_size, compression, aggregator, client_mode,
                 bandwidth, initial_group_bits=initial_group_bits, min_matchmaking_time=min_matchmaking_time,
                 request_timeout=request_timeout, sender_timeout=sender_timeout, reducer_timeout=reducer_timeout,
-                default_timeout=default_timeout, chunk_bytes=chunk_bytes)
+                default_timeout=default_timeout, chunk_bytes=chunk_bytes, banned=banned, commitments=commitments)
 
         self._core: AsyncAverager = dht.run_coroutine(create)
         _live.add(self)
@@ -362,6 +383,12 @@ class Averager:
     reducer_timeout = _core_attribute("reducer_timeout", "Seconds of silence after which an owner has failed.")
     default_timeout = _core_attribute("default_timeout", "A step's limit in seconds when step(timeout=None).")
     target_group_size = _core_attribute("target_group_size", AsyncAverager.target_group_size.__doc__ or "")
+    banned = _core_attribute("banned", "f(peer_id) -> bool: peers never grouped with (None: nobody).")
+
+    @property
+    def commitments(self) -> bool:
+        """True: signed digests of every part and result (fixed at creation: it is in the schema hash)."""
+        return self._core.commitments
     _matchmaker = _core_attribute("_matchmaker", "The core's Matchmaker (tests inject faults through it).")
 
     @property

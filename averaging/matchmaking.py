@@ -35,7 +35,7 @@ import math
 import os
 import random
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import pydantic
 
@@ -100,8 +100,10 @@ class Matchmaker:
     """Forms groups for one averager (one prefix) on a P2P peer with a DHT node."""
 
     def __init__(self, p2p: P2P, node: DHTNode, prefix: str, schema_hash: bytes, *, target_group_size: int,
-                 min_group_size: int, min_matchmaking_time: float, request_timeout: float, client_mode: bool):
+                 min_group_size: int, min_matchmaking_time: float, request_timeout: float, client_mode: bool,
+                 banned: Callable[[PeerID], bool] | None = None):
         self.p2p, self.node, self.prefix, self.schema_hash = p2p, node, prefix, schema_hash
+        self.banned = banned  # peers never grouped with: not led, not followed, no group that holds one
         self.target_group_size, self.min_group_size = target_group_size, min_group_size
         self.min_matchmaking_time, self.request_timeout = min_matchmaking_time, request_timeout
         self.client_mode = client_mode
@@ -243,6 +245,8 @@ class Matchmaker:
             rank = self._rank(entry.expiration_time, peer_id)
             # a client cannot lead, so it may join any leader, even one that ranks after it
             # a leader that turned us down is asked again only once it declared anew (a new search)
+            if self._is_banned(peer_id):
+                continue
             if (rank < my_rank or self.client_mode) and self._tried.get(peer_id) != entry.expiration_time:
                 candidates.append((rank, peer_id, entry.expiration_time))
         if not candidates:
@@ -292,6 +296,8 @@ class Matchmaker:
             return None
         if self.p2p.peer_id not in begin.members:
             raise ValueError("inconsistent begin message: this peer is not a member")
+        if any(self._is_banned(m) for m in begin.members):
+            raise ValueError("the group holds a banned peer")
         for peer_id, peer_addrs in zip(begin.members, begin.addrs):
             if peer_id != self.p2p.peer_id and peer_addrs:
                 self.p2p.add_addresses(peer_id, peer_addrs[:8], third_party=True)  # the leader's word
@@ -302,7 +308,9 @@ class Matchmaker:
         request = await asyncio.wait_for(stream.recv(), max(self.request_timeout, 1.0) * 5)
         request = protocol.parse_join_request(request)  # bad_request, and one rate-limited log line
         reason = None
-        if not self._looking or self._group_ready is None or self._group_ready.done():
+        if self._is_banned(ctx.peer_id):
+            reason = "banned from this run"
+        elif not self._looking or self._group_ready is None or self._group_ready.done():
             reason = "not looking for a group"
         elif self._leader is not None:
             reason = "not a leader"
@@ -347,6 +355,14 @@ class Matchmaker:
         if self._begin_started:  # another call is sending the begin messages: the same group
             return await asyncio.shield(self._group_ready)
         self._beginning = True
+        for peer_id in [p for p in self._followers if self._is_banned(p)]:  # banned since it was accepted
+            stream, request = self._followers.pop(peer_id)
+            try:
+                await stream.send(protocol.join_rejected("banned from this run"), end=True)
+            except P2PError:
+                pass
+            if not request["done"].done():
+                request["done"].set_result(None)
         followers = dict(self._followers)
         members = [self.p2p.peer_id, *followers]
         infos = [self._my_info, *(req.get("info") for _, req in followers.values())]
@@ -377,6 +393,15 @@ class Matchmaker:
         if not self._group_ready.done():
             self._group_ready.set_result(result)
         return result
+
+    def _is_banned(self, peer_id: PeerID) -> bool:
+        if self.banned is None:
+            return False
+        try:
+            return bool(self.banned(peer_id))
+        except Exception as e:  # noqa: BLE001 - a failing ban check must not break matchmaking: not banned
+            logger.warning("the ban check failed: %s: %s", type(e).__name__, e)
+            return False
 
     async def _disband(self, reason: str, suggested: PeerID | None = None) -> None:
         for stream, request in list(self._followers.values()):

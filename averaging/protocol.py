@@ -31,13 +31,19 @@ member -> owner                 butterfly, 1 recovery), "t": recovery tag (bytes
                                 b"" in phase 0), "i": the caller's index in the group (int, 0 <= i <
                                 MAX_MEMBER_INDEX=65536; must be the caller's PeerID), "w": weight (int or
                                 float; the owner excludes a member whose weight is not finite and >= 0)}``,
+                                with commitments on (version 2, optional key) also ``"c": {"d": SHA-256
+                                digest of the caller's values for the part as the owner decodes them (32
+                                bytes), "k": its Ed25519 key (32 bytes), "s": signature (64 bytes)}`` (a
+                                compact :class:`~averaging.commitments.Commitment`, role ``"input"``),
                                 then one codec map per chunk of the owner's ranges (:mod:`.compression`:
                                 the codec checks sizes and values). The tag is the first 16 bytes of
                                 SHA-256 of ``repr((group id, survivors, spans))``, which every survivor
                                 computes alike (:mod:`.allreduce`); an owner refuses another one.
 owner -> member                 one averaged codec map per chunk, then ``{"done": [member indices whose
                                 values are in every chunk], "mixed": bool (a member was dropped after some
-                                chunks included it)}``.
+                                chunks included it)}``; with commitments on also ``"c"`` (as in the header:
+                                the owner's signed digest of its whole averaged part, role ``"result"``,
+                                binding the ``done`` list). Absent keys: commitments off (version 1 bytes).
 ``avg.report``  unary,          ``{"g": group id (bytes, 1 to 64), "i": the caller's index (int, as in
 member -> member                ``avg.part``), "failed": [member indices it saw fail] (ints in range, at
                                 most the group's size)}``; at most MAX_REPORT_BYTES=64 KiB.
@@ -70,7 +76,7 @@ __all__ = [
     "PUSH_CHUNK_BYTES", "BadRequestError", "refuse", "packed_size",
     "join_request", "check_join_request", "parse_join_request", "join_rejected", "join_accepted",
     "parse_join_accepted", "join_begin", "Begin", "parse_begin", "join_disbanded",
-    "PartHeader", "part_header", "parse_part_header", "part_done", "parse_part_done",
+    "PartHeader", "part_header", "parse_part_header", "part_done", "parse_part_done", "parse_part_commitment",
     "ReportRequest", "report_request", "parse_report_request", "report_reply", "parse_report_reply",
     "member_indices", "push_header", "parse_push_header", "PUSH_OK", "check_push_reply",
 ]
@@ -276,10 +282,28 @@ class PartHeader:
     tag: bytes  # the recovery plan's tag (b"" in phase 0)
     member: int  # the caller's index in the group
     weight: int | float  # not yet checked for finiteness: the owner excludes a member with a bad weight
+    commitment: dict | None = None  # compact signed digest of the caller's part (commitments on), checked shape
 
 
 def part_header(header: PartHeader) -> dict:
-    return {"g": header.group_id, "p": header.phase, "t": header.tag, "i": header.member, "w": header.weight}
+    message = {"g": header.group_id, "p": header.phase, "t": header.tag, "i": header.member, "w": header.weight}
+    if header.commitment is not None:
+        message["c"] = header.commitment
+    return message
+
+
+def parse_part_commitment(message: Any) -> dict | None:
+    """The compact commitment ``"c"`` of a part header or final message (``{"d": 32 bytes, "k": 32
+    bytes, "s": 64 bytes}``), None when absent; BadRequestError if malformed. The signature is
+    checked by the caller (:meth:`averaging.commitments.Commitment.verify`)."""
+    value = message.get("c") if isinstance(message, dict) else None
+    if value is None:
+        return None
+    if (not isinstance(value, dict) or len(value) != 3
+            or not all(isinstance(value.get(k), bytes) and len(value[k]) == n for k, n in (("d", 32), ("k", 32),
+                                                                                          ("s", 64)))):
+        raise _refuse("'c' must be a commitment {'d': 32 bytes, 'k': 32 bytes, 's': 64 bytes}", value)
+    return value
 
 
 def parse_part_header(message: Any) -> PartHeader:
@@ -296,12 +320,15 @@ def parse_part_header(message: Any) -> PartHeader:
     _member(member)
     if not (_is_int(weight) or isinstance(weight, float)):
         raise _refuse("'w' must be a number", weight)
-    return PartHeader(group_id, phase, tag, member, weight)
+    return PartHeader(group_id, phase, tag, member, weight, parse_part_commitment(message))
 
 
-def part_done(contributors: list[int], mixed: bool) -> dict:
-    """The owner's last message on a part stream."""
-    return {"done": contributors, "mixed": mixed}
+def part_done(contributors: list[int], mixed: bool, commitment: dict | None = None) -> dict:
+    """The owner's last message on a part stream (``commitment``: its compact signed result digest)."""
+    message: dict[str, Any] = {"done": contributors, "mixed": mixed}
+    if commitment is not None:
+        message["c"] = commitment
+    return message
 
 
 def parse_part_done(message: Any, members: int) -> tuple[list[int], bool]:
