@@ -114,8 +114,8 @@ def decode_tensor(message: Any, max_elements: int, name: str = "tensor") -> torc
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise _refuse(f"{name!r}: unsupported dtype", dtype_name)
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(_is_int(d) and 0 <= d <= max_elements for d in shape)):
-        raise _refuse(f"{name!r}: shape must be at most {MAX_DIMS} sizes", shape)
+            or not all(_is_int(d) and 0 <= d < 2 ** 40 for d in shape)):
+        raise _refuse(f"{name!r}: shape must be a list of at most {MAX_DIMS} sizes", shape)
     numel = math.prod(shape)
     if numel > max_elements:
         raise _refuse(f"{name!r}: {numel} values exceed this server's limit of {max_elements}")
