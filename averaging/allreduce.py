@@ -55,7 +55,7 @@ from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
 
 from . import protocol
-from .commitments import ROLE_INPUT, ROLE_RESULT, Commitment, TensorHasher
+from .commitments import ROLE_INPUT, ROLE_RESULT, Commitment, TensorHasher, group_digest
 from .compression import Codec, CodecError
 from .errors import AveragingError
 from .group import GroupInfo
@@ -147,7 +147,7 @@ class RoundConfig:
         """This member's signed ``digest`` (commitments on only)."""
         assert self.identity is not None
         return Commitment.sign(self.identity, self.commit_prefix, self.group.group_id, phase, part, role, digest,
-                               weight, members)
+                               weight, members, group_digest(self.group.members))
 
     @property
     def owner_timeout(self) -> float:
@@ -682,6 +682,7 @@ class _Phase:
             raise AveragingError("the owner sent no signed digest of its result")
         signed = Commitment.from_compact(compact, self.config.commit_prefix, self.config.group.group_id,
                                          self.plan.number, owner, ROLE_RESULT, 0.0, contributors,
+                                         group_digest(self.config.group.members),
                                          sender=self.config.group.members[owner])
         if not signed.verify():
             raise AveragingError("the owner's result digest is not signed by it")
@@ -829,7 +830,7 @@ class AllReduceService:
                 raise refuse("commitments are required in this round")
             signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
                                              header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
-                                             sender=ctx.peer_id)
+                                             group=group_digest(phase.config.group.members), sender=ctx.peer_id)
             if not signed.verify():
                 owner.exclude(member, "its digest is not signed by it")
                 raise refuse("bad signature on the commitment")

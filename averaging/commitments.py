@@ -4,17 +4,18 @@ signs for the result it returns (commit-before-reveal, algorithms.md §2.3 steps
 A digest is SHA-256 over ``dtype | shape | little-endian bytes`` of a tensor (:func:`tensor_digest`,
 incrementally: :class:`TensorHasher`). A :class:`Commitment` binds a digest to its context and is
 signed with the sender's Ed25519 identity: the run prefix, the round (group id), the phase (0 the
-butterfly, 1 recovery), the part (owner index), the role (``"input"``: a member's values for a part;
-``"result"``: an owner's aggregate), the sender, the member's weight and, for a result, the member
-indices it aggregates. So a signed digest cannot be replayed into another run, round, part or role,
-and two different digests signed for the same slot are provable equivocation (:meth:`Commitment.conflicts`).
+butterfly, 1 recovery), the group's member list (:func:`group_digest`), the part (owner index), the
+role (``"input"``: a member's values for a part; ``"result"``: an owner's aggregate), the sender,
+the member's weight and, for a result, the member indices it aggregates. So a signed digest cannot
+be replayed into another run, round, part or role, and two different digests signed for the same
+slot are provable equivocation (:meth:`Commitment.conflicts`).
 
 Wire forms (msgpack maps, validated by :meth:`Commitment.from_wire` / :meth:`Commitment.from_compact`):
 
 - full (evidence, DHT records): ``{"v": 1, "x": prefix (str, at most MAX_PREFIX_CHARS=512), "g": round
   id (bytes, 1 to 64), "p": phase (int 0..255), "j": part (int 0..65535), "r": "input" | "result", "d":
   digest (32 bytes), "w": weight (finite float), "m": [member indices] (at most 4096, each 0..65535),
-  "k": Ed25519 public key (32 bytes), "s": signature (64 bytes)}``;
+  "h": group digest (32 bytes, or empty), "k": Ed25519 public key (32 bytes), "s": signature (64 bytes)}``;
 - compact (inside an ``avg.part`` header or final message, where the context is known): ``{"d", "k",
   "s"}``: 128 bytes of payload, about 140 packed.
 
@@ -40,7 +41,7 @@ from dht.peer.identity import Identity, PeerID, verify_signature
 from dht.peer.untrusted import brief
 
 __all__ = ["DIGEST_BYTES", "ROLES", "ROLE_INPUT", "ROLE_RESULT", "MAX_PREFIX_CHARS", "TensorHasher", "tensor_digest",
-           "Commitment"]
+           "group_digest", "Commitment"]
 
 DIGEST_BYTES = 32
 ROLE_INPUT = "input"  # a member's values for a part, as the owner decodes them
@@ -93,6 +94,14 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     return hasher.digest()
 
 
+def group_digest(members: Sequence[PeerID]) -> bytes:
+    """SHA-256 of a group's member list in order (what a commitment binds the member indices to)."""
+    hasher = hashlib.sha256(b"swarm.group/1|")
+    for member in members:
+        hasher.update(member.raw)
+    return hasher.digest()
+
+
 def _refuse(what: str, value: Any = None) -> BadRequestError:
     return BadRequestError(what if value is None else f"{what} (got {brief(value)})")
 
@@ -105,7 +114,8 @@ def _is_int(value: Any, upper: int) -> bool:
 class Commitment:
     """A signed digest: ``sender`` (the PeerID of ``public_key``) commits to ``digest`` for ``part`` of
     round ``round_id`` (phase ``phase``) under ``prefix`` in ``role``; ``weight``: the member's weight
-    (inputs; 0.0 for results); ``members``: the member indices a result aggregates (() for inputs)."""
+    (inputs; 0.0 for results); ``members``: the member indices a result aggregates (() for inputs);
+    ``group``: :func:`group_digest` of the group's members (b"": none)."""
 
     prefix: str
     round_id: bytes
@@ -115,6 +125,7 @@ class Commitment:
     digest: bytes
     weight: float
     members: tuple[int, ...]
+    group: bytes
     public_key: bytes
     signature: bytes
 
@@ -127,53 +138,46 @@ class Commitment:
         """What may be signed once: two commitments of one slot with different digests equivocate."""
         return self.prefix, self.round_id, self.phase, self.part, self.role, self.public_key
 
-    @staticmethod
-    def payload(prefix: str, round_id: bytes, phase: int, part: int, role: str, sender: PeerID, digest: bytes,
-                weight: float, members: Sequence[int]) -> bytes:
-        """The bytes that are signed (canonical msgpack)."""
-        return msgpack.packb([_DOMAIN, prefix, round_id, phase, part, role, sender.raw, digest, float(weight),
-                              [int(m) for m in members]], use_bin_type=True)
+    def payload(self) -> bytes:
+        """The bytes that are signed (canonical msgpack of every field but the key and signature)."""
+        return msgpack.packb([_DOMAIN, self.prefix, self.round_id, self.phase, self.part, self.role, self.sender.raw,
+                              self.digest, float(self.weight), [int(m) for m in self.members], self.group],
+                             use_bin_type=True)
 
     @classmethod
     def sign(cls, identity: Identity, prefix: str, round_id: bytes, phase: int, part: int, role: str, digest: bytes,
-             weight: float = 0.0, members: Sequence[int] = ()) -> "Commitment":
+             weight: float = 0.0, members: Sequence[int] = (), group: bytes = b"") -> "Commitment":
         """``identity``'s commitment to ``digest`` (ValueError for arguments outside the wire bounds)."""
         commitment = cls(prefix, round_id, phase, part, role, digest, float(weight), tuple(int(m) for m in members),
-                         identity.public_key, b"")
+                         group, identity.public_key, b"")
         problem = commitment._problem()
         if problem is not None:
             raise ValueError(problem)
-        signature = identity.sign(cls.payload(prefix, round_id, phase, part, role, identity.peer_id, digest,
-                                              weight, members))
-        return dataclasses.replace(commitment, signature=signature)
-
-    def fields(self) -> tuple:
-        return (self.prefix, self.round_id, self.phase, self.part, self.role, self.digest, self.weight, self.members,
-                self.public_key, self.signature)
+        return dataclasses.replace(commitment, signature=identity.sign(commitment.payload()))
 
     def verify(self) -> bool:
         """True if the signature is ``sender``'s over this commitment's fields."""
-        if self._problem() is not None or len(self.signature) != 64:
+        if self._problem() is not None or not isinstance(self.signature, bytes) or len(self.signature) != 64:
             return False
-        message = self.payload(self.prefix, self.round_id, self.phase, self.part, self.role, self.sender,
-                               self.digest, self.weight, self.members)
-        return verify_signature(self.public_key, self.signature, message)
+        return verify_signature(self.public_key, self.signature, self.payload())
 
     def matches(self, tensor: torch.Tensor) -> bool:
         """True if ``tensor`` is what was committed to (hashes it: O(bytes))."""
         return tensor_digest(tensor) == self.digest
 
     def conflicts(self, other: "Commitment") -> bool:
-        """True if both are validly signed for the same slot with different digests, weights or members
-        (provable equivocation by the sender)."""
-        return (self.slot == other.slot and (self.digest, self.weight, self.members) !=
-                (other.digest, other.weight, other.members) and self.verify() and other.verify())
+        """True if both are validly signed for the same slot (and group) with different digests or
+        weights: provable equivocation by the sender. (A result's member list may differ: an honest
+        owner that dropped a member after reducing reports fewer contributors to the later streams.)"""
+        return (self.slot == other.slot and self.group == other.group
+                and (self.digest, self.weight) != (other.digest, other.weight) and self.verify() and other.verify())
 
     # ---- wire -------------------------------------------------------------------------------------
     def to_wire(self) -> dict:
         """The full, self-contained form (see the module docstring)."""
         return {"v": 1, "x": self.prefix, "g": self.round_id, "p": self.phase, "j": self.part, "r": self.role,
-                "d": self.digest, "w": self.weight, "m": list(self.members), "k": self.public_key, "s": self.signature}
+                "d": self.digest, "w": self.weight, "m": list(self.members), "h": self.group, "k": self.public_key,
+                "s": self.signature}
 
     def compact(self) -> dict:
         """The digest, key and signature only, for a message whose context gives the other fields."""
@@ -194,7 +198,7 @@ class Commitment:
             raise _refuse("'w' must be a number", weight)
         commitment = cls(message.get("x"), message.get("g"), message.get("p"), message.get("j"),  # type: ignore[arg-type]
                          message.get("r"), message.get("d"), float(weight), tuple(members),  # type: ignore[arg-type]
-                         message.get("k"), message.get("s"))  # type: ignore[arg-type]
+                         message.get("h"), message.get("k"), message.get("s"))  # type: ignore[arg-type]
         problem = commitment._problem()
         if problem is not None or not isinstance(commitment.signature, bytes) or len(commitment.signature) != 64:
             raise _refuse(f"malformed commitment: {problem or 'the signature must be 64 bytes'}")
@@ -202,7 +206,8 @@ class Commitment:
 
     @classmethod
     def from_compact(cls, message: Any, prefix: str, round_id: bytes, phase: int, part: int, role: str,
-                     weight: float = 0.0, members: Sequence[int] = (), sender: PeerID | None = None) -> "Commitment":
+                     weight: float = 0.0, members: Sequence[int] = (), group: bytes = b"",
+                     sender: PeerID | None = None) -> "Commitment":
         """A compact form completed with its context; BadRequestError if malformed, or if its key is
         not ``sender``'s (when given). The signature is not checked here (:meth:`verify`)."""
         if not isinstance(message, dict):
@@ -214,8 +219,8 @@ class Commitment:
             raise _refuse("'k' and 's' must be a 32-byte key and a 64-byte signature")
         if sender is not None and not sender.matches(key):
             raise _refuse("the commitment's key is not the sender's")
-        return cls(prefix, round_id, phase, part, role, digest, float(weight), tuple(int(m) for m in members), key,
-                   signature)
+        return cls(prefix, round_id, phase, part, role, digest, float(weight), tuple(int(m) for m in members), group,
+                   key, signature)
 
     def _problem(self) -> str | None:
         """Why the fields break the wire bounds (None if they do not)."""
@@ -229,8 +234,10 @@ class Commitment:
             return f"the role must be one of {ROLES}"
         if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_BYTES:
             return f"the digest must be {DIGEST_BYTES} bytes"
-        if not math.isfinite(self.weight):
+        if not isinstance(self.weight, float) or not math.isfinite(self.weight):
             return "the weight must be finite"
+        if not isinstance(self.group, bytes) or len(self.group) not in (0, DIGEST_BYTES):
+            return f"the group digest must be {DIGEST_BYTES} bytes or empty"
         if len(self.members) > MAX_MEMBERS:
             return "too many members"
         if not isinstance(self.public_key, bytes) or len(self.public_key) != 32:

@@ -9,8 +9,8 @@ verification runs on collections of them.
 >>> Commitment.from_wire(c.to_wire()) == c           # full self-contained form, for evidence
 
 A digest is SHA-256 over ``dtype | shape | little-endian bytes``; the signed payload binds the run
-prefix, round id, phase, part index, role (``"input"`` / ``"result"``), sender, weight and (results)
-the aggregated member indices.
+prefix, round id, phase, the group's member list (:func:`group_digest`), part index, role (``"input"``
+/ ``"result"``), sender, weight and (results) the aggregated member indices.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from averaging.commitments import (
     ROLES,
     Commitment,
     TensorHasher,
+    group_digest,
     tensor_digest,
 )
 
 __all__ = ["DIGEST_BYTES", "ROLE_INPUT", "ROLE_RESULT", "ROLES", "Commitment", "TensorHasher", "tensor_digest",
-           "find_equivocation"]
+           "group_digest", "find_equivocation"]
 
 
 def find_equivocation(commitments: Iterable[Commitment]) -> tuple[Commitment, Commitment] | None:
