@@ -62,6 +62,7 @@ import torch
 from averaging import Averager, AveragingError, MatchmakingError
 from averaging import compression as compression_codecs
 from dht import DHT
+from dht.peer.untrusted import brief
 
 from . import streaming
 from .progress import GlobalProgress, ProgressTracker
@@ -368,8 +369,10 @@ class Optimizer:
         self._report()
 
     def training_state_blob(self) -> bytes:
-        """The packed state (what checkpoints hold and joiners download)."""
-        return pack_state(self._training_state())
+        """The packed state for checkpoints: what joiners download (the shared, hashed state) plus this
+        peer's own error-feedback residuals (biased codecs such as ``sparseloco``, tensors
+        ``local.ef.K`` for averager K, never shared: each peer's differs)."""
+        return pack_state(self._training_state(include_local=True))
 
     def live_donors(self) -> list:
         """The peers that announce a state and are online in the progress view (:class:`swarm.state_sharing.Donor`)."""
@@ -871,7 +874,9 @@ class Optimizer:
 
     # ---- the shared state
 
-    def _training_state(self) -> TrainingState:
+    def _training_state(self, include_local: bool = False) -> TrainingState:
+        """The shared state (hashed, offered to joiners); ``include_local``: with this peer's
+        error-feedback residuals too (checkpoints)."""
         if self.mode == "diloco":
             meta, tensors = optimizer_state_to_tensors(self.outer_opt, prefix="outer")
             tensors.update({f"param.{i}": g for i, g in enumerate(self.global_params)})
@@ -884,7 +889,58 @@ class Optimizer:
             tensors.update(schedule_tensors)
         metadata = {"epoch": self.local_epoch, "mode": self.mode, "run_id": self.run_id, "optimizer": meta,
                     "num_params": len(self.params), "scheduler": schedule}
+        if include_local:
+            feedback = []
+            for k, (codec, ef) in enumerate(self._feedback_states()):
+                if ef is not None:
+                    tensors[f"local.ef.{k}"] = ef["residual"]
+                    feedback.append({"averager": k, "codec": codec.name, "variant": ef.get("variant"),
+                                     "decay": ef.get("decay")})
+            if feedback:  # (without error feedback a checkpoint is exactly the shared state)
+                metadata["error_feedback"] = feedback
         return TrainingState(metadata, tensors)
+
+    def _feedback_states(self) -> list[tuple[Any, dict | None]]:
+        """(codec, its error-feedback ``state_dict()`` or None) per averager (None: the codec keeps none)."""
+        found: list[tuple[Any, dict | None]] = []
+        for averager in self.averagers:
+            codec = averager.codec
+            state = codec.state_dict() if callable(getattr(codec, "state_dict", None)) else None
+            found.append((codec, state if isinstance(state, dict) and "residual" in state else None))
+        return found
+
+    def _error_feedback_to_load(self, state: TrainingState) -> list[tuple[Any, dict]]:
+        """What :meth:`_apply_state` loads into the codecs: a checkpoint's residuals (StateFormatError if
+        malformed; an entry for another codec is skipped with a warning) or, for a state without
+        them (downloaded from peers), empty residuals: the state this peer's residual belonged to is gone."""
+        current = self._feedback_states()
+        entries = state.metadata.get("error_feedback")
+        if entries is None:
+            return [(codec, dict(ef, residual=torch.zeros(0))) for codec, ef in current if ef is not None]
+        if not isinstance(entries, list) or len(entries) > len(current):
+            raise StateFormatError("the state's error_feedback is not a list of at most one entry per averager")
+        loads = []
+        for entry in entries:
+            k = entry.get("averager") if isinstance(entry, dict) else None
+            if type(k) is not int or not 0 <= k < len(current):
+                raise StateFormatError(f"bad error_feedback entry {brief(entry)}")
+            codec, ef = current[k]
+            if ef is None or entry.get("codec") != codec.name:
+                logger.warning("the state's error feedback for averager %d is for codec %s, this peer uses %s: "
+                               "starting with an empty residual", k, brief(entry.get("codec")), codec.name)
+                continue
+            residual = state.tensors.get(f"local.ef.{k}")
+            if residual is None or residual.dim() != 1 or residual.numel() > self._averaged_size(k):
+                raise StateFormatError(f"error feedback {k}: missing, or not a vector of at most "
+                                       f"{self._averaged_size(k)} values")
+            if not bool(torch.isfinite(residual.float()).all()):
+                raise StateFormatError(f"error feedback {k}: the residual holds NaN or Inf")
+            loads.append((codec, {"variant": entry.get("variant"), "decay": entry.get("decay"), "residual": residual}))
+        return loads
+
+    def _averaged_size(self, k: int) -> int:
+        tensors = self._fragment_buffers[k] if self.streaming else self._buffers
+        return sum(t.numel() for t in tensors)
 
     def _apply_state(self, state: TrainingState) -> None:
         meta = state.metadata
@@ -899,6 +955,12 @@ class Optimizer:
                                        f"the model {tuple(p.shape)}")
         saved = meta.get("scheduler") if self.scheduler is not None else None
         schedule = None if saved is None else validated_scheduler_state(self.scheduler, saved, state.tensors)
+        feedback = self._error_feedback_to_load(state)
+        for codec, ef in feedback:
+            try:
+                codec.load_state_dict(ef)
+            except ValueError as e:  # checked above; the codec's own check is the last word
+                raise StateFormatError(f"error feedback: {e}") from None
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(state.tensors[f"param.{i}"].to(p.device, p.dtype))

@@ -191,3 +191,57 @@ def test_two_peers_stream_fragments_over_loopback(dhts):
     finally:
         for opt in results.values():
             opt.shutdown()
+
+
+def test_error_feedback_is_checkpointed_but_never_shared(dhts):
+    """A biased codec's residual (sparseloco: error feedback) is in this peer's checkpoints
+    (training_state_blob) and comes back from one, but is not in the shared state (its hash does not
+    depend on it) and a state downloaded without it clears it; a malformed one is refused whole."""
+    from swarm.state import StateFormatError, pack_state, unpack_state
+
+    (d,) = dhts(1)
+    made = []
+
+    def make(run_id: str) -> Optimizer:
+        torch.manual_seed(3)
+        model = torch.nn.Linear(64, 64)
+        opt = Optimizer(dht=d, run_id=run_id, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                        params=model.parameters(), mode="diloco", inner_steps=4, compression="sparseloco")
+        made.append(opt)
+        return opt
+
+    try:
+        opt = make("test-ef-a")
+        residual = torch.randn(64 * 64 + 64)
+        opt.averager.codec.feedback.residual = residual.clone()
+        shared = unpack_state(pack_state(opt._training_state()))
+        assert not any(name.startswith("local.") for name in shared.tensors)
+        assert "error_feedback" not in shared.metadata
+        checkpoint = unpack_state(opt.training_state_blob())
+        assert torch.equal(checkpoint.tensors["local.ef.0"], residual)
+        assert checkpoint.metadata["error_feedback"][0]["codec"] == "sparseloco"
+
+        other = make("test-ef-b")
+        other.load_training_state(checkpoint)
+        assert torch.equal(other.averager.codec.feedback.residual, residual)
+        hash_with = other.state_hash
+        other.averager.codec.feedback.residual.zero_()
+        other._publish_state()
+        assert other.state_hash == hash_with  # the residual is not part of what the swarm agrees on
+
+        bad = unpack_state(opt.training_state_blob())
+        bad.tensors["local.ef.0"] = torch.full((10,), float("nan"))
+        epoch_before = other.local_epoch
+        other.averager.codec.feedback.residual = residual.clone()
+        with pytest.raises(StateFormatError, match="NaN"):
+            other.load_training_state(bad)
+        assert torch.equal(other.averager.codec.feedback.residual, residual) and other.local_epoch == epoch_before
+        bad.metadata["error_feedback"] = [{"averager": 7}]
+        with pytest.raises(StateFormatError, match="error_feedback"):
+            other.load_training_state(bad)
+
+        other.load_training_state(shared)  # as downloaded from a peer: no residual, so it starts empty
+        assert other.averager.codec.feedback.residual.numel() == 0
+    finally:
+        for o in made:
+            o.shutdown()
