@@ -349,10 +349,16 @@ def observed_host(writer: asyncio.StreamWriter) -> str | None:
 
 
 async def _drive(machine: InitiatorHandshake | ResponderHandshake, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, first_byte_timeout: float | None = None) -> HandshakeResult:
+                 writer: asyncio.StreamWriter, first_byte_timeout: float | None = None,
+                 prefix: bytes = b"") -> HandshakeResult:
     """Feed ``machine`` what arrives on ``reader`` (exactly the bytes it wants, so that the frames
     after the handshake stay in the reader for the channel) and write what it answers, until it has
-    an outcome; raises the HandshakeError that ended it (after a short drain if it answered)."""
+    an outcome; raises the HandshakeError that ended it (after a short drain if it answered).
+    ``prefix``: bytes of the first message already read from the socket (fed first)."""
+    if prefix:
+        out = machine.receive_data(prefix)
+        if out:
+            writer.write(out)
     while machine.outcome is None:
         out = b""
         try:
@@ -402,12 +408,13 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, id
                   local_info: PeerInfo, endpoint: str, max_frame_size: int,
                   versions: tuple[int, ...] = SUPPORTED_VERSIONS, first_byte_timeout: float | None = None,
                   ciphers: tuple[str, ...] = tuple(CIPHERS),
-                  ephemeral: X25519PrivateKey | None = None) -> SecureChannel:
+                  ephemeral: X25519PrivateKey | None = None, prefix: bytes = b"") -> SecureChannel:
     """Run the responder (listener) side; HandshakeError names ``endpoint`` and the cause.
     ``first_byte_timeout`` (seconds, None: no separate limit) bounds the wait for the first byte;
-    ``ciphers`` in order of preference; ``ephemeral`` as for :func:`initiate`."""
+    ``ciphers`` in order of preference; ``ephemeral`` as for :func:`initiate`; ``prefix``: the first
+    bytes of M1, read already (by a listener that looked at the first byte)."""
     machine = ResponderHandshake(identity, local_info, endpoint, versions, ciphers, ephemeral)
-    result = await _drive(machine, reader, writer, first_byte_timeout)
+    result = await _drive(machine, reader, writer, first_byte_timeout, prefix)
     return SecureChannel(reader, writer, result, endpoint, max_frame_size)
 
 

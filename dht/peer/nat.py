@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .addresses import PeerAddress
+from .errors import P2PError
 from .identity import PeerID
 from .reachability import (
     FIREWALLED,
@@ -38,6 +40,7 @@ from .reachability import (
     check_reachability,
     verdict_line,
 )
+from .relay import RelayClient, RelayLimits, RelayService
 
 if TYPE_CHECKING:
     from .p2p import P2P
@@ -83,6 +86,10 @@ class NatService:
         self.reachability: Reachability | None = None
         self.stats = NatStats()
         self.dialback = DialBackService(p2p)
+        self.relay_client = RelayClient(p2p)
+        self.relay_service: RelayService | None = None
+        if self.options.relay != "off":
+            self.relay_service = RelayService(p2p, self.options.relay_limits or RelayLimits())
         self.on_unreachable: list[Callable[[Reachability], None]] = []  # e.g. the DHT switching to client mode
         self._helpers: Callable[[], Sequence[PeerID]] = p2p.connected_peers
         self._tasks: set[asyncio.Task] = set()
@@ -95,8 +102,8 @@ class NatService:
 
     @property
     def relayed(self) -> bool:
-        """True when this peer is reachable only through relays (it holds relay reservations)."""
-        return False
+        """True when this peer is reachable through relays only (it holds reservations, found unreachable)."""
+        return bool(self.relay_client.held) and self.verdict in (NAT, FIREWALLED)
 
     async def start(self, helpers: Callable[[], Sequence[PeerID]] | None = None) -> "NatService":
         """Run the reachability check (if enabled) and act on its verdict. ``helpers``: the peers to
@@ -107,7 +114,32 @@ class NatService:
             await self.check()
             if self.verdict == UNKNOWN and self.options.max_rechecks > 0:
                 self._spawn(self._recheck_loop())
+        if isinstance(self.options.use_relay, list):
+            await self.reserve_relays([PeerAddress.parse(a) for a in self.options.use_relay])
         return self
+
+    async def reserve_relays(self, candidates: Sequence[PeerAddress] | None = None) -> int:
+        """Hold reservations on up to ``max_relays`` of ``candidates`` (direct addresses with /p2p;
+        default: the connected peers we reached at an address of their own); returns how many are held."""
+        client = self.relay_client
+        if candidates is None:
+            candidates = []
+            for peer_id in self._helpers():
+                address = self.p2p.dialed_address(peer_id)
+                if address is not None and address.relay is None:
+                    candidates.append(address.with_peer_id(peer_id))
+        for relay in candidates:
+            if len(client.held) >= self.options.max_relays or self._closed:
+                break
+            if relay.peer_id in client.held or relay.peer_id == self.p2p.peer_id:
+                continue
+            try:
+                address = await client.reserve(relay)
+                logger.info("nat: relay reservation on %s: reachable at %s", relay,
+                            address.with_peer_id(self.p2p.peer_id))
+            except (P2PError, asyncio.TimeoutError, OSError, ValueError) as e:
+                logger.info("nat: relay %s refused a reservation: %s", relay, e)
+        return len(client.held)
 
     async def check(self) -> Reachability:
         """One reachability check; logs (and, with ``print_verdict``, prints) the verdict line."""
@@ -122,9 +154,22 @@ class NatService:
         if self.options.print_verdict:
             print(line, file=sys.stdout, flush=True)
         if result.verdict in (NAT, FIREWALLED) and previous not in (NAT, FIREWALLED):
+            if self.relay_service is not None and self.options.relay == "auto":
+                self.relay_service.enabled = False  # nobody could reach it as a relay
+            self.relay_client.announce_direct = False
             for callback in self.on_unreachable:
                 callback(result)
+            if self.options.use_relay == "auto":
+                self._spawn(self._keep_relays())
         return result
+
+    async def _keep_relays(self) -> None:
+        """While unreachable: hold ``max_relays`` reservations, looking for new relays every 30 s."""
+        while not self._closed:
+            held = await self.reserve_relays()
+            if held == 0:
+                logger.warning("nat: no relay accepted a reservation yet: peers cannot reach this one")
+            await asyncio.sleep(30.0 if held >= self.options.max_relays else 5.0)
 
     async def _recheck_loop(self) -> None:
         for _ in range(self.options.max_rechecks):
@@ -142,7 +187,11 @@ class NatService:
     def status(self) -> dict[str, Any]:
         """The NAT state for ``swarm status`` and the metrics (plain JSON-able values)."""
         r = self.reachability
+        relay = self.relay_service.stat() if self.relay_service is not None and self.relay_service.enabled else {}
         return {"verdict": self.verdict, "observed_ip": r.observed_ip if r else None, "relayed": self.relayed,
+                "relays": sorted(str(p) for p in self.relay_client.held),
+                "relay_reservations": relay.get("reservations", 0), "relay_circuits": relay.get("circuits", 0),
+                "relay_bytes": relay.get("bytes_relayed", 0),
                 "holepunch_attempts": self.stats.holepunch_attempts,
                 "holepunch_successes": self.stats.holepunch_successes}
 
@@ -151,3 +200,6 @@ class NatService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.relay_client.close()
+        if self.relay_service is not None:
+            self.relay_service.close()

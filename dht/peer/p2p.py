@@ -386,6 +386,13 @@ class P2P:
         if self._dialed.get(peer_id) == address:
             del self._dialed[peer_id]
 
+    def set_extra_addresses(self, addresses: Sequence[PeerAddress], direct: bool = True) -> None:
+        """Announce ``addresses`` (relay addresses) besides the listening ones (``direct=False``: instead
+        of them, for a peer found unreachable), in handshakes from now on and in get_visible_addresses."""
+        setter = getattr(self._transport, "set_extra_addresses", None)
+        if setter is not None:
+            self._visible = setter(list(addresses), direct)
+
     def get_visible_addresses(self) -> list[PeerAddress]:
         """Addresses others can dial to reach this peer, with ``/p2p/<our PeerID>``."""
         return [a.with_peer_id(self.peer_id) for a in self._visible]

@@ -7,6 +7,14 @@ socket is closed within ``handshake_timeout`` (10 s) whatever arrives. A newcome
 gets a short "busy" answer (its dialer retries a few times within its timeouts) and is closed; when the
 pool is full, the oldest pending socket of the most represented IP makes room for the newcomer, so a
 flood from one address cannot lock other peers out.
+
+The first byte of a handshake is always 0 (M1's length is below 4 KiB). A socket that starts with a
+byte registered in :attr:`TCPTransport.raw_handlers` is handed to that handler instead (still counted
+as a pending handshake until the handler returns, within ``handshake_timeout``): relay circuits
+(:mod:`dht.peer.relay`) and hole-punched sockets (:mod:`dht.peer.holepunch`) arrive that way.
+:meth:`TCPTransport.dial_raw` and :meth:`TCPTransport.accept_raw` run the normal handshake over a
+socket that first sent such a prelude. On Linux the listener uses SO_REUSEPORT, so that hole punching
+can connect out from the listening port (a fixed ``port`` is first checked to be free without it).
 """
 
 from __future__ import annotations
@@ -14,20 +22,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import sys
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .addresses import PeerAddress, interface_addresses
 from .channel import FrameChannel, PeerInfo
 from .errors import HandshakeError, P2PError, PeerUnreachableError
-from .handshake import MAX_HANDSHAKE_FRAME, PeerBusyError, initiate, observed_host, refuse_busy, respond, within
+from .handshake import (
+    MAX_HANDSHAKE_FRAME,
+    PeerBusyError,
+    SecureChannel,
+    initiate,
+    observed_host,
+    refuse_busy,
+    respond,
+    within,
+)
 from .identity import Identity, PeerID
 from .multiplex import Limits
 from .resources import ip_key
 from .transport import Transport
 from .untrusted import LogLimiter, brief
 
-__all__ = ["TCPTransport", "raise_fd_limit"]
+__all__ = ["TCPTransport", "raise_fd_limit", "RawHandler", "REUSE_PORT"]
+
+# a listener's handler of sockets that start with a registered byte: (first byte, reader, writer,
+# observed source IP) -> True if it kept the socket (else it is closed)
+RawHandler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[bool]]
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 logger = logging.getLogger(__name__)
 # StreamReader buffer during the handshake (reading pauses at twice this): handshake messages are at
@@ -101,6 +124,9 @@ class TCPTransport(Transport):
         self._closing = False
         self._addresses: list[PeerAddress] = []
         self._info = PeerInfo([], limits.stream_window, limits.max_message_size)
+        self._extra: list[PeerAddress] = []  # announced besides the listening ones (relay addresses)
+        self.raw_handlers: dict[int, RawHandler] = {}  # first byte -> handler (never 0: the handshake's)
+        self.bound: list[tuple[str, int]] = []  # (host, port) of each listening socket
         raise_fd_limit()
 
     # ---- accepting ---------------------------------------------------------------------------
@@ -116,8 +142,12 @@ class TCPTransport(Transport):
                 raise
 
         host = None if self.host in ("", "::") else self.host
-        self._server = await asyncio.start_server(on_client, host, self.port, limit=_READ_LIMIT)
+        if REUSE_PORT and self.port:
+            _check_port_free(host, self.port)  # SO_REUSEPORT would let two peers share a port silently
+        self._server = await asyncio.start_server(on_client, host, self.port, limit=_READ_LIMIT,
+                                                  reuse_port=REUSE_PORT or None)
         bound = [sock.getsockname()[:2] for sock in self._server.sockets]
+        self.bound = [(h, p) for h, p in bound]
         port = bound[0][1]
         if self.announce:
             self._addresses = [PeerAddress.parse(a).without_peer_id() for a in self.announce]
@@ -128,6 +158,18 @@ class TCPTransport(Transport):
             self._addresses = [PeerAddress.from_host_port(h, p) for h, p in bound]
         self._info.addresses = [str(a) for a in self._addresses]
         return list(self._addresses)
+
+    def set_extra_addresses(self, addresses: list[PeerAddress], direct: bool = True) -> list[PeerAddress]:
+        """Announce ``addresses`` (e.g. relay addresses) besides the listening ones (``direct=False``:
+        instead of them, unless there are none), in handshakes from now on; returns all those announced."""
+        self._extra = [a.without_peer_id() for a in addresses]
+        announced = [*self._addresses, *self._extra] if direct or not self._extra else list(self._extra)
+        self._info.addresses = [str(a) for a in announced][:32]
+        return announced
+
+    @property
+    def info(self) -> PeerInfo:
+        return self._info
 
     def pending_handshakes(self, host: str | None = None) -> int:
         """Unauthenticated sockets now held (from ``host``'s IP, or in all), refusals included."""
@@ -205,10 +247,18 @@ class TCPTransport(Transport):
         peername = writer.get_extra_info("peername")
         endpoint = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) and len(peername) >= 2 else "unknown"
         channel = None
+        kept = False
         try:
+            prefix = b""
+            if self.raw_handlers:
+                prefix = await self._first_byte(reader, endpoint)
+                handler = self.raw_handlers.get(prefix[0]) if prefix else None
+                if handler is not None:
+                    kept = await within(handler(prefix[0], reader, writer, entry.ip), self.limits.handshake_timeout)
+                    return
             channel = await within(
                 respond(reader, writer, self.identity, self._info, endpoint, self.limits.max_frame_size,
-                        first_byte_timeout=self.limits.first_byte_timeout),
+                        first_byte_timeout=self.limits.first_byte_timeout, prefix=prefix),
                 self.limits.handshake_timeout)
         except asyncio.TimeoutError:
             _refusals.log(logger, logging.INFO, entry.ip, "refused connection from %s: handshake timed out "
@@ -225,7 +275,7 @@ class TCPTransport(Transport):
                           "the handshake", endpoint, type(e).__name__)
         finally:
             self._forget(entry)
-            if channel is None:
+            if channel is None and not kept:
                 writer.transport.abort()
         if channel is None:
             return
@@ -235,6 +285,63 @@ class TCPTransport(Transport):
             channel.close()
             _refusals.log(logger, logging.WARNING, entry.ip, "dropped connection from %s: %s in the connection "
                           "handler", endpoint, type(e).__name__)
+
+    async def _first_byte(self, reader: asyncio.StreamReader, endpoint: str) -> bytes:
+        """The socket's first byte (b"" if it closed first), within ``first_byte_timeout``."""
+        try:
+            return await within(reader.readexactly(1), self.limits.first_byte_timeout)
+        except asyncio.TimeoutError:
+            raise HandshakeError(f"{endpoint}: nothing received within {self.limits.first_byte_timeout:g} s") from None
+        except asyncio.IncompleteReadError:
+            return b""
+
+    # ---- raw sockets (relay circuits, hole punching) -------------------------------------------
+    async def handshake_raw(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: str,
+                            initiator: bool, expected: PeerID | None = None) -> SecureChannel:
+        """Run the handshake over an already connected socket (after any prelude), as initiator
+        (checking ``expected``) or responder, within ``handshake_timeout``; closes the socket on failure."""
+        try:
+            if initiator:
+                coro = initiate(reader, writer, self.identity, self._info, endpoint, expected,
+                                self.limits.max_frame_size)
+            else:
+                coro = respond(reader, writer, self.identity, self._info, endpoint, self.limits.max_frame_size)
+            return await within(coro, self.limits.handshake_timeout)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            raise HandshakeError(f"handshake with {endpoint} timed out after {self.limits.handshake_timeout} s") \
+                from None
+        except (ConnectionError, OSError) as e:
+            writer.transport.abort()
+            raise HandshakeError(f"handshake with {endpoint} failed: {type(e).__name__}") from None
+        except BaseException:
+            writer.transport.abort()
+            raise
+
+    async def open_raw(self, host: str, port: int, prelude: bytes = b"", local_port: int | None = None,
+                       timeout: float | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``host:port`` (from our listening ``local_port`` with SO_REUSEPORT, for hole
+        punching) and send ``prelude``. PeerUnreachableError if it cannot connect."""
+        timeout = self.limits.dial_timeout if timeout is None else timeout
+        try:
+            if local_port is None:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout)
+            else:
+                sock = _bound_socket(host, local_port)
+                try:
+                    loop = asyncio.get_running_loop()
+                    target = (host, port, 0, 0) if sock.family == socket.AF_INET6 else (host, port)
+                    await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
+                    reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
+                except BaseException:
+                    sock.close()
+                    raise
+        except (OSError, asyncio.TimeoutError) as e:
+            cause = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e)[:200])
+            raise PeerUnreachableError(f"cannot connect to {host}:{port}: {cause}") from None
+        if prelude:
+            writer.write(prelude)
+        return reader, writer
 
     # ---- dialing -----------------------------------------------------------------------------
     async def dial(self, address: PeerAddress, expected: PeerID | None) -> FrameChannel:
@@ -293,3 +400,34 @@ class TCPTransport(Transport):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             except (asyncio.TimeoutError, P2PError):
                 pass
+
+
+def _check_port_free(host: str | None, port: int) -> None:
+    """OSError (EADDRINUSE) if ``port`` is taken, checked without SO_REUSEPORT."""
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE):
+        probe = socket.socket(family, kind, proto)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+        finally:
+            probe.close()
+
+
+def _bound_socket(remote_host: str, local_port: int) -> socket.socket:
+    """A non-blocking TCP socket bound to ``local_port`` (SO_REUSEADDR + SO_REUSEPORT), of the family of
+    ``remote_host``, to connect out from a listening port."""
+    family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
