@@ -19,7 +19,7 @@ import pytest
 
 from . import netlab
 from .netlab import Lab, Link, Nat
-from .test_netlab import _Logs
+from .test_netlab import TINY_TASK, _Logs
 
 REASON = netlab.nat_unavailable()
 needs_nat_lab = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -243,3 +243,46 @@ def test_verdicts_are_right_behind_every_box_and_unreachable_peers_go_client_mod
     for name in ("p0", "p1", "p2", "public"):
         tables = [int(n) for n in re.findall(r"^routing table: (\d+) peers", logs.text(name), re.MULTILINE)]
         assert tables and tables[-1] == 3, (name, tables)
+
+
+@needs_nat_lab
+def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab, swarm, tmp_path):
+    """``swarm join`` on the public host h3 and behind the port-restricted and a symmetric box (no hole
+    punch possible between those two): both NATed peers find themselves behind NAT, all three see each
+    other and train three epochs together, each averaging in at least two of them."""
+    logs, first = swarm
+    task, go = tmp_path / "tiny_task.py", tmp_path / "go"
+    task.write_text(TINY_TASK.format(go=str(go)))
+    hosts = {"join_public": lab.hosts[3], "join_restricted": lab.nats[KINDS.index("port-restricted")].inner[0],
+             "join_symmetric": lab.nats[KINDS.index("symmetric")].inner[0]}
+
+    def join(name: str) -> None:
+        host = hosts[name]
+        logs.spawn(name, host, ["-m", "swarm", "join", str(task), "--host", host.ip, "--threads", "1", "--quiet",
+                                "--identity", str(tmp_path / f"{name}.key"), "--matchmaking-time", "1.0",
+                                "--run-id", "nat-run", "--max-epochs", "3", "--dashboard-port", "off",
+                                "--metrics-file", str(tmp_path / f"{name}.jsonl"), "--initial-peers", first])
+
+    join("join_public")
+    logs.wait_for("join_public", r"run 'nat-run' is new: this peer created it", 90)
+    for name in ("join_restricted", "join_symmetric"):
+        join(name)
+    for name in ("join_restricted", "join_symmetric"):
+        logs.wait_for(name, r"joining run 'nat-run' created by", 90)
+        assert logs.wait_for(name, VERDICT, 30).group(1) == "nat", logs.text(name)[-3000:]
+    go.touch()
+    for name in hosts:
+        proc = logs.procs[name]
+        try:
+            proc.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running:\n{logs.text(name)[-3000:]}") from None
+        assert proc.returncode == 0, logs.text(name)[-3000:]
+    for name in hosts:
+        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        epochs = [r["epoch"] for r in records]
+        assert epochs and epochs[-1] == 3 and all(b == a + 1 for a, b in zip(epochs, epochs[1:])), (name, epochs)
+        assert max(r["peers"] for r in records) == 3, (name, records)
+        received = [0] + [r["bytes_received"] for r in records]
+        averaged = sum(b > a for a, b in zip(received, received[1:]))  # epochs whose step averaged
+        assert averaged >= 2, (name, records)  # a late start may miss the first epoch's group
