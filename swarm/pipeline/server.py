@@ -95,7 +95,8 @@ class StageServer:
         self.last_moved_at = 0.0
         self.samples_accumulated = 0
         self.forward_ema, self.backward_ema = PerformanceEMA(), PerformanceEMA()
-        self.counters: collections.Counter[str] = collections.Counter()  # forward, backward, bad_request, repeated, abandoned
+        # forward, backward, bad_request, repeated, abandoned
+        self.counters: collections.Counter[str] = collections.Counter()
         self._slots = Slots(max_requests_per_peer, max_requests, "pipeline requests")
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
         self._grad_lock = threading.Lock()  # .grad and samples_accumulated change together
