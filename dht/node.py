@@ -163,6 +163,7 @@ class DHTNode:
         self._handover_bucket: TokenBucket | None = None
         self._handover_running = False
         self._stale_checks: set[PeerID] = set()  # least-recently-seen nodes being pinged
+        self._store_filters: dict[str, Callable[[PeerID], bool]] = {}  # key prefix -> refuse(peer_id)
         self._prefixes: dict[str, str | None] = {}  # host -> prefix_of(host), memoized (bounded)
         self._sources: dict[str, str | None] = {}  # endpoint -> its prefix, memoized (bounded)
         self._tasks: set[asyncio.Task] = set()
@@ -583,10 +584,49 @@ class DHTNode:
         nearest = self.routing_table.nearest(key_id, self.num_replicas)
         return len(nearest) >= self.num_replicas and self.node_id ^ key_id > nearest[-1][1] ^ key_id
 
+    def set_store_filter(self, prefix: str, refuse: Callable[[PeerID], bool] | None) -> None:
+        """Refuse stores of keys that start with ``prefix`` (string keys) from every peer for which
+        ``refuse(peer_id)`` is true: the calling peer, and the owner of a signed (``[owner:...]``)
+        record (e.g. a run's ban list: ``node.set_store_filter(run_id, banlist.is_banned)``). None
+        removes the filter. ``refuse`` runs on the event loop for every such store: keep it cheap.
+        Stores by this node itself are never refused."""
+        if refuse is None:
+            self._store_filters.pop(prefix, None)
+        else:
+            self._store_filters[prefix] = refuse
+
+    def _filtered(self, item: StoreItem, origin: Any) -> str | None:
+        """Why a store filter refuses ``item`` from ``origin`` (None: it does not)."""
+        try:
+            key = msgpack.unpackb(item.key, raw=False)
+        except Exception:  # noqa: BLE001 - not a msgpack key: no string prefix to match
+            return None
+        if not isinstance(key, str):
+            return None
+        for prefix, refuse in list(self._store_filters.items()):
+            if not key.startswith(prefix):
+                continue
+            peers = [origin] if isinstance(origin, PeerID) and origin != self.peer_id else []
+            for owner in SignatureValidator.owners(DHTRecord(item.key, item.subkey, item.value, item.expiration_time)):
+                try:
+                    peers.append(PeerID.from_public_key(owner))
+                except ValueError:
+                    pass
+            try:
+                if any(refuse(peer) for peer in peers if peer != self.peer_id):
+                    return f"stores under {prefix!r} from this peer are refused (banned)"
+            except Exception as e:  # noqa: BLE001 - a failing filter refuses nothing, and says so
+                logger.warning("store filter for %r failed: %s: %s", prefix, type(e).__name__, e)
+        return None
+
     def _store_locally(self, key_id: int, item: StoreItem, now: float, origin: Any,
                        source: str | None = None) -> bool | str:
         """Validate and store one incoming item; True, False (older than ours) or a refusal reason.
         ``origin``: the storing peer, ``source``: its address range (per-peer and per-range budgets)."""
+        if self._store_filters:
+            refused = self._filtered(item, origin)
+            if refused is not None:
+                return refused
         if len(item.value) > self.limits.max_value_size:
             return f"value of {len(item.value)} bytes exceeds the limit of {self.limits.max_value_size}"
         if item.expiration_time > now + self.limits.max_ttl:
