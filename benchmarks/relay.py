@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -154,6 +153,7 @@ async def _throughputs(p2p: Any, peer: Any, args: argparse.Namespace, check: Any
 
 async def role_dialer(args: argparse.Namespace) -> None:
     from dht.peer.addresses import PeerAddress
+    from dht.peer.errors import P2PError
     from dht.peer.nat import NatOptions, NatService
     from dht.peer.p2p import P2P
 
@@ -212,7 +212,7 @@ async def role_dialer(args: argparse.Namespace) -> None:
         result["direct_mb_s_samples"] = await _throughputs(p2p, peer, args, only_direct)
         result["direct_rtt_ms"] = round(statistics.median(result["direct_rtt_samples_ms"]), 3)
         result["direct_mb_s"] = round(statistics.median(result["direct_mb_s_samples"]), 1)
-    except Exception as e:  # report what was measured and why the rest was not
+    except (RuntimeError, OSError, asyncio.TimeoutError, P2PError) as e:  # report what was measured, and why not the rest
         result["errors"]["upgrade"] = f"{type(e).__name__}: {str(e)[:500]}"
     finally:
         await p2p.nat.close()
