@@ -212,7 +212,7 @@ async def role_dialer(args: argparse.Namespace) -> None:
         result["direct_mb_s_samples"] = await _throughputs(p2p, peer, args, only_direct)
         result["direct_rtt_ms"] = round(statistics.median(result["direct_rtt_samples_ms"]), 3)
         result["direct_mb_s"] = round(statistics.median(result["direct_mb_s_samples"]), 1)
-    except (RuntimeError, OSError, asyncio.TimeoutError, P2PError) as e:  # report what was measured, and why not the rest
+    except (RuntimeError, OSError, asyncio.TimeoutError, P2PError) as e:  # report what was measured and why
         result["errors"]["upgrade"] = f"{type(e).__name__}: {str(e)[:500]}"
     finally:
         await p2p.nat.close()
