@@ -327,7 +327,8 @@ def _two_bit(kept: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, to
     """2-bit values of each row of ``kept`` [tiles, k]: (dequantized, codes, scales [tiles, 2]).
     Code = sign (2) | level (1); level 1 for the larger half of the magnitudes (ranks >= k // 2),
     each level the mean magnitude of its half (float64 sums), so the sum of |values| per tile is
-    kept. A tile with a non-finite value gets NaN scales (the receiver rejects it)."""
+    kept. A kept 0 (a tile with fewer than k non-zeros) is sent as +level (error feedback takes it
+    back next round). A tile with a non-finite value gets NaN scales (the receiver rejects it)."""
     tiles, k = kept.shape
     magnitude = kept.abs()
     rank = torch.empty_like(magnitude, dtype=torch.long)
