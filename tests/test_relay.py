@@ -25,11 +25,13 @@ def has_ipv6() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def peers(n: int, host: str = "127.0.0.1", **limits):
+async def peers(n: int, host: str = "127.0.0.1", holepunch: bool = False, **limits):
+    """The first peer relays (with ``limits``); hole punching off unless asked for."""
     made = []
     for i in range(n):
         p = await P2P.create(host=host)
-        NatService(p, NatOptions(check=False, relay_limits=RelayLimits(**limits) if i == 0 else None))
+        NatService(p, NatOptions(check=False, holepunch=holepunch,
+                                 relay_limits=RelayLimits(**limits) if i == 0 else None))
         made.append(p)
     try:
         yield made
@@ -135,3 +137,51 @@ async def test_relay_disabled_refuses_and_reservation_ends_with_the_connection()
                 break
             await asyncio.sleep(0.02)
         assert natted.peer_id not in relay.nat.relay_service.reservations
+
+
+async def wait_for(condition, seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_hole_punch_upgrades_to_direct_and_releases_the_circuit(host):
+    if host == "::1" and not has_ipv6():
+        pytest.skip("no IPv6 loopback here")
+    async with peers(3, host, holepunch=True) as (relay, natted, dialer):
+        natted.add_unary_handler("test.echo", echo)
+        await natted.nat.relay_client.reserve(relay.get_visible_addresses()[0])
+        assert await dialer.call(relayed_address(natted), "test.echo", 1, timeout=10) == 1
+        puncher = dialer.nat.holepuncher
+
+        def direct() -> bool:
+            conns = dialer.connections_to(natted.peer_id)
+            return bool(conns) and all(not is_relayed(c.channel) for c in conns)
+
+        assert await wait_for(direct), dialer.nat.status()
+        assert puncher.stats.successes == 1 and puncher.stats.first_try == 1 and puncher.stats.attempts == 1
+        assert natted.nat.holepuncher.stats.served == 1
+        assert await dialer.call(natted.peer_id, "test.echo", 2, timeout=5) == 2
+        [conn] = dialer.connections_to(natted.peer_id)
+        assert not is_relayed(conn.channel) and conn.channel.remote_host == host
+        assert await wait_for(lambda: not relay.nat.relay_service.circuits)  # the circuit is released
+        assert dialer.nat.status()["holepunch_successes"] == 1
+
+
+async def test_without_hole_punching_traffic_stays_on_the_relay():
+    async with peers(2, holepunch=True) as (relay, natted):
+        dialer = await P2P.create(host="127.0.0.1")
+        NatService(dialer, NatOptions(check=False, holepunch=False))
+        try:
+            natted.add_unary_handler("test.echo", echo)
+            await natted.nat.relay_client.reserve(relay.get_visible_addresses()[0])
+            assert await dialer.call(relayed_address(natted), "test.echo", 1, timeout=10) == 1
+            await asyncio.sleep(0.3)
+            [conn] = dialer.connections_to(natted.peer_id)
+            assert is_relayed(conn.channel) and dialer.nat.holepuncher is None
+        finally:
+            await dialer.nat.close()
+            await dialer.shutdown()

@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .addresses import PeerAddress
 from .errors import P2PError
+from .holepunch import HolePuncher
 from .identity import PeerID
 from .reachability import (
     FIREWALLED,
@@ -67,16 +68,6 @@ class NatOptions:
     relay_limits: Any = None  # a dht.peer.relay.RelayLimits, or None for the defaults
 
 
-@dataclass
-class NatStats:
-    """Counters for ``swarm status`` and the metrics."""
-
-    holepunch_attempts: int = 0
-    holepunch_successes: int = 0
-    holepunch_first_try: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-
 class NatService:
     """The NAT machinery of one :class:`~dht.peer.p2p.P2P` peer; ``p2p.nat`` points to it."""
 
@@ -84,12 +75,15 @@ class NatService:
         self.p2p = p2p
         self.options = options or NatOptions()
         self.reachability: Reachability | None = None
-        self.stats = NatStats()
         self.dialback = DialBackService(p2p)
         self.relay_client = RelayClient(p2p)
         self.relay_service: RelayService | None = None
         if self.options.relay != "off":
             self.relay_service = RelayService(p2p, self.options.relay_limits or RelayLimits())
+        self.holepuncher: HolePuncher | None = None
+        if self.options.holepunch:
+            self.holepuncher = HolePuncher(p2p, lambda: self.reachability.observed_ip if self.reachability else None)
+            self.relay_client.on_dialed = self.holepuncher.schedule
         self.on_unreachable: list[Callable[[Reachability], None]] = []  # e.g. the DHT switching to client mode
         self._helpers: Callable[[], Sequence[PeerID]] = p2p.connected_peers
         self._tasks: set[asyncio.Task] = set()
@@ -192,8 +186,11 @@ class NatService:
                 "relays": sorted(str(p) for p in self.relay_client.held),
                 "relay_reservations": relay.get("reservations", 0), "relay_circuits": relay.get("circuits", 0),
                 "relay_bytes": relay.get("bytes_relayed", 0),
-                "holepunch_attempts": self.stats.holepunch_attempts,
-                "holepunch_successes": self.stats.holepunch_successes}
+                "relay_circuits_dialed": self.relay_client.circuits_dialed,
+                "relay_circuits_accepted": self.relay_client.circuits_accepted,
+                **(self.holepuncher.status() if self.holepuncher is not None else
+                   {"holepunch_upgrades": 0, "holepunch_attempts": 0, "holepunch_successes": 0,
+                    "holepunch_first_try": 0})}
 
     async def close(self) -> None:
         self._closed = True
@@ -201,5 +198,7 @@ class NatService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.relay_client.close()
+        if self.holepuncher is not None:
+            await self.holepuncher.close()
         if self.relay_service is not None:
             self.relay_service.close()

@@ -309,13 +309,16 @@ class P2P:
         """Take an authenticated channel this peer opened itself (e.g. a hole-punched socket) into the pool."""
         return self._adopt(channel, initiator)
 
-    def retire(self, conn: Connection, reason: str) -> None:
-        """Stop using ``conn`` for new calls (a GOAWAY tells the peer); it closes after the grace period."""
+    def retire(self, conn: Connection, reason: str, grace: float | None = None) -> None:
+        """Stop using ``conn`` for new calls (a GOAWAY tells the peer); it closes after ``grace`` seconds
+        (default: the GOAWAY grace period, 10 s), calls in flight on it go on until then."""
         try:
             conn.write_frame(GOAWAY, 0, 0, msgpack.packb({"m": reason[:200]}))
         except P2PError:
             pass
         self._on_connection_closed(conn)
+        if grace is not None:
+            asyncio.get_running_loop().call_later(grace, conn.close, reason)
 
     def connections_to(self, peer_id: PeerID) -> list[Connection]:
         """The usable connections with ``peer_id``, oldest first."""

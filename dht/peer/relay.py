@@ -30,7 +30,7 @@ import secrets
 import struct
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .addresses import PeerAddress
 from .channel import FrameChannel
@@ -373,6 +373,7 @@ class RelayClient:
         self._accepting: set[asyncio.Task] = set()
         self.circuits_dialed = self.circuits_accepted = 0
         self.announce_direct = True  # False: announce only relay addresses (once there are some)
+        self.on_dialed: Callable[[PeerID], None] | None = None  # called soon after each circuit we dial
         self._closed = False
         p2p.relay_dialer = self.dial
 
@@ -403,6 +404,8 @@ class RelayClient:
         channel = await transport.handshake_raw(reader, writer, f"{target.short()} via relay {relay.host}:{relay.port}",
                                                 initiator=True, expected=target)
         self.circuits_dialed += 1
+        if self.on_dialed is not None:  # after P2P adopted the connection (it does so before its next await)
+            asyncio.get_running_loop().call_soon(self.on_dialed, target)
         return _mark(channel, relay.peer_id)  # type: ignore[arg-type]
 
     # ---- reservations ------------------------------------------------------------------------

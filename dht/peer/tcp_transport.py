@@ -171,6 +171,11 @@ class TCPTransport(Transport):
     def info(self) -> PeerInfo:
         return self._info
 
+    @property
+    def listen_addresses(self) -> list[PeerAddress]:
+        """The addresses this transport listens at (or announces with ``announce``), relay addresses aside."""
+        return list(self._addresses)
+
     def pending_handshakes(self, host: str | None = None) -> int:
         """Unauthenticated sockets now held (from ``host``'s IP, or in all), refusals included."""
         if host is None:
@@ -319,7 +324,8 @@ class TCPTransport(Transport):
             raise
 
     async def open_raw(self, host: str, port: int, prelude: bytes = b"", local_port: int | None = None,
-                       timeout: float | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                       timeout: float | None = None, local_host: str | None = None,
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to ``host:port`` (from our listening ``local_port`` with SO_REUSEPORT, for hole
         punching) and send ``prelude``. PeerUnreachableError if it cannot connect."""
         timeout = self.limits.dial_timeout if timeout is None else timeout
@@ -327,7 +333,7 @@ class TCPTransport(Transport):
             if local_port is None:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=_READ_LIMIT), timeout)
             else:
-                sock = _bound_socket(host, local_port)
+                sock = _bound_socket(host, local_port, local_host)
                 try:
                     loop = asyncio.get_running_loop()
                     target = (host, port, 0, 0) if sock.family == socket.AF_INET6 else (host, port)
@@ -416,9 +422,9 @@ def _check_port_free(host: str | None, port: int) -> None:
             probe.close()
 
 
-def _bound_socket(remote_host: str, local_port: int) -> socket.socket:
-    """A non-blocking TCP socket bound to ``local_port`` (SO_REUSEADDR + SO_REUSEPORT), of the family of
-    ``remote_host``, to connect out from a listening port."""
+def _bound_socket(remote_host: str, local_port: int, local_host: str | None = None) -> socket.socket:
+    """A non-blocking TCP socket bound to ``local_host:local_port`` (default: the wildcard address;
+    SO_REUSEADDR + SO_REUSEPORT), of the family of ``remote_host``, to connect out from a listening port."""
     family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -426,7 +432,7 @@ def _bound_socket(remote_host: str, local_port: int) -> socket.socket:
         if REUSE_PORT:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setblocking(False)
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local_port))
+        sock.bind((local_host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), local_port))
     except BaseException:
         sock.close()
         raise
