@@ -34,12 +34,15 @@ from dht.peer.identity import Identity, IdentityError, PeerID, verify_signature
 
 __all__ = ["DEFAULT_TOLERANCE", "BatchRef", "DataClaim", "SignedClaim", "ClaimError", "batch_seed", "batch_ref",
            "named_batches", "EpochBatches", "recompute_gradient", "relative_error", "gradient_matches",
-           "flat_gradient", "find_offset"]
+           "flat_gradient", "find_offset", "block_size", "block_digests", "covered_blocks", "MAX_BLOCKS"]
 
 DEFAULT_TOLERANCE = 1e-3  # relative: honest nondeterminism stays ~1000x below it (measured, see the module doc)
 MAX_BATCHES = 1 << 16  # batches one claim may name (a validator's work is bounded by it)
 MAX_BATCH_SIZE = 1 << 16
 MAX_TEXT = 256  # run id / peer id characters in a claim
+MAX_BLOCKS = 256  # block digests in a claim (4 KiB: it travels in the matchmaking gather)
+BLOCK_DIGEST_BYTES = 16  # SHA-256 truncated: a claim's block digests
+MIN_BLOCK = 16  # values
 _SEED_DOMAIN = b"swarm.verification.batch.v1\0"
 
 
@@ -119,7 +122,14 @@ class DataClaim:
     """What a peer's contribution to one round was computed from: batches ``0 .. batches - 1`` of its
     named stream (:func:`named_batches`) for ``epoch``, of ``batch_size`` from shard ``shard`` of
     ``num_shards``, ``samples`` samples in all, at the parameters whose shared-state hash is
-    ``state_hash`` (hex). A peer publishes it with its round (signed), so a validator knows what to rebuild."""
+    ``state_hash`` (hex). A peer publishes it with its round (signed), so a validator knows what to rebuild.
+
+    ``size``, ``block``, ``digests``: the contribution itself, as the digests of its float32 values in
+    consecutive blocks of ``block`` values (:func:`block_digests`, at most :data:`MAX_BLOCKS`). They
+    tie a part that an owner received to this claim at a known offset without knowing the group's
+    layout: values whose block digests are the claim's are the claimed contribution there, so a
+    recomputation that disagrees with them proves the claim false, and nobody can pair the claim
+    with values from another round or offset."""
 
     run_id: str
     epoch: int
@@ -130,6 +140,9 @@ class DataClaim:
     batches: int
     samples: int
     state_hash: str = ""
+    size: int = 0
+    block: int = 0
+    digests: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         _check_text("run_id", self.run_id)
@@ -143,10 +156,23 @@ class DataClaim:
         if not isinstance(self.state_hash, str) or len(self.state_hash) > 128:
             raise ClaimError(f"data claim: state_hash must be a string of at most 128 characters, "
                              f"got {_brief(self.state_hash)}")
+        _check_int("size", self.size, 0, 1 << 40)
+        _check_int("block", self.block, 0, 1 << 40)
+        if not isinstance(self.digests, tuple) or len(self.digests) > MAX_BLOCKS or not all(
+                isinstance(d, bytes) and len(d) == BLOCK_DIGEST_BYTES for d in self.digests):
+            raise ClaimError(f"data claim: digests must be at most {MAX_BLOCKS} digests of {BLOCK_DIGEST_BYTES} bytes")
+        if self.digests and (self.block < 1 or len(self.digests) != -(-self.size // self.block)):
+            raise ClaimError("data claim: digests must cover size values in blocks of block values")
+
+    def block_range(self, k: int) -> tuple[int, int]:
+        """The flat range of block ``k``."""
+        return k * self.block, min((k + 1) * self.block, self.size)
 
     def to_wire(self) -> dict:
         """A msgpack-able dict (what :meth:`from_wire` reads back)."""
-        return asdict(self)
+        wire = asdict(self)
+        wire["digests"] = list(self.digests)
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> "DataClaim":
@@ -157,9 +183,14 @@ class DataClaim:
         unknown = [k for k in value if k not in fields]
         if unknown:
             raise ClaimError(f"data claim: unknown field {_brief(unknown[0])}")
-        missing = [k for k in fields if k not in value and k != "state_hash"]
+        missing = [k for k in fields if k not in value and k not in ("state_hash", "size", "block", "digests")]
         if missing:
             raise ClaimError(f"data claim: missing field {missing[0]!r}")
+        value = dict(value)
+        if "digests" in value:
+            if not isinstance(value["digests"], (list, tuple)):
+                raise ClaimError("data claim: digests must be a list")
+            value["digests"] = tuple(value["digests"])
         return cls(**value)
 
     def encode(self) -> bytes:
@@ -168,8 +199,9 @@ class DataClaim:
         for name in ("run_id", "peer_id", "state_hash"):
             data = getattr(self, name).encode()
             out.append(struct.pack("<I", len(data)) + data)
-        out.append(struct.pack("<qqqqqq", self.epoch, self.shard, self.num_shards, self.batch_size, self.batches,
-                               self.samples))
+        out.append(struct.pack("<qqqqqqqqq", self.epoch, self.shard, self.num_shards, self.batch_size, self.batches,
+                               self.samples, self.size, self.block, len(self.digests)))
+        out.extend(self.digests)
         return b"".join(out)
 
     def refs(self) -> list[BatchRef]:
@@ -254,12 +286,50 @@ class EpochBatches:
         """Record that the latest batch (``samples`` samples) went into the gradient."""
         self.samples += int(samples)
 
-    def claim(self, state_hash: str = "") -> DataClaim:
-        """What the gradient accumulated since the last reset was computed from."""
+    def claim(self, state_hash: str = "", contribution: torch.Tensor | None = None) -> DataClaim:
+        """What the gradient accumulated since the last reset was computed from (with the block
+        digests of ``contribution``, the flat vector this peer sends, when given)."""
         if self.epoch is None:
             raise ValueError("EpochBatches.claim: no batch was handed out yet")
+        size, block, digests = 0, 0, ()
+        if contribution is not None:
+            size = contribution.numel()
+            block = block_size(size)
+            digests = tuple(block_digests(contribution, block))
         return DataClaim(self.run_id, self.epoch, self.peer_id, self.shard, self.num_shards, self.batch_size,
-                         self.index, self.samples, state_hash or "")
+                         self.index, self.samples, state_hash or "", size, block, digests)
+
+
+def block_size(size: int) -> int:
+    """Values per digest block of a contribution of ``size`` values: at most MAX_BLOCKS blocks."""
+    return max(MIN_BLOCK, -(-size // MAX_BLOCKS))
+
+
+def block_digests(flat: torch.Tensor, block: int) -> list[bytes]:
+    """SHA-256 (first 16 bytes) of each block of ``block`` float32 values of ``flat`` (little-endian)."""
+    values = flat.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    data = values.numpy().astype("<f4", copy=False).tobytes()
+    step = 4 * block
+    return [hashlib.sha256(data[i:i + step]).digest()[:BLOCK_DIGEST_BYTES] for i in range(0, len(data), step)]
+
+
+def covered_blocks(claim: DataClaim, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(block k, offset of its first value in the concatenation of ranges)`` for every block of
+    ``claim`` lying wholly inside one of ``ranges``."""
+    out, offset = [], 0
+    if claim.block < 1:
+        return out
+    for lo, hi in ranges:
+        first = -(-lo // claim.block)
+        k = first
+        while k < len(claim.digests):
+            start, end = claim.block_range(k)
+            if end > hi or start >= hi:
+                break
+            out.append((k, offset + start - lo))
+            k += 1
+        offset += hi - lo
+    return out
 
 
 def _samples_in(task: Any, batch: Any) -> int:
