@@ -79,7 +79,7 @@ async def test_gradients_equal_unsplit_model_two_trainers_six_servers(net):  # n
 async def test_hostile_caller_gets_clear_errors_and_server_keeps_serving(net):  # noqa: F811
     boot = await net.node()
     server = StageServer(await net.node([addr(boot)]), RUN, 0, torch.nn.Linear(8, 3), codec="none",
-                         max_elements=256)
+                         max_elements=256, max_requests_per_peer=2)
     await server.start()
     attacker = await net.raw_peer()
     target = addr(server.node)

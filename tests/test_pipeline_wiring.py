@@ -438,3 +438,25 @@ async def test_registry_drops_forged_and_malformed_records(swarm):
         StageRecord("x", ["a" * 300], 0, 1.0, 0, 0, 0.0).to_wire()
     assert StageRecord.from_wire({"peer_id": "x"}) is None
     assert StageRecord.from_wire({**record.to_wire(), "samples_per_s": float("nan")}) is None
+
+
+async def test_abandoned_backward_adds_nothing_and_keeps_its_slot(swarm):
+    from tests.pipeline_worker import Marked
+
+    server = await swarm.server(0, Marked(torch.nn.Linear(4, 2), 0.4), max_requests_per_peer=1)
+    caller = await swarm.node()
+    bwd = protocol.method(protocol.BACKWARD, RUN)
+    request = protocol.backward_request(0, b"late", torch.ones(3, 4), torch.ones(3, 2))
+    with pytest.raises(TimeoutError):  # DeadlineExceededError: the caller gives up mid-computation
+        await caller.p2p.call(server.node.peer_id, bwd, request, timeout=0.1)
+    with pytest.raises(RemoteError) as info:  # its job still runs: the caller's one slot is still taken
+        await caller.p2p.call(server.node.peer_id, bwd, request, timeout=5)
+    assert info.value.code == "overloaded"
+    for _ in range(100):
+        if server.queue == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.stats()["abandoned"] == 1 and server.samples_accumulated == 0
+    assert all(p.grad is None for p in server.module.parameters())
+    await caller.p2p.call(server.node.peer_id, bwd, request, timeout=5)  # the slot is back
+    assert server.samples_accumulated == 3

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from typing import Any, Callable
 
@@ -56,7 +57,8 @@ class PipelineClient:
     between refreshes of the stage records; ``max_elements``: values per reply tensor accepted;
     ``stage_input``: the first stage's input from a batch (default ``batch[0]``); ``no_server_wait``
     (s): how long a call waits for a stage with no known server (refreshing) before it counts as a
-    failed attempt.
+    failed attempt; ``overload_pause`` (0.1 s): the base of the (growing, jittered) pause after an
+    ``overloaded`` answer.
 
     Counters: ``microbatches_ok``, ``microbatches_failed``, ``retries``; ``samples_per_s`` (an EMA
     of this trainer's completed samples per second); ``requests[peer_id]``: calls sent per server.
@@ -65,7 +67,8 @@ class PipelineClient:
     def __init__(self, node: DHTNode, run_id: str, num_stages: int, codec: str = protocol.DEFAULT_CODEC, *,
                  forward_timeout: float = 30.0, backward_timeout: float = 75.0, max_retries_per_stage: int = 5,
                  update_period: float = 30.0, max_elements: int = 1 << 24,
-                 stage_input: Callable[[Any], Any] = _first_item, no_server_wait: float = 5.0):
+                 stage_input: Callable[[Any], Any] = _first_item, no_server_wait: float = 5.0,
+                 overload_pause: float = 0.1):
         if codec not in protocol.CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(protocol.CODECS)}")
         if num_stages < 1:
@@ -74,6 +77,7 @@ class PipelineClient:
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.max_retries_per_stage, self.update_period = max_retries_per_stage, update_period
         self.max_elements, self.stage_input, self.no_server_wait = max_elements, stage_input, no_server_wait
+        self.overload_pause = overload_pause
         self.balancers = [StageBalancer() for _ in range(num_stages)]
         self.microbatches_ok = self.microbatches_failed = self.retries = 0
         self.requests: dict[str, int] = {}
@@ -101,12 +105,14 @@ class PipelineClient:
         stages = await fetch_stages(self.node, self.run_id, self.num_stages)
         self._refreshed_at = time.monotonic()
         for k, records in stages.items():
+            usable = []
             for record in records:
                 try:
                     self.node.p2p.add_addresses(PeerID.from_base58(record.peer_id), record.addrs)
                 except ValueError:  # a malformed address (or id) in a record: skip that server
                     continue
-                self.balancers[k].add_peer(record.peer_id, record.expiration_time)
+                usable.append((record.peer_id, record.expiration_time))
+            self.balancers[k].update_peers(usable)
 
     async def _choose(self, stage: int, task_size: float) -> str:
         if time.monotonic() - self._refreshed_at >= self.update_period:
@@ -150,9 +156,11 @@ class PipelineClient:
                 continue
             except RemoteError as e:
                 last = e
-                if e.code != ErrorCode.OVERLOADED:
-                    balancer.ban(peer)
                 logger.debug("stage %d %s on %s failed: %s", stage, name, peer[-8:], e)
+                if e.code == ErrorCode.OVERLOADED:  # busy, not broken: no ban; a short pause if all are
+                    await asyncio.sleep(self.overload_pause * (attempt + 1) * (0.5 + random.random()))
+                else:
+                    balancer.ban(peer)
                 continue
             except (P2PError, OSError) as e:
                 last = e

@@ -14,8 +14,9 @@ under ``{run_id}.stage_load.{stage}`` every ``announce_period`` seconds.
   the stage, and a retried one is counted once per server.
 - All tensor work runs on one compute thread per server (never on the event loop), in arrival
   order; ``queue`` is the number of requests waiting for or running on it.
-- Hostile callers: at most ``max_requests_per_peer`` (2) requests in flight per caller and
-  ``max_requests`` (8) in all (``overloaded`` beyond); requests larger than the derived limit
+- Hostile callers: at most ``max_requests_per_peer`` (4) requests per caller and ``max_requests``
+  (32) in all, from arrival until their compute job is over (``overloaded`` beyond; a caller that
+  gives up does not free its place before its job is skipped or done); requests larger than the derived limit
   (:func:`.protocol.max_request_bytes` of ``max_elements`` values per tensor) are refused by the
   transport while they arrive (``too_large``); malformed ones, tensors of more than ``max_elements``
   values, non-finite values, inputs the stage cannot run on, and requests for another stage get
@@ -71,7 +72,7 @@ class StageServer:
 
     def __init__(self, node: DHTNode, run_id: str, stage: int, module: torch.nn.Module,
                  codec: str = protocol.DEFAULT_CODEC, *, max_elements: int = protocol.DEFAULT_MAX_ELEMENTS,
-                 max_requests_per_peer: int = 2, max_requests: int = 8, announce_period: float = 5.0,
+                 max_requests_per_peer: int = 4, max_requests: int = 32, announce_period: float = 5.0,
                  expiration: float = 30.0, mem_bytes: int = 0, relayed: bool = False,
                  device: torch.device | str | None = None):
         if not 0 <= stage < MAX_STAGES:
@@ -258,20 +259,43 @@ class StageServer:
 
     # ---- handlers
 
-    def _admit(self, request: Any, ctx: Any) -> None:
+    def _admit(self, request: Any) -> None:
         if not self._accepting:
             raise OverloadedError(f"this server is not serving stage {self.stage} now (stopping or moving)")
         stage = request.get("s") if isinstance(request, dict) else None
         if isinstance(stage, int) and stage != self.stage:
             raise BadRequestError(f"this server serves stage {self.stage} of run {self.run_id[:64]!r}, not {stage}")
 
-    async def _run(self, job: Callable[[], Any]) -> Any:
+    def _take_slot(self, key: Any) -> None:
+        if not self._slots.try_acquire(key):
+            per_peer = self._slots.held(key) >= self._slots.per_key
+            limit = self._slots.per_key if per_peer else self._slots.total
+            scope = "from this peer" if per_peer else "in total"
+            raise OverloadedError(f"too many concurrent pipeline requests {scope} (limit {limit}); retry later "
+                                  "or ask another server of the stage")
+
+    def _submit(self, job: Callable[[], Any], key: Any, backward: bool) -> "asyncio.Future[Any]":
+        """Run ``job`` on the compute thread. The caller's slot (and the queue place) is given back
+        when the job is over, not when the handler ends: a caller that gives up cannot pile up jobs."""
+        loop = asyncio.get_running_loop()
         self._queue += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, job)
-        finally:
-            self._queue -= 1
-            self._changed.set()
+        if backward:
+            self._backwards += 1
+
+        def over(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to account
+                loop.call_soon_threadsafe(self._job_over, key, backward)
+
+        future = self._executor.submit(job)
+        future.add_done_callback(over)
+        return asyncio.wrap_future(future)
+
+    def _job_over(self, key: Any, backward: bool) -> None:
+        self._queue -= 1
+        if backward:
+            self._backwards -= 1
+        self._slots.release(key)
+        self._changed.set()
 
     def _refused(self, ctx: Any, e: BadRequestError) -> None:
         self.counters["bad_request"] += 1
@@ -279,78 +303,90 @@ class StageServer:
                           ctx.peer_id.short(), e)
 
     async def _serve_forward(self, request: Any, ctx: Any) -> dict:
-        with self._slots.hold(ctx.peer_id):
-            self._admit(request, ctx)
-            module, codec = self.module, self.codec
+        key = ctx.peer_id
+        self._take_slot(key)
+        try:
+            self._admit(request)
+        except BaseException:
+            self._slots.release(key)
+            raise
+        module, codec, wanted = self.module, self.codec, threading.Event()
+        wanted.set()
 
-            def job() -> tuple[dict, float, int]:
-                parsed = protocol.parse_forward_request(request, self.max_elements)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outputs = _call_stage(module, parsed.inputs.to(self.device), self.stage)
-                elapsed = time.perf_counter() - start
-                return protocol.forward_reply(outputs, codec), elapsed, _batch_size(parsed.inputs)
+        def job() -> tuple[dict, float, int]:
+            if not wanted.is_set():
+                return {}, 0.0, 0  # the caller gave up while it waited: skip the work
+            parsed = protocol.parse_forward_request(request, self.max_elements)
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs = _call_stage(module, parsed.inputs.to(self.device), self.stage)
+            elapsed = time.perf_counter() - start
+            return protocol.forward_reply(outputs, codec), elapsed, _batch_size(parsed.inputs)
 
-            try:
-                reply, elapsed, size = await self._run(job)
-            except BadRequestError as e:
-                self._refused(ctx, e)
-                raise
-            if module is self.module:
-                self.forward_ema.update(size, elapsed)
-            self.counters["forward"] += 1
-            return reply
+        try:
+            reply, elapsed, size = await self._submit(job, key, backward=False)
+        except BadRequestError as e:
+            self._refused(ctx, e)
+            raise
+        except asyncio.CancelledError:
+            wanted.clear()
+            raise
+        if module is self.module:
+            self.forward_ema.update(size, elapsed)
+        self.counters["forward"] += 1
+        return reply
 
     async def _serve_backward(self, request: Any, ctx: Any) -> dict:
-        with self._slots.hold(ctx.peer_id):
-            self._admit(request, ctx)
+        key = ctx.peer_id
+        self._take_slot(key)
+        try:
+            self._admit(request)
             while self._pauses > 0:  # the stage is stepping: wait (the caller's deadline still runs)
                 self._changed.clear()
                 await self._changed.wait()
-            self._admit(request, ctx)
-            module, codec, caller = self.module, self.codec, ctx.peer_id.raw
-            wanted = threading.Event()
-            wanted.set()
-            self._backwards += 1
-            try:
-                def job() -> tuple[dict, float, int]:
-                    if not wanted.is_set():
-                        return {}, 0.0, 0
-                    parsed = protocol.parse_backward_request(request, self.max_elements)
-                    start = time.perf_counter()
-                    grad_inputs, grads = _stage_backward(module, parsed.inputs.to(self.device),
-                                                         parsed.grad.to(self.device), self.stage)  # type: ignore[union-attr]
-                    elapsed = time.perf_counter() - start
-                    size = _batch_size(parsed.inputs)
-                    with self._grad_lock:
-                        if not wanted.is_set() or module is not self.module:
-                            self.counters["abandoned"] += 1
-                        elif (caller, parsed.microbatch) in self._recent and parsed.microbatch:
-                            self.counters["repeated"] += 1
-                        else:
-                            _accumulate(module, grads)
-                            self.samples_accumulated += size
-                            if parsed.microbatch:
-                                self._recent[(caller, parsed.microbatch)] = None
-                                while len(self._recent) > _RECENT_BACKWARDS:
-                                    self._recent.popitem(last=False)
-                    return protocol.backward_reply(grad_inputs, codec), elapsed, size
+            self._admit(request)
+        except BaseException:
+            self._slots.release(key)
+            raise
+        module, codec, caller, wanted = self.module, self.codec, ctx.peer_id.raw, threading.Event()
+        wanted.set()
 
-                try:
-                    reply, elapsed, size = await self._run(job)
-                except BadRequestError as e:
-                    self._refused(ctx, e)
-                    raise
-                except asyncio.CancelledError:
-                    wanted.clear()  # the caller gave up: a job not yet done adds nothing
-                    raise
-            finally:
-                self._backwards -= 1
-                self._changed.set()
-            if module is self.module and size:
-                self.backward_ema.update(size, elapsed)
-            self.counters["backward"] += 1
-            return reply
+        def job() -> tuple[dict, float, int]:
+            if not wanted.is_set():
+                return {}, 0.0, 0
+            parsed = protocol.parse_backward_request(request, self.max_elements)
+            assert parsed.grad is not None
+            start = time.perf_counter()
+            grad_inputs, grads = _stage_backward(module, parsed.inputs.to(self.device), parsed.grad.to(self.device),
+                                                 self.stage)
+            elapsed = time.perf_counter() - start
+            size = _batch_size(parsed.inputs)
+            with self._grad_lock:  # added only if the reply is still wanted, and once per (caller, microbatch)
+                if not wanted.is_set() or module is not self.module:
+                    self.counters["abandoned"] += 1
+                elif parsed.microbatch and (caller, parsed.microbatch) in self._recent:
+                    self.counters["repeated"] += 1
+                else:
+                    _accumulate(grads)
+                    self.samples_accumulated += size
+                    if parsed.microbatch:
+                        self._recent[(caller, parsed.microbatch)] = None
+                        while len(self._recent) > _RECENT_BACKWARDS:
+                            self._recent.popitem(last=False)
+            return protocol.backward_reply(grad_inputs, codec), elapsed, size
+
+        try:
+            reply, elapsed, size = await self._submit(job, key, backward=True)
+        except BadRequestError as e:
+            self._refused(ctx, e)
+            raise
+        except asyncio.CancelledError:
+            wanted.clear()  # the caller gave up: a job not yet done adds nothing
+            raise
+        if module is self.module and size:
+            self.backward_ema.update(size, elapsed)
+        self.counters["backward"] += 1
+        return reply
 
     async def _serve_info(self, request: Any, ctx: Any) -> dict:
         protocol.parse_info_request(request)
@@ -403,7 +439,7 @@ def _stage_backward(module: torch.nn.Module, inputs: torch.Tensor, grad_outputs:
     return grad_inputs, [(p, g) for p, g in zip(params, grads) if g is not None]
 
 
-def _accumulate(module: torch.nn.Module, grads: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+def _accumulate(grads: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     with torch.no_grad():
         for p, g in grads:
             if p.grad is None:

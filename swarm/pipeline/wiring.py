@@ -138,10 +138,18 @@ class StageBalancer:
         if revived:  # it had expired (its entry was discarded): queue it again
             self._push(peer, self._minimum())
 
-    def update_peers(self, peers: Iterable[tuple[str, float]]) -> None:
-        """:meth:`add_peer` for each ``(peer, expiration)`` (a refresh from the DHT)."""
+    def update_peers(self, peers: Iterable[tuple[str, float]], forget_after: float = 600.0) -> None:
+        """:meth:`add_peer` for each ``(peer, expiration)`` (a refresh from the DHT); peers whose
+        record expired over ``forget_after`` seconds ago are forgotten (the tables stay bounded)."""
         for peer, expiration in peers:
             self.add_peer(peer, expiration)
+        horizon = self.clock() - forget_after
+        for peer in [p for p, info in self._peers.items() if info.expiration < horizon]:
+            del self._peers[peer]
+            self.ema.pop(peer, None)
+        if len(self._heap) > 4 * len(self._peers) + 64:  # drop the stale entries
+            self._heap = [e for e in self._heap if e[2] in self._peers and e[3] == self._peers[e[2]].version]
+            heapq.heapify(self._heap)
 
     def ban(self, peer: str) -> None:
         """Remove ``peer`` from the queue until it re-announces with a later expiration."""
