@@ -119,6 +119,10 @@ def test_choose_stage_auto():
     assert choose_stage(swarm_of([[1], [], [1]]), [1.0, 1.0, 1.0]) == 1
     assert choose_stage(swarm_of([[1, 1], [1], [1, 1]]), [1.0, 1.0, 1.0]) == 1
     assert choose_stage(swarm_of([[1, 1], [1], [1, 1]]), [1.0, 1.0, 1.0], can_host=lambda s: s != 1) == 0
+    # nobody measured yet (servers that just started): the stage with the fewest servers
+    assert choose_stage(swarm_of([[0, 0], [0], [0, 0], [0]]), [1.0] * 4) == 1
+    # an unmeasured server counts at the others' mean speed: stage 1 is not seen as empty
+    assert choose_stage(swarm_of([[1, 1], [0, 1], [1]]), [1.0] * 3) == 2
     with pytest.raises(ValueError):
         choose_stage([], [1.0], can_host=lambda s: False)
 

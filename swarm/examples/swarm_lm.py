@@ -136,3 +136,86 @@ task = Task(
     hyperparameters={"lr": 2e-3, "optimizer": "adamw", "model": f"byte-transformer-4-stages-x{_width()}",
                      "context": CONTEXT},
 )
+
+
+# ---------------------------------------------------------------- a local pipeline swarm on loopback
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m swarm.examples.swarm_lm``: a bootstrap peer, ``--servers`` stage servers
+    (``--stage auto``, started one after another) and ``--trainers`` trainers on 127.0.0.1, training
+    for ``--max-seconds``; prints the held-out loss before and after and the pipeline as ``swarm runs
+    --json`` shows it. Logs and the trainers' metrics go to ``--out``. Exit 0 if the held-out loss
+    went down, 1 if not (or a peer failed)."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from swarm.demo import _read_metrics, _start, _stop, _wait_for_line
+
+    p = argparse.ArgumentParser(prog="python -m swarm.examples.swarm_lm", description=main.__doc__)
+    p.add_argument("--servers", type=int, default=6, help="stage servers (default 6)")
+    p.add_argument("--trainers", type=int, default=2, help="trainers (default 2)")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="training time (default 120)")
+    p.add_argument("--max-memory", default="5MB", help="--max-memory of every server (default 5MB: one stage "
+                                                        "fits, the whole model with its optimizer state does not)")
+    p.add_argument("--rebalance-period", type=float, default=30.0, help="servers' --rebalance-period (default 30)")
+    p.add_argument("--out", default=None, help="directory for logs and metrics (default: a new temporary one)")
+    args = p.parse_args(argv)
+    if args.servers < NUM_STAGES or args.trainers < 1:
+        p.error(f"need at least {NUM_STAGES} servers (one per stage) and 1 trainer")
+    out = Path(args.out or tempfile.mkdtemp(prefix="swarm-lm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    swarm = [sys.executable, "-m", "swarm"]
+    task_ref = "swarm.examples.swarm_lm:task"
+    procs: list[subprocess.Popen] = []
+    try:
+        boot = _start(swarm + ["dht", "--host", "127.0.0.1", "--report-interval", "3600", "--dashboard-port", "off",
+                               "--identity", str(out / "bootstrap.key")], out / "bootstrap.log")
+        procs.append(boot)
+        address = _wait_for_line(out / "bootstrap.log", "--initial-peers", boot, timeout=60)
+        common = ["join", task_ref, "--initial-peers", address, "--host", "127.0.0.1", "--dashboard-port", "off",
+                  "--threads", "1", "--matchmaking-time", "1"]
+        print(f"bootstrap peer: {address}\nlogs: {out}", flush=True)
+        for i in range(args.servers):
+            log = out / f"server{i}.log"
+            proc = _start(swarm + common + ["--role", "server", "--stage", "auto", "--identity",
+                                            str(out / f"server{i}.key"), "--max-memory", args.max_memory,
+                                            "--rebalance-period", str(args.rebalance_period)], log)
+            procs.append(proc)
+            stage = _wait_for_line(log, "serving stage", proc, timeout=120)
+            print(f"server {i}: stage {stage.split()[0]}", flush=True)
+        trainers = []
+        for i in range(args.trainers):
+            metrics = out / f"trainer{i}.jsonl"
+            proc = _start(swarm + common + ["--role", "trainer", "--identity", str(out / f"trainer{i}.key"),
+                                            "--shard", f"{i}/{args.trainers}", "--metrics-file", str(metrics),
+                                            "--max-seconds", str(args.max_seconds)], out / f"trainer{i}.log")
+            procs.append(proc)
+            trainers.append(proc)
+        print(f"{args.trainers} trainers training for {args.max_seconds:g} s ...", flush=True)
+        deadline = time.monotonic() + args.max_seconds + 300
+        for proc in trainers:
+            proc.wait(max(deadline - time.monotonic(), 1))
+        runs = subprocess.run(swarm + ["runs", "--initial-peers", address, "--json"], capture_output=True, text=True,
+                              timeout=120)
+        pipeline = next((r for r in json.loads(runs.stdout or "[]") if r.get("run_id") == task.name), None)
+        if pipeline is not None:
+            print("stages: " + ", ".join(f"{s['stage']}: {s['servers']} servers, {s['samples_per_s']:.0f} samples/s"
+                                         for s in pipeline.get("stages", [])), flush=True)
+        evals = [r["eval"]["loss"] for r in _read_metrics(out / "trainer0.jsonl") if "eval" in r]
+        failed = [i for i, proc in enumerate(trainers) if proc.returncode != 0]
+        if len(evals) < 2:
+            print(f"no held-out evaluation recorded (see {out}/trainer0.log)", flush=True)
+            return 1
+        print(f"held-out loss: {evals[0]:.4f} -> {evals[-1]:.4f} nats/byte", flush=True)
+        return 0 if evals[-1] < evals[0] and not failed else 1
+    finally:
+        _stop(procs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

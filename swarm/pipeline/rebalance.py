@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Protocol, Sequence
 
-__all__ = ["LoadView", "Move", "capacities", "leximin_better", "plan_move", "choose_stage", "Rebalancer",
+__all__ = ["LoadView", "Move", "capacities", "speeds", "leximin_better", "plan_move", "choose_stage", "Rebalancer",
            "claim_key", "HYSTERESIS"]
 
 logger = logging.getLogger(__name__)
@@ -61,17 +61,28 @@ class Move:
 
 
 def _speed(record: LoadView, costs: Sequence[float]) -> float:
-    """rho_i = tau_i * F_s(i): the peer's speed in cost units per second (0 for a bad value)."""
+    """rho_i = tau_i * F_s(i): the peer's speed in cost units per second (0 unmeasured or a bad value)."""
     tau = float(record.samples_per_s)
     return tau * costs[record.stage] if math.isfinite(tau) and tau > 0 else 0.0
 
 
-def capacities(records: Iterable[LoadView], costs: Sequence[float]) -> list[float]:
-    """``c_s = sum_{i in s} rho_i / F_s`` in samples/s for every stage (0 for an empty one)."""
+def speeds(records: Sequence[LoadView], costs: Sequence[float]) -> list[float]:
+    """rho of every record; a server not measured yet (it just joined or moved: tau 0) counts at the
+    mean speed of the measured ones (1.0 if none is), so that it is neither ignored nor chased."""
+    measured = [_speed(r, costs) for r in records]
+    known = [v for v in measured if v > 0]
+    default = sum(known) / len(known) if known else 1.0
+    return [v if v > 0 else default for v in measured]
+
+
+def capacities(records: Iterable[LoadView], costs: Sequence[float], impute: bool = False) -> list[float]:
+    """``c_s = sum_{i in s} rho_i / F_s`` in samples/s for every stage (0 for an empty one);
+    ``impute``: unmeasured servers count as in :func:`speeds`."""
+    records = [r for r in records if 0 <= r.stage < len(costs)]
+    rho = speeds(records, costs) if impute else [_speed(r, costs) for r in records]
     caps = [0.0] * len(costs)
-    for r in records:
-        if 0 <= r.stage < len(costs):
-            caps[r.stage] += _speed(r, costs) / costs[r.stage]
+    for r, v in zip(records, rho):
+        caps[r.stage] += v / costs[r.stage]
     return caps
 
 
@@ -103,7 +114,8 @@ def plan_move(records: Sequence[LoadView], costs: Sequence[float], *, period: in
     if not costs or any(not (c > 0 and math.isfinite(c)) for c in costs):
         raise ValueError(f"stage costs must be positive and finite, got {list(costs)}")
     records = [r for r in records if 0 <= r.stage < len(costs)]
-    caps = capacities(records, costs)
+    rho_of = dict(zip((id(r) for r in records), speeds(records, costs)))
+    caps = capacities(records, costs, impute=True)
     members: list[list[LoadView]] = [[] for _ in costs]
     for r in records:
         members[r.stage].append(r)
@@ -119,15 +131,13 @@ def plan_move(records: Sequence[LoadView], costs: Sequence[float], *, period: in
             continue
         if now - float(r.last_moved_at) < COOLDOWN_PERIODS * period_seconds:
             continue
-        rho = _speed(r, costs)
+        rho = rho_of[id(r)]
         for b in range(len(costs)):
             if b == a or (can_host is not None and not can_host(r, b)):
                 continue
             new = list(caps)
             new[a] = max(new[a] - rho / costs[a], 0.0)
             new[b] += rho / costs[b]
-            if not members[b] and rho <= 0:
-                new[b] = max(new[b], 1e-12)  # an unmeasured server still refills an empty stage
             if not leximin_better(new, caps, hysteresis):
                 continue
             key = (tuple(sorted(new)), _tiebreak(r.peer_id, period))
@@ -142,27 +152,28 @@ def choose_stage(records: Sequence[LoadView], costs: Sequence[float], speed: flo
     """``--stage auto``: the stage where a new server raises the pipeline's throughput most. An empty
     stage first (the lowest index); else the leximin-best capacities after adding ``speed`` (its
     ``rho`` in cost units/s; default: the mean of the known servers', 1.0 if none) to each stage in
-    turn, ties to the lowest index. ``can_host(stage)``: whether this peer's memory holds the stage.
+    turn (unmeasured servers counted as in :func:`speeds`), ties to the stage with the fewest
+    servers, then the lowest index. ``can_host(stage)``: whether this peer's memory holds the stage.
     Raises ValueError if no stage fits."""
     allowed = [s for s in range(len(costs)) if can_host is None or can_host(s)]
     if not allowed:
         raise ValueError("no stage fits this peer's memory")
     records = [r for r in records if 0 <= r.stage < len(costs)]
-    caps = capacities(records, costs)
-    served = {r.stage for r in records}
+    caps = capacities(records, costs, impute=True)
+    count = [sum(r.stage == s for r in records) for s in range(len(costs))]
     for s in allowed:
-        if s not in served:
+        if not count[s]:
             return s
     if speed is None:
-        speeds = [_speed(r, costs) for r in records if _speed(r, costs) > 0]
-        speed = sum(speeds) / len(speeds) if speeds else 1.0
-    best_stage, best_caps = allowed[0], None
+        rho = speeds(records, costs)
+        speed = sum(rho) / len(rho) if rho else 1.0
+    best_stage, best_key = allowed[0], None
     for s in allowed:
         new = list(caps)
         new[s] += speed / costs[s]
-        key = tuple(sorted(new))
-        if best_caps is None or key > best_caps:
-            best_stage, best_caps = s, key
+        key = (tuple(sorted(new)), -count[s])
+        if best_key is None or key > best_key:
+            best_stage, best_key = s, key
     return best_stage
 
 
