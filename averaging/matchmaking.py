@@ -48,9 +48,17 @@ from .group import GroupInfo
 from .load_balancing import part_sizes
 from .protocol import MAX_ADDR_CHARS, MAX_JOIN_BYTES
 
-__all__ = ["Matchmaker", "next_group_bits"]
+__all__ = ["Matchmaker", "next_group_bits", "is_relayed_member", "RELAYED_BANDWIDTH_SHARE"]
 
 logger = logging.getLogger(__name__)
+# a member reachable only through relays counts with this share of its bandwidth in the part sizes
+# (Petals advertises 20% of a relayed server's throughput): its traffic crosses a third peer
+RELAYED_BANDWIDTH_SHARE = 0.2
+
+
+def is_relayed_member(addrs: list[str]) -> bool:
+    """True if every address a member announced is a relay address (``.../p2p/RELAY/relay``)."""
+    return bool(addrs) and all(isinstance(a, str) and "/relay" in a for a in addrs)
 
 
 class Declaration(pydantic.BaseModel):
@@ -58,6 +66,7 @@ class Declaration(pydantic.BaseModel):
 
     addrs: list[Annotated[str, pydantic.Field(max_length=MAX_ADDR_CHARS)]]
     client: bool = False
+    relayed: bool = False  # reachable only through relays (behind NAT): slower, penalised in part sizes
 
 
 class GroupKeySchema(pydantic.BaseModel):
@@ -215,7 +224,9 @@ class Matchmaker:
             logger.debug("withdrawing the declaration under %r failed: %s", key, e)
 
     async def _declare_once(self) -> None:
-        value = {"addrs": [str(a) for a in self.p2p.get_visible_addresses()], "client": self.client_mode}
+        nat = getattr(self.p2p, "nat", None)
+        value = {"addrs": [str(a) for a in self.p2p.get_visible_addresses()], "client": self.client_mode,
+                 "relayed": bool(getattr(nat, "relayed", False))}
         await self.node.store(self._key, value, self._expiration, subkey=str(self.p2p.peer_id))
 
     async def _declare(self) -> None:
@@ -377,6 +388,8 @@ class Matchmaker:
                       for i, c in zip(infos, clients)]
         bandwidths = [b if b is None or (isinstance(b, (int, float)) and math.isfinite(b) and b >= 0) else None
                       for b in bandwidths]
+        bandwidths = [b * RELAYED_BANDWIDTH_SHARE if b is not None and is_relayed_member(a) else b
+                      for b, a in zip(bandwidths, addrs)]
         total = int(self._my_info.get("size", 0))
         sizes = part_sizes(total, bandwidths, min_part=int(self._my_info.get("min_part", 0)))
         begin = protocol.join_begin(os.urandom(20), [m.raw for m in members], addrs, sizes, bandwidths, clients, infos)
