@@ -412,7 +412,9 @@ async def test_records_switch_and_stop(swarm):
     found = await fetch_stages(watcher, RUN, 3)
     assert not found[0] and [r.stage for r in found[2]] == [2]
     assert [r.left for r in (await fetch_stages(watcher, RUN, 3, include_left=True))[0]] == [True]
-    client = PipelineClient(watcher, RUN, 3, codec="none", no_server_wait=0.2, max_retries_per_stage=1)
+    task = _task(stages=[lambda: torch.nn.Linear(3, 3)] * 3, stage_input=lambda batch: batch["x"])
+    client = PipelineClient.for_task(watcher, RUN, task, codec="none", no_server_wait=0.2, max_retries_per_stage=1)
+    assert client.num_stages == 3 and client.stage_input({"x": 7}) == 7
     with pytest.raises(PipelineError, match="stage 0"):
         await client.forward(torch.zeros(1, 3))
     assert client.microbatches_failed == 0  # forward() is not a training microbatch

@@ -86,6 +86,14 @@ class PipelineClient:
         self._refreshing: asyncio.Future | None = None
         self._methods = {name: protocol.method(name, run_id) for name in (protocol.FORWARD, protocol.BACKWARD)}
 
+    @classmethod
+    def for_task(cls, node: DHTNode, run_id: str, task: Any, **kwargs: Any) -> "PipelineClient":
+        """A client for pipeline ``task`` (a :class:`swarm.Task` with ``stages``): its number of stages
+        and its ``stage_input``; ``kwargs`` as for the constructor."""
+        if not getattr(task, "is_pipeline", False):
+            raise ValueError(f"task {getattr(task, 'name', task)!r} is not a pipeline task (no Task.stages)")
+        return cls(node, run_id, task.num_stages, stage_input=task.stage_input, **kwargs)
+
     @property
     def samples_per_s(self) -> float:
         """This trainer's completed samples per second (EMA over microbatches; overlapping ones counted once)."""
