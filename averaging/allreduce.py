@@ -245,14 +245,18 @@ def _hash_ranges(vector: torch.Tensor, chunks: Sequence[tuple[int, int]]) -> byt
     return hasher.digest()
 
 
-def _encode_committed(codec: Codec, flat: torch.Tensor, chunks: Sequence[tuple[int, int]]
-                      ) -> tuple[list[Any], bytes]:
-    """Every chunk's message, and the digest of the values as the owner will decode them."""
+def _encode_committed(codec: Codec, flat: torch.Tensor, chunks: Sequence[tuple[int, int]],
+                      decoded: torch.Tensor | None) -> tuple[list[Any], bytes]:
+    """Every chunk's message, and the digest of the values as the owner will decode them (written
+    into ``decoded`` at the same positions, unless None)."""
     hasher = TensorHasher(torch.float32, (sum(hi - lo for lo, hi in chunks),))
     messages = []
     for lo, hi in chunks:
         message = codec.encode(flat[lo:hi], lo, False)
-        hasher.update(codec.decode(message, hi - lo).to(torch.float32))
+        values = codec.decode(message, hi - lo).to(torch.float32)
+        hasher.update(values)
+        if decoded is not None and not codec.lossless:
+            decoded[lo:hi] = values
         messages.append(message)
     return messages, hasher.digest()
 
@@ -550,8 +554,9 @@ class _Phase:
     receives their averages into ``result``, while its :class:`_Owner` reduces its own ranges."""
 
     def __init__(self, service: "AllReduceService", config: RoundConfig, plan: _PhasePlan, flat: torch.Tensor,
-                 result: torch.Tensor):
+                 result: torch.Tensor, contribution: torch.Tensor | None = None):
         self.service, self.config, self.plan, self.flat, self.result = service, config, plan, flat, result
+        self.contribution = contribution  # commitments on: my values as the owners decode them (the transcript's)
         self.outcome = _PhaseOutcome(set(), {})
         self.clock = _RunningClock(min(0.25, config.sender_timeout / 4))
         self.record = None if config.identity is None else PhaseTranscript(
@@ -611,7 +616,7 @@ class _Phase:
         async def send() -> None:
             if self.record is not None:  # commit first: every chunk encoded, the digest of what the owner decodes
                 messages, digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _encode_committed, codec,
-                                                    self.flat, chunks)
+                                                    self.flat, chunks, self.contribution)
                 mine = self.record.sent[owner] = config.commit(self.plan.number, owner, ROLE_INPUT, digest,
                                                                config.weight)
                 header = PartHeader(config.group.group_id, self.plan.number, self.plan.tag, config.me, config.weight,
@@ -880,7 +885,9 @@ class AllReduceService:
         layout = Layout.contiguous(group.part_sizes)
         transcript = None if config.identity is None else RoundTranscript(
             config.commit_prefix, group.group_id, list(group.members), me, config.weight,
-            getattr(config.reducer, "__name__", "custom"))
+            "mean" if config.reducer is weighted_mean else getattr(config.reducer, "__name__", "custom"))
+        if transcript is not None:
+            transcript.contribution = await _in_worker(flat.numel(), flat.clone)
         self._groups[group.group_id] = group
         self._reports[group.group_id] = {i: loop.create_future() for i in range(n) if i != me}
         self._my_reports[group.group_id] = loop.create_future()
@@ -911,7 +918,7 @@ class AllReduceService:
             parts = [(s, e, survivor_ids) for j in layout.owners() for s, e in layout.ranges[j]]
             if transcript is not None:
                 transcript.survivors = survivor_ids
-                transcript.result = result.clone()
+                transcript.result = await _in_worker(result.numel(), result.clone)
             end = loop.time()
             return result, AllReduceResult(group.members, survivor_ids, parts, spans, traffic.sent, traffic.received,
                                            end - start, end - recovery_start if spans else 0.0, transcript)
@@ -930,7 +937,7 @@ class AllReduceService:
     async def _butterfly(self, config: RoundConfig, plan: _PhasePlan, flat: torch.Tensor,
                          result: torch.Tensor, transcript: RoundTranscript | None = None) -> _PhaseOutcome:
         """One phase of the round, registered so that the other members' part streams find it."""
-        phase = _Phase(self, config, plan, flat, result)
+        phase = _Phase(self, config, plan, flat, result, None if transcript is None else transcript.contribution)
         if transcript is not None and phase.record is not None:
             transcript.phases.append(phase.record)
         key = (config.group.group_id, plan.number)
