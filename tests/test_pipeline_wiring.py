@@ -420,6 +420,12 @@ async def test_records_switch_and_stop(swarm):
     assert client.microbatches_failed == 0  # forward() is not a training microbatch
     await server.stop(drain_timeout=1.0)
     assert not (await fetch_stages(watcher, RUN, 3))[2]
+    await server.start()  # serving again after a stop
+    assert [r.stage for r in (await fetch_stages(watcher, RUN, 3))[2]] == [2]
+    out = protocol.parse_forward_reply(await watcher.p2p.call(
+        server.node.peer_id, protocol.method(protocol.FORWARD, RUN),
+        protocol.forward_request(2, b"", torch.zeros(1, 3), "none"), timeout=5), 100)
+    assert out.shape == (1, 3)
 
 
 async def test_registry_drops_forged_and_malformed_records(swarm):

@@ -40,7 +40,7 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from dht import DHTNode
+from dht import DHTNode, get_dht_time
 from dht.peer.errors import BadRequestError, OverloadedError
 from dht.peer.slots import Slots
 from dht.peer.untrusted import LogLimiter
@@ -100,6 +100,8 @@ class StageServer:
         self.counters: collections.Counter[str] = collections.Counter()
         self._slots = Slots(max_requests_per_peer, max_requests, "pipeline requests")
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
+        self._executor_closed = False
+        self._expirations: dict[int, float] = {}  # stage -> DHT expiration of this peer's latest record of it
         self._grad_lock = threading.Lock()  # .grad and samples_accumulated change together
         self._recent: collections.OrderedDict[tuple[bytes, bytes], None] = collections.OrderedDict()
         self._queue = 0
@@ -118,6 +120,9 @@ class StageServer:
         """Register the handlers and start announcing the stage."""
         if self._started:
             return
+        if self._executor_closed:  # started again after stop()
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.stage}")
+            self._executor_closed = False
         p2p = self.node.p2p
         p2p.add_unary_handler(self._methods[protocol.FORWARD], self._serve_forward,
                               max_message_size=self.max_request_bytes)
@@ -144,6 +149,7 @@ class StageServer:
             self.node.p2p.remove_handler(name)
         self._started = False
         self._executor.shutdown(wait=False)
+        self._executor_closed = True
 
     async def switch(self, stage: int, module: torch.nn.Module, drain_timeout: float = 75.0) -> None:
         """Serve ``stage`` with ``module`` instead (a migration): stop taking requests for the old
@@ -237,17 +243,25 @@ class StageServer:
         return StageRecord(self.node.peer_id.to_base58(), addrs, self.stage, self.samples_per_s, self._queue,
                            self.mem_bytes, self.last_moved_at, self.relayed)
 
+    def _lifetime(self, stage: int, at_least: float) -> float:
+        """Seconds from now for this peer's next record of ``stage``: at least ``at_least``, and
+        expiring after every earlier one (the newest expiration wins in the DHT)."""
+        now = get_dht_time()
+        lifetime = max(at_least, self._expirations.get(stage, 0.0) - now + 0.01)
+        self._expirations[stage] = now + lifetime
+        return lifetime
+
     async def _announce_once(self) -> None:
         try:
-            await announce(self.node, self.run_id, self.record(), self.expiration)
+            await announce(self.node, self.run_id, self.record(), self._lifetime(self.stage, self.expiration))
         except Exception as e:  # noqa: BLE001 - the DHT may be briefly unreachable: the next period retries
             logger.debug("stage %d announcement failed: %s", self.stage, e)
 
     async def _announce_left(self, stage: int) -> None:
         record = self.record()
         record.stage, record.left = stage, True
-        try:  # a later expiration than the live record's, so this one wins
-            await announce(self.node, self.run_id, record, self.expiration + self.announce_period)
+        try:  # it expires after the live record, so it wins
+            await announce(self.node, self.run_id, record, self._lifetime(stage, self.expiration))
         except Exception as e:  # noqa: BLE001 - then the live record expires on its own
             logger.debug("stage %d leave announcement failed: %s", stage, e)
 
