@@ -29,6 +29,13 @@ lists. Series (units: seconds, bytes, samples):
 ``swarm_dht_cache_records``                  records in the lookup cache
 ``swarm_dht_evictions_total``                records evicted to make room
 ``swarm_dht_rpcs_sent_total``                DHT RPCs this peer sent
+``swarm_nat_verdict{verdict}``               1 for the reachability verdict (public, nat, firewalled, unknown)
+``swarm_nat_relays_held``                    relays this peer holds reservations on (behind NAT)
+``swarm_relay_reservations``                 reservations this peer serves as a relay
+``swarm_relay_circuits``                     circuits this peer relays now
+``swarm_relay_bytes_total``                  bytes relayed by the circuits that closed
+``swarm_holepunch_attempts_total``           hole-punch attempts (simultaneous opens) this peer started
+``swarm_holepunch_successes_total``          of which gave a direct connection
 ``swarm_epoch``                              this peer's epoch
 ``swarm_run_epoch``                          the run's epoch (highest epoch of the peers online)
 ``swarm_run_peers``                          peers of the run online
@@ -233,6 +240,25 @@ class Metrics:
         yield GaugeMetricFamily("swarm_dht_cache_records", "records in the lookup cache", value=len(node.cache))
         yield CounterMetricFamily("swarm_dht_evictions", "records evicted to make room", value=node.storage.evicted)
         yield CounterMetricFamily("swarm_dht_rpcs_sent", "DHT RPCs this peer sent", value=node.rpcs_sent)
+
+        # ---- NAT traversal (dht.peer.nat)
+        nat = p2p.nat.status() if getattr(p2p, "nat", None) is not None else {}
+        verdict = GaugeMetricFamily("swarm_nat_verdict", "1 for the reachability verdict", labels=["verdict"])
+        for v in ("public", "nat", "firewalled", "unknown"):
+            verdict.add_metric([v], 1.0 if nat.get("verdict", "unknown") == v else 0.0)
+        yield verdict
+        yield GaugeMetricFamily("swarm_nat_relays_held", "relays this peer holds reservations on",
+                                value=len(nat.get("relays", ())))
+        yield GaugeMetricFamily("swarm_relay_reservations", "reservations this peer serves as a relay",
+                                value=nat.get("relay_reservations", 0))
+        yield GaugeMetricFamily("swarm_relay_circuits", "circuits this peer relays now",
+                                value=nat.get("relay_circuits", 0))
+        yield CounterMetricFamily("swarm_relay_bytes", "bytes relayed by closed circuits",
+                                  value=nat.get("relay_bytes", 0))
+        yield CounterMetricFamily("swarm_holepunch_attempts", "hole-punch attempts started",
+                                  value=nat.get("holepunch_attempts", 0))
+        yield CounterMetricFamily("swarm_holepunch_successes", "hole-punch attempts that gave a direct connection",
+                                  value=nat.get("holepunch_successes", 0))
 
         # ---- training (NaN / 0 while the peer does not train)
         opt = view.optimizer if view is not None else None

@@ -8,7 +8,9 @@ history of observations). Schema version 1 (every key always present; SI units: 
 samples/s; times are unix seconds)::
 
     {"version": 1, "generated_at": float,
-     "self": {"peer_id", "role", "run_id", "addresses", "state", "uptime_s"} | None,
+     "self": {"peer_id", "role", "run_id", "addresses", "state", "uptime_s",
+              "nat": {"verdict", "observed_ip", "relayed", "relays", "relay_reservations", "relay_circuits",
+                      "relay_bytes", "holepunch_attempts", "holepunch_successes", ...} | None} | None,
      "runs": [{"run_id", "peers", "epoch", "samples_per_second", "last_seen_s"}],
      "peers": [{"peer_id", "address", "role", "stage", "samples_per_second", "reachability",
                 "last_seen_s", "state", "run_id", "epoch", "loss"}],
@@ -141,12 +143,15 @@ def _address_of(node, peer_id: str) -> str | None:
 
 
 def _reachability(node, record: PeerProgress) -> str:
-    if record.client_mode:
-        return "client"
     try:
         pid = PeerID.from_base58(record.peer_id)
     except Exception:  # noqa: BLE001
         return "unknown"
+    conns = node.p2p.connections_to(pid) if hasattr(node.p2p, "connections_to") else []
+    if conns and all(getattr(c.channel, "relayed_via", None) is not None for c in conns):
+        return "relayed"  # we reach it through a relay only (behind NAT, no hole punched yet)
+    if record.client_mode:
+        return "client"
     return "public" if pid in node.routing_table else "unknown"
 
 
@@ -243,7 +248,8 @@ async def collect_status(node: Any, *, run_id: str | None = None, local: PeerVie
     if local is not None:
         own = {"peer_id": me, "role": local.role, "run_id": local.run_id,
                "addresses": [str(a) for a in node.p2p.get_visible_addresses()], "state": local.current_state(),
-               "uptime_s": round(local.uptime, 3)}
+               "uptime_s": round(local.uptime, 3),
+               "nat": node.p2p.nat.status() if getattr(node.p2p, "nat", None) is not None else None}
     rounds = _round_rows(local.optimizer) if local is not None and local.optimizer is not None else []
     return {"version": SCHEMA_VERSION, "generated_at": time.time(), "self": own, "runs": runs, "peers": peers,
             "progress": progress, "history": history, "averaging": {"rounds": rounds}, "stages": [], "bans": []}
@@ -268,6 +274,14 @@ def format_status(status: dict, max_peers: int = 50, max_rounds: int = 10) -> st
     (at most ``max_peers`` rows) and this peer's latest averaging rounds (at most ``max_rounds``)."""
     lines = []
     runs, peers = status["runs"], status["peers"]
+    nat = (status.get("self") or {}).get("nat")
+    if nat:
+        relays = ", ".join(nat.get("relays") or []) or "none"
+        lines += [f"this peer: reachability {nat['verdict']}" + (f" (seen as {nat['observed_ip']})"
+                                                                 if nat.get("observed_ip") else "")
+                  + f"; relays held: {relays}; relaying {nat.get('relay_circuits', 0)} circuits for "
+                    f"{nat.get('relay_reservations', 0)} reservations; hole punches "
+                    f"{nat.get('holepunch_successes', 0)}/{nat.get('holepunch_attempts', 0)}", ""]
     if not runs:
         lines.append("no runs found")
     else:
