@@ -126,3 +126,47 @@ async def test_dht_node_behind_nat_switches_to_client_mode_and_logs_the_verdict(
         assert public.p2p.nat.verdict == PUBLIC and not public.client_mode
     finally:
         await asyncio.gather(*(n.shutdown() for n in nodes))
+
+
+async def test_natted_dht_node_reserves_relays_and_is_reached_through_them():
+    from swarm.metrics import Metrics
+    from swarm.status import PeerView, collect_status
+
+    nodes = [await DHTNode.create(host="127.0.0.1")]
+    for _ in range(2):
+        nodes.append(await DHTNode.create([nodes[0].p2p.get_visible_addresses()[0]], host="127.0.0.1"))
+    try:
+        natted = await DHTNode.create([nodes[0].p2p.get_visible_addresses()[0]], host="127.0.0.2",
+                                      nat=NatOptions(min_helpers=2, holepunch=False))
+        nodes.append(natted)
+        service = natted.p2p.nat
+        for _ in range(200):
+            if len(service.relay_client.held) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(service.relay_client.held) == 2 and service.relayed
+        visible = natted.p2p.get_visible_addresses()
+        assert visible and all(a.relay is not None for a in visible)  # direct addresses are not announced
+        assert service.relay_service is not None and not service.relay_service.enabled  # it cannot relay
+        caller = await P2P.create(host="127.0.0.1")
+        NatService(caller, NatOptions(check=False, holepunch=False))
+        try:
+            natted.p2p.add_unary_handler("test.echo", _echo)
+            assert await caller.call(visible[0], "test.echo", "hi", timeout=10) == "hi"
+        finally:
+            await caller.nat.close()
+            await caller.shutdown()
+        status = await collect_status(natted, local=PeerView(role="dht"))
+        assert status["self"]["nat"]["verdict"] == NAT and len(status["self"]["nat"]["relays"]) == 2
+        relay_status = await collect_status(nodes[0], local=PeerView(role="dht"))
+        assert relay_status["self"]["nat"]["relay_reservations"] + \
+            (await collect_status(nodes[1], local=PeerView(role="dht")))["self"]["nat"]["relay_reservations"] + \
+            (await collect_status(nodes[2], local=PeerView(role="dht")))["self"]["nat"]["relay_reservations"] == 2
+        text = Metrics(natted, PeerView(role="dht")).render().decode()
+        assert 'swarm_nat_verdict{verdict="nat"} 1.0' in text and "swarm_nat_relays_held 2.0" in text
+    finally:
+        await asyncio.gather(*(n.shutdown() for n in nodes))
+
+
+async def _echo(request, ctx):
+    return request

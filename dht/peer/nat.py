@@ -82,13 +82,18 @@ class NatService:
             self.relay_service = RelayService(p2p, self.options.relay_limits or RelayLimits())
         self.holepuncher: HolePuncher | None = None
         if self.options.holepunch:
-            self.holepuncher = HolePuncher(p2p, lambda: self.reachability.observed_ip if self.reachability else None)
+            self.holepuncher = HolePuncher(p2p, self._observed_ip)
             self.relay_client.on_dialed = self.holepuncher.schedule
         self.on_unreachable: list[Callable[[Reachability], None]] = []  # e.g. the DHT switching to client mode
         self._helpers: Callable[[], Sequence[PeerID]] = p2p.connected_peers
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         p2p.nat = self
+
+    def _observed_ip(self) -> str | None:
+        """Our public IP as others see it: the reachability helpers' answer, else a relay's."""
+        r = self.reachability
+        return (r.observed_ip if r is not None else None) or self.relay_client.observed_ip
 
     @property
     def verdict(self) -> str:
@@ -125,7 +130,7 @@ class NatService:
         for relay in candidates:
             if len(client.held) >= self.options.max_relays or self._closed:
                 break
-            if relay.peer_id in client.held or relay.peer_id == self.p2p.peer_id:
+            if relay.peer_id in client.held or relay.peer_id in client._tasks or relay.peer_id == self.p2p.peer_id:
                 continue
             try:
                 address = await client.reserve(relay)

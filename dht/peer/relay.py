@@ -5,10 +5,14 @@ Roles: the relay R, a NATed peer A holding a reservation on R, a dialer B that r
 
 Control, over ordinary authenticated connections to R (msgpack, version 1, requests <= 1 KiB)::
 
-    relay.reserve  (stream, A -> R)  {"v": 1}  ->  {"v": 1, "ok": true, "ttl": s, "limits": {...}}
+    relay.reserve  (stream, A -> R)  {"v": 1}  ->  {"v": 1, "ok": true, "ttl": s, "limits": {...}, "observed": IP}
                                      then, per circuit: {"connect": TOKEN_A (hex)}; ends with the reservation
-    relay.connect  (unary, B -> R)   {"v": 1, "target": A}  ->  {"v": 1, "ok": true, "token": TOKEN_B (hex)}
+    relay.connect  (unary, B -> R)   {"v": 1, "target": A}  ->  {"v": 1, "ok": true, "token": TOKEN_B (hex),
+                                                                 "observed": IP}
     refusals:      RemoteError code "relay_refused" naming the limit (or "no reservation for ...")
+
+(``observed``: the requester's IP as the relay sees it, which hole punching uses when no reachability
+check told it; an IPv6 address may come as its /64.)
 
 Circuit: R tells A (on its reservation stream), A opens a new TCP connection to R and sends the
 prelude ``0xF1 0x02 TOKEN_A``; R then answers B, B opens a new TCP connection to R and sends
@@ -25,6 +29,7 @@ after which R closes the circuit (the end-to-end connection then fails like any 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import struct
@@ -235,7 +240,7 @@ class RelayService:
         self.reservations[peer] = reservation
         self._reservations_per_ip[ip] = self._reservations_per_ip.get(ip, 0) + 1
         try:
-            await stream.send({"v": VERSION, "ok": True, "ttl": limits.reservation_seconds,
+            await stream.send({"v": VERSION, "ok": True, "ttl": limits.reservation_seconds, "observed": ip[:64],
                                "limits": {k: v for k, v in asdict(limits).items() if k != "buffer_bytes"}})
             ended = asyncio.ensure_future(_until_end(stream))
             try:
@@ -304,10 +309,11 @@ class RelayService:
                 circuit.close("the dialer did not connect")
 
         asyncio.get_running_loop().call_later(limits.connect_timeout, expire)
-        return {"v": VERSION, "ok": True, "token": circuit.dial_token.hex()}
+        return {"v": VERSION, "ok": True, "token": circuit.dial_token.hex(), "observed": ip[:64]}
 
     def _count(self, circuit: _Circuit, delta: int) -> None:
-        keys = ((self._per_peer, circuit.src), (self._per_peer, circuit.dst), (self._per_ip, circuit.src_ip))
+        keys: tuple[tuple[dict[Any, int], Any], ...] = (
+            (self._per_peer, circuit.src), (self._per_peer, circuit.dst), (self._per_ip, circuit.src_ip))
         for counts, key in keys:
             value = counts.get(key, 0) + delta
             if value > 0:
@@ -373,6 +379,7 @@ class RelayClient:
         self._accepting: set[asyncio.Task] = set()
         self.circuits_dialed = self.circuits_accepted = 0
         self.announce_direct = True  # False: announce only relay addresses (once there are some)
+        self.observed_ip: str | None = None  # our IP as the last relay that answered saw it
         self.on_dialed: Callable[[PeerID], None] | None = None  # called soon after each circuit we dial
         self._closed = False
         p2p.relay_dialer = self.dial
@@ -399,6 +406,7 @@ class RelayClient:
         except asyncio.TimeoutError:
             raise PeerUnreachableError(f"relay {relay.host}:{relay.port} did not answer") from None
         token = _token(reply)
+        self._observed(reply)
         transport = self._transport
         reader, writer = await transport.open_raw(relay.host, relay.port, _PRELUDE.pack(RAW_MAGIC, DIAL, token))
         channel = await transport.handshake_raw(reader, writer, f"{target.short()} via relay {relay.host}:{relay.port}",
@@ -427,6 +435,7 @@ class RelayClient:
         if not isinstance(reply, dict) or reply.get("ok") is not True:
             await stream.aclose()
             raise RelayRefusedError(f"relay {relay}: malformed answer {brief(reply)}")
+        self._observed(reply)
         address = PeerAddress(relay.protocol, relay.host, relay.port, None, relay.peer_id)
         self.held[relay.peer_id] = address
         self._publish()
@@ -487,6 +496,14 @@ class RelayClient:
         channel.endpoint = f"{channel.remote_peer_id.short()} via relay {relay.host}:{relay.port}"
         self.circuits_accepted += 1
         self.p2p.accept_channel(_mark(channel, relay.peer_id))
+
+    def _observed(self, reply: dict) -> None:
+        observed = reply.get("observed")
+        if isinstance(observed, str) and "/" not in observed:
+            try:
+                self.observed_ip = str(ipaddress.ip_address(observed))
+            except ValueError:
+                pass
 
     def _publish(self) -> None:
         self.p2p.set_extra_addresses(list(self.held.values()), self.announce_direct)
