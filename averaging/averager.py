@@ -53,6 +53,7 @@ from .errors import AveragingError
 from .matchmaking import Matchmaker, next_group_bits
 from .partition import flatten, unflatten_into
 from .protocol import MAX_INFO_BYTES, packed_size
+from .sparse_allgather import SparseAllGatherService
 from .transcript import RoundTranscript
 
 __all__ = ["AsyncAverager", "Averager", "StepResult"]
@@ -106,7 +107,8 @@ _INLINE_ELEMS = 1 << 16  # vectors up to this many values are copied on the even
 
 _OPTIONS_DOC = """
     - ``target_group_size`` (16): largest group; ``min_group_size`` (2): smallest worth averaging.
-    - ``compression``: codec name or instance (:mod:`averaging.compression`), both directions.
+    - ``compression``: codec name or instance (:mod:`averaging.compression`), both directions; a
+      sparse codec (``sparseloco``, ``demo``) is averaged by all-gather (:mod:`averaging.sparse_allgather`).
     - ``aggregator``: ``"mean"`` (weighted), a name from :mod:`averaging.aggregators`, or a callable
       ``f(x [n, d], weights [n]) -> [d]``.
     - ``client_mode``: cannot accept connections (defaults to the DHT's mode); owns no part.
@@ -188,7 +190,16 @@ class AsyncAverager:
         # fresh ones cost a page fault per 4 KiB every round (up to 2 kept: 2x the tensors' memory)
         self._buffers: list[torch.Tensor] = []
         self._buffers_lock = threading.Lock()
-        self._service = AllReduceService(node.p2p, prefix, round_timeout=default_timeout * 2)
+        self._service: AllReduceService | SparseAllGatherService
+        if getattr(self.codec, "sparse", False):  # sparse contributions: all-gather (averaging.sparse_allgather)
+            if self.commitments:
+                raise ValueError(f"commitments are not supported with the sparse codec {self.codec.name!r}")
+            bind = getattr(self.codec, "bind", None)
+            if callable(bind):  # the codec tiles each tensor by its shape (demo)
+                bind([tuple(t.shape) for t in self.tensors])
+            self._service = SparseAllGatherService(node.p2p, prefix, round_timeout=default_timeout * 2)
+        else:
+            self._service = AllReduceService(node.p2p, prefix, round_timeout=default_timeout * 2)
         self._matchmaker = Matchmaker(node.p2p, node, prefix, self.schema_hash, target_group_size=target_group_size,
                                       min_group_size=min_group_size, min_matchmaking_time=min_matchmaking_time,
                                       request_timeout=request_timeout, client_mode=self.client_mode,

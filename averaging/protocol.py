@@ -54,6 +54,17 @@ reply                           ``{"failed": [member indices]}``; to a client-mo
 pusher -> receiver              (:mod:`.tensor_wire`: header ``{"dtype", "shape", "chunk"}`` and raw
                                 chunks of at most PUSH_CHUNK_BYTES=1 MiB).
 reply                           ``"ok"`` once the push is mixed in.
+``avg.gather``  stream,         version 1, for sparse codecs (:mod:`.sparse_allgather`). The header
+dialer -> acceptor              ``{"g": group id (bytes, 1 to 64), "i": the caller's index (as in
+(client -> non-client, else     ``avg.part``), "v": 1 (GATHER_VERSION; another one is refused)}``.
+the lower index dials)
+both directions                 ``{"w": weight (int or float; the receiver excludes a sender whose weight
+                                is not finite and >= 0)}``, then one codec map per chunk of the vector
+                                (the codec's ``chunk_ranges``; the codec checks sizes, indices, values),
+                                then ``{"have": [[member index, digest (GATHER_DIGEST_BYTES=16 bytes)]]}``
+                                (the contributions it holds valid; at most the group's size, distinct
+                                members), then ``{"f": [member indices averaged]}``; every message at
+                                most MAX_GATHER_MESSAGE_BYTES=16 MiB.
 ==============================  ==========================================================================
 """
 
@@ -404,3 +415,79 @@ def check_push_reply(reply: Any) -> None:
     """BadRequestError unless ``reply`` is :data:`PUSH_OK`."""
     if reply != PUSH_OK:
         raise _refuse("the push was not acknowledged", reply)
+
+
+# ---- avg.gather ----------------------------------------------------------------------------------
+
+GATHER_METHOD = "avg.gather"
+GATHER_VERSION = 1
+GATHER_DIGEST_BYTES = 16  # SHA-256 of a contribution as received, truncated
+MAX_GATHER_MESSAGE_BYTES = 16 << 20  # any message of an avg.gather stream
+
+__all__ += ["GATHER_METHOD", "GATHER_VERSION", "GATHER_DIGEST_BYTES", "MAX_GATHER_MESSAGE_BYTES", "GatherHeader",
+            "gather_header", "parse_gather_header", "gather_weight", "parse_gather_weight", "gather_have",
+            "parse_gather_have", "gather_final", "parse_gather_final"]
+
+
+@dataclass(frozen=True)
+class GatherHeader:
+    """The first message of an ``avg.gather`` stream."""
+
+    group_id: bytes
+    member: int  # the caller's index in the group
+
+
+def gather_header(group_id: bytes, member: int) -> dict:
+    return {"g": group_id, "i": member, "v": GATHER_VERSION}
+
+
+def parse_gather_header(message: Any) -> GatherHeader:
+    """A gather header checked for types, lengths and version; BadRequestError otherwise."""
+    if not isinstance(message, dict):
+        raise _refuse("the gather header must be a map", message)
+    version = message.get("v")
+    if not _is_int(version) or version != GATHER_VERSION:
+        raise _refuse(f"unsupported avg.gather version (this peer speaks {GATHER_VERSION})", version)
+    return GatherHeader(_group_id(message.get("g")), _member(message.get("i")))
+
+
+def gather_weight(weight: float) -> dict:
+    return {"w": weight}
+
+
+def parse_gather_weight(message: Any) -> float:
+    """A sender's weight (finite, >= 0); BadRequestError otherwise."""
+    weight: Any = message.get("w") if isinstance(message, dict) else None
+    if not _is_number(weight) or weight < 0:
+        raise _refuse("'w' must be a finite weight >= 0", weight)
+    return float(weight)
+
+
+def gather_have(have: dict[int, bytes]) -> dict:
+    """The contributions a member holds valid: member index -> digest (sorted by member)."""
+    return {"have": [[m, have[m]] for m in sorted(have)]}
+
+
+def parse_gather_have(message: Any, members: int) -> dict[int, bytes]:
+    """``{member: digest}`` of a ``have`` report in a group of ``members``; BadRequestError if malformed."""
+    entries = message.get("have") if isinstance(message, dict) else None
+    if not isinstance(entries, list) or len(entries) > members:
+        raise _refuse("'have' must be a list of [member, digest] pairs", entries)
+    have: dict[int, bytes] = {}
+    for entry in entries:
+        if (not isinstance(entry, list) or len(entry) != 2 or not _is_int(entry[0]) or not 0 <= entry[0] < members
+                or not isinstance(entry[1], bytes) or len(entry[1]) != GATHER_DIGEST_BYTES or entry[0] in have):
+            raise _refuse("'have' must be a list of distinct [member index, 16-byte digest] pairs", entry)
+        have[entry[0]] = entry[1]
+    return have
+
+
+def gather_final(contributors: list[int]) -> dict:
+    return {"f": contributors}
+
+
+def parse_gather_final(message: Any, members: int) -> list[int]:
+    """The contributors a member averaged (sorted member indices); BadRequestError if malformed."""
+    if not isinstance(message, dict):
+        raise _refuse("the final gather message must be a map", message)
+    return member_indices(message.get("f"), members, "f")
