@@ -32,6 +32,7 @@ from dht.peer import virtual_clock
 from dht.peer.errors import BadRequestError
 from dht.peer.identity import Identity
 from dht.peer.memory_transport import MemoryNetwork
+from tests.fault_injection import on_outgoing_chunk, stall_forever
 from verification.audit import InputsService, audit_aggregate, find_equivocations
 from verification.banlist import BanList, banned_key
 from verification.commitments import Commitment, TensorHasher, find_equivocation, tensor_digest
@@ -288,6 +289,35 @@ def test_round_with_commitments_matches_the_plain_round_and_keeps_a_verifiable_t
             assert all(c.matches(p.part_values(t.contribution, owner)) for owner, c in p.sent.items())
         assert torch.allclose(committed[0][0].double(), expected(group.values, group.weights, [0, 1, 2, 3]),
                               atol=1e-5)
+
+    virtual_clock.run(main())
+
+
+@pytest.mark.parametrize("codec", ["float16", "uint8", "topk", "powersgd"])
+def test_commitments_hold_with_lossy_and_stateful_codecs(codec: str):
+    async def main() -> None:
+        async with Group(3) as group:
+            outcomes = await group.run({i: dict(codec=compression.get(codec)) for i in range(3)})
+        for result, outcome in outcomes:
+            assert torch.equal(result, outcomes[0][0])  # the codecs' results are bit-identical at every member
+            p = outcome.transcript.butterfly
+            assert not p.mismatches and sorted(p.results) == sorted(p.received) == [0, 1, 2]
+            assert all(c.matches(p.part_values(outcome.transcript.contribution, o)) for o, c in p.sent.items())
+
+    virtual_clock.run(main())
+
+
+def test_recovery_rounds_are_committed_too():
+    async def main() -> None:
+        async with Group(5) as group:
+            on_outgoing_chunk(group.peers[4], 1, stall_forever)  # alive, but silent after its first chunk
+            outcomes = await group.run()
+        for result, outcome in outcomes[:4]:
+            assert torch.allclose(result.double(), expected(group.values, group.weights, [0, 1, 2, 3]), atol=1e-5)
+            recovery = outcome.transcript.phases[1]
+            assert recovery.number == 1 and sorted(recovery.results) == [0, 1, 2, 3]
+            assert all(c.phase == 1 and c.verify() for c in recovery.results.values())
+        assert isinstance(outcomes[4], BaseException)
 
     virtual_clock.run(main())
 

@@ -53,9 +53,11 @@ def _refuse(what: str, value: Any = None) -> BadRequestError:
 
 
 class InputsService:
-    """Serves this member's committed inputs of its last ``keep`` rounds (see the module docstring)."""
+    """Serves this member's committed inputs of its last ``keep`` rounds (see the module docstring);
+    a part over ``max_reply_bytes`` (12 MiB: a reply must fit one 16 MiB message) is not served.
+    Memory: a transcript holds about three copies of the averaged vector (float32)."""
 
-    def __init__(self, p2p: P2P, prefix: str, keep: int = DEFAULT_KEEP, max_reply_bytes: int = 64 << 20):
+    def __init__(self, p2p: P2P, prefix: str, keep: int = DEFAULT_KEEP, max_reply_bytes: int = 12 << 20):
         self.p2p, self.prefix, self.keep = p2p, prefix, keep
         self.method = f"{INPUTS_METHOD}.{prefix}"
         self._transcripts: collections.OrderedDict[bytes, RoundTranscript] = collections.OrderedDict()
