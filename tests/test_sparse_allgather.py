@@ -16,10 +16,13 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+import msgpack
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from averaging import Averager, StepResult, aggregators, compression, sparse_allgather
+from averaging import Averager, StepResult, aggregators, compression, protocol, sparse_allgather
 from averaging.allreduce import RoundConfig
 from averaging.errors import AveragingError
 from averaging.group import GroupInfo
@@ -28,6 +31,7 @@ from averaging.sparse_allgather import SparseAllGatherService, deterministic_mea
 from averaging.sparse_codecs import SparseLoCo
 from dht import DHT, P2P
 from dht.peer import virtual_clock
+from dht.peer.errors import BadRequestError
 from dht.peer.memory_transport import MemoryNetwork
 from tests.test_sparse_codecs import crafted
 
@@ -358,3 +362,63 @@ def test_averager_selects_the_all_gather_for_sparse_codecs(codec):
             a.shutdown()
         for d in dhts:
             d.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# avg.gather messages (averaging/protocol.py)
+# ---------------------------------------------------------------------------------------------
+
+GATHER_VECTORS = {  # the wire bytes of version 1
+    "header": (protocol.gather_header(b"\x17" * 20, 3),
+               "83a167c4141717171717171717171717171717171717171717a16903a17601"),
+    "have": (protocol.gather_have({2: b"\x02" * 16, 0: b"\x01" * 16}),
+             "81a468617665929200c41001010101010101010101010101010101"
+             "9202c41002020202020202020202020202020202"),
+    "final": (protocol.gather_final([0, 2]), "81a166920002"),
+    "weight": (protocol.gather_weight(2.5), "81a177cb4004000000000000"),
+}
+GATHER_PARSERS = {
+    "header": protocol.parse_gather_header,
+    "have": lambda m: protocol.parse_gather_have(m, 4),
+    "final": lambda m: protocol.parse_gather_final(m, 4),
+    "weight": protocol.parse_gather_weight,
+}
+
+
+def test_gather_messages_are_the_recorded_bytes_and_parse_back():
+    for name, (message, hexed) in GATHER_VECTORS.items():
+        assert msgpack.packb(message, use_bin_type=True).hex() == hexed, name
+    assert protocol.parse_gather_header(GATHER_VECTORS["header"][0]) == protocol.GatherHeader(b"\x17" * 20, 3)
+    assert protocol.parse_gather_have(GATHER_VECTORS["have"][0], 4) == {0: b"\x01" * 16, 2: b"\x02" * 16}
+    assert protocol.parse_gather_final(GATHER_VECTORS["final"][0], 4) == [0, 2]
+    assert protocol.parse_gather_weight(GATHER_VECTORS["weight"][0]) == 2.5
+    for bad in ({"g": b"x", "i": 0, "v": 2}, {"g": b"x", "i": 0}, {"g": b"", "i": 0, "v": 1}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_gather_header(bad)
+    for bad in ({"have": [[0, b"\x01" * 16], [0, b"\x01" * 16]]}, {"have": [[4, b"\x01" * 16]]},
+                {"have": [[0, b"\x01" * 15]]}, {"have": [[0, b"\x01" * 16]] * 5}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_gather_have(bad, 4)
+    for bad in ({"w": -1.0}, {"w": float("nan")}, {"w": True}, {"w": "1"}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_gather_weight(bad)
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(GATHER_PARSERS)), data=st.data())
+def test_gather_parsers_refuse_anything_else_with_a_bounded_bad_request(name, data):
+    """Arbitrary values, or a valid message with one field replaced: parsed or BadRequestError."""
+    message = data.draw(msgpack_values) if data.draw(st.booleans()) else dict(GATHER_VECTORS[name][0])
+    if isinstance(message, dict) and message and data.draw(st.booleans()):
+        message[data.draw(st.sampled_from(sorted(message)))] = data.draw(msgpack_values)
+    try:
+        GATHER_PARSERS[name](message)
+    except BadRequestError as e:
+        assert len(str(e)) < 400
