@@ -33,7 +33,7 @@ from dht.peer.errors import BadRequestError
 from dht.peer.identity import Identity
 from dht.peer.memory_transport import MemoryNetwork
 from tests.fault_injection import on_outgoing_chunk, stall_forever
-from verification.audit import InputsService, audit_aggregate, find_equivocations
+from verification.audit import InputsService, audit_aggregate, find_equivocations, results_view
 from verification.banlist import BanList, banned_key
 from verification.commitments import Commitment, TensorHasher, find_equivocation, tensor_digest
 from verification.evidence import Accusation, CannotVerify, decode_tensor, encode_tensor, verify_accusation
@@ -322,6 +322,20 @@ def test_recovery_rounds_are_committed_too():
     virtual_clock.run(main())
 
 
+def test_the_all_reduce_takes_nothing_from_a_banned_member():
+    async def main() -> None:
+        async with Group(4) as group:
+            banned = group.peers[3].peer_id
+            outcomes = await group.run({i: dict(banned=lambda p: p == banned) for i in range(3)})
+        for result, outcome in outcomes[:3]:
+            assert banned not in outcome.survivors
+            assert torch.allclose(result.double(), expected(group.values, group.weights, [0, 1, 2]), atol=1e-5)
+            assert 3 not in outcome.transcript.phases[-1].received
+        assert isinstance(outcomes[3], BaseException)
+
+    virtual_clock.run(main())
+
+
 def test_a_member_that_swaps_its_part_after_committing_is_excluded():
     async def main() -> None:
         async with Group(4) as group:
@@ -404,8 +418,12 @@ def test_an_equivocating_owner_is_caught_by_comparing_signed_results():
             liar.add_stream_handler(service.part_method, serve)
             outcomes = await group.run()
             transcripts = [o[1].transcript for o in outcomes]
+            # the seed exchange after the round shows whose view of the results differs
+            seeds = await asyncio.gather(*(x.run(GROUP_ID, group.group.members, view=results_view(t))
+                                           for x, t in zip(group.seeds, transcripts)))
+            assert seeds[2].disagree == [1] and seeds[1].disagree == [0, 2]
             found = await find_equivocations(group.peers[2], RUN, group.peers[2].identity, transcripts[2],
-                                             [victim])
+                                             [group.group.members[i] for i in seeds[2].disagree])
             assert [a.accused for a in found] == [liar.peer_id] and all(verify_accusation(a).holds for a in found)
 
     virtual_clock.run(main())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 from typing import Any, Sequence
 
@@ -39,7 +40,7 @@ from dht.peer.untrusted import brief
 from .commitments import ROLE_INPUT, Commitment, find_equivocation, tensor_digest
 from .evidence import Accusation, Verdict, decode_tensor, encode_tensor, verify_accusation
 
-__all__ = ["INPUTS_METHOD", "InputsService", "audit_aggregate", "find_equivocations"]
+__all__ = ["INPUTS_METHOD", "InputsService", "audit_aggregate", "find_equivocations", "results_view"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,16 @@ class InputsService:
         if encoded is None:
             raise P2PError("the values kept here do not match the commitment")
         return {"c": commitment.to_wire(), "t": encoded}
+
+
+def results_view(transcript: RoundTranscript) -> bytes:
+    """A digest of the owners' signed results this member received (phase, owner, digest, sorted):
+    members with equal views received the same results; to pass to the seed exchange as ``view``."""
+    hasher = hashlib.sha256(b"swarm.results-view/1")
+    for phase in transcript.phases:
+        for owner in sorted(phase.results):
+            hasher.update(bytes([phase.number]) + owner.to_bytes(4, "little") + phase.results[owner].digest)
+    return hasher.digest()
 
 
 def _checked_encoding(commitment: Commitment, values: Any) -> dict | None:

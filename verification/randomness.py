@@ -11,7 +11,10 @@ which the caller sees); an opening that does not match its commitment is provabl
 signed): :attr:`SharedRandomness.bad` holds the pairs, for an ``Accusation("bad_opening")``.
 Openings and commitments are signed, so members relay them: a member that did not hear from
 another asks the others for what they hold (``fetch``), and members that can reach one peer that
-heard everyone end with the same ``r_t``.
+heard everyone end with the same ``r_t``. The ``open`` messages also carry each member's *view*
+(32 bytes, e.g. :func:`verification.audit.results_view` of its transcript: a digest of the owners'
+signed results it received); :attr:`SharedRandomness.disagree` lists the members whose view differs
+from this one's, the ones to compare signed results with (:func:`verification.audit.find_equivocations`).
 
 :func:`choose_checks` turns ``r_t`` into (validator, target) pairs, the same at every member.
 
@@ -24,9 +27,10 @@ request (caller -> callee)  reply
 1 to 64), "i": caller's     callee to start this round).
 index, "st": "commit",
 "m": its commitment}``
-``{"g", "i", "st":          ``{"m": the callee's opening, "have": [indices whose opening it holds]}``,
-"open", "m": its            once the callee closed its own commit stage (it never opens earlier).
-opening}``
+``{"g", "i", "st":          ``{"m": the callee's opening, "have": [indices whose opening it holds],
+"open", "m": its            "v": its view}``, once the callee closed its own commit stage (it never opens
+opening, "v": its view      earlier). A view is at most 32 bytes (b"": none).
+(bytes)}``
 ``{"g", "i", "st":          ``{"c": [commitments], "o": [openings]}``: those of the wanted members it holds
 "fetch", "want":            (only after it opened).
 [indices]}``
@@ -206,6 +210,7 @@ class SharedRandomness:
     missing: list[int]  # members that committed (somewhere) but whose opening never came
     silent: list[int]  # members whose commitment never came
     bad: list[tuple[SeedCommitment, SeedOpening]] = field(default_factory=list)  # provable bad openings
+    disagree: list[int] = field(default_factory=list)  # members that sent a view other than this member's
 
 
 @dataclass
@@ -219,6 +224,8 @@ class _Round:
     commitments: dict[int, SeedCommitment] = field(default_factory=dict)
     openings: dict[int, SeedOpening] = field(default_factory=dict)
     bad: dict[int, tuple[SeedCommitment, SeedOpening]] = field(default_factory=dict)
+    view: bytes = b""
+    views: dict[int, bytes] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # my commit stage is over: I may open
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -260,10 +267,14 @@ class RandomnessExchange:
         self.p2p.remove_handler(self.method)
 
     async def run(self, round_id: bytes, members: Sequence[PeerID], commit_timeout: float = 5.0,
-                  open_timeout: float = 5.0, clients: Sequence[bool] | None = None) -> SharedRandomness:
+                  open_timeout: float = 5.0, clients: Sequence[bool] | None = None, view: bytes = b""
+                  ) -> SharedRandomness:
         """One exchange among ``members`` (this peer included) for ``round_id``; returns what this member
-        ends with. ``clients``: which members accept no connections (they call the others). Takes at
-        most about ``commit_timeout + 2 * open_timeout`` seconds."""
+        ends with. ``clients``: which members accept no connections (they call the others); ``view``:
+        this member's view (at most 32 bytes, see the module docstring). Takes at most about
+        ``commit_timeout + 2 * open_timeout`` seconds."""
+        if not isinstance(view, bytes) or len(view) > SEED_BYTES:
+            raise ValueError(f"view must be at most {SEED_BYTES} bytes")
         members = list(members)
         client = list(clients) if clients is not None else [False] * len(members)
         me = members.index(self.p2p.peer_id)
@@ -271,7 +282,7 @@ class RandomnessExchange:
         state = _Round(self.prefix, round_id, members, me,
                        SeedCommitment.make(self.identity, self.prefix, round_id, me, seed_hash(seed, me, round_id,
                                                                                               self.prefix)),
-                       SeedOpening.make(self.identity, self.prefix, round_id, me, seed))
+                       SeedOpening.make(self.identity, self.prefix, round_id, me, seed), view=view)
         state.commitments[me], state.openings[me] = state.commitment, state.opening
         self._rounds[round_id] = state
         while len(self._rounds) > MAX_KEPT_ROUNDS:
@@ -296,7 +307,8 @@ class RandomnessExchange:
         return SharedRandomness(round_id, combine([state.openings[i].value for i in included], round_id), included,
                                 sorted(i for i in state.commitments if i not in state.openings and i not in state.bad),
                                 sorted(set(range(len(members))) - set(state.commitments)),
-                                [state.bad[i] for i in sorted(state.bad)])
+                                [state.bad[i] for i in sorted(state.bad)],
+                                sorted(i for i, v in state.views.items() if v != view))
 
     async def _stage(self, state: _Round, callees: list[int], stage: str, message: dict, timeout: float,
                      complete: Any) -> None:
@@ -305,12 +317,16 @@ class RandomnessExchange:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         request = {"g": state.round_id, "i": state.me, "st": stage, "m": message}
+        if stage == "open":
+            request["v"] = state.view
 
         async def call(index: int) -> None:
             try:
                 reply = await self.p2p.call(state.members[index], self.method, request,
                                             timeout=max(deadline - loop.time(), 0.01))
                 self._take(state, index, stage, reply.get("m") if isinstance(reply, dict) else None)
+                if stage == "open":
+                    self._take_view(state, index, reply.get("v"))
             except (P2PError, asyncio.TimeoutError, BadRequestError) as e:
                 logger.debug("seed exchange %s with %s: %s", stage, state.members[index], e)
 
@@ -352,6 +368,12 @@ class RandomnessExchange:
                 and message.index < len(state.members) and state.members[message.index].matches(message.public_key)
                 and message.verify())
 
+    @staticmethod
+    def _take_view(state: _Round, index: int, view: Any) -> None:
+        if not isinstance(view, bytes) or len(view) > SEED_BYTES:
+            raise _refuse(f"'v' must be a view of at most {SEED_BYTES} bytes", view)
+        state.views.setdefault(index, view)
+
     def _take(self, state: _Round, index: int, stage: str, wire: Any) -> None:
         """A message member ``index`` sent for ``stage`` (BadRequestError if malformed or not its own)."""
         message = (SeedCommitment if stage == "commit" else SeedOpening).from_wire(wire)
@@ -382,7 +404,8 @@ class RandomnessExchange:
         await asyncio.wait_for(state.closed.wait(), self.join_wait)  # never open before my commit stage closed
         if stage == "open":
             self._take(state, index, stage, request.get("m"))
-            return {"m": state.opening.to_wire(), "have": sorted(state.openings)}
+            self._take_view(state, index, request.get("v", b""))
+            return {"m": state.opening.to_wire(), "have": sorted(state.openings), "v": state.view}
         want = request.get("want")
         if not isinstance(want, list) or len(want) > len(state.members) or not all(_is_index(w) for w in want):
             raise _refuse("'want' must be a list of member indices", want)
