@@ -13,7 +13,7 @@ import torch
 from dht.peer.errors import MessageTooLargeError, RemoteError
 from swarm.pipeline import PipelineClient, StageServer, protocol
 from tests.dht_net import addr, net  # noqa: F401 - the fixture
-from tests.pipeline_worker import Marked, build_stages
+from tests.pipeline_worker import build_stages
 from tests.processes import ProcessGroup
 
 RUN = "pipe-net"
@@ -125,15 +125,14 @@ async def test_kill_9_mid_forward_and_mid_backward_loses_no_microbatch(net, tmp_
     stages = build_stages(0)[:2]
     survivors = []
     for k in range(2):
-        server = StageServer(await net.node([addr(boot)]), RUN, k, Marked(copy.deepcopy(stages[k]), 0.02),
-                             codec="none")
+        server = StageServer(await net.node([addr(boot)]), RUN, k, copy.deepcopy(stages[k]), codec="none")
         await server.start()
         survivors.append(server)
     with ProcessGroup(tmp_path) as group:
         victims = {0: ("s0", "FWD"), 1: ("s1", "BWD")}
-        for k, (name, _) in victims.items():
-            group.spawn(name, ["tests/pipeline_worker.py", "--run", RUN, "--stage", str(k), "--delay", "0.3",
-                               str(addr(boot))])
+        for k, (name, mark) in victims.items():  # slow only where it is to be killed
+            group.spawn(name, ["tests/pipeline_worker.py", "--run", RUN, "--stage", str(k), "--delay", "0.5",
+                               "--delay-on", mark, str(addr(boot))])
         await asyncio.gather(*(asyncio.to_thread(group.wait_for, name, r"^READY", 60)  # (the loop serves boot)
                                for name, _ in victims.values()))
         client = PipelineClient(await net.node([addr(boot)]), RUN, 2, codec="none")
@@ -153,14 +152,15 @@ async def test_kill_9_mid_forward_and_mid_backward_loses_no_microbatch(net, tmp_
         def loss(out, batch):
             return torch.nn.functional.cross_entropy(head(out), batch[1], reduction="sum")
 
-        batches = _batches(5, 10)
-        losses = [0.0] * len(batches)
-        queue = list(enumerate(batches))
+        batches = _batches(5, 60)
+        losses: dict[int, float] = {}
+        next_batch = iter(range(len(batches)))
 
-        async def trainer() -> None:
-            while queue:
-                i, batch = queue.pop(0)
-                losses[i], _ = await client.train_microbatch(batch, loss)
+        async def trainer() -> None:  # at least 10 microbatches, and on until both victims were killed
+            for i in next_batch:
+                if i >= 10 and len(killed) == len(victims):
+                    return
+                losses[i], _ = await client.train_microbatch(batches[i], loss)
 
         try:
             await asyncio.wait_for(asyncio.gather(*(trainer() for _ in range(2))), 120)
@@ -169,10 +169,10 @@ async def test_kill_9_mid_forward_and_mid_backward_loses_no_microbatch(net, tmp_
             hunting.cancel()
             await asyncio.gather(*(s.stop(drain_timeout=1.0) for s in survivors))
         assert sorted(killed) == ["s0", "s1"]
-        assert client.microbatches_ok == len(batches) and client.microbatches_failed == 0
+        assert client.microbatches_ok == len(losses) >= 10 and client.microbatches_failed == 0
         assert client.retries >= 2  # each kill cost its stage a retry; the other stages were not redone
-        for i, batch in enumerate(batches):  # the losses are the model's: every microbatch went through
+        for i, value in losses.items():  # the losses are the model's: every microbatch went through
             with torch.no_grad():
-                expected = loss(stages[1](stages[0](batch[0])), batch)
-            assert abs(losses[i] - expected.item()) <= 1e-4 * max(1.0, abs(expected.item()))
-        assert sum(s.samples_accumulated for s in survivors) >= 4 * len(batches)  # the survivors did the rest
+                expected = loss(stages[1](stages[0](batches[i][0])), batches[i])
+            assert abs(value - expected.item()) <= 1e-4 * max(1.0, abs(expected.item()))
+        assert sum(s.samples_accumulated for s in survivors) >= 4 * len(losses)  # the survivors did the rest

@@ -156,6 +156,11 @@ def test_requests_round_trip_and_versions():
     parsed = protocol.parse_backward_request(protocol.backward_request(1, b"mb", x, g, "none"), 100)
     assert (parsed.stage, parsed.microbatch) == (1, b"mb")
     assert torch.equal(parsed.inputs, x) and parsed.grad is not None and torch.equal(parsed.grad, g)
+    assert parsed.want_grad_inputs
+    without = protocol.backward_request(1, b"mb", x, g, "none", want_grad_inputs=False)
+    assert not protocol.parse_backward_request(without, 100).want_grad_inputs
+    with pytest.raises(BadRequestError, match="'gi'"):
+        protocol.parse_backward_request({**without, "gi": "yes"}, 100)
     request = protocol.forward_request(0, b"id", x, "none")
     with pytest.raises(BadRequestError, match="version"):
         protocol.parse_forward_request({**request, "v": 2}, 100)
@@ -178,7 +183,7 @@ _values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
                                                          "d", "s"]), inner, max_size=6), max_leaves=20)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_values)
 def test_parsers_refuse_anything_malformed_with_bad_request(value):
     for parse in (protocol.parse_forward_request, protocol.parse_backward_request):
@@ -394,6 +399,10 @@ async def test_server_bounds_and_hostile_requests(swarm):
     # a retried backward (same caller, same microbatch id) is counted once
     await call(bwd, protocol.backward_request(1, b"k", torch.ones(2, 4), torch.ones(2, 2)))
     assert server.samples_accumulated == 2 and server.stats()["repeated"] == 1
+    no_input_grad = await call(bwd, protocol.backward_request(1, b"j", torch.ones(2, 4), torch.ones(2, 2),
+                                                              want_grad_inputs=False))
+    assert protocol.parse_backward_reply(no_input_grad, 100) is None and server.samples_accumulated == 4
+    server.module.weight.grad.div_(2)
     grad = server.module.weight.grad.clone()
     assert float((grad - torch.ones(2, 1) @ torch.ones(1, 4) * 2).abs().max()) < 1e-6
     assert protocol.parse_info_reply(await call(protocol.method(protocol.INFO, RUN), protocol.info_request()))[

@@ -190,7 +190,7 @@ class PipelineClient:
                               microbatch: bytes) -> torch.Tensor | None:
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(None, protocol.backward_request, stage, microbatch, inputs, grad,
-                                             self.codec)
+                                             self.codec, stage > 0)  # the first stage's input gradient is unused
         return await self._call(stage, protocol.BACKWARD, request,
                                 BACKWARD_TASK_MULTIPLIER * _batch_size(inputs), self.backward_timeout,
                                 lambda reply: protocol.parse_backward_reply(reply, self.max_elements))

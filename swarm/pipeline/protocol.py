@@ -13,10 +13,11 @@ trainer -> server         at most MAX_MB_ID_BYTES=32), "x": tensor}``
 reply                     ``{"v": 1, "y": tensor}``: the stage's output (computed without autograd)
 ``pipe.backward`` unary,  ``{"v": 1, "s", "mb" (as above), "x": the stage's inputs (tensor), "g": the
 trainer -> server         gradient of the loss w.r.t. the stage's outputs (tensor, floating, the
-                          outputs' shape)}``
+                          outputs' shape), "gi": whether the inputs' gradient is wanted (bool,
+                          optional, default true; the first stage's is not)}``
 reply                     ``{"v": 1, "gx": gradient w.r.t. the inputs (tensor), or None for integer
-                          inputs}``; the server re-runs the forward with autograd and *adds* the
-                          parameter gradients to its accumulators
+                          inputs or when not wanted}``; the server re-runs the forward with autograd
+                          and *adds* the parameter gradients to its accumulators
 ``pipe.info`` unary       ``{"v": 1}`` -> ``{"v": 1, "stage": int, "samples_per_s": float, "queue": int,
                           "max_elements": int, "codec": str}``
 ========================  ==========================================================================
@@ -155,6 +156,7 @@ class Request:
     microbatch: bytes
     inputs: torch.Tensor
     grad: torch.Tensor | None = None
+    want_grad_inputs: bool = True
 
 
 def _check_head(request: Any) -> tuple[int, bytes]:
@@ -204,9 +206,12 @@ def parse_forward_reply(reply: Any, max_elements: int) -> torch.Tensor:
 
 
 def backward_request(stage: int, microbatch: bytes, inputs: torch.Tensor, grad_outputs: torch.Tensor,
-                     codec: str = DEFAULT_CODEC) -> dict:
-    return {"v": VERSION, "s": stage, "mb": microbatch, "x": encode_tensor(inputs, codec),
-            "g": encode_tensor(grad_outputs, codec)}
+                     codec: str = DEFAULT_CODEC, want_grad_inputs: bool = True) -> dict:
+    request = {"v": VERSION, "s": stage, "mb": microbatch, "x": encode_tensor(inputs, codec),
+               "g": encode_tensor(grad_outputs, codec)}
+    if not want_grad_inputs:
+        request["gi"] = False
+    return request
 
 
 def parse_backward_request(request: Any, max_elements: int) -> Request:
@@ -215,8 +220,11 @@ def parse_backward_request(request: Any, max_elements: int) -> Request:
     dtype_name = grad.get("dtype") if isinstance(grad, dict) else None
     if not isinstance(grad, dict) or not isinstance(dtype_name, str) or DTYPES.get(dtype_name) not in _FLOATING:
         raise _refuse("'g' must be a floating tensor", grad.get("dtype") if isinstance(grad, dict) else grad)
+    want = request.get("gi", True)
+    if not isinstance(want, bool):
+        raise _refuse("'gi' must be a bool", want)
     inputs = decode_tensor(request.get("x"), max_elements, "x")
-    return Request(stage, mb, inputs, decode_tensor(grad, max_elements, "g"))
+    return Request(stage, mb, inputs, decode_tensor(grad, max_elements, "g"), want)
 
 
 def backward_reply(grad_inputs: torch.Tensor | None, codec: str = DEFAULT_CODEC) -> dict:

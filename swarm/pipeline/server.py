@@ -372,7 +372,7 @@ class StageServer:
             assert parsed.grad is not None
             start = time.perf_counter()
             grad_inputs, grads = _stage_backward(module, parsed.inputs.to(self.device), parsed.grad.to(self.device),
-                                                 self.stage)
+                                                 self.stage, parsed.want_grad_inputs)
             elapsed = time.perf_counter() - start
             size = _batch_size(parsed.inputs)
             with self._grad_lock:  # added only if the reply is still wanted, and once per (caller, microbatch)
@@ -429,11 +429,12 @@ def _call_stage(module: torch.nn.Module, inputs: torch.Tensor, stage: int) -> to
     return outputs
 
 
-def _stage_backward(module: torch.nn.Module, inputs: torch.Tensor, grad_outputs: torch.Tensor,
-                    stage: int) -> tuple[torch.Tensor | None, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
-    """Re-run the forward with autograd; (gradient w.r.t. the inputs or None for integer inputs,
-    [(parameter, its gradient)]), nothing accumulated yet."""
-    floating = inputs.is_floating_point()
+def _stage_backward(module: torch.nn.Module, inputs: torch.Tensor, grad_outputs: torch.Tensor, stage: int,
+                    want_grad_inputs: bool = True
+                    ) -> tuple[torch.Tensor | None, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
+    """Re-run the forward with autograd; (gradient w.r.t. the inputs, or None for integer inputs or
+    when not wanted, [(parameter, its gradient)]), nothing accumulated yet."""
+    floating = inputs.is_floating_point() and want_grad_inputs
     if floating:
         inputs = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
