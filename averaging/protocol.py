@@ -65,6 +65,12 @@ both directions                 ``{"w": weight (int or float; the receiver exclu
                                 (the contributions it holds valid; at most the group's size, distinct
                                 members), then ``{"f": [member indices averaged]}``; every message at
                                 most MAX_GATHER_MESSAGE_BYTES=16 MiB.
+relay -> client                 with two or more client-mode members (they cannot reach each other) the
+                                lowest-index other member relays: after its own contribution, for each
+                                other client in index order ``{"r": client index, "n": 1 or 0}`` and, if
+                                1, that client's contribution as it arrived (weight map and chunks);
+                                after its own ``have``, ``{"rh": [[client index, have list or None]]}``
+                                (the other clients' reports, as they arrived).
 ==============================  ==========================================================================
 """
 
@@ -426,7 +432,8 @@ MAX_GATHER_MESSAGE_BYTES = 16 << 20  # any message of an avg.gather stream
 
 __all__ += ["GATHER_METHOD", "GATHER_VERSION", "GATHER_DIGEST_BYTES", "MAX_GATHER_MESSAGE_BYTES", "GatherHeader",
             "gather_header", "parse_gather_header", "gather_weight", "parse_gather_weight", "gather_have",
-            "parse_gather_have", "gather_final", "parse_gather_final"]
+            "parse_gather_have", "gather_final", "parse_gather_final", "gather_relay", "parse_gather_relay",
+            "gather_relayed_have", "parse_gather_relayed_have"]
 
 
 @dataclass(frozen=True)
@@ -491,3 +498,40 @@ def parse_gather_final(message: Any, members: int) -> list[int]:
     if not isinstance(message, dict):
         raise _refuse("the final gather message must be a map", message)
     return member_indices(message.get("f"), members, "f")
+
+
+def gather_relay(member: int, present: bool) -> dict:
+    """A relayed client's contribution follows (``present``) or not."""
+    return {"r": member, "n": 1 if present else 0}
+
+
+def parse_gather_relay(message: Any, members: int) -> tuple[int, bool]:
+    """(client index, present) of a relay header in a group of ``members``; BadRequestError otherwise."""
+    member: Any = message.get("r") if isinstance(message, dict) else None
+    present: Any = message.get("n") if isinstance(message, dict) else None
+    if not _is_int(member) or not 0 <= member < members or not _is_int(present) or present not in (0, 1):
+        raise _refuse("a relay header is {'r': member index, 'n': 0 or 1}", message)
+    return member, present == 1
+
+
+def gather_relayed_have(reports: dict[int, dict[int, bytes] | None]) -> dict:
+    """The other clients' ``have`` reports as the relay got them (None: none came)."""
+    entries: list[list[Any]] = []
+    for c in sorted(reports):
+        have = reports[c]
+        entries.append([c, None if have is None else gather_have(have)["have"]])
+    return {"rh": entries}
+
+
+def parse_gather_relayed_have(message: Any, members: int) -> dict[int, dict[int, bytes] | None]:
+    """``{client: its report or None}`` of a relayed-reports message; BadRequestError if malformed."""
+    entries = message.get("rh") if isinstance(message, dict) else None
+    if not isinstance(entries, list) or len(entries) > members:
+        raise _refuse("'rh' must be a list of [member, report] pairs", entries)
+    reports: dict[int, dict[int, bytes] | None] = {}
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 2 or not _is_int(entry[0]) or not 0 <= entry[0] < members \
+                or entry[0] in reports:
+            raise _refuse("'rh' must be a list of distinct [member index, report] pairs", entry)
+        reports[entry[0]] = None if entry[1] is None else parse_gather_have({"have": entry[1]}, members)
+    return reports

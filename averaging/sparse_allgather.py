@@ -7,7 +7,8 @@ this collective for them. A round at member ``me`` of a group:
 1. **Encode** its vector once (the codec's ``chunk_ranges``; error feedback updated; in a worker
    thread) and decode its own messages as the others will.
 2. **Gather**: one ``avg.gather`` stream per pair of members (a client-mode member dials the
-   others, otherwise the lower index dials), both sides send their weight and chunks, and check
+   others, otherwise the lower index dials; clients are relayed, below), both sides send their
+   weight and chunks, and check
    what they receive in a worker thread: a malformed chunk (wrong length, out-of-range or duplicated
    indices, bad tiling: the codec's CodecError), NaN/Inf values, a bad weight, or silence for
    ``sender_timeout`` excludes the sender, logged at INFO with its name. A SHA-256 digest of each
@@ -29,8 +30,14 @@ A round needs a majority of the group reachable (``max(2, n // 2 + 1)`` members,
 included) and this member's own contribution in F, else AveragingError; a failed round restores the
 codec's error-feedback residual (what was encoded for it was not applied). Bytes: each member sends
 its contribution to each of the ``n - 1`` others (and receives theirs); nothing else but ~100-byte
-reports. Limits: two client-mode members cannot reach each other, so with two or more in a group
-their contributions are not averaged (they fail their round; the others average without them).
+reports.
+
+Client-mode members (they accept no connections) dial the others; two of them cannot reach each
+other, so the lowest-index member that is not a client relays: it forwards to each client the other
+clients' contributions as they arrived (only those valid here) and, after the reports, their
+``have`` reports. A relay that fails is excluded by the clients, which then lack each other's
+contributions: the others average without those clients, and the clients fail their round. (A
+relay could drop or forge what it forwards: it is trusted like any reporter.)
 
 The messages, their fields and limits are in :mod:`averaging.protocol` (``avg.gather``, version 1).
 """
@@ -95,6 +102,7 @@ class _Contribution:
     weight: float
     messages: list[Any]
     digest: bytes
+    head: Any = None  # its weight message as it arrived (a relay forwards it as it is)
 
 
 @dataclass
@@ -122,9 +130,18 @@ class _Round:
         self.codec = config.codec
         self.n = len(config.group.members)
         self.chunks = gather_chunks(self.codec, flat.numel(), config.chunk_elems)
-        self.pairs = {j: _Pair(j) for j in range(self.n) if j != config.me}
-        self.incoming: dict[int, asyncio.Future] = {
-            j: asyncio.get_running_loop().create_future() for j in self.pairs if not self.dials(config.me, j)}
+        group, me = config.group, config.me
+        self.clients = [i for i in range(self.n) if group.is_client(i)]
+        servers = [i for i in range(self.n) if not group.is_client(i)]
+        self.relay = servers[0] if servers else -1  # relays between clients (they cannot reach each other)
+        self.relaying = len(self.clients) >= 2 and self.relay >= 0
+        self.pairs = {j: _Pair(j) for j in range(self.n) if j != me and self.linked(me, j)}
+        loop = asyncio.get_running_loop()
+        self.incoming: dict[int, asyncio.Future] = {j: loop.create_future() for j in self.pairs
+                                                    if not self.dials(me, j)}
+        self.received = {j: asyncio.Event() for j in range(self.n)}  # j's contribution arrived or failed here
+        self.reported = {j: asyncio.Event() for j in range(self.n)}  # j's report arrived or failed here
+        self.relayed_have: dict[int, dict[int, bytes] | None] = {}  # other clients' reports (at a client)
         self.valid: dict[int, _Contribution] = {}
         self.excluded: dict[int, str] = {}
         self.traffic = _Traffic()
@@ -140,8 +157,17 @@ class _Round:
             return False
         return group.is_client(i) or i < j
 
-    def reachable(self, i: int, j: int) -> bool:
+    def linked(self, i: int, j: int) -> bool:
+        """Whether ``i`` and ``j`` exchange directly (not two client-mode members)."""
         return self.dials(i, j) or self.dials(j, i)
+
+    def relays_to(self, j: int) -> bool:
+        """Whether this member relays the other clients' contributions and reports to ``j``."""
+        return self.relaying and self.config.me == self.relay and j in self.clients
+
+    def relayed_from(self, j: int) -> bool:
+        """Whether ``j`` relays the other clients' contributions and reports to this member."""
+        return self.relaying and j == self.relay and self.config.me in self.clients
 
     def exclude(self, member: int, reason: str) -> None:
         if member in self.excluded:
@@ -197,12 +223,14 @@ class _Round:
             return f"sent a contribution that cannot be decoded ({type(e).__name__})"
         return None if all_finite(values) else "sent NaN or Inf values"
 
-    async def _receive(self, j: int, stream: Stream) -> bool:
-        """Receive ``j``'s contribution; False if the stream is unusable now (silence, failure).
-        A contribution that is excluded for its content is read to its end (the reports follow)."""
+    async def _receive(self, j: int, stream: Stream, via: int | None = None) -> bool:
+        """Receive ``j``'s contribution (relayed by ``via``, or from ``j`` itself); False if the
+        stream is unusable now (silence, failure: its peer is excluded). A contribution excluded
+        for its content is read to its end (the reports follow)."""
         timeout = self.config.sender_timeout
         loop = asyncio.get_running_loop()
         problem = None
+        peer = j if via is None else via
         try:
             first = await self._recv(stream, timeout)
             try:
@@ -218,30 +246,78 @@ class _Round:
                 problem = await loop.run_in_executor(None, self._check, message, hi - lo)
                 messages.append(message)
         except asyncio.TimeoutError:
-            self.exclude(j, f"sent nothing for {timeout:.1f} s")
+            self.exclude(peer, f"sent nothing for {timeout:.1f} s")
             return False
         except P2PError as e:
-            self.exclude(j, f"stream failed: {brief(str(e), 200)}")
+            self.exclude(peer, f"stream failed: {brief(str(e), 200)}")
             return False
         if problem is not None:
-            self.exclude(j, problem)
+            self.exclude(j, problem if via is None else f"{problem} (relayed by {self.config.group.members[via]})")
         elif j not in self.excluded:
             digest = hashlib.sha256(b"".join(parts)).digest()[:protocol.GATHER_DIGEST_BYTES]
-            self.valid[j] = _Contribution(weight, messages, digest)
+            self.valid[j] = _Contribution(weight, messages, digest, first)
+        return True
+
+    async def _forward(self, j: int, stream: Stream) -> None:
+        """As the relay, send client ``j`` the other clients' contributions as they arrived here."""
+        for c in self.clients:
+            if c == j:
+                continue
+            await self.received[c].wait()
+            contribution = self.valid.get(c)
+            messages = [] if contribution is None else [contribution.head, *contribution.messages]
+            for message in [protocol.gather_relay(c, contribution is not None), *messages]:
+                payload = _packed(message)
+                await stream.send_packed(payload)
+                self.traffic.sent += len(payload)
+
+    async def _receive_relayed(self, stream: Stream) -> bool:
+        """As a client, receive the other clients' contributions from the relay."""
+        relay = self.relay
+        wait = self.config.owner_timeout + self.config.sender_timeout  # the relay waits for their uploads
+        for c in self.clients:
+            if c == self.config.me:
+                continue
+            try:
+                member, present = protocol.parse_gather_relay(await self._recv(stream, wait), self.n)
+            except (asyncio.TimeoutError, P2PError, BadRequestError) as e:
+                self.exclude(relay, f"did not relay: {brief(str(e) or type(e).__name__, 200)}")
+                return False
+            if member != c:
+                self.exclude(relay, f"relayed member {member} instead of {c}")
+                return False
+            if present and not await self._receive(c, stream, via=relay):
+                return False
+            self.received[c].set()
         return True
 
     async def _gather_with(self, j: int) -> None:
-        if j in self.excluded:  # banned
-            return
+        try:
+            if j not in self.excluded:  # (banned)
+                await self._exchange_contributions(j)
+        finally:
+            self.received[j].set()
+
+    async def _exchange_contributions(self, j: int) -> None:
         stream = await self._connect(j)
         if stream is None:
             return
         self.pairs[j].stream = stream
-        sender = asyncio.ensure_future(self._send_own(stream))
+
+        async def send() -> None:
+            await self._send_own(stream)
+            if self.relays_to(j):
+                await self._forward(j, stream)
+
+        sender = asyncio.ensure_future(send())
         try:
             usable = await self._receive(j, stream)
-            if usable:
-                await asyncio.wait_for(sender, self.config.owner_timeout)
+            self.received[j].set()
+            if usable and self.relayed_from(j):
+                usable = await self._receive_relayed(stream)
+            if usable:  # (a relay's sending waits for the other clients' uploads)
+                forwards = len(self.clients) if self.relays_to(j) else 0
+                await asyncio.wait_for(sender, self.config.owner_timeout * (1 + forwards))
             else:
                 self.pairs[j].stream = None
                 stream.cancel()
@@ -272,7 +348,7 @@ class _Round:
     def contributors(self) -> list[int]:
         """F: see the module docstring (rule 3)."""
         me, mine = self.config.me, {m: c.digest for m, c in self.valid.items()}
-        reporters = {j: p.have for j, p in self.pairs.items() if p.have is not None}
+        reporters = self.reporters()
         chosen = []
         for m, digest in sorted(mine.items()):
             if m != me and m not in reporters:
@@ -284,6 +360,37 @@ class _Round:
             if all(m in have for have in reporters.values()):
                 chosen.append(m)
         return chosen
+
+    def reporters(self) -> dict[int, dict[int, bytes]]:
+        """The reports this member has: directly, and (at a client) the other clients' via the relay."""
+        reports = {j: have for j, have in self.relayed_have.items() if have is not None and j not in self.pairs}
+        reports.update({j: p.have for j, p in self.pairs.items() if p.have is not None})
+        return reports
+
+    async def _report(self, j: int, mine: dict[int, bytes]) -> None:
+        """Exchange ``have`` reports with ``j``; the relay then sends a client the other clients' reports."""
+        pair = self.pairs[j]
+        try:
+            pair.have = await self._exchange(j, protocol.gather_have(mine),
+                                             lambda m: protocol.parse_gather_have(m, self.n))
+        finally:
+            self.reported[j].set()
+        if pair.stream is None or pair.have is None:
+            return
+        try:
+            if self.relays_to(j):
+                others = [c for c in self.clients if c != j]
+                for c in others:
+                    await self.reported[c].wait()
+                message = protocol.gather_relayed_have({c: self.pairs[c].have for c in others})
+                await pair.stream.send(message)
+                self.traffic.sent += len(_packed(message))
+            elif self.relayed_from(j):
+                wait = 2 * self.config.owner_timeout  # the relay waits for the other clients' reports
+                self.relayed_have = protocol.parse_gather_relayed_have(await self._recv(pair.stream, wait), self.n)
+        except (P2PError, asyncio.TimeoutError, BadRequestError) as e:
+            logger.info("%s: relayed reports with %s failed: %s", self.config.label, self.config.group.members[j],
+                        brief(str(e) or type(e).__name__, 200))
 
     def _aggregate(self, contributors: list[int], result: torch.Tensor) -> None:
         reducer = self.config.reducer
@@ -320,12 +427,8 @@ class _Round:
         await asyncio.gather(*(self._gather_with(j) for j in self.pairs))
         mine = {m: c.digest for m, c in self.valid.items()}
 
-        async def report(j: int) -> None:
-            self.pairs[j].have = await self._exchange(j, protocol.gather_have(mine),
-                                                      lambda m: protocol.parse_gather_have(m, self.n))
-
-        await asyncio.gather(*(report(j) for j in self.pairs))
-        reached = 1 + sum(p.have is not None for p in self.pairs.values())
+        await asyncio.gather(*(self._report(j, mine) for j in self.pairs))
+        reached = 1 + len(self.reporters())
         if reached < max(2, self.n // 2 + 1):
             raise AveragingError(f"lost contact with most of the group: only {reached} of {self.n} members "
                                  f"(this one included) reported")

@@ -259,18 +259,26 @@ def test_robust_aggregator_and_demo():
     virtual_clock.run(main())
 
 
-def test_client_mode_members():
-    """One client-mode member dials the others and is averaged; with two, they cannot reach each
-    other: their contributions are not averaged (they fail), the others average without them."""
+def test_client_mode_members_are_relayed(caplog):
+    """Client-mode members dial the others; two clients cannot reach each other, so the lowest-index
+    other member relays their contributions and reports: everyone averages everyone. A client's
+    bad contribution is excluded everywhere."""
     async def main() -> None:
         async with Round(4, clients=[2]) as r:
             assert_result(r, await r.run(), range(4))
-        async with Round(5, clients=[1, 3]) as r:
+        async with Round(6, clients=[0, 3, 4]) as r:
+            assert_result(r, await r.run(), range(6))
+        async with Round(6, clients=[1, 3, 4]) as r:
+            _corrupt(r.codecs[3], 2, BAD["out-of-range index"][0])
             outcomes = await r.run()
-            assert_result(r, outcomes, [0, 2, 4])
-            assert isinstance(outcomes[1], AveragingError) and isinstance(outcomes[3], AveragingError)
+            assert_result(r, outcomes, [0, 1, 2, 4, 5])
+            assert isinstance(outcomes[3], AveragingError)
+            # the members it reaches exclude it; the relay does not pass it on to the other clients
+            assert caplog.text.count(f"excluding {r.name(3)}: sent a malformed contribution (indices out of range "
+                                     f"or duplicated)") == 3
 
-    virtual_clock.run(main())
+    with caplog.at_level(logging.INFO, logger="averaging.sparse_allgather"):
+        virtual_clock.run(main())
 
 
 def test_a_failed_round_leaves_the_error_feedback_as_it_was():
@@ -376,12 +384,17 @@ GATHER_VECTORS = {  # the wire bytes of version 1
              "9202c41002020202020202020202020202020202"),
     "final": (protocol.gather_final([0, 2]), "81a166920002"),
     "weight": (protocol.gather_weight(2.5), "81a177cb4004000000000000"),
+    "relay": (protocol.gather_relay(3, True), "82a17203a16e01"),
+    "relayed_have": (protocol.gather_relayed_have({3: {0: b"\x01" * 16}, 1: None}),
+                     "81a27268929201c09203919200c41001010101010101010101010101010101"),
 }
 GATHER_PARSERS = {
     "header": protocol.parse_gather_header,
     "have": lambda m: protocol.parse_gather_have(m, 4),
     "final": lambda m: protocol.parse_gather_final(m, 4),
     "weight": protocol.parse_gather_weight,
+    "relay": lambda m: protocol.parse_gather_relay(m, 4),
+    "relayed_have": lambda m: protocol.parse_gather_relayed_have(m, 4),
 }
 
 
@@ -392,6 +405,14 @@ def test_gather_messages_are_the_recorded_bytes_and_parse_back():
     assert protocol.parse_gather_have(GATHER_VECTORS["have"][0], 4) == {0: b"\x01" * 16, 2: b"\x02" * 16}
     assert protocol.parse_gather_final(GATHER_VECTORS["final"][0], 4) == [0, 2]
     assert protocol.parse_gather_weight(GATHER_VECTORS["weight"][0]) == 2.5
+    assert protocol.parse_gather_relay(GATHER_VECTORS["relay"][0], 4) == (3, True)
+    assert protocol.parse_gather_relayed_have(GATHER_VECTORS["relayed_have"][0], 4) == {1: None, 3: {0: b"\x01" * 16}}
+    for bad in ({"r": 4, "n": 1}, {"r": 0, "n": 2}, {"r": 0}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_gather_relay(bad, 4)
+    for bad in ({"rh": [[1, None], [1, None]]}, {"rh": [[5, None]]}, {"rh": [[1, [[9, b"\x01" * 16]]]]}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_gather_relayed_have(bad, 4)
     for bad in ({"g": b"x", "i": 0, "v": 2}, {"g": b"x", "i": 0}, {"g": b"", "i": 0, "v": 1}):
         with pytest.raises(BadRequestError):
             protocol.parse_gather_header(bad)
