@@ -833,9 +833,13 @@ class AllReduceService:
             if header.commitment is None:
                 owner.exclude(member, "sent no signed digest of its values")
                 raise refuse("commitments are required in this round")
-            signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
-                                             header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
-                                             group=group_digest(phase.config.group.members), sender=ctx.peer_id)
+            try:
+                signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
+                                                 header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
+                                                 group=group_digest(phase.config.group.members), sender=ctx.peer_id)
+            except BadRequestError as e:
+                owner.exclude(member, f"sent a malformed commitment ({e})")
+                raise
             if not signed.verify():
                 owner.exclude(member, "its digest is not signed by it")
                 raise refuse("bad signature on the commitment")

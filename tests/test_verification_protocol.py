@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 from typing import Any
 
@@ -27,7 +28,7 @@ from averaging import AsyncAverager, compression
 from averaging.allreduce import AllReduceService, RoundConfig, weighted_mean
 from averaging.commitments import group_digest
 from averaging.group import GroupInfo
-from dht import P2P, DHTNode
+from dht import P2P, DHTNode, P2PError
 from dht.peer import virtual_clock
 from dht.peer.errors import BadRequestError
 from dht.peer.identity import Identity
@@ -231,7 +232,7 @@ class Group:
         self.weights = [float(i + 1) for i in range(n)]
 
     async def __aenter__(self) -> "Group":
-        network = MemoryNetwork(latency=0.002, seed=self.seed)
+        self.network = network = MemoryNetwork(latency=0.002, seed=self.seed)
         self.peers = [await network.create_peer(identity=identity(300 + i), name=f"p{i}") for i in range(self.n)]
         for a in self.peers:
             for b in self.peers:
@@ -606,3 +607,37 @@ def _method_bytes(p2p: P2P, prefix: str) -> int:
 
 def _part_bytes(p2p: P2P) -> int:
     return _method_bytes(p2p, "avg.part")
+
+
+def test_hostile_seed_and_inputs_requests_get_refusals_never_tracebacks(caplog):
+    hostile: list[Any] = [None, 1, b"x", [], {}, {"g": []}, {"g": {}, "i": 0}, {"g": GROUP_ID, "i": -1},
+                          {"g": GROUP_ID, "i": 0, "st": "commit", "m": {"x": RUN}},
+                          {"g": GROUP_ID, "i": 0, "st": "fetch", "want": list(range(10_000))},
+                          {"g": GROUP_ID, "i": 0, "st": "open", "m": None, "v": b"x" * 99},
+                          {"g": GROUP_ID, "p": [], "j": {}}, {"g": GROUP_ID, "results": 1},
+                          {"g": GROUP_ID, "p": 0, "j": 0, "m": []}, {"g": GROUP_ID, "p": 0, "j": 2**62}]
+    rng = random.Random(9)
+    keys = ["g", "i", "st", "m", "want", "v", "p", "j", "results"]
+    values = [None, True, -1, 0, 3, 2**62, 1.5, b"", GROUP_ID, "commit", "open", "fetch", [], [0, 1], {}, {"x": 1}]
+    hostile += [{k: rng.choice(values) for k in rng.sample(keys, rng.randint(1, 5))} for _ in range(150)]
+
+    async def main() -> None:
+        async with Group(3) as group:
+            await group.run()  # a round the inputs services hold
+            seeds = [asyncio.ensure_future(x.run(GROUP_ID, group.group.members, 2.0, 2.0)) for x in group.seeds[1:]]
+            stranger = await group.network.create_peer(name="stranger")  # not a member of the round
+            callers = [group.peers[0], stranger]
+            for caller in callers:
+                for target in (group.peers[1], group.peers[2]):
+                    caller.add_addresses(target.peer_id, target.get_visible_addresses())
+                    for request in hostile:
+                        for method in (group.seeds[1].method, group.inputs[1].method):
+                            try:
+                                await caller.call(target.peer_id, method, request, timeout=6.0)
+                            except Exception as e:  # noqa: BLE001 - refusals of every kind are fine
+                                assert isinstance(e, (P2PError, asyncio.TimeoutError)), repr(e)
+            await asyncio.gather(*seeds, return_exceptions=True)
+            await stranger.shutdown()
+
+    virtual_clock.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "failed for" in r.getMessage()]

@@ -80,8 +80,9 @@ class InputsService:
     async def _serve(self, request: Any, ctx: CallContext) -> Any:
         if not isinstance(request, dict):
             raise _refuse("a request must be a map", request)
-        transcript = self._transcripts.get(request.get("g"))  # type: ignore[arg-type]
-        if transcript is None or not isinstance(request.get("g"), bytes):
+        round_id = request.get("g")
+        transcript = self._transcripts.get(round_id) if isinstance(round_id, bytes) else None
+        if transcript is None:
             raise P2PError("unknown round (or no longer kept)")
         if ctx.peer_id not in transcript.members:
             raise P2PError("not a member of that round")
