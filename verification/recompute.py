@@ -43,6 +43,8 @@ MAX_TEXT = 256  # run id / peer id characters in a claim
 MAX_BLOCKS = 256  # block digests in a claim (4 KiB: it travels in the matchmaking gather)
 BLOCK_DIGEST_BYTES = 16  # SHA-256 truncated: a claim's block digests
 MIN_BLOCK = 16  # values
+MIN_BLOCKS = 32  # a contribution has at least this many blocks (so a part of a 16-member group holds a whole one)
+VALUES_PER_BLOCK = 4096  # beyond MIN_BLOCKS blocks, about this many values per block (up to MAX_BLOCKS)
 _SEED_DOMAIN = b"swarm.verification.batch.v1\0"
 
 
@@ -291,7 +293,8 @@ class EpochBatches:
         digests of ``contribution``, the flat vector this peer sends, when given)."""
         if self.epoch is None:
             raise ValueError("EpochBatches.claim: no batch was handed out yet")
-        size, block, digests = 0, 0, ()
+        size, block = 0, 0
+        digests: tuple[bytes, ...] = ()
         if contribution is not None:
             size = contribution.numel()
             block = block_size(size)
@@ -301,8 +304,10 @@ class EpochBatches:
 
 
 def block_size(size: int) -> int:
-    """Values per digest block of a contribution of ``size`` values: at most MAX_BLOCKS blocks."""
-    return max(MIN_BLOCK, -(-size // MAX_BLOCKS))
+    """Values per digest block of a contribution of ``size`` values: about VALUES_PER_BLOCK, with at
+    least MIN_BLOCKS and at most MAX_BLOCKS blocks (a claim's digests take 512 B to 4 KiB)."""
+    blocks = min(MAX_BLOCKS, max(MIN_BLOCKS, -(-size // VALUES_PER_BLOCK)))
+    return max(MIN_BLOCK, -(-size // blocks))
 
 
 def block_digests(flat: torch.Tensor, block: int) -> list[bytes]:
@@ -316,7 +321,8 @@ def block_digests(flat: torch.Tensor, block: int) -> list[bytes]:
 def covered_blocks(claim: DataClaim, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """``(block k, offset of its first value in the concatenation of ranges)`` for every block of
     ``claim`` lying wholly inside one of ``ranges``."""
-    out, offset = [], 0
+    out: list[tuple[int, int]] = []
+    offset = 0
     if claim.block < 1:
         return out
     for lo, hi in ranges:

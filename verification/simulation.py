@@ -55,7 +55,7 @@ from dht.peer.memory_transport import MemoryNetwork
 
 from .byzantine import Byzantine
 from .recompute import EpochBatches, flat_gradient
-from .validator import DEFAULT_PROBABILITY, GUILTY, TrainingVerifier
+from .validator import DEFAULT_PROBABILITY, TrainingVerifier
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "run", "FALSE_ACCUSER"]
 
@@ -119,6 +119,7 @@ class _Peer:
         self.model, self.optimizer, self.source, self.verifier = model, optimizer, source, verifier
         self.banlist, self.attack, self.byzantine = banlist, attack, byzantine
         self.threads, self.micro = threads, micro
+        self.exchange: Any = None  # its verification.randomness.RandomnessExchange
 
     @property
     def peer_id(self) -> PeerID:
@@ -170,6 +171,7 @@ class Simulation:
     def __init__(self, task: Any, config: SimConfig, run_id: str = "sim-run"):
         task = _with_cached_data(task)
         self.task, self.config, self.run_id = task, config, run_id
+        self.prefix = f"{run_id}.grads"  # the averager's prefix: commitments, accusations and the ban list bind it
         self.rng = random.Random(config.seed)
         self.peers: list[_Peer] = []
         self.seconds: collections.Counter = collections.Counter()
@@ -179,6 +181,7 @@ class Simulation:
         self.false_bans: list[tuple[int, int, str]] = []
         self.accuracy: list[tuple[int, float]] = []
         self.step_number = 0
+        self._refreshed_at = 0
         honest = aggregators.as_reducer(aggregators.get(config.aggregator)) if config.aggregator != "mean" \
             else weighted_mean
         self.reducer = honest
@@ -191,6 +194,7 @@ class Simulation:
 
     async def _build(self) -> None:
         from .banlist import BanList
+        from .randomness import RandomnessExchange
 
         cfg = self.config
         self.network = MemoryNetwork(latency=cfg.latency, seed=cfg.seed)
@@ -212,14 +216,16 @@ class Simulation:
                                   num_shards=cfg.peers, batch_size=cfg.batch_size)
             verifier = TrainingVerifier(self.task, self.run_id, identity, self.task.model,
                                         probability=cfg.probability)
-            banlist = BanList(node, self.run_id, identity)
+            banlist = BanList(node, self.prefix, identity)
             attack = cfg.attackers.get(i)
             byzantine = Byzantine(attack, seed=cfg.seed * 1000 + i) if attack not in (None, FALSE_ACCUSER) else None
             threads = 1 + (i % 2) if cfg.vary_float else 1
             micro = (1, 2, 4)[i % 3] if cfg.vary_float else 1
-            service = AllReduceService(p2p, f"{self.run_id}.grads")
-            self.peers.append(_Peer(i, identity, node, service, model, optimizer, source, verifier, banlist, attack,
-                                    byzantine, threads, micro))
+            service = AllReduceService(p2p, self.prefix)
+            peer = _Peer(i, identity, node, service, model, optimizer, source, verifier, banlist, attack, byzantine,
+                         threads, micro)
+            peer.exchange = RandomnessExchange(p2p, self.prefix, identity)
+            self.peers.append(peer)
         for a in self.peers:  # everyone can dial everyone (a converged DHT's address books)
             for b in self.peers:
                 if a is not b:
@@ -294,7 +300,7 @@ class Simulation:
             if p.byzantine is not None and p.byzantine.name == "wrong_aggregate":
                 reducer = p.byzantine.reducer(self.reducer, getattr(self.reducer, "__name__", "reducer"))
             return RoundConfig(group, j, weights[p.index], codec, reducer, chunk_elems=1 << 14, sender_timeout=2.0,
-                               banned=p.excludes, identity=p.identity, commit_prefix=self.run_id)
+                               banned=p.excludes, identity=p.identity, commit_prefix=self.prefix)
 
         outcomes = await asyncio.gather(*(p.service.run(config(j, p), flats[p.index]) for j, p in enumerate(members)),
                                         return_exceptions=True)
@@ -317,7 +323,7 @@ class Simulation:
                                                        for ph in transcript.phases)
 
         if cfg.verify:
-            await self._verify(t, members, results, claims, hashes)
+            await self._verify(t, members, results, claims, hashes, group_id)
 
         # apply: every member with a result steps with it; the others adopt an honest peer's parameters
         donor = None
@@ -343,7 +349,7 @@ class Simulation:
             self.evaluate()
 
     async def _verify(self, t: int, members: list[_Peer], results: dict[int, Any], claims: dict[PeerID, Any],
-                      hashes: dict[int, str]) -> None:
+                      hashes: dict[int, str], group_id: bytes) -> None:
         from .randomness import choose_checks
 
         cfg = self.config
@@ -356,83 +362,84 @@ class Simulation:
         self.seconds["consistency"] += time.perf_counter() - wall
 
         wall = time.perf_counter()
-        randomness = await self._shared_randomness(t, [p for p in members if p.index in results])
+        live = [p for p in members if p.index in results]
+        member_ids = [p.peer_id for p in live]
+        round_id = hashlib.sha256(b"seed" + group_id).digest()[:20]
+        shared = await asyncio.gather(*(p.exchange.run(round_id, member_ids, commit_timeout=2.0, open_timeout=2.0)
+                                        for p in live), return_exceptions=True)
         self.seconds["randomness"] += time.perf_counter() - wall
-        if randomness is None:
-            return
-        member_ids = [p.peer_id for p in members]
-        checks = choose_checks(randomness, member_ids, cfg.probability)
-        by_id = {p.peer_id: p for p in members}
         wall = time.perf_counter()
-        for validator_id, target_id in checks:
-            validator, target = by_id[validator_id], by_id[target_id]
-            self.counts["checks"] += 1
-            if validator.index not in results:
+        by_id = {p.peer_id: p for p in members}
+        for validator, outcome in zip(live, shared):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                logger.info("sim step %d: peer %d's randomness exchange failed: %s", t, validator.index, outcome)
                 continue
-            transcript = results[validator.index][1].transcript
-            if validator.attack == FALSE_ACCUSER and target.honest:
-                await self._false_accusation(validator, target, transcript, claims)
-                continue
-            if not validator.honest or transcript is None:
-                continue  # colluders never accuse each other
-            signed = parsed.get(validator.index, {}).get(target_id)
-            if signed is None or signed.claim.state_hash != hashes[validator.index]:
-                continue  # the target claims another state than the validator's: not checkable
-            outcome, evidence = validator.verifier.validate(transcript, target_id, signed)
-            self.counts[f"validation_{outcome.verdict}"] += 1
-            if outcome.verdict == GUILTY and evidence is not None:
-                await self._accuse(validator, target, evidence.to_wire(), "wrong_gradient")
-        await self._check_aggregates(members, results)
+            for validator_id, target_id in choose_checks(outcome.value, member_ids, cfg.probability):
+                if validator_id != validator.peer_id:
+                    continue  # every member acts on its own view of the checks
+                transcript = results[validator.index][1].transcript
+                if transcript is None:
+                    continue
+                if validator.honest:
+                    target_id = validator.verifier.choose_target(transcript, outcome.value, target_id,
+                                                                 validator.excludes)
+                target = by_id[target_id]
+                self.counts["checks"] += 1
+                if validator.attack == FALSE_ACCUSER and target.honest:
+                    await self._false_accusation(validator, target, transcript, claims)
+                    continue
+                if not validator.honest:
+                    continue  # colluders never accuse each other
+                signed = parsed.get(validator.index, {}).get(target_id)
+                if signed is None or signed.claim.state_hash != hashes[validator.index]:
+                    continue  # the target claims another state than the validator's: not checkable
+                verdict, accusation = validator.verifier.validate(transcript, target_id, signed)
+                self.counts[f"validation_{verdict.verdict}"] += 1
+                if accusation is not None:
+                    await self._publish(validator, accusation)
         self.seconds["validation"] += time.perf_counter() - wall
         wall = time.perf_counter()
-        await self._refresh_banlists()
+        if self.counts["accusations"] + self.counts["false_accusations"] != self._refreshed_at:
+            # (the sim knows when the list changed; a daemon refreshes every few seconds instead)
+            self._refreshed_at = self.counts["accusations"] + self.counts["false_accusations"]
+            for p in self.honest_peers():
+                await p.banlist.refresh(check=p.verifier.recompute)
         self.seconds["banlist"] += time.perf_counter() - wall
         for p in self.honest_peers():
             for q in self.honest_peers():
                 if p.excludes(q.peer_id) and not any(f[0] == q.index for f in self.false_bans):
                     self.false_bans.append((q.index, t, f"excluded by peer {p.index}"))
 
-    # --- hooks onto C's protocol modules (randomness, evidence, ban list)
-
-    async def _shared_randomness(self, t: int, members: list[_Peer]) -> bytes | None:
-        from .randomness import shared_randomness
-
-        return await shared_randomness([p.node.p2p for p in members], self.run_id, t)
-
-    async def _accuse(self, accuser: _Peer, accused: _Peer, evidence: Any, kind: str) -> None:
-        from .evidence import Accusation
-
-        accusation = Accusation.create(accuser.identity, kind, accused.peer_id, self.run_id, evidence)
+    async def _publish(self, accuser: _Peer, accusation: Any) -> None:
         self.bytes["accusations"] += _packed(accusation.to_wire())
         self.counts["accusations"] += 1
-        await accuser.banlist.publish(accusation)
+        try:
+            await accuser.banlist.publish(accusation, check=accuser.verifier.recompute)
+        except ValueError as e:
+            logger.warning("sim: peer %d's accusation was not published: %s", accuser.index, e)
 
     async def _false_accusation(self, accuser: _Peer, target: _Peer, transcript: Any, claims: dict) -> None:
-        if transcript is None:
-            return
+        """A lie: accuse an honest member of a wrong gradient with its real part and claim, stored in the
+        DHT directly (BanList.publish would refuse it: it does not hold)."""
+        from .banlist import banned_key
+        from .evidence import Accusation
+
         signed = accuser.verifier.parse_claims(claims).get(target.peer_id)
-        if signed is None:
+        member = transcript.members.index(target.peer_id)
+        phase = transcript.phases[0]
+        if signed is None or member not in phase.received or member not in phase.inputs:
             return
-        from .validator import GradientEvidence
-
-        blocks = accuser.verifier.held_blocks(transcript, signed.claim, transcript.members.index(target.peer_id))
-        if blocks:
-            self.counts["false_accusations"] += 1
-            await self._accuse(accuser, target, GradientEvidence(signed, tuple(blocks)).to_wire(), "wrong_gradient")
-
-    async def _check_aggregates(self, members: list[_Peer], results: dict[int, Any]) -> None:
-        from .evidence import check_results
-
-        for p in members:
-            if p.honest and p.index in results and results[p.index][1].transcript is not None:
-                for accusation in check_results(p.identity, results[p.index][1].transcript):
-                    self.counts["accusations"] += 1
-                    self.bytes["accusations"] += _packed(accusation.to_wire())
-                    await p.banlist.publish(accusation)
-
-    async def _refresh_banlists(self) -> None:
-        for p in self.honest_peers():
-            await p.banlist.refresh(check=p.verifier.check_evidence)
+        ranges = [list(r) for r in phase.ranges[transcript.me]]
+        accusation = Accusation.make(accuser.identity, "wrong_gradient", self.prefix, target.peer_id,
+                                     transcript.group_id, [phase.inputs[member]], {0: phase.received[member].clone()},
+                                     {"claim": signed.to_wire(), "ranges": ranges})
+        self.counts["false_accusations"] += 1
+        self.bytes["accusations"] += _packed(accusation.to_wire())
+        node = accuser.node
+        await node.store(banned_key(self.prefix), accusation.to_wire(), node.clock() + 3600.0,
+                         subkey=f"{target.peer_id} {node.signature_validator.ownership_marker}")
 
     # ------------------------------------------------------------------ evaluation and the loop
 
@@ -467,6 +474,8 @@ class Simulation:
     async def close(self) -> None:
         for p in self.peers:
             p.service.close()
+            p.exchange.close()
+            p.banlist.close()
         await asyncio.gather(*(p.node.shutdown() for p in self.peers), return_exceptions=True)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -37,6 +38,7 @@ from averaging.transcript import RoundTranscript
 from dht.peer.identity import Identity, PeerID
 from dht.peer.untrusted import brief
 
+from .evidence import Accusation
 from .recompute import (
     BLOCK_DIGEST_BYTES,
     DEFAULT_TOLERANCE,
@@ -44,19 +46,18 @@ from .recompute import (
     DataClaim,
     EpochBatches,
     SignedClaim,
-    block_digests,
     covered_blocks,
     recompute_gradient,
     relative_error,
 )
 
-__all__ = ["DEFAULT_PROBABILITY", "GUILTY", "INNOCENT", "UNKNOWN", "ParameterHistory", "GradientEvidence",
-           "GradientChecker", "CheckOutcome", "TrainingVerifier", "MAX_EVIDENCE_VALUES"]
+__all__ = ["DEFAULT_PROBABILITY", "DIRECTED", "GUILTY", "INNOCENT", "UNKNOWN", "ParameterHistory", "GradientChecker",
+           "CheckOutcome", "TrainingVerifier", "blocks_of"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROBABILITY = 1 / 16  # a member is checked this often: the expected extra compute per peer is 1/16
-MAX_EVIDENCE_VALUES = 1 << 22  # float32 values an accusation's blocks may carry (16 MiB)
+DIRECTED = 0.75  # share of a validator's checks aimed at the most suspicious member (the rest: the drawn target)
 GUILTY, INNOCENT, UNKNOWN = "guilty", "innocent", "unknown"
 
 
@@ -89,55 +90,6 @@ class ParameterHistory:
     def __contains__(self, state_hash: str) -> bool:
         with self._lock:
             return state_hash in self._states
-
-
-@dataclass(frozen=True)
-class GradientEvidence:
-    """What a "wrong_gradient" accusation carries: the accused's signed claim and blocks of its
-    contribution (``(k, values)``: block ``k``'s float32 values, which hash to the claim's digest k)."""
-
-    claim: SignedClaim
-    blocks: tuple[tuple[int, torch.Tensor], ...]
-
-    def to_wire(self) -> dict:
-        return {"claim": self.claim.to_wire(),
-                "blocks": [[k, v.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()]
-                           for k, v in self.blocks]}
-
-    @classmethod
-    def from_wire(cls, value: Any) -> "GradientEvidence":
-        """Parse untrusted evidence (ClaimError if malformed; the digests are checked by the checker)."""
-        if not isinstance(value, dict) or set(value) != {"claim", "blocks"}:
-            raise ClaimError("gradient evidence must be a dict with the keys claim, blocks")
-        claim = SignedClaim.from_wire(value["claim"])
-        blocks = value["blocks"]
-        if not isinstance(blocks, list) or not 0 < len(blocks) <= len(claim.claim.digests):
-            raise ClaimError("gradient evidence: blocks must be a non-empty list, at most one per claimed block")
-        parsed, seen, total = [], set(), 0
-        for item in blocks:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
-                    and not isinstance(item[0], bool) and isinstance(item[1], bytes)):
-                raise ClaimError(f"gradient evidence: a block must be [index, float32 bytes], got {brief(item)}")
-            k, data = item
-            if not 0 <= k < len(claim.claim.digests) or k in seen:
-                raise ClaimError(f"gradient evidence: bad or repeated block index {brief(k)}")
-            lo, hi = claim.claim.block_range(k)
-            if len(data) != 4 * (hi - lo):
-                raise ClaimError(f"gradient evidence: block {k} must hold {hi - lo} float32 values")
-            total += hi - lo
-            if total > MAX_EVIDENCE_VALUES:
-                raise ClaimError("gradient evidence: too many values")
-            seen.add(k)
-            parsed.append((k, torch.frombuffer(bytearray(data), dtype=torch.float32)))
-        return cls(claim, tuple(parsed))
-
-    def values(self) -> torch.Tensor:
-        return torch.cat([v for _, v in self.blocks])
-
-    def digests_hold(self) -> bool:
-        """Whether every block's values hash to the claim's digest for it."""
-        claim = self.claim.claim
-        return all(block_digests(v, claim.block)[0] == claim.digests[k] for k, v in self.blocks)
 
 
 @dataclass
@@ -194,20 +146,50 @@ class GradientChecker:
         return CheckOutcome(GUILTY, f"the values are not the claimed gradient (relative error {error:.3g} > "
                                     f"{self.tolerance:g})", error)
 
-    def check(self, evidence: GradientEvidence) -> CheckOutcome:
-        claim = evidence.claim.claim
+    def check(self, claim: DataClaim, blocks: Sequence[tuple[int, torch.Tensor]]) -> CheckOutcome:
+        """Whether ``blocks`` (``(k, values)``, each hashing to the claim's digest k: checked here) are
+        the claimed gradient."""
         if self.run_id is not None and claim.run_id != self.run_id:
             return CheckOutcome(UNKNOWN, "the claim is for another run")
-        if not evidence.digests_hold():
+        if not blocks:
+            return CheckOutcome(UNKNOWN, "no whole block of the claimed contribution")
+        if any(_digest(v) != claim.digests[k] for k, v in blocks):
             return CheckOutcome(UNKNOWN, "the values do not hash to the claim's digests")
         try:
             recomputed = self.recompute(claim)
-        except Exception as e:  # noqa: BLE001 - e.g. the claimed batches cannot be built (task code)
-            return CheckOutcome(GUILTY if isinstance(e, ValueError) else UNKNOWN,
-                                f"the claimed batches cannot be rebuilt: {type(e).__name__}: {brief(str(e), 120)}")
+        except ValueError as e:  # the claimed batches do not hold the claimed samples: the claim is false
+            return CheckOutcome(GUILTY, f"the claimed batches do not fit the claim: {brief(str(e), 120)}")
+        except Exception as e:  # noqa: BLE001 - task code failing here proves nothing about the accused
+            return CheckOutcome(UNKNOWN, f"the claimed batches cannot be rebuilt: {type(e).__name__}: "
+                                         f"{brief(str(e), 120)}")
         if recomputed is None:
             return CheckOutcome(UNKNOWN, f"this peer does not hold the parameters of state {claim.state_hash[:12]}")
-        return self.compare(claim, evidence.blocks, recomputed)
+        return self.compare(claim, blocks, recomputed)
+
+
+def _digest(values: torch.Tensor) -> bytes:
+    data = values.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+    return hashlib.sha256(data).digest()[:BLOCK_DIGEST_BYTES]
+
+
+def _valid_ranges(ranges: Any) -> bool:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return isinstance(ranges, list) and len(ranges) <= 4096 and all(
+        isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_int(r[1]) and 0 <= r[0] <= r[1] for r in ranges)
+
+
+def blocks_of(claim: DataClaim, ranges: Sequence[tuple[int, int]], values: torch.Tensor
+              ) -> list[tuple[int, torch.Tensor]]:
+    """The whole blocks of ``claim``'s contribution inside ``values`` (a part: the concatenation of
+    ``ranges`` of the flat vector)."""
+    out = []
+    for k, offset in covered_blocks(claim, ranges):
+        lo, hi = claim.block_range(k)
+        if offset + hi - lo <= values.numel():
+            out.append((k, values.reshape(-1)[offset:offset + hi - lo]))
+    return out
 
 
 class TrainingVerifier:
@@ -225,7 +207,7 @@ class TrainingVerifier:
         self.checker = GradientChecker(task, model_factory, self.history, tolerance, run_id=run_id)
         self._distrusted: dict[PeerID, str] = {}
         self._lock = threading.Lock()
-        self.stats = collections.Counter()  # rounds, consistency_checks, inconsistent, validations, accusations
+        self.stats: collections.Counter[str] = collections.Counter()  # rounds, consistency checks, validations...
 
     # ---- the trainer's side
 
@@ -304,6 +286,40 @@ class TrainingVerifier:
                 bad.append(peer_id)
         return bad
 
+    def suspicion(self, transcript: RoundTranscript, member: int) -> float:
+        """How far ``member``'s values for this peer's part stray from the round's result there:
+        ``(1 - cos) + |ln(‖x‖ / median ‖x_k‖)|`` (0 for a typical honest member, about 2 for a sign flip,
+        ``ln 10`` more for x10 scaling, inf for zeros). 0 when this peer holds none of its values."""
+        phase = transcript.phases[0]
+        values = phase.received.get(member)
+        if values is None or transcript.result is None or transcript.me >= len(phase.ranges):
+            return 0.0
+        result = phase.part_values(transcript.result, transcript.me).to(torch.float64)
+        x = values.to(torch.float64).reshape(-1)
+        norms = [float(v.to(torch.float64).norm()) for v in phase.received.values()]
+        typical = sorted(norms)[len(norms) // 2] if norms else 0.0
+        nx, nr = float(x.norm()), float(result.norm())
+        if nx == 0.0 or typical == 0.0:
+            return math.inf if nx == 0.0 and typical > 0.0 else 0.0
+        cos = float(x @ result) / (nx * nr) if nr > 0 else 0.0
+        return (1.0 - cos) + abs(math.log(nx / typical))
+
+    def choose_target(self, transcript: RoundTranscript, randomness: bytes, drawn: PeerID,
+                      excluded: Callable[[PeerID], bool] = lambda _: False) -> PeerID:
+        """The member this peer validates when the shared randomness picked it as a validator (with
+        ``drawn`` as its target): with probability :data:`DIRECTED` (decided by ``randomness``, so it
+        is the same at every honest peer) the most suspicious member (:meth:`suspicion`) not
+        ``excluded``, else ``drawn``. Directed checks reach blatant attackers within a few rounds;
+        the drawn ones reach the subtle ones, which cannot tell which kind of check comes."""
+        h = hashlib.sha256(b"swarm.verify.directed/1" + randomness + self.identity.peer_id.raw).digest()
+        if int.from_bytes(h[:8], "little") / 2 ** 64 >= DIRECTED:
+            return drawn
+        me = transcript.members[transcript.me]
+        scored = [(self.suspicion(transcript, i), str(p), p) for i, p in enumerate(transcript.members)
+                  if p != me and not excluded(p)]
+        scored = [s for s in scored if s[0] > 0.0]
+        return max(scored)[2] if scored else drawn
+
     def _blocks_hold(self, transcript: RoundTranscript, claim: DataClaim, member: int) -> bool:
         """Whether every whole block of ``member``'s values held here hashes to its claimed digest (one
         bytes conversion per phase, then a hash per block)."""
@@ -321,36 +337,65 @@ class TrainingVerifier:
         return True
 
     def validate(self, transcript: RoundTranscript, target: PeerID, signed: SignedClaim
-                 ) -> tuple[CheckOutcome, GradientEvidence | None]:
+                 ) -> tuple[CheckOutcome, Accusation | None]:
         """Step 2 for one target (expensive: one recomputation of the target's gradient): the outcome,
-        and the evidence for an accusation when the target is guilty."""
+        and a signed ``wrong_gradient`` accusation when the target is guilty: the target's input
+        commitment and part as this owner received them, its signed claim and the part's ranges
+        (detail), for :meth:`recompute` at every checker."""
         claim = signed.claim
         if target not in transcript.members:
             return CheckOutcome(UNKNOWN, "not a member of the round"), None
-        blocks = self.held_blocks(transcript, claim, transcript.members.index(target))
-        if not blocks:
-            return CheckOutcome(UNKNOWN, "this peer holds no whole block of the target's values"), None
-        if not self._blocks_hold(transcript, claim, transcript.members.index(target)):
-            return CheckOutcome(UNKNOWN, "inconsistent with its claim (distrusted, not provable)"), None
-        self.stats["validations"] += 1
-        try:
-            recomputed = self.checker.recompute(claim)
-        except ValueError as e:
-            outcome = CheckOutcome(GUILTY, f"the claimed batches do not fit: {brief(str(e), 120)}")
-        else:
-            if recomputed is None:
-                return CheckOutcome(UNKNOWN, f"no parameters for state {claim.state_hash[:12]}"), None
-            outcome = self.checker.compare(claim, blocks, recomputed)
-        if outcome.verdict != GUILTY:
-            return outcome, None
-        self.stats["guilty"] += 1
-        return outcome, GradientEvidence(signed, tuple((k, v.clone()) for k, v in blocks))
+        member = transcript.members.index(target)
+        for phase in transcript.phases:
+            values, commitment = phase.received.get(member), phase.inputs.get(member)
+            if values is None or commitment is None or transcript.me >= len(phase.ranges):
+                continue
+            ranges = [(int(lo), int(hi)) for lo, hi in phase.ranges[transcript.me]]
+            blocks = blocks_of(claim, ranges, values)
+            if not blocks:
+                continue
+            if not self._blocks_hold(transcript, claim, member):
+                return CheckOutcome(UNKNOWN, "inconsistent with its claim (distrusted, not provable)"), None
+            self.stats["validations"] += 1
+            if commitment.weight != claim.samples:
+                outcome = CheckOutcome(GUILTY, f"it committed weight {commitment.weight:g} but claims "
+                                               f"{claim.samples} samples")
+            else:
+                outcome = self.checker.check(claim, blocks)
+            if outcome.verdict != GUILTY:
+                return outcome, None
+            self.stats["guilty"] += 1
+            accusation = Accusation.make(
+                self.identity, "wrong_gradient", transcript.prefix, target, transcript.group_id, [commitment],
+                {0: values.detach().clone()},
+                {"claim": signed.to_wire(), "ranges": [list(r) for r in ranges], "reason": outcome.reason[:200]})
+            return outcome, accusation
+        return CheckOutcome(UNKNOWN, "this peer holds no whole block of the target's values"), None
 
-    def check_evidence(self, evidence_wire: Any) -> CheckOutcome:
-        """Check a "wrong_gradient" accusation's evidence (wire form) by recomputing it."""
+    def recompute(self, accusation: Accusation) -> bool | None:
+        """The ``recompute`` of :func:`verification.evidence.verify_accusation` for ``wrong_gradient``:
+        True if the accused's committed part is its claimed gradient, False if not (or if its committed
+        weight is not its claimed sample count), None if this peer cannot tell (it lacks the claimed
+        parameters, or the evidence does not tie the part to the claim)."""
         try:
-            evidence = GradientEvidence.from_wire(evidence_wire)
-        except ClaimError as e:
-            return CheckOutcome(UNKNOWN, f"malformed evidence: {e}")
-        return self.checker.check(evidence)
+            signed = SignedClaim.from_wire(accusation.detail.get("claim"))
+        except ClaimError:
+            return None
+        claim = signed.claim
+        ranges = accusation.detail.get("ranges")
+        if claim.peer_id != str(accusation.accused) or not _valid_ranges(ranges):
+            return None
+        inputs = [i for i in accusation.tensors if accusation.commitments[i].sender == accusation.accused
+                  and accusation.commitments[i].role == "input"]
+        if not inputs:
+            return None
+        commitment, values = accusation.commitments[inputs[0]], accusation.tensors[inputs[0]]
+        assert isinstance(ranges, list)  # _valid_ranges
+        blocks = blocks_of(claim, [(int(a), int(b)) for a, b in ranges], values.reshape(-1).to(torch.float32))
+        outcome = self.checker.check(claim, blocks)
+        if outcome.verdict == UNKNOWN:
+            return None
+        if commitment.weight != claim.samples:
+            return False
+        return outcome.verdict == INNOCENT
 
