@@ -477,3 +477,27 @@ async def test_abandoned_backward_adds_nothing_and_keeps_its_slot(swarm):
     assert all(p.grad is None for p in server.module.parameters())
     await caller.p2p.call(server.node.peer_id, bwd, request, timeout=5)  # the slot is back
     assert server.samples_accumulated == 3
+
+
+async def test_overloaded_answers_are_waited_out_not_counted_as_failures(swarm):
+    server = await swarm.server(0, torch.nn.Linear(4, 2), max_requests_per_peer=1)
+    node = await swarm.node()
+    client = PipelineClient(node, RUN, 1, codec="none", max_retries_per_stage=0, overload_pause=0.02)
+    bwd = protocol.method(protocol.BACKWARD, RUN)
+    async with server.paused():  # this caller's one slot is held by a backward waiting for the step
+        held = asyncio.ensure_future(node.p2p.call(server.node.peer_id, bwd, protocol.backward_request(
+            0, b"h", torch.ones(1, 4), torch.ones(1, 2)), timeout=10))
+        await asyncio.sleep(0.05)
+        forward = asyncio.ensure_future(client.forward(torch.ones(2, 4)))
+        await asyncio.sleep(0.3)
+        assert not forward.done() and client.retries > 0  # refused (overloaded) and retried meanwhile
+    assert (await forward).shape == (2, 2) and (await held)["gx"] is not None
+    short = PipelineClient(node, RUN, 1, codec="none", max_retries_per_stage=0, forward_timeout=0.2,
+                           overload_pause=0.02)
+    async with server.paused():
+        held = asyncio.ensure_future(node.p2p.call(server.node.peer_id, bwd, protocol.backward_request(
+            0, b"i", torch.ones(1, 4), torch.ones(1, 2)), timeout=10))
+        await asyncio.sleep(0.05)
+        with pytest.raises(PipelineError, match="overloaded"):  # but not longer than the call's timeout
+            await short.forward(torch.ones(2, 4))
+    await held

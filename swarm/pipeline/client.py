@@ -14,7 +14,9 @@ A failed or timed-out call is retried on another server of the *same* stage only
 it are not re-run), at most ``max_retries_per_stage`` (5) times; then the microbatch fails with
 :class:`PipelineError` (counted in ``microbatches_failed``; never silently lost). A timeout or an
 ``overloaded`` answer only re-routes; any other error (connection lost, bad reply, refused request)
-bans the server until it re-announces with a later expiration.
+bans the server until it re-announces with a later expiration. ``overloaded`` answers (every server
+of the stage busy, e.g. while the stage steps) are retried after a growing pause without counting
+as failures, for at most the call's timeout.
 """
 
 from __future__ import annotations
@@ -140,17 +142,21 @@ class PipelineClient:
 
     async def _call(self, stage: int, name: str, request: dict, task_size: float, timeout: float,
                     parse: Callable[[Any], Any]) -> Any:
-        """One stage's call with retries on other servers of the stage; the parsed reply."""
+        """One stage's call with retries on other servers of the stage; the parsed reply. Failures
+        count against ``max_retries_per_stage``; ``overloaded`` answers do not (the servers are busy,
+        e.g. stepping), but they stop being retried once ``timeout`` seconds passed since the first."""
         balancer = self.balancers[stage]
         last: BaseException | None = None
         loop = asyncio.get_running_loop()
-        for attempt in range(self.max_retries_per_stage + 1):
-            if attempt:
+        failures = overloaded = 0
+        busy_until = time.monotonic() + timeout
+        while failures <= self.max_retries_per_stage:
+            if failures or overloaded:
                 self.retries += 1
             try:
                 peer = await self._choose(stage, task_size)
             except NoServersError as e:
-                last = e
+                last, failures = e, failures + 1
                 continue
             self.requests[peer] = self.requests.get(peer, 0) + 1
             start = time.monotonic()
@@ -159,25 +165,30 @@ class PipelineClient:
                                                  timeout=timeout)
                 result = await loop.run_in_executor(None, parse, reply)
             except (DeadlineExceededError, asyncio.TimeoutError) as e:
-                last = e  # slow, not broken: re-route without a ban
+                last, failures = e, failures + 1  # slow, not broken: re-route without a ban
                 logger.debug("stage %d %s on %s timed out", stage, name, peer[-8:])
                 continue
             except RemoteError as e:
                 last = e
                 logger.debug("stage %d %s on %s failed: %s", stage, name, peer[-8:], e)
-                if e.code == ErrorCode.OVERLOADED:  # busy, not broken: no ban; a short pause if all are
-                    await asyncio.sleep(self.overload_pause * (attempt + 1) * (0.5 + random.random()))
-                else:
+                if e.code == ErrorCode.OVERLOADED and time.monotonic() < busy_until:
+                    overloaded += 1  # busy, not broken: no ban, a pause growing with the refusals
+                    pause = self.overload_pause * min(overloaded, 20) * (0.5 + random.random())
+                    await asyncio.sleep(min(pause, max(busy_until - time.monotonic(), 0.0)))
+                    continue
+                failures += 1
+                if e.code != ErrorCode.OVERLOADED:
                     balancer.ban(peer)
                 continue
             except (P2PError, OSError) as e:
-                last = e
+                last, failures = e, failures + 1
                 balancer.ban(peer)
                 logger.debug("stage %d %s on %s failed: %s", stage, name, peer[-8:], e)
                 continue
             balancer.on_success(peer, task_size, start, time.monotonic())
             return result
-        raise PipelineError(f"stage {stage} {name}: {self.max_retries_per_stage + 1} attempts failed; "
+        more = f" ({overloaded} more answered overloaded)" if overloaded else ""
+        raise PipelineError(f"stage {stage} {name}: {failures} attempts failed{more}; "
                             f"last error: {type(last).__name__}: {str(last)[:300]}")
 
     async def _forward_stage(self, stage: int, inputs: torch.Tensor, microbatch: bytes) -> torch.Tensor:
