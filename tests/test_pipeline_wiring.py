@@ -177,6 +177,24 @@ def test_requests_round_trip_and_versions():
         protocol.parse_info_reply({"v": 1, "stage": 0})
 
 
+def test_wire_byte_vectors():
+    """The pipe.* encoding is pinned: a change here breaks compatibility with deployed peers."""
+    import msgpack
+
+    forward = protocol.forward_request(1, b"ab", torch.tensor([[1.0, 2.0]]), "none")
+    assert msgpack.packb(forward, use_bin_type=True).hex() == (
+        "84a17601a17301a26d62c4026162a17884a56474797065a7666c6f61743332a57368617065920102a5636f646563a46e6f6e65"
+        "a16381a164c4080000803f00000040")
+    backward = protocol.backward_request(0, b"", torch.tensor([3]), torch.tensor([0.5]), "none",
+                                         want_grad_inputs=False)
+    assert msgpack.packb(backward, use_bin_type=True).hex() == (
+        "86a17601a17300a26d62c400a17884a56474797065a5696e743634a573686170659101a5636f646563a3726177a16381a164c408"
+        "0300000000000000a16784a56474797065a7666c6f61743332a573686170659101a5636f646563a46e6f6e65a16381a164c404"
+        "0000003fa26769c2")
+    parsed = protocol.parse_backward_request(msgpack.unpackb(msgpack.packb(backward, use_bin_type=True)), 10)
+    assert parsed.inputs.tolist() == [3] and parsed.grad.tolist() == [0.5] and not parsed.want_grad_inputs
+
+
 _values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
                        | st.binary(max_size=64), lambda inner: st.lists(inner, max_size=4)
                        | st.dictionaries(st.sampled_from(["v", "s", "mb", "x", "g", "dtype", "shape", "codec", "c",

@@ -22,7 +22,10 @@ reply                     ``{"v": 1, "gx": gradient w.r.t. the inputs (tensor), 
                           "max_elements": int, "codec": str}``
 ========================  ==========================================================================
 
-Reply parsers raise :class:`~dht.peer.errors.ProtocolError` (the server misbehaved).
+A server reads requests of at most :func:`max_request_bytes` of its ``max_elements`` (default
+``2**19`` values per tensor: about 6 MiB); a bigger one is refused while it arrives (``too_large``).
+Reply parsers raise :class:`~dht.peer.errors.ProtocolError` (the server misbehaved). Byte vectors:
+``tests/test_pipeline_wiring.py``.
 
 A **tensor** is ``{"dtype": str (one of averaging.tensor_wire.DTYPES), "shape": [int] (at most
 MAX_DIMS=8 dimensions), "codec": str, "c": map}``. Floating tensors are flattened to float32 and sent
