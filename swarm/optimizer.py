@@ -170,6 +170,8 @@ class Optimizer:
       stepped to the state's epoch).
     - ``client_mode`` (the DHT's), ``bandwidth`` (MB/s, None = measured): passed to the averagers.
     - ``load_state_timeout`` (600 s); ``share_state`` (True): offer the state to joiners.
+    - ``averager_options``: extra keyword arguments for the averagers (e.g. ``commitments=True,
+      banned=...``: :class:`swarm.verified.VerifiedOptimizer` turns verification on with them).
     """
 
     def __init__(self, *, dht: DHT, run_id: str,
@@ -182,7 +184,7 @@ class Optimizer:
                  scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, client_mode: bool | None = None,
                  bandwidth: float | None = None, load_state_timeout: float = 600.0, share_state: bool = True,
                  verbose: bool = False, fragments: Any = None, fragment_overlap: int | None = None,
-                 merge_alpha: float | None = None):
+                 merge_alpha: float | None = None, averager_options: dict | None = None):
         if mode not in ("sync", "diloco"):
             raise ValueError(f"mode must be 'sync' or 'diloco', got {mode!r}")
         if mode == "sync" and not target_batch_size:
@@ -272,6 +274,7 @@ class Optimizer:
                              aggregator=aggregator, client_mode=self.client_mode, bandwidth=bandwidth,
                              min_matchmaking_time=matchmaking_time, request_timeout=min(2.0, matchmaking_time / 2),
                              default_timeout=averaging_timeout)
+        averager_opts.update(averager_options or {})  # e.g. commitments=True, banned=... (swarm.verified)
         self.averagers: list[Averager] = []  # Streaming DiLoCo: one per fragment (own prefix, own groups)
         self._fragment_buffers: list[list[torch.Tensor]] = []
         if self.streaming:
