@@ -122,6 +122,8 @@ class StateSharing:
         self.bytes_downloaded = 0
         self.show_progress = False  # a progress line (swarm.progress_bar) on stderr while downloading
         self.downloading = False  # a download is in progress (swarm.status)
+        # banned peers (verification): never served, never downloaded from, their announcements not counted
+        self.refuse: Callable[[PeerID], bool] | None = None
         self._slots = Slots(max_requests_per_peer, max_requests, "state requests")
         dht.add_validators([state_schema(run_id)])
         if self.serve:
@@ -182,6 +184,8 @@ class StateSharing:
 
     async def _handle(self, request, ctx) -> dict:
         """``{"data": the bytes request asks for}``, a view of the blob (BadRequestError if malformed)."""
+        if self.refuse is not None and self.refuse(ctx.peer_id):
+            raise BadRequestError("this peer is banned from the run")
         if not isinstance(request, dict) or not isinstance(request.get("hash"), str) or len(request["hash"]) != 64:
             raise BadRequestError(f"expected {{hash, offset, length}} (got {brief(request)})")
         offset, length = request.get("offset"), request.get("length")
@@ -214,7 +218,8 @@ class StateSharing:
                         donor = Donor(PeerID.from_base58(v["peer_id"]), int(v["epoch"]), str(v["hash"]), int(v["size"]))
                     except (KeyError, TypeError, ValueError):
                         continue
-                    if donor.peer_id != node.peer_id and donor.size > 0 and len(donor.hash) == 64:
+                    if donor.peer_id != node.peer_id and donor.size > 0 and len(donor.hash) == 64 and (
+                            self.refuse is None or not self.refuse(donor.peer_id)):
                         donors.append(donor)
             return donors
         return self.dht.run_coroutine(fetch, return_future=True).result(timeout)
