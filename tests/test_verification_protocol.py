@@ -197,8 +197,8 @@ def test_equivocation_gradient_and_unsigned_accusations():
         verify_accusation(dataclasses.replace(grad, signature=b"\x00" * 64))
     assert verify_accusation(Accusation.make(liar, "equivocation", RUN, liar.peer_id, GROUP_ID, [a, b])).guilty \
         == "accuser"  # nobody accuses itself
-    with pytest.raises(ValueError):
-        Accusation.make(accuser, "equivocation", RUN, liar.peer_id, GROUP_ID, [a], {0: torch.zeros(100_000)})
+    with pytest.raises(ValueError):  # more than one P2P message
+        Accusation.make(accuser, "equivocation", RUN, liar.peer_id, GROUP_ID, [a], {0: torch.zeros(4_000_000)})
 
 
 # ---- randomness --------------------------------------------------------------------------------
@@ -523,6 +523,30 @@ def test_ban_list_bans_the_proven_liar_and_the_false_accuser_and_honours_the_ban
             for node in honest[:2]:
                 assert node.storage.get(_key_id(f"{RUN}.progress"), now) is None
             assert any(node.storage.get(_key_id("elsewhere"), now) is not None for node in honest)
+        finally:
+            for ban in bans:
+                ban.close()
+            for node in nodes:
+                await node.shutdown()
+
+    virtual_clock.run(main())
+
+
+def test_evidence_too_big_for_the_dht_is_published_by_reference():
+    async def main() -> None:
+        nodes = await _nodes(3, MemoryNetwork(latency=0.002, seed=7))
+        bans = [BanList(node, RUN) for node in nodes]
+        try:
+            ids, commitments, tensors, detail = _aggregate_case(n=4, d=20_000, shift=0.05)  # ~400 KB of evidence
+            accusation = Accusation.make(nodes[0].p2p.identity, "wrong_aggregate", RUN, ids[0].peer_id, GROUP_ID,
+                                         commitments, tensors, detail)
+            await bans[0].publish(accusation)
+            record = await nodes[1].get(banned_key(RUN), latest=True)
+            (entry,) = record.value.values()
+            assert entry.value["ref"] == accusation.evidence_id and len(msgpack.packb(entry.value)) < 1024
+            assert await bans[1].refresh() == [ids[0].peer_id]
+            bans[0].close()  # its holder gone, a newcomer cannot judge it: it bans nobody (and is retried)
+            assert await bans[2].refresh() == [] and not bans[2].is_banned(ids[0].peer_id)
         finally:
             for ban in bans:
                 ban.close()

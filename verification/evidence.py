@@ -31,7 +31,9 @@ kind                        evidence and what is checked
                             it (:mod:`verification.randomness`), in ``detail``.
 ==========================  ============================================================================
 
-Wire form (msgpack map; at most MAX_ACCUSATION_BYTES=224 KiB packed, so it fits a DHT value):
+Wire form (msgpack map; at most MAX_ACCUSATION_BYTES=15 MiB packed, one P2P message; up to
+MAX_INLINE_BYTES=224 KiB it fits a DHT value, a bigger one is published by reference, see
+:mod:`verification.banlist`):
 ``{"v": 1, "kind": str, "run": str (at most 512), "accused": PeerID bytes, "round": bytes (1 to 64),
 "c": [full commitments] (at most 4097), "t": [[index of a commitment (int), {"dtype": "float32" |
 "float16" | "bfloat16" | "float64", "shape": [int] (at most 4 dims), "data": little-endian bytes}]],
@@ -55,11 +57,13 @@ from dht.peer.untrusted import brief
 
 from .commitments import ROLE_INPUT, ROLE_RESULT, Commitment, group_digest, tensor_digest
 
-__all__ = ["KINDS", "MAX_ACCUSATION_BYTES", "Accusation", "Verdict", "CannotVerify", "verify_accusation",
+__all__ = ["KINDS", "MAX_ACCUSATION_BYTES", "MAX_INLINE_BYTES", "Accusation", "Verdict", "CannotVerify",
+           "verify_accusation",
            "encode_tensor", "decode_tensor", "DEFAULT_AGGREGATE_TOLERANCE"]
 
 KINDS = ("commitment_mismatch", "equivocation", "wrong_aggregate", "wrong_gradient", "bad_opening")
-MAX_ACCUSATION_BYTES = 224 << 10
+MAX_ACCUSATION_BYTES = 15 << 20  # one P2P message (16 MiB) with room to spare
+MAX_INLINE_BYTES = 224 << 10  # fits a DHT value (256 KiB, signature included)
 MAX_COMMITMENTS = 4097
 MAX_DETAIL_BYTES = 32 << 10
 MAX_RUN_CHARS = 512
