@@ -147,7 +147,9 @@ class NatService:
         previous = self.verdict
         self.reachability = result
         line = verdict_line(result)
-        logger.log(logging.INFO if result.verdict == PUBLIC else logging.WARNING, "%s", line)
+        # printed on stdout as well (the CLI): logged at INFO only, so that it shows once
+        quiet = result.verdict == PUBLIC or self.options.print_verdict
+        logger.log(logging.INFO if quiet else logging.WARNING, "%s", line)
         if result.errors:
             logger.debug("reachability check: helpers that did not answer: %s", "; ".join(result.errors))
         if self.options.print_verdict:
