@@ -665,3 +665,43 @@ def test_hostile_seed_and_inputs_requests_get_refusals_never_tracebacks(caplog):
 
     virtual_clock.run(main())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "failed for" in r.getMessage()]
+
+
+# ---- recorded bytes (protocol version 2 of avg.part: the optional "c" keys) ----------------------
+
+HEADER_WITH_COMMITMENT = bytes.fromhex(
+    "86a167c4141717171717171717171717171717171717171717a17000a174c400a16901a177cb4000000000000000a16383a164c42000"
+    "0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fa16bc420917cc3f700754b6985c05862e1fa3ce3554b8e"
+    "50887963d960fa754e745369bda173c440a83472aeea21e04151f68cd7d0ada94a976eb8846b3ceacfba13072b676a88f5657ce7cf1a"
+    "33f428a7df8f3f9e7ee353f32135ab6a1f71013a4a4924004d950b")
+DONE_WITH_COMMITMENT = bytes.fromhex(
+    "83a4646f6e6593000102a56d69786564c2a16383a164c420202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d"
+    "3e3fa16bc420917cc3f700754b6985c05862e1fa3ce3554b8e50887963d960fa754e745369bda173c440d514ff07459cc288f1fa8eff"
+    "868a2e52dd1c8718923acd1aa01f9a82e14a671e2520608dfec55a87fcf96e6bfee541d283703134a00a9979a0f502c51776d001")
+
+
+def test_part_messages_with_commitments_match_the_recorded_bytes():
+    from averaging import protocol
+    from averaging.protocol import PartHeader
+
+    me = identity(1)
+    group = b"\x01" * 32
+    c = Commitment.sign(me, RUN, GROUP_ID, 0, 2, "input", bytes(range(32)), 2.0, (), group)
+    r = Commitment.sign(me, RUN, GROUP_ID, 0, 1, "result", bytes(range(32, 64)), 0.0, (0, 1, 2), group)
+    header = PartHeader(GROUP_ID, 0, b"", 1, 2.0, c.compact())
+    assert msgpack.packb(protocol.part_header(header), use_bin_type=True) == HEADER_WITH_COMMITMENT
+    assert msgpack.packb(protocol.part_done([0, 1, 2], False, r.compact()), use_bin_type=True) == DONE_WITH_COMMITMENT
+    parsed = protocol.parse_part_header(msgpack.unpackb(HEADER_WITH_COMMITMENT))
+    assert parsed == header
+    again = Commitment.from_compact(parsed.commitment, RUN, GROUP_ID, 0, 2, "input", 2.0, group=group,
+                                    sender=me.peer_id)
+    assert again == c and again.verify()
+    done = msgpack.unpackb(DONE_WITH_COMMITMENT)
+    assert protocol.parse_part_done(done, 3) == ([0, 1, 2], False)
+    assert Commitment.from_compact(protocol.parse_part_commitment(done), RUN, GROUP_ID, 0, 1, "result", 0.0,
+                                   [0, 1, 2], group).verify()
+    for bad in ({"d": b"x"}, {"d": bytes(32), "k": bytes(32)}, [1], {"d": bytes(32), "k": bytes(32), "s": bytes(63)}):
+        with pytest.raises(BadRequestError):
+            protocol.parse_part_header({**msgpack.unpackb(HEADER_WITH_COMMITMENT), "c": bad})
+    assert len(HEADER_WITH_COMMITMENT) - len(msgpack.packb(protocol.part_header(
+        PartHeader(GROUP_ID, 0, b"", 1, 2.0)), use_bin_type=True)) == 143  # bytes a commitment adds to a header
