@@ -25,6 +25,17 @@ every survivor ends with the exact weighted mean over F for the whole vector, bi
 members, or the round fails with :class:`AveragingError` (logged as a WARNING: this peer's round is
 lost) and leaves the caller's tensors untouched.
 
+Commitments (``RoundConfig.identity`` set; :mod:`averaging.commitments`): a member's part header
+carries its signed SHA-256 digest of all its values for that part (as the owner will decode them),
+computed before the first chunk leaves; the owner hashes the chunks as they arrive and excludes a
+member whose values do not match (recorded as a :class:`~averaging.transcript.Mismatch`: unsigned
+data proves nothing to others), and ends with its signed digest of its averaged part, which every
+member checks against what it received (a mismatch, a missing or a forged one: the owner failed).
+No extra message and no extra round trip: one signed digest (about 143 bytes) on each part stream
+in each direction, and about three SHA-256 passes over the vector per member, off the event loop
+for big parts. Each member's :class:`~averaging.transcript.RoundTranscript` (on the result) keeps
+what was signed and seen, for checks after the round (:mod:`verification`).
+
 The messages, their fields and limits are in :mod:`averaging.protocol`; a malformed one gets
 ``bad_request`` and at most the transport's rate-limited one-line log per peer, never a traceback.
 One stream per member and phase; a header for a round this peer has not started yet waits
