@@ -86,10 +86,11 @@ class Task:
 
     A **pipeline** task (SWARM parallelism, :mod:`swarm.pipeline`) gives ``stages=[f0, f1, ...]``
     instead of ``model``: zero-argument factories of ``torch.nn.Module``, stage ``k`` feeding stage
-    ``k + 1``. Then ``loss`` is ``loss(output, batch) -> scalar tensor`` (the last stage's output and
-    the batch), ``stage_input(batch)`` is the first stage's input (default ``batch[0]``), and
-    ``stage_costs`` (optional, one positive number per stage) are the relative FLOPs per sample of the
-    stages (default: each stage's parameter count). ``optimizer`` is applied to one stage's
+    ``k + 1`` (each stage maps one tensor to one tensor; the first may take integer token ids).
+    Then ``loss`` is ``loss(output, batch) -> scalar tensor`` (the last stage's output and the
+    batch), ``stage_input(batch)`` is the first stage's input (default ``batch[0]``), and
+    ``stage_costs`` (optional, one positive number per stage) are the relative FLOPs per sample of
+    the stages (default: each stage's parameter count). ``optimizer`` is applied to one stage's
     parameters. :meth:`build_stage` builds a stage with the same initial weights on every peer.
     """
 

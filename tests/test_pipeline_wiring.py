@@ -519,3 +519,14 @@ async def test_overloaded_answers_are_waited_out_not_counted_as_failures(swarm):
         with pytest.raises(PipelineError, match="overloaded"):  # but not longer than the call's timeout
             await short.forward(torch.ones(2, 4))
     await held
+
+
+async def test_outputs_bounded_like_inputs(swarm):
+    server = await swarm.server(0, torch.nn.Linear(4, 16), max_elements=64)  # an expanding stage
+    caller = await swarm.node()
+    for method, request in ((protocol.FORWARD, protocol.forward_request(0, b"", torch.zeros(8, 4))),
+                            (protocol.BACKWARD, protocol.backward_request(0, b"", torch.zeros(8, 4),
+                                                                          torch.zeros(2, 16)))):
+        with pytest.raises(RemoteError, match="output .* has 128 values, over this server's limit of 64"):
+            await caller.p2p.call(server.node.peer_id, protocol.method(method, RUN), request, timeout=10)
+    assert server.samples_accumulated == 0

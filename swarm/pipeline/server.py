@@ -333,7 +333,7 @@ class StageServer:
             parsed = protocol.parse_forward_request(request, self.max_elements)
             start = time.perf_counter()
             with torch.no_grad():
-                outputs = _call_stage(module, parsed.inputs.to(self.device), self.stage)
+                outputs = _call_stage(module, parsed.inputs.to(self.device), self.stage, self.max_elements)
             elapsed = time.perf_counter() - start
             return protocol.forward_reply(outputs, codec), elapsed, _batch_size(parsed.inputs)
 
@@ -372,7 +372,7 @@ class StageServer:
             assert parsed.grad is not None
             start = time.perf_counter()
             grad_inputs, grads = _stage_backward(module, parsed.inputs.to(self.device), parsed.grad.to(self.device),
-                                                 self.stage, parsed.want_grad_inputs)
+                                                 self.stage, self.max_elements, parsed.want_grad_inputs)
             elapsed = time.perf_counter() - start
             size = _batch_size(parsed.inputs)
             with self._grad_lock:  # added only if the reply is still wanted, and once per (caller, microbatch)
@@ -417,8 +417,9 @@ def _batch_size(inputs: torch.Tensor) -> int:
     return int(inputs.shape[0]) if inputs.dim() > 0 else 1
 
 
-def _call_stage(module: torch.nn.Module, inputs: torch.Tensor, stage: int) -> torch.Tensor:
-    """``module(inputs)``; BadRequestError naming the input if the stage cannot run on it."""
+def _call_stage(module: torch.nn.Module, inputs: torch.Tensor, stage: int, max_elements: int) -> torch.Tensor:
+    """``module(inputs)``; BadRequestError naming the input if the stage cannot run on it or its
+    output has more than ``max_elements`` values (a reply is bounded like a request)."""
     try:
         outputs = module(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -426,11 +427,14 @@ def _call_stage(module: torch.nn.Module, inputs: torch.Tensor, stage: int) -> to
                               f"of shape {list(inputs.shape)}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(outputs, torch.Tensor):
         raise RuntimeError(f"stage {stage} returned {type(outputs).__name__}, not a tensor")
+    if outputs.numel() > max_elements:
+        raise BadRequestError(f"stage {stage}'s output for an input of shape {list(inputs.shape)} has "
+                              f"{outputs.numel()} values, over this server's limit of {max_elements}: send less")
     return outputs
 
 
 def _stage_backward(module: torch.nn.Module, inputs: torch.Tensor, grad_outputs: torch.Tensor, stage: int,
-                    want_grad_inputs: bool = True
+                    max_elements: int, want_grad_inputs: bool = True
                     ) -> tuple[torch.Tensor | None, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
     """Re-run the forward with autograd; (gradient w.r.t. the inputs, or None for integer inputs or
     when not wanted, [(parameter, its gradient)]), nothing accumulated yet."""
@@ -438,7 +442,7 @@ def _stage_backward(module: torch.nn.Module, inputs: torch.Tensor, grad_outputs:
     if floating:
         inputs = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        outputs = _call_stage(module, inputs, stage)
+        outputs = _call_stage(module, inputs, stage, max_elements)
         if tuple(outputs.shape) != tuple(grad_outputs.shape):
             raise BadRequestError(f"'g' has shape {list(grad_outputs.shape)}, but stage {stage}'s outputs for "
                                   f"these inputs have shape {list(outputs.shape)}")
