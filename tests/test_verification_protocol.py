@@ -40,6 +40,7 @@ from verification.commitments import Commitment, TensorHasher, find_equivocation
 from verification.evidence import Accusation, CannotVerify, decode_tensor, encode_tensor, verify_accusation
 from verification.randomness import (
     RandomnessExchange,
+    bad_opening_accusations,
     SeedCommitment,
     SeedOpening,
     choose_checks,
@@ -170,6 +171,16 @@ def test_wrong_aggregate_is_proven_and_a_right_one_bans_the_accuser(aggregator: 
     forged = dict(detail, members=[identity(999).peer_id.raw] + detail["members"][1:])
     assert verify_accusation(Accusation.make(accuser, "wrong_aggregate", RUN, ids[0].peer_id, GROUP_ID, commitments,
                                              tensors, forged)).guilty == "accuser"
+
+
+def test_commitments_of_an_averager_under_the_run_count_for_the_run():
+    liar, accuser = identity(13), identity(14)
+    a = Commitment.sign(liar, f"{RUN}.grads", GROUP_ID, 0, 1, "result", b"\x01" * 32)
+    b = Commitment.sign(liar, f"{RUN}.grads", GROUP_ID, 0, 1, "result", b"\x02" * 32)
+    assert verify_accusation(Accusation.make(accuser, "equivocation", RUN, liar.peer_id, GROUP_ID, [a, b])).holds
+    for run in (f"{RUN}.gr", "verify", f"{RUN}.grads.x"):
+        assert verify_accusation(Accusation.make(accuser, "equivocation", run, liar.peer_id, GROUP_ID,
+                                                 [a, b])).guilty == "accuser"
 
 
 def test_equivocation_gradient_and_unsigned_accusations():
@@ -453,10 +464,10 @@ def test_shared_randomness_agrees_and_a_bad_opening_is_provable():
             for outcome in outcomes[:3]:
                 assert outcome.included == [0, 1, 2] and [b[0].index for b in outcome.bad] == [3]
             assert len({o.value for o in outcomes[:3]}) == 1
-            commitment, opening = outcomes[0].bad[0]
-            accusation = Accusation.make(group.peers[0].identity, "bad_opening", RUN, members[3], b"round-2",
-                                         detail={"commit": commitment.to_wire(), "open": opening.to_wire()})
-            assert verify_accusation(accusation).holds
+            (accusation,) = bad_opening_accusations(group.peers[0].identity, outcomes[0], RUN)
+            assert accusation.accused == members[3] and verify_accusation(accusation).holds
+            elsewhere = bad_opening_accusations(group.peers[0].identity, outcomes[0], "another-run")
+            assert verify_accusation(elsewhere[0]).guilty == "accuser"  # seed messages of another run
             # a member that vanishes after committing is left out, not blamed
             silent = group.seeds[2]
             silent.close()

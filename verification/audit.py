@@ -149,11 +149,12 @@ async def _fetch_input(p2p: P2P, method: str, transcript: RoundTranscript, phase
 
 async def audit_aggregate(p2p: P2P, prefix: str, identity: Identity, transcript: RoundTranscript, owner: int,
                           phase: int = 0, timeout: float = 10.0, tolerance: float | None = None,
-                          time: float = 0.0) -> Accusation | None:
+                          time: float = 0.0, run_id: str | None = None) -> Accusation | None:
     """Recompute ``owner``'s result of ``phase`` (which this member received and verified against the
     owner's signed digest) from its contributors' committed inputs; a signed ``wrong_aggregate``
-    accusation (by ``identity``) if it is off, None if it is right or cannot be checked (an input
-    nobody served, no verified result). The recomputation runs off the event loop."""
+    accusation (by ``identity``, for ``run_id``: default ``prefix``, the averager's) if it is off, None
+    if it is right or cannot be checked (an input nobody served, no verified result). The
+    recomputation runs off the event loop."""
     phases = [p for p in transcript.phases if p.number == phase]
     if not phases or owner not in phases[0].results or transcript.result is None:
         return None
@@ -179,8 +180,8 @@ async def audit_aggregate(p2p: P2P, prefix: str, identity: Identity, transcript:
     detail: dict[str, Any] = {"members": [m.raw for m in transcript.members], "aggregator": transcript.aggregator}
     if tolerance is not None:
         detail["tolerance"] = tolerance
-    accusation = Accusation.make(identity, "wrong_aggregate", prefix, transcript.members[owner], transcript.group_id,
-                                 commitments, tensors, detail, time)
+    accusation = Accusation.make(identity, "wrong_aggregate", run_id or prefix, transcript.members[owner],
+                                 transcript.group_id, commitments, tensors, detail, time)
     verdict: Verdict = await asyncio.get_running_loop().run_in_executor(None, verify_accusation, accusation)
     if verdict.holds:
         return accusation
@@ -189,7 +190,8 @@ async def audit_aggregate(p2p: P2P, prefix: str, identity: Identity, transcript:
 
 
 async def find_equivocations(p2p: P2P, prefix: str, identity: Identity, transcript: RoundTranscript,
-                             peers: Sequence[PeerID], timeout: float = 10.0, time: float = 0.0) -> list[Accusation]:
+                             peers: Sequence[PeerID], timeout: float = 10.0, time: float = 0.0,
+                             run_id: str | None = None) -> list[Accusation]:
     """Ask ``peers`` (members of the round) for the owners' signed results they received and compare
     them with this member's: a signed ``equivocation`` accusation per owner caught signing two
     different results for one part."""
@@ -214,5 +216,6 @@ async def find_equivocations(p2p: P2P, prefix: str, identity: Identity, transcri
             pair = find_equivocation([c for c in mine if c.slot == commitment.slot] + [commitment])
             if pair is not None:
                 accusations[commitment.sender] = Accusation.make(
-                    identity, "equivocation", prefix, commitment.sender, transcript.group_id, pair, time=time)
+                    identity, "equivocation", run_id or prefix, commitment.sender, transcript.group_id, pair,
+                    time=time)
     return list(accusations.values())

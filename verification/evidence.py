@@ -1,6 +1,8 @@
 """Accusations that carry their own proof, and the check every peer runs before acting on one.
 
-An :class:`Accusation` names the accused peer, the kind of lie, the round, and its evidence: signed
+An :class:`Accusation` names the run (the ban list's scope: its commitments' prefixes are the run id
+or under it, e.g. an averager's ``f"{run_id}.grads"``), the accused peer, the kind of lie, the round,
+and its evidence: signed
 commitments (:class:`~verification.commitments.Commitment`), the tensors they commit to, and a small
 kind-specific ``detail`` map; the accuser signs the whole. :func:`verify_accusation` rebuilds the
 disputed fact from the evidence alone and rules who lied: ``"accused"`` if the evidence proves it,
@@ -58,7 +60,7 @@ from dht.peer.untrusted import brief
 from .commitments import ROLE_INPUT, ROLE_RESULT, Commitment, group_digest, tensor_digest
 
 __all__ = ["KINDS", "MAX_ACCUSATION_BYTES", "MAX_INLINE_BYTES", "Accusation", "Verdict", "CannotVerify",
-           "verify_accusation",
+           "verify_accusation", "in_run",
            "encode_tensor", "decode_tensor", "DEFAULT_AGGREGATE_TOLERANCE"]
 
 KINDS = ("commitment_mismatch", "equivocation", "wrong_aggregate", "wrong_gradient", "bad_opening")
@@ -244,13 +246,19 @@ def verify_accusation(accusation: Accusation, recompute: Recompute | None = None
     for index, commitment in enumerate(accusation.commitments):
         if not commitment.verify():
             return Verdict("accuser", f"commitment {index} of the evidence has a bad signature")
-        if commitment.prefix != accusation.run_id or commitment.round_id != accusation.round_id:
+        if not in_run(commitment.prefix, accusation.run_id) or commitment.round_id != accusation.round_id:
             return Verdict("accuser", f"commitment {index} is of another run or round")
     for index, tensor in accusation.tensors.items():
         if tensor_digest(tensor) != accusation.commitments[index].digest and accusation.kind != "commitment_mismatch":
             return Verdict("accuser", f"tensor {index} does not match its commitment")
     check = _CHECKS[accusation.kind]
     return check(accusation, recompute)
+
+
+def in_run(prefix: str, run_id: str) -> bool:
+    """Whether a commitment's (or seed message's) ``prefix`` belongs to run ``run_id``: the run id itself
+    or a prefix under it (``f"{run_id}.grads"``, ``f"{run_id}/..."``)."""
+    return prefix == run_id or prefix.startswith(run_id + ".") or prefix.startswith(run_id + "/")
 
 
 def _by_accused(accusation: Accusation) -> list[Commitment]:
@@ -392,8 +400,7 @@ def _check_opening(accusation: Accusation, recompute: Recompute | None) -> Verdi
         return Verdict("accuser", "the seed messages are not the accused's")
     if not (commitment.verify() and opening.verify()):
         return Verdict("accuser", "a seed message has a bad signature")
-    if (commitment.run_id, commitment.round_id, opening.run_id, opening.round_id) != (
-            accusation.run_id, accusation.round_id, accusation.run_id, accusation.round_id):
+    if not (in_run(commitment.run_id, accusation.run_id) and commitment.round_id == accusation.round_id):
         return Verdict("accuser", "the seed messages are of another run or round")
     if commitment.opened_by(opening):
         return Verdict("accuser", "the opening matches the commitment")

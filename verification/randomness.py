@@ -63,7 +63,7 @@ from dht.peer.slots import Slots
 from dht.peer.untrusted import brief
 
 __all__ = ["SEED_METHOD", "SeedCommitment", "SeedOpening", "SharedRandomness", "RandomnessExchange", "combine",
-           "choose_checks", "seed_hash"]
+           "choose_checks", "seed_hash", "bad_opening_accusations"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,16 @@ class SharedRandomness:
     silent: list[int]  # members whose commitment never came
     bad: list[tuple[SeedCommitment, SeedOpening]] = field(default_factory=list)  # provable bad openings
     disagree: list[int] = field(default_factory=list)  # members that sent a view other than this member's
+
+
+def bad_opening_accusations(identity: Identity, shared: SharedRandomness, run_id: str, time: float = 0.0) -> list:
+    """A signed ``bad_opening`` :class:`~verification.evidence.Accusation` (by ``identity``, for
+    ``run_id``) for every provably bad opening of ``shared``."""
+    from .evidence import Accusation
+
+    return [Accusation.make(identity, "bad_opening", run_id, commitment.sender, shared.round_id,
+                            detail={"commit": commitment.to_wire(), "open": opening.to_wire()}, time=time)
+            for commitment, opening in shared.bad]
 
 
 @dataclass
