@@ -40,9 +40,9 @@ from verification.commitments import Commitment, TensorHasher, find_equivocation
 from verification.evidence import Accusation, CannotVerify, decode_tensor, encode_tensor, verify_accusation
 from verification.randomness import (
     RandomnessExchange,
-    bad_opening_accusations,
     SeedCommitment,
     SeedOpening,
+    bad_opening_accusations,
     choose_checks,
     combine,
     seed_hash,
