@@ -8,7 +8,9 @@ most 224 KiB, else a reference ``{"v": 1, "ref": its evidence id (32 hex charact
 8)}``: readers fetch the accusation from the holder over ``verify.evidence.{run_id}`` (request
 ``{"id": evidence id}``, reply: the accusation's wire form, at most 15 MiB) and check that it hashes
 to the id. The holder serves the last 64 accusations it published; a reference whose holder does
-not answer is not judged (retried at the next refresh) and bans nobody.
+not answer is not judged (retried at the next refresh) and bans nobody. An accusation's run may
+be ``run_id`` or a prefix under it (e.g. an averager's ``f"{run_id}.grads"``).
+
 A reader trusts no record: :meth:`BanList.refresh` re-verifies the evidence of each one it has not
 judged yet (:func:`~verification.evidence.verify_accusation`, off the event loop) and bans the
 accused if it holds, the accuser if it does not (a false accusation is the accuser's lie); records
@@ -48,6 +50,7 @@ from .evidence import (
     CannotVerify,
     Recompute,
     Verdict,
+    in_run,
     verify_accusation,
 )
 
@@ -156,7 +159,7 @@ class BanList:
             except (BadRequestError, ValueError, TypeError) as e:
                 logger.debug("run %s: a malformed ban record %s: %s", brief(self.run_id, 64), brief(subkey, 80), e)
                 continue
-            if accusation.run_id != self.run_id:
+            if not in_run(accusation.run_id, self.run_id):
                 continue
             outcome = await self.judge(accusation, check)
             if outcome is not None and self.ban(*outcome):
@@ -168,7 +171,7 @@ class BanList:
         """Verify ``accusation``, ban the accused here and store it in the DHT; ValueError (nothing
         stored or banned) if it does not hold or cannot be judged here: publishing it would only ban
         its accuser."""
-        if accusation.run_id != self.run_id:
+        if not in_run(accusation.run_id, self.run_id):
             raise ValueError(f"the accusation is for run {brief(accusation.run_id, 64)}, not {brief(self.run_id, 64)}")
         outcome = await self.judge(accusation, check)
         if outcome is None or outcome[0] != accusation.accused:
