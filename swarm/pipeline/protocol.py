@@ -23,7 +23,7 @@ reply                     ``{"v": 1, "gx": gradient w.r.t. the inputs (tensor), 
 ========================  ==========================================================================
 
 A server reads requests of at most :func:`max_request_bytes` of its ``max_elements`` (default
-``2**19`` values per tensor: about 6 MiB); a bigger one is refused while it arrives (``too_large``).
+``2**20`` values per tensor: about 12 MiB); a bigger one is refused while it arrives (``too_large``).
 Reply parsers raise :class:`~dht.peer.errors.ProtocolError` (the server misbehaved). Byte vectors:
 ``tests/test_pipeline_wiring.py``.
 
@@ -62,7 +62,7 @@ VERSION = 1
 FORWARD, BACKWARD, INFO = "pipe.forward", "pipe.backward", "pipe.info"
 MAX_MB_ID_BYTES = 32
 MAX_DIMS = 8
-DEFAULT_MAX_ELEMENTS = 1 << 19  # values per tensor a server accepts by default (2 MiB of float32)
+DEFAULT_MAX_ELEMENTS = 1 << 20  # values per tensor a server accepts by default (4 MiB of float32)
 DEFAULT_CODEC = "blockwise8"
 CODECS = ("none", "float16", "uint8", "blockwise8", "quantile8")  # the stateless ones
 RAW = "raw"
