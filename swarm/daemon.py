@@ -49,6 +49,7 @@ logger = logging.getLogger("swarm.join")
 EXIT_TASK, EXIT_RUN, EXIT_NETWORK, EXIT_CHECKPOINT, EXIT_LOCAL = 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
 THREADS_RECHECK = 10.0  # seconds between two counts of the local peers (default --threads only)
+VERIFY_DEFAULT = 1 / 16  # --verify without a value: verification.validator.DEFAULT_PROBABILITY
 CATCH_UP_PATIENCE = 30.0  # seconds a joiner keeps trying live donors before it trains from its own epoch
 # options the daemon sets itself (a task's optimizer_options must not)
 _DAEMON_OPTIONS = ("target_batch_size", "batch_size_per_step", "client_mode", "bandwidth")
@@ -102,6 +103,13 @@ def add_join_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="append one JSON line per epoch (time, epoch, loss, evaluation, bytes) to PATH")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument("--verify", nargs="?", type=float, const=VERIFY_DEFAULT, default=None, metavar="P",
+                   help="verify gradients (sync mode): each round a member is recomputed by another with "
+                        f"probability P (default {VERIFY_DEFAULT:g}: 1/16 extra compute); liars are banned. "
+                        "Pinned by the run: all its peers must give the same P")
+    p.add_argument("--byzantine", default=None, metavar="ATTACK",
+                   help="TESTING ONLY: attack the run (an attack of averaging.attacks, label_flip or "
+                        "wrong_aggregate)")
     from .dashboard.options import add_dashboard_arguments
     add_dashboard_arguments(p)
     from .pipeline.roles import add_pipeline_arguments  # --role, --stage, --max-memory, --rebalance-period
@@ -184,6 +192,14 @@ def _parse_arguments(args: argparse.Namespace) -> tuple[int, int]:
         value = getattr(args, name, None)
         if value is not None and value < minimum:
             raise bad(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    verify = getattr(args, "verify", None)
+    if verify is not None and not 0.0 <= verify <= 1.0:
+        raise bad(f"--verify must be a probability in [0, 1], got {verify:g}")
+    if getattr(args, "byzantine", None) is not None:
+        from verification.byzantine import attack_names
+
+        if args.byzantine not in attack_names():
+            raise bad(f"--byzantine: unknown attack {args.byzantine!r}; known: {', '.join(attack_names())}")
     for name in ("max_seconds", "matchmaking_time", "bandwidth"):
         value = getattr(args, name, None)
         if value is not None and not value > 0:
@@ -342,6 +358,11 @@ def _join(args: argparse.Namespace, signals: _Signals) -> int:
         settings = {"task attribute": split_task_ref(args.task)[1], "batch_size": task.batch_size,
                     "target_batch_size": task.target_batch_size,
                     **{f"optimizer {name}": value for name, value in pinned.items()}}
+        if getattr(args, "verify", None) is not None:
+            if pinned["mode"] != "sync" or pinned["compression"] not in (None, "none"):
+                raise _Fatal(EXIT_TASK, "--verify needs a sync-mode task with exact averaging (compression None): "
+                                        "it recomputes and hashes the gradients as sent")
+            settings["verification"] = float(args.verify)  # pinned: every peer of the run verifies alike
         identity = Path(args.identity or default_identity_path())
         lock = _lock_identity(identity)
         try:
@@ -429,10 +450,30 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
             if announcement.creator == str(dht.peer_id):
                 announcer = RunAnnouncer(dht, announcement)
 
-        opt = Optimizer(dht=dht, run_id=run_id, optimizer=task.optimizer, params=model.parameters(),
-                        target_batch_size=task.target_batch_size,
-                        batch_size_per_step=args.batch_size or task.batch_size,
-                        client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
+        byzantine = source = None
+        common = dict(dht=dht, run_id=run_id, optimizer=task.optimizer, params=model.parameters(),
+                      target_batch_size=task.target_batch_size, batch_size_per_step=args.batch_size or task.batch_size,
+                      client_mode=args.client_mode, bandwidth=args.bandwidth, **options)
+        if getattr(args, "byzantine", None) is not None:
+            from verification.byzantine import Byzantine
+
+            byzantine = Byzantine(args.byzantine, seed=int.from_bytes(dht.peer_id.raw[-4:], "little"))
+            byzantine.announce()
+        if getattr(args, "verify", None) is not None:
+            from verification.recompute import EpochBatches
+
+            from .verified import VerifiedOptimizer
+
+            source = EpochBatches(task, run_id, dht.peer_id, shard, num_shards, args.batch_size or task.batch_size)
+            opt = VerifiedOptimizer(task=task, model=model, source=source, probability=args.verify,
+                                    byzantine=byzantine, **common)
+            print(f"verification on: each round a member is recomputed with probability {args.verify:g}", flush=True)
+        elif byzantine is not None:
+            from .verified import AttackingOptimizer
+
+            opt = AttackingOptimizer(byzantine=byzantine, **common)
+        else:
+            opt = Optimizer(**common)
         view.optimizer = opt
         opt.sharing.show_progress = not args.quiet  # state downloads show their progress on stderr
 
@@ -453,7 +494,7 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
 
         data_seed = int.from_bytes(hashlib.sha256(dht.peer_id.raw).digest()[:4], "little")
         return _train(args, task, model, opt, dht, signals.stop, device, shard, num_shards, data_seed, run_id,
-                      save_checkpoint, local, view)
+                      save_checkpoint, local, view, source=source, byzantine=byzantine)
     finally:
         if dashboard is not None:
             close_for(dht, dashboard)
@@ -514,7 +555,10 @@ def _observe(view: Any, task: Any, opt: Any, evaluation: dict) -> None:
 
 
 def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_seed, run_id, save_checkpoint,
-           local, view=None) -> int:
+           local, view=None, source=None, byzantine=None) -> int:
+    """The training loop. ``source`` (verification): named batches, restarted whenever the optimizer's
+    accumulated gradient is empty (a new epoch, a downloaded state), counted as they are accumulated;
+    ``byzantine``: this peer's attack (label flipping happens here)."""
     import torch
 
     from .local_peers import default_threads
@@ -544,7 +588,17 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
                     torch.set_num_threads(default_threads(peers))
                     logger.info("torch threads: %d -> %d (%d local swarm peers now)", threads, default_threads(peers),
                                 peers)
-            batch = _to_device(next(batches), device)
+            if source is not None:
+                if opt.local_samples == 0:
+                    source.reset(opt.local_epoch)
+                batch = source.next(opt.local_epoch)
+            else:
+                batch = next(batches)
+            if byzantine is not None:
+                if byzantine.name == "label_flip" and byzantine.num_classes is None:
+                    byzantine.learn_classes(model, _to_device(batch, device))
+                batch = byzantine.flip(batch)
+            batch = _to_device(batch, device)
             model.train()
             loss = task.loss(model, batch)
             if not torch.isfinite(loss):
@@ -552,6 +606,8 @@ def _train(args, task, model, opt, dht, stop, device, shard, num_shards, data_se
                 opt.zero_grad()
                 continue
             loss.backward()
+            if source is not None:
+                source.count(task.samples_in(batch))  # before step(): a round may start in it
             ended = opt.step(batch_size=task.samples_in(batch), loss=loss)
             opt.zero_grad()
             if ended:

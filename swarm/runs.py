@@ -154,6 +154,9 @@ class RunInfo:
     # "samples_per_s"}] from the stage announcements, and the trainers' samples/s (the progress records)
     stages: list[dict] | None = None
     trainers_samples_per_s: float | None = None
+    # verified runs (their announcement pins "verification"): [{"peer_id", "reason", "reporters"}], the
+    # peers most of the run's verifying peers ban (swarm.verified.fetch_ban_views); [] otherwise
+    banned: list[dict] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -268,6 +271,10 @@ def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> l
             if isinstance(num_stages, int) and not isinstance(num_stages, bool) and 0 < num_stages <= 1024:
                 info.stages = await _pipeline(node, run_id, num_stages)
                 info.trainers_samples_per_s = info.samples_per_second
+            if "verification" in (a.settings or {}):
+                from .verified import fetch_ban_views
+
+                info.banned = await fetch_ban_views(node, run_id)
             infos.append(info)
         return sorted(infos, key=lambda i: (-i.peers, -(i.last_seen or i.created), i.run_id))
     return dht.run_coroutine(go, return_future=True).result(timeout)
