@@ -567,6 +567,29 @@ def test_evidence_too_big_for_the_dht_is_published_by_reference():
     virtual_clock.run(main())
 
 
+def test_an_accusation_that_needs_a_recompute_function_waits_for_one():
+    async def main() -> None:
+        nodes = await _nodes(2, MemoryNetwork(latency=0.002, seed=8))
+        bans = [BanList(node, RUN) for node in nodes]
+        try:
+            target = identity(21)
+            values = torch.randn(100)
+            c = Commitment.sign(target, f"{RUN}.grads", GROUP_ID, 0, 0, "input", tensor_digest(values), 1.0)
+            accusation = Accusation.make(nodes[0].p2p.identity, "wrong_gradient", RUN, target.peer_id, GROUP_ID, [c],
+                                         {0: values})
+            wrong = lambda acc: False  # noqa: E731 - the accused's values are not its gradient
+            await bans[0].publish(accusation, check=wrong)
+            assert await bans[1].refresh() == []  # it cannot judge it without a recompute function: nobody banned
+            assert await bans[1].refresh(check=wrong) == [target.peer_id]
+        finally:
+            for ban in bans:
+                ban.close()
+            for node in nodes:
+                await node.shutdown()
+
+    virtual_clock.run(main())
+
+
 def test_a_banned_peer_is_never_grouped_with():
     async def main() -> None:
         random.seed(6)

@@ -82,7 +82,7 @@ class BanList:
         self.identity = identity or node.p2p.identity
         self.key = banned_key(run_id)
         self._banned: dict[PeerID, str] = {}
-        self._judged: collections.OrderedDict[str, tuple[PeerID, str] | None] = collections.OrderedDict()
+        self._judged: collections.OrderedDict[str, tuple[PeerID, str]] = collections.OrderedDict()
         self._held: collections.OrderedDict[str, dict] = collections.OrderedDict()  # evidence id -> wire form
         self.evidence_method = f"{EVIDENCE_METHOD}.{run_id}"
         self.fetch_timeout = 10.0
@@ -115,8 +115,8 @@ class BanList:
         return True
 
     async def judge(self, accusation: Accusation, check: Recompute | None = None) -> tuple[PeerID, str] | None:
-        """(guilty peer, reason) for ``accusation``, or None if it cannot be judged here; verified once
-        (off the event loop), then remembered."""
+        """(guilty peer, reason) for ``accusation``, or None if it cannot be judged here; verified off
+        the event loop, a verdict once (then remembered)."""
         evidence_id = accusation.evidence_id
         if evidence_id in self._judged:
             return self._judged[evidence_id]
@@ -133,9 +133,10 @@ class BanList:
             else:
                 outcome = (accusation.accuser, f"false accusation ({accusation.kind}) against {accusation.accused}: "
                                                f"{verdict.reason}")
-        self._judged[evidence_id] = outcome
-        while len(self._judged) > MAX_JUDGED:
-            self._judged.popitem(last=False)
+        if outcome is not None:  # (one that cannot be judged now may be later, e.g. with a recompute function)
+            self._judged[evidence_id] = outcome
+            while len(self._judged) > MAX_JUDGED:
+                self._judged.popitem(last=False)
         return outcome
 
     async def refresh(self, check: Recompute | None = None) -> list[PeerID]:
