@@ -187,9 +187,8 @@ class NatService:
 
     def status(self) -> dict[str, Any]:
         """The NAT state for ``swarm status`` and the metrics (plain JSON-able values)."""
-        r = self.reachability
         relay = self.relay_service.stat() if self.relay_service is not None and self.relay_service.enabled else {}
-        return {"verdict": self.verdict, "observed_ip": r.observed_ip if r else None, "relayed": self.relayed,
+        return {"verdict": self.verdict, "observed_ip": self._observed_ip(), "relayed": self.relayed,
                 "relays": sorted(str(p) for p in self.relay_client.held),
                 "relay_reservations": relay.get("reservations", 0), "relay_circuits": relay.get("circuits", 0),
                 "relay_bytes": relay.get("bytes_relayed", 0),
