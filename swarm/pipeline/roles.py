@@ -239,6 +239,7 @@ class _Joined:
         from ..cli import parse_announce
         from ..daemon import EXIT_RUN, _lock_identity, default_identity_path
         from ..exitcodes import startup_error
+        from ..nat_cli import nat_options
         from ..runs import RunAnnouncement, RunAnnouncer, announce_run, find_run, settings_differences
 
         args = self.args
@@ -249,7 +250,7 @@ class _Joined:
                 with self.signals.interruptible():
                     self.dht = DHT(initial_peers=args.initial_peers, host=args.host, port=args.port,
                                    identity_path=identity, client_mode=args.client_mode,
-                                   announce=parse_announce(args.announce_addr))
+                                   announce=parse_announce(args.announce_addr), nat=nat_options(args))
             except (P2PError, OSError, ValueError) as e:
                 raise _fatal(*startup_error(e, args.host, args.port, identity)) from None
             dht = self.dht
