@@ -14,8 +14,13 @@ import socket
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dht import P2P, DHTNode, RemoteError
+from dht.peer.addresses import AddressError, PeerAddress
+from dht.peer.errors import BadRequestError, P2PError
+from dht.peer.identity import Identity
 from dht.peer.nat import NatOptions, NatService
 from dht.peer.reachability import (
     DIALBACK_METHOD,
@@ -170,3 +175,47 @@ async def test_natted_dht_node_reserves_relays_and_is_reached_through_them():
 
 async def _echo(request, ctx):
     return request
+
+
+# ---- parsers: hostile input gets a clear error, nothing else (hypothesis)
+_IDS = [Identity().peer_id for _ in range(2)]
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=300) | st.binary(max_size=40),
+                       lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=5), max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.ip_addresses(v=4) | st.ip_addresses(v=6), st.integers(0, 65535), st.booleans(), st.booleans())
+def test_relay_addresses_round_trip(ip, port, with_peer, relayed):
+    proto = "ip4" if ip.version == 4 else "ip6"
+    address = PeerAddress(proto, str(ip), port, _IDS[0] if with_peer else None, _IDS[1] if relayed else None)
+    parsed = PeerAddress.parse(str(address))
+    assert parsed == address and str(parsed) == str(address)
+    if relayed:
+        assert parsed.relay_address() == PeerAddress(proto, str(ip), port, _IDS[1])
+        assert parsed.without_peer_id().relay == _IDS[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["ip4", "1.2.3.4", "tcp", "5", "p2p", str(_IDS[0]), "relay", "", "x", "memory"]),
+                max_size=9))
+def test_address_parser_refuses_junk_with_address_error(parts):
+    text = "/" + "/".join(parts)
+    try:
+        PeerAddress.parse(text)
+    except AddressError:
+        pass
+
+
+@settings(max_examples=120, deadline=None)
+@given(_values | st.fixed_dictionaries({"v": st.just(1), "addrs": st.lists(st.text(max_size=80) | _values,
+                                                                            max_size=9)},
+                                       optional={"token": st.text(max_size=40)}))
+def test_nat_message_parsers_raise_only_clear_errors(message):
+    from dht.peer import holepunch, reachability, relay
+
+    for parse in (reachability._parse_request, holepunch._parse_addrs, relay._token, reachability._parse_response):
+        try:
+            parse(message)
+        except (BadRequestError, P2PError):
+            pass
