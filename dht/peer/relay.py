@@ -422,7 +422,8 @@ class RelayClient:
         expires); returns our relayed address. RelayRefusedError / P2PError if refused or unreachable."""
         if relay.peer_id is None:
             raise ValueError(f"{relay}: a relay address needs /p2p/PEERID")
-        stream = await self.p2p.open_stream(relay, RESERVE_METHOD, timeout=None)
+        # the relay serves the reservation for at most this long (then we reserve again)
+        stream = await self.p2p.open_stream(relay, RESERVE_METHOD, timeout=self.p2p.limits.max_handler_timeout)
         try:
             await stream.send({"v": VERSION})
             reply = await asyncio.wait_for(stream.recv(), timeout)
