@@ -185,3 +185,26 @@ async def test_without_hole_punching_traffic_stays_on_the_relay():
         finally:
             await dialer.nat.close()
             await dialer.shutdown()
+
+
+async def test_circuit_buffers_are_charged_to_the_peer_layers_memory_budgets():
+    from dht import Limits
+
+    relay = await P2P.create(host="127.0.0.1", limits=Limits(peer_memory=3 << 20))  # room for one circuit (2 MiB)
+    NatService(relay, NatOptions(check=False, holepunch=False))
+    async with peers(2) as (natted, dialer):
+        try:
+            natted.add_unary_handler("test.echo", echo)
+            await natted.nat.relay_client.reserve(relay.get_visible_addresses()[0])
+            target = relayed_address(natted)
+            assert await dialer.call(target, "test.echo", 1, timeout=10) == 1
+            assert relay.resources.peer_stat(dialer.peer_id)["memory"] == 2 << 20
+            dialer.disconnect(natted.peer_id)
+            assert await wait_for(lambda: not relay.nat.relay_service.circuits)
+            # a second circuit at once would exceed the dialer's peer budget on the relay
+            assert await dialer.call(target, "test.echo", 2, timeout=10) == 2
+            with pytest.raises(PeerUnreachableError, match="relay memory budget spent"):
+                await dialer.nat.relay_client.dial(target)
+        finally:
+            await relay.nat.close()
+            await relay.shutdown()

@@ -24,6 +24,9 @@ Limits (:class:`RelayLimits`, enforced by R; defaults: libp2p's relay v2 shape, 
 traffic as hivemind does): reservations in total and per source IP, their lifetime; circuits in
 total, per peer (either end) and per dialer IP; bytes (both directions) and seconds per circuit,
 after which R closes the circuit (the end-to-end connection then fails like any lost connection).
+Each circuit's buffers (2 x ``buffer_bytes``) are reserved against R's resource budgets
+(:mod:`dht.peer.resources`: the dialer's peer and IP memory budgets and the whole peer's), so
+circuits cannot take more memory than inbound traffic may.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .addresses import PeerAddress
 from .channel import FrameChannel
-from .errors import BadRequestError, P2PError, PeerUnreachableError, RemoteError
+from .errors import BadRequestError, P2PError, PeerUnreachableError, RemoteError, ResourceLimitError
 from .identity import IdentityError, PeerID
 from .resources import ip_key
 from .untrusted import LogLimiter, brief
@@ -114,6 +117,7 @@ class _Circuit:
         self.sides: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.halves: list[_Half] = []
         self.bytes = 0
+        self.scope: Any = None  # the dialer's ConnectionScope holding the circuit's buffer budget
         self.started = time.monotonic()
         self.closed = False
         self.reason = ""
@@ -289,7 +293,14 @@ class RelayService:
                                    f"of {who})", src)
         if self._per_ip.get(ip, 0) >= limits.max_circuits_per_ip:
             raise self._refuse(f"circuit limit per IP reached ({limits.max_circuits_per_ip} from {ip})", src)
+        scope = self.p2p.resources.open_connection(src, ip)  # the peer layer's budgets, per peer / IP / in all
+        try:
+            scope.reserve(2 * limits.buffer_bytes)  # both directions' write buffers, at most
+        except ResourceLimitError as e:
+            scope.close()
+            raise self._refuse(f"relay memory budget spent: {e}", src) from None
         circuit = _Circuit(self, src, target, ip)
+        circuit.scope = scope
         self._count(circuit, +1)
         self._tokens[circuit.accept_token] = (circuit, ACCEPT)
         self._tokens[circuit.dial_token] = (circuit, DIAL)
@@ -342,6 +353,8 @@ class RelayService:
         return True
 
     def _circuit_closed(self, circuit: _Circuit) -> None:
+        if circuit.scope is not None:
+            circuit.scope.close()
         self._tokens.pop(circuit.accept_token, None)
         self._tokens.pop(circuit.dial_token, None)
         self.bytes_relayed += circuit.bytes
