@@ -11,8 +11,12 @@
 - Budgets against hostile callers: :mod:`~dht.peer.resources`, :mod:`~dht.peer.admission`,
   :mod:`~dht.peer.slots`, :mod:`~dht.peer.untrusted`; errors in :mod:`~dht.peer.errors`.
 
+- NAT traversal: :mod:`~dht.peer.nat` (:class:`~dht.peer.nat.NatService`: the verdict, then relays and
+  hole punching), :mod:`~dht.peer.reachability` (dial-back checks), :mod:`~dht.peer.relay` (circuit
+  relays), :mod:`~dht.peer.holepunch` (direct connections through NATs).
+
 Nothing here imports the DHT (``dht.node``, ``dht.protocol``, ...) or torch; ``tests/test_layers.py``
-enforces it. Relays and NAT traversal belong here too.
+enforces it.
 """
 
 from .addresses import AddressError, PeerAddress
