@@ -157,8 +157,9 @@ class Optimizer:
     - ``compression``: codec for the averaged tensors (None: exact in sync mode, ``"float16"`` in DiLoCo);
       ``aggregator`` (``"mean"``): any name of :mod:`averaging.aggregators` for robust averaging.
     - ``fragments`` (None): Streaming DiLoCo with that many fragments (an int: balanced by size; or
-      a list of lists of parameter indices, e.g. strided blocks); needs ``mode="diloco"`` and
-      ``target_batch_size=None`` (the schedule counts inner steps). ``fragment_overlap``: inner steps
+      a list of lists of parameter indices, e.g. strided blocks); needs ``mode="diloco"``; its
+      schedule counts ``inner_steps`` (``target_batch_size`` then only scales the progress view, so a
+      Task's works as it is). ``fragment_overlap``: inner steps
       a fragment's round overlaps (default ``(inner_steps - 1) // P`` with ``overlap=True``, else 0;
       ``fragment_overlap * P < inner_steps``); ``merge_alpha`` (0.5 with overlap, else 0): weight of
       the local parameters when a fragment's new global ones are merged in.
@@ -217,9 +218,8 @@ class Optimizer:
         self._scheduler_factory = scheduler
         self.scheduler = scheduler(self.opt) if scheduler is not None else None
         if fragments is not None and fragments != 1:
-            if mode != "diloco" or target_batch_size is not None:
-                raise ValueError("fragments (Streaming DiLoCo) needs mode='diloco' and target_batch_size=None "
-                                 "(its schedule counts inner steps)")
+            if mode != "diloco":
+                raise ValueError("fragments (Streaming DiLoCo) needs mode='diloco'")
             self.fragment_indices = streaming.partition([p.numel() for p in self.params], fragments)
             count = len(self.fragment_indices)
             if fragment_overlap is None:

@@ -90,7 +90,6 @@ def test_streaming_options_are_checked_and_pinned(dhts):
     params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(4)]
     sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
     for kwargs, message in [(dict(mode="sync", target_batch_size=64), "mode='diloco'"),
-                            (dict(mode="diloco", target_batch_size=64), "target_batch_size=None"),
                             (dict(mode="diloco", inner_steps=8, fragment_overlap=2), "fragment_overlap"),
                             (dict(mode="diloco", inner_steps=8, merge_alpha=1.5), "merge_alpha")]:
         with pytest.raises(ValueError, match=message):
