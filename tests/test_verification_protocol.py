@@ -617,6 +617,60 @@ def test_a_banned_peer_is_never_grouped_with():
     virtual_clock.run(main())
 
 
+def test_a_lying_owner_is_audited_banned_through_the_dht_and_left_out_of_the_next_rounds():
+    """The whole flow on AsyncAverager: a round with commitments, an audit of every owner by every
+    honest member, the accusation published, the ban list refreshed, and the next round without the
+    liar (it finds no group: nobody takes it)."""
+    async def main() -> None:
+        random.seed(9)
+        nodes = await _nodes(4, MemoryNetwork(latency=0.002, seed=9))
+        bans = [BanList(node, RUN) for node in nodes]
+        inputs = [InputsService(node.p2p, f"{RUN}.grads") for node in nodes]
+        values = [torch.randn(3_000, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        options = dict(OPTIONS, target_group_size=4)
+        averagers = [AsyncAverager([v.clone()], node, f"{RUN}.grads", **options, banned=ban.is_banned,
+                                   commitments=True) for v, node, ban in zip(values, nodes, bans)]
+
+        def biased(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return weighted_mean(x, w) * 1.5
+
+        biased.chunkwise = True  # type: ignore[attr-defined]
+        averagers[3].reducer = biased
+        liar = nodes[3].p2p.peer_id
+        try:
+            outcomes = await asyncio.gather(*(a.step(timeout=10.0) for a in averagers))
+            assert all(liar in o.members for o in outcomes)
+            for i in range(3):
+                inputs[i].add(outcomes[i].transcript)
+            inputs[3].add(outcomes[3].transcript)
+            for i in range(3):
+                transcript = outcomes[i].transcript
+                for owner in range(4):
+                    accusation = await audit_aggregate(nodes[i].p2p, f"{RUN}.grads", nodes[i].p2p.identity,
+                                                       transcript, owner, run_id=RUN)
+                    if accusation is not None:
+                        assert accusation.accused == liar
+                        await bans[i].publish(accusation)
+            for ban in bans[:3]:
+                await ban.refresh()
+                assert [e["peer_id"] for e in ban.entries()] == [str(liar)]
+                assert ban.entries()[0]["reason"].startswith("wrong_aggregate")
+            outcomes = await asyncio.gather(*(a.step(timeout=8.0, matchmaking_timeout=6.0) for a in averagers),
+                                            return_exceptions=True)
+            for outcome in outcomes[:3]:
+                assert not isinstance(outcome, BaseException) and liar not in outcome.members
+            assert isinstance(outcomes[3], BaseException)
+        finally:
+            for averager in averagers:
+                averager.close()
+            for thing in (*bans, *inputs):
+                thing.close()
+            for node in nodes:
+                await node.shutdown()
+
+    virtual_clock.run(main())
+
+
 # ---- loopback TCP -------------------------------------------------------------------------------
 
 async def test_a_round_with_commitments_over_loopback_tcp_and_its_bytes():
