@@ -290,16 +290,15 @@ PUNCH_PEER = str(netlab.ROOT / "tests" / "netlab_peers" / "punch_peer.py")
 PUNCH_ATTEMPTS = 40
 
 
-def _attempts(lab: Lab, helpers: list[str], pairs: dict, directory) -> dict:
+def _attempts(lab: Lab, relay: str, pairs: dict, directory) -> dict:
     """``punch_peer.py`` target/dialer pairs (name: (target box, dialer box, attempts, concurrency)), all
-    at once, through the relay ``helpers[0]`` (all of them do the dial-back checks); per pair the
-    dialer's per-attempt results."""
+    at once, through ``relay``; per pair the dialer's per-attempt results."""
     procs = {}
     for n, (name, (target, dialer, attempts, concurrency)) in enumerate(pairs.items()):
         common = ["--dir", str(directory), "--name", name, "--attempts", str(attempts), "--port", str(6001 + 100 * n),
-                  "--concurrency", str(concurrency), "--helpers", *helpers]
+                  "--concurrency", str(concurrency)]
         t_host, d_host = lab.nats[target].inner[0], lab.nats[dialer].inner[0]
-        procs[name, "target"] = t_host.python([PUNCH_PEER, "target", "--host", t_host.ip, "--relay", helpers[0],
+        procs[name, "target"] = t_host.python([PUNCH_PEER, "target", "--host", t_host.ip, "--relay", relay,
                                                *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs[name, "dialer"] = d_host.python([PUNCH_PEER, "dialer", "--host", d_host.ip, *common],
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -314,8 +313,6 @@ def _attempts(lab: Lab, helpers: list[str], pairs: dict, directory) -> dict:
         if role == "dialer":
             results[name] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             assert len(results[name]) == pairs[name][2], (name, out[-2000:], err[-2000:])
-        verdict = json.loads(re.search(r"^VERDICT (.*)$", out, re.MULTILINE).group(1))
-        assert verdict["verdict"] == "nat", (name, role, verdict)
     return results
 
 
@@ -324,18 +321,23 @@ def test_hole_punching_goes_direct_where_the_nats_allow_and_the_relay_carries_th
     """40 attempts per pair type, each between a fresh pair of peers (fresh ports and mappings) that
     first meet through the relay p0: port-restricted <-> port-restricted, full cone <-> port-restricted
     and full cone <-> symmetric end on a direct connection in >= 95% of the attempts, >= 97% of those on
-    the first hole-punch try, with the relay circuit released; symmetric <-> symmetric and
-    port-restricted <-> symmetric cannot punch and stay on the relay: every attempt connected."""
-    logs, helpers = swarm
+    the first hole-punch try, with the relay circuit released; symmetric <-> symmetric (40 attempts)
+    and port-restricted <-> symmetric (10) cannot punch and stay on the relay: every attempt connected
+    and answered pings after the hole puncher gave up."""
+    logs, (relay, *_) = swarm
     kinds = KINDS
     cone, restricted = kinds.index("endpoint-independent"), [i for i, k in enumerate(kinds) if k == "port-restricted"]
     symmetric = [i for i, k in enumerate(kinds) if k == "symmetric"]
     n = PUNCH_ATTEMPTS  # (target box, dialer box, attempts, at once): a box holds at most 8 relay reservations
     direct = {"restricted-restricted": (restricted[0], restricted[1], n, 2),
               "cone-restricted": (cone, restricted[0], n, 2), "cone-symmetric": (cone, symmetric[0], n, 2)}
-    relayed = {"symmetric-symmetric": (symmetric[1], symmetric[0], n, 6),  # a failed punch: 3 tries of 2 s
+    relayed = {"symmetric-symmetric": (symmetric[1], symmetric[0], n // 2, 6),  # a failed punch: 3 tries of 2 s,
+               "symmetric-symmetric~2": (symmetric[0], symmetric[1], n // 2, 6),  # so both ways at once
                "restricted-symmetric": (restricted[1], symmetric[1], 10, 5)}
-    results = _attempts(lab, helpers, {**direct, **relayed}, tmp_path)
+    runs = _attempts(lab, relay, {**direct, **relayed}, tmp_path)
+    results: dict[str, list] = {}
+    for name, attempts in runs.items():
+        results.setdefault(name.split("~")[0], []).extend(attempts)
     for name, attempts in results.items():
         ok = [a for a in attempts if a["connected"] and a["pings_ok"] == 4]
         went_direct = [a for a in attempts if a["direct"]]

@@ -1,23 +1,21 @@
 """Repeated connection attempts between two peers behind NAT boxes, through a relay (tests/test_nat_lab.py).
 
-    punch_peer.py target --host IP --relay ADDR --helpers ADDR... --dir DIR --name NAME --attempts N
-                         [--port P] [--concurrency C] [--no-holepunch]
-    punch_peer.py dialer --host IP --helpers ADDR... --dir DIR --name NAME --attempts N [--port P]
-                         [--concurrency C] [--no-holepunch] [--upgrade-timeout S]
+    punch_peer.py target --host IP --relay ADDR --dir DIR --name NAME --attempts N [--port P]
+                         [--concurrency C] [--no-holepunch]
+    punch_peer.py dialer --host IP --dir DIR --name NAME --attempts N [--port P] [--concurrency C]
+                         [--no-holepunch] [--upgrade-timeout S]
 
-First each side runs the real reachability check once (a peer on port P - 1 connects to the
-``--helpers`` and asks them to dial it back) and prints its verdict line as ``VERDICT {...}``. Then
-attempt i uses a fresh pair of ``dht.P2P`` peers (fresh identities, listening ports P + i, so fresh
-NAT mappings), each with a ``NatService`` that is given that measured reachability (the same host
-behind the same box: the same observed public IP, which hole punching announces) instead of asking
-the helpers again 40 times (they rate-limit dial-backs per IP). The target reserves a slot on the
-relay and writes its relay address to ``DIR/NAME-i.addr``; the dialer dials that address (through the
-relay), pings the target, and, unless hole punching is off, waits (at most ``--upgrade-timeout`` s)
-for its hole puncher to conclude: a success or a failure after its tries; it then pings again over
-whatever connection it has and writes ``DIR/NAME-i.done``, at which the target closes its peer. The
-dialer prints one JSON line per attempt: ``{"i", "connected", "direct", "upgrade_s", "pings_ok",
-"relayed_left", "nat": {dialer's NatService.status()}, "target": {the target's}}``. ``--concurrency``
-attempts run at once (in order of i), each with its own pair of peers.
+Attempt i uses a fresh pair of ``dht.P2P`` peers (fresh identities, listening ports P + i, so fresh NAT
+mappings), each with a ``NatService`` without the dial-back check (tests/test_nat_lab.py checks the
+verdicts of these hosts with ``swarm dht``; here hole punching learns each side's public IP from the
+relay, as the relay saw it). The target reserves a slot on the relay and writes its relay address to
+``DIR/NAME-i.addr``; the dialer dials that address (through the relay), pings the target, and, unless
+hole punching is off, waits (at most ``--upgrade-timeout`` s) for its hole puncher to conclude: a
+success or a failure after its tries; it then pings again over whatever connection it has and writes
+``DIR/NAME-i.done``, at which the target closes its peer. The dialer prints one JSON line per attempt:
+``{"i", "connected", "direct", "upgrade_s", "pings_ok", "relayed_left", "nat": {dialer's
+NatService.status()}, "target": {the target's}}``. ``--concurrency`` attempts run at once (in order of
+i), each with its own pair of peers.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,7 +30,6 @@ from pathlib import Path
 from dht.peer.errors import P2PError
 from dht.peer.nat import NatOptions, NatService
 from dht.peer.p2p import P2P
-from dht.peer.reachability import Reachability
 from dht.peer.relay import is_relayed
 
 WAIT = 60.0  # seconds to wait for the other side's file
@@ -54,28 +50,6 @@ def _write(path: Path, text: str) -> None:
     tmp.rename(path)  # readers never see half a file
 
 
-async def measure_reachability(args: argparse.Namespace, tries: int = 6) -> Reachability:
-    """The real dial-back check of this host (a peer on port P - 1 asking the helpers); prints it. A
-    check the helpers turned away (each runs at most 8 dial-backs at once, and the test starts ten of
-    these at once) is asked again, by a fresh peer, after a random pause."""
-    for attempt in range(tries):
-        p2p = await P2P.create(host=args.host, port=args.port - 1)
-        try:
-            for helper in args.helpers:
-                await p2p.connect(helper)
-            nat = await NatService(p2p, NatOptions(relay="off", use_relay="off", holepunch=False,
-                                                   min_helpers=min(2, len(args.helpers)))).start()
-            await nat.close()
-        finally:
-            await p2p.shutdown()
-        assert nat.reachability is not None
-        if nat.reachability.verdict != "unknown" or attempt == tries - 1:
-            print("VERDICT " + json.dumps(nat.reachability.to_dict()), flush=True)
-            return nat.reachability
-        await asyncio.sleep(random.uniform(0.5, 2.0))
-    raise AssertionError("unreachable")
-
-
 async def _each(args: argparse.Namespace, attempt) -> None:
     """Run ``attempt(i)`` for every i, ``--concurrency`` at a time (in order of i)."""
     gate = asyncio.Semaphore(args.concurrency)
@@ -89,14 +63,11 @@ async def _each(args: argparse.Namespace, attempt) -> None:
 
 async def target(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
-    measured = await measure_reachability(args)
 
     async def attempt(i: int) -> None:
         p2p = await P2P.create(host=args.host, port=args.port + i)
-        nat = NatService(p2p, NatOptions(check=False, relay="off", use_relay=[args.relay],
-                                         holepunch=not args.no_holepunch))
-        nat.reachability = measured
-        await nat.start()
+        nat = await NatService(p2p, NatOptions(check=False, relay="off", use_relay=[args.relay],
+                                               holepunch=not args.no_holepunch)).start()
         try:
             held = list(nat.relay_client.held.values())
             if not held:
@@ -113,15 +84,12 @@ async def target(args: argparse.Namespace) -> None:
 
 async def dialer(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
-    measured = await measure_reachability(args)
 
     async def attempt(i: int) -> None:
         address = await _wait_file(directory / f"{args.name}-{i}.addr")
         p2p = await P2P.create(host=args.host, port=args.port + i)
-        nat = NatService(p2p, NatOptions(check=False, relay="off", use_relay="off",
-                                         holepunch=not args.no_holepunch))
-        nat.reachability = measured
-        await nat.start()
+        nat = await NatService(p2p, NatOptions(check=False, relay="off", use_relay="off",
+                                               holepunch=not args.no_holepunch)).start()
         result: dict = {"i": i, "connected": False, "direct": False, "upgrade_s": None, "pings_ok": 0}
         try:
             peer = await asyncio.wait_for(p2p.connect(address), 20)
@@ -170,7 +138,6 @@ def main() -> int:
     parser.add_argument("role", choices=("target", "dialer"))
     parser.add_argument("--host", required=True)
     parser.add_argument("--relay")
-    parser.add_argument("--helpers", nargs="+", required=True, metavar="ADDR")
     parser.add_argument("--dir", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--attempts", type=int, default=1)
