@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -246,8 +247,9 @@ def test_verdicts_are_right_behind_every_box_and_unreachable_peers_go_client_mod
 @needs_nat_lab
 def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab, swarm, tmp_path):
     """``swarm join`` on the public host h3 and behind the port-restricted and a symmetric box (no hole
-    punch possible between those two): both NATed peers find themselves behind NAT, all three see each
-    other and train three epochs together, each averaging in at least two of them."""
+    punch possible between those two): both NATed peers find themselves behind NAT (the symmetric one's
+    /metrics say so and count the relay reservation it took), all three see each other and train three
+    epochs together, each averaging in at least two of them."""
     logs, (first, *_) = swarm
     task, go = tmp_path / "tiny_task.py", tmp_path / "go"
     task.write_text(TINY_TASK.format(go=str(go)))
@@ -256,9 +258,10 @@ def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab,
 
     def join(name: str) -> None:
         host = hosts[name]
+        dashboard = ["--dashboard-port", "7790"] if name == "join_symmetric" else ["--dashboard-port", "off"]
         logs.spawn(name, host, ["-m", "swarm", "join", str(task), "--host", host.ip, "--threads", "1", "--quiet",
                                 "--identity", str(tmp_path / f"{name}.key"), "--matchmaking-time", "1.0",
-                                "--run-id", "nat-run", "--max-epochs", "3", "--dashboard-port", "off",
+                                "--run-id", "nat-run", "--max-epochs", "3", *dashboard,
                                 "--metrics-file", str(tmp_path / f"{name}.jsonl"), "--initial-peers", first])
 
     join("join_public")
@@ -268,6 +271,10 @@ def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab,
     for name in ("join_restricted", "join_symmetric"):
         logs.wait_for(name, r"joining run 'nat-run' created by", 150)
         assert logs.wait_for(name, VERDICT, 60).group(1) == "nat", logs.text(name)[-3000:]
+    # the symmetric peer's metrics: verdict nat, a relay reservation held (on one of the public peers)
+    metrics = _scrape_until(hosts["join_symmetric"], "http://127.0.0.1:7790/metrics",
+                            lambda text: _metric(text, "swarm_nat_relays_held") >= 1)
+    assert _metric(metrics, 'swarm_nat_verdict{verdict="nat"}') == 1.0, metrics[-3000:]
     go.touch()
     for name in hosts:
         proc = logs.procs[name]
@@ -284,6 +291,26 @@ def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab,
         received = [0] + [r["bytes_received"] for r in records]
         averaged = sum(b > a for a, b in zip(received, received[1:]))  # epochs whose step averaged
         assert averaged >= 2, (name, records)  # a late start may miss the first epoch's group
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, as written) in a Prometheus text page (-1: none)."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else -1.0
+
+
+def _scrape_until(host, url: str, done, timeout: float = 60.0) -> str:
+    """GET ``url`` from inside ``host`` until ``done(text)`` (or ``timeout`` s: AssertionError)."""
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        result = host.run([sys.executable, "-c", fetch], timeout=30)
+        text = result.stdout if result.returncode == 0 else text
+        if result.returncode == 0 and done(text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{url}: not as expected within {timeout} s:\n{text[-3000:]}")
 
 
 PUNCH_PEER = str(netlab.ROOT / "tests" / "netlab_peers" / "punch_peer.py")
