@@ -8,7 +8,8 @@ rounds run with commitments (:mod:`averaging.commitments`) and skip banned peers
 - after every round, in a background thread: checks that the members' parts it received match their
   claims (an inconsistent member is distrusted here), joins the round's shared-randomness exchange
   (:mod:`verification.randomness`) and, when it is drawn as a validator, recomputes its target's
-  gradient (:mod:`verification.validator`) and publishes an accusation with the evidence in the run's
+  gradient (:mod:`verification.validator`) and audits one part owner's result from the committed
+  inputs (:mod:`verification.audit`), and publishes an accusation with the evidence in the run's
   ban list (:mod:`verification.banlist`) on a mismatch;
 - refreshes the ban list every ``refresh_period`` seconds (re-verifying each accusation itself);
   banned and distrusted peers are never grouped with, their DHT stores under the gradient prefix are
@@ -72,13 +73,16 @@ class VerifiedOptimizer(Optimizer):
         self._jobs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._pending_jobs: list[concurrent.futures.Future] = []
 
-        async def setup(_dht: DHT, node: Any) -> tuple[Any, Any]:
+        async def setup(_dht: DHT, node: Any) -> tuple[Any, Any, Any]:
+            from verification.audit import InputsService
             from verification.banlist import BanList
             from verification.randomness import RandomnessExchange
 
-            return BanList(node, self.grads_prefix, identity), RandomnessExchange(node.p2p, self.grads_prefix, identity)
+            return (BanList(node, self.grads_prefix, identity),
+                    RandomnessExchange(node.p2p, self.grads_prefix, identity),
+                    InputsService(node.p2p, self.grads_prefix))
 
-        self.banlist, self.exchange = dht.run_coroutine(setup)
+        self.banlist, self.exchange, self.inputs = dht.run_coroutine(setup)
         extra = dict(options.pop("averager_options", None) or {}, commitments=True, banned=self.excludes)
         aggregator = options.get("aggregator", "mean")
         if byzantine is not None and byzantine.name == "wrong_aggregate":
@@ -126,6 +130,7 @@ class VerifiedOptimizer(Optimizer):
         if transcript is None or self._closing.is_set():
             return
         state_hash = self.state_hash
+        self.dht.loop.call_soon_threadsafe(self.inputs.add, transcript)  # the owners' audits may ask for it
         self._pending_jobs = [f for f in self._pending_jobs if not f.done()]
         self._pending_jobs.append(self._jobs.submit(self._after_round, transcript, dict(result.gathered), state_hash))
 
@@ -152,9 +157,24 @@ class VerifiedOptimizer(Optimizer):
                 logger.info("verification: checked %s: %s (%s)", target.short(), outcome.verdict, outcome.reason)
                 if accusation is not None:
                     self._publish(accusation)
+                self._audit(transcript, shared.value, target)
         except Exception as e:  # noqa: BLE001 - a failed check must never stop training
             if not self._closing.is_set():
                 logger.warning("verification after a round failed: %s: %s", type(e).__name__, e)
+
+    def _audit(self, transcript: Any, randomness: bytes, drawn: PeerID) -> None:
+        """Recompute one part owner's result from its contributors' committed inputs (wrong_aggregate)."""
+        from verification.audit import audit_aggregate
+
+        owner = self.verifier.choose_owner(transcript, randomness, drawn, self.excludes)
+        if owner is None:
+            return
+        identity = self.dht.node.p2p.identity
+        accusation = self.dht.run_coroutine(lambda _dht, node: audit_aggregate(
+            node.p2p, self.grads_prefix, identity, transcript, owner, timeout=5.0))
+        if accusation is not None:
+            logger.warning("verification: the result of %s's part is wrong", transcript.members[owner].short())
+            self._publish(accusation)
 
     def _publish(self, accusation: Any) -> None:
         check = self.verifier.recompute
@@ -196,6 +216,7 @@ class VerifiedOptimizer(Optimizer):
 
         async def close(_dht: DHT, _node: Any) -> None:
             self.exchange.close()
+            self.inputs.close()
             self.banlist.close()
 
         try:

@@ -7,7 +7,7 @@ on the in-memory network and the virtual clock, on the digits task.
   banned by every honest peer within 50 steps, no honest peer is banned, and digits still reaches 0.9
   held-out accuracy.
 - A false accuser (it accuses an honest member with that member's real part and claim) is banned and
-  its target is not.
+  its target is not; a lying part owner is caught by the audit of its result.
 - 10,000 honest checks (trainers and validators with different thread counts and summation orders)
   never fail: a false ban from float nondeterminism would need a relative error 1000x the one measured.
 """
@@ -53,10 +53,12 @@ def test_seven_attacks_at_44_percent_are_all_banned_and_digits_still_learns(digi
     assert result.counts.get("validation_guilty", 0) >= len(MIX)
 
 
-def test_a_false_accuser_is_banned_its_target_is_not(digits) -> None:
-    result = run(digits, SimConfig(peers=8, attackers={7: FALSE_ACCUSER, 6: "sign_flip"}, steps=15, probability=0.5,
-                                   eval_every=0, stop_when_banned=True, seed=2))
-    assert result.counts.get("false_accusations", 0) >= 1
+def test_a_false_accuser_and_a_lying_owner_are_banned(digits) -> None:
+    """A false accuser (its accusation's evidence shows the target right) is banned, its target is not;
+    a part owner returning a shifted aggregate is caught by the owners' audit (wrong_aggregate)."""
+    result = run(digits, SimConfig(peers=8, attackers={7: FALSE_ACCUSER, 6: "wrong_aggregate"}, steps=20,
+                                   probability=0.5, eval_every=0, stop_when_banned=True, seed=2))
+    assert result.counts.get("false_accusations", 0) >= 1 and result.counts.get("audit_guilty", 0) >= 1
     assert result.banned_at[7] is not None and result.banned_at[6] is not None, result.banned_at
     assert result.false_bans == []
 

@@ -69,7 +69,7 @@ YEAR = 365 * 24 * 3600.0
 class SimConfig:
     """``peers`` (16); ``attackers``: peer index -> attack (a :func:`verification.byzantine.attack_names`
     name or ``"false_accuser"``); ``steps`` (50); ``probability``: check probability (1/16);
-    ``verify`` (True; False: robust aggregation only); ``aggregator`` ("centered_clip"); ``batch_size``
+    ``verify`` (True; False: robust aggregation only, no commitments); ``aggregator`` ("centered_clip"); ``batch_size``
     (32, one batch per peer and step); ``eval_every`` (10 steps); ``seed``; ``vary_float`` (True: honest
     peers use 1 or 2 threads and 1, 2 or 4 micro-batches); ``stop_when_banned`` (False: stop early once
     every attacker is banned, when only the steps-to-ban matter)."""
@@ -120,6 +120,7 @@ class _Peer:
         self.banlist, self.attack, self.byzantine = banlist, attack, byzantine
         self.threads, self.micro = threads, micro
         self.exchange: Any = None  # its verification.randomness.RandomnessExchange
+        self.inputs: Any = None  # its verification.audit.InputsService
 
     @property
     def peer_id(self) -> PeerID:
@@ -174,7 +175,7 @@ class Simulation:
         self.prefix = f"{run_id}.grads"  # the averager's prefix: commitments, accusations and the ban list bind it
         self.rng = random.Random(config.seed)
         self.peers: list[_Peer] = []
-        self.seconds: collections.Counter = collections.Counter()
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.bytes: collections.Counter = collections.Counter()
         self.counts: collections.Counter = collections.Counter()
         self.banned_at: dict[int, int | None] = {i: None for i in config.attackers}
@@ -193,6 +194,7 @@ class Simulation:
         return self
 
     async def _build(self) -> None:
+        from .audit import InputsService
         from .banlist import BanList
         from .randomness import RandomnessExchange
 
@@ -225,6 +227,7 @@ class Simulation:
             peer = _Peer(i, identity, node, service, model, optimizer, source, verifier, banlist, attack, byzantine,
                          threads, micro)
             peer.exchange = RandomnessExchange(p2p, self.prefix, identity)
+            peer.inputs = InputsService(p2p, self.prefix)
             self.peers.append(peer)
         for a in self.peers:  # everyone can dial everyone (a converged DHT's address books)
             for b in self.peers:
@@ -282,16 +285,17 @@ class Simulation:
         claims: dict[PeerID, Any] = {}
         for p in members:
             flats[p.index], weights[p.index] = self._train(p, t)
-            p.verifier.history.remember(hashes[p.index], params_before[p.index])
-            claims[p.peer_id] = p.verifier.claim(p.source, hashes[p.index], flats[p.index])
-            self.bytes["claims"] += _packed(claims[p.peer_id])
+            if cfg.verify:
+                p.verifier.history.remember(hashes[p.index], params_before[p.index])
+                claims[p.peer_id] = p.verifier.claim(p.source, hashes[p.index], flats[p.index])
+                self.bytes["claims"] += _packed(claims[p.peer_id])
         self.seconds["train"] += time.perf_counter() - wall
 
         size = flats[members[0].index].numel()
         sizes = [size * (j + 1) // n - size * j // n for j in range(n)]
         group_id = hashlib.sha256(f"{self.run_id}|{cfg.seed}|{t}".encode()).digest()[:20]
         group = GroupInfo(group_id, [p.peer_id for p in members], sizes, [None] * n, [False] * n,
-                          [{"gather": {"claim": claims[p.peer_id]}} for p in members])
+                          [{"gather": {"claim": claims.get(p.peer_id)}} for p in members])
         codec = compression.get("none")
         wall = time.perf_counter()
 
@@ -300,7 +304,8 @@ class Simulation:
             if p.byzantine is not None and p.byzantine.name == "wrong_aggregate":
                 reducer = p.byzantine.reducer(self.reducer, getattr(self.reducer, "__name__", "reducer"))
             return RoundConfig(group, j, weights[p.index], codec, reducer, chunk_elems=1 << 14, sender_timeout=2.0,
-                               banned=p.excludes, identity=p.identity, commit_prefix=self.prefix)
+                               banned=p.excludes, identity=p.identity if cfg.verify else None,
+                               commit_prefix=self.prefix)
 
         outcomes = await asyncio.gather(*(p.service.run(config(j, p), flats[p.index]) for j, p in enumerate(members)),
                                         return_exceptions=True)
@@ -319,6 +324,7 @@ class Simulation:
             self.bytes["allreduce"] += outcome[1].bytes_sent
             transcript = outcome[1].transcript
             if transcript is not None:
+                p.inputs.add(transcript)
                 self.bytes["commitments"] += 140 * sum(len(ph.sent) + (1 if ph.results else 0)
                                                        for ph in transcript.phases)
 
@@ -399,6 +405,7 @@ class Simulation:
                 self.counts[f"validation_{verdict.verdict}"] += 1
                 if accusation is not None:
                     await self._publish(validator, accusation)
+                await self._audit(validator, transcript, outcome.value, target_id)
         self.seconds["validation"] += time.perf_counter() - wall
         wall = time.perf_counter()
         if self.counts["accusations"] + self.counts["false_accusations"] != self._refreshed_at:
@@ -411,6 +418,22 @@ class Simulation:
             for q in self.honest_peers():
                 if p.excludes(q.peer_id) and not any(f[0] == q.index for f in self.false_bans):
                     self.false_bans.append((q.index, t, f"excluded by peer {p.index}"))
+
+    async def _audit(self, validator: _Peer, transcript: Any, randomness: bytes, drawn: PeerID) -> None:
+        """The owners' check: recompute one owner's result from its contributors' committed inputs."""
+        from .audit import audit_aggregate
+
+        owner = validator.verifier.choose_owner(transcript, randomness, drawn, validator.excludes)
+        if owner is None:
+            return
+        self.counts["audits"] += 1
+        self.bytes["audits"] += 4 * sum(hi - lo for lo, hi in transcript.phases[0].ranges[owner]) * (
+            len(transcript.members) - 1)
+        accusation = await audit_aggregate(validator.node.p2p, self.prefix, validator.identity, transcript, owner,
+                                           timeout=5.0)
+        if accusation is not None:
+            self.counts["audit_guilty"] += 1
+            await self._publish(validator, accusation)
 
     async def _publish(self, accuser: _Peer, accusation: Any) -> None:
         self.bytes["accusations"] += _packed(accusation.to_wire())
@@ -475,6 +498,7 @@ class Simulation:
         for p in self.peers:
             p.service.close()
             p.exchange.close()
+            p.inputs.close()
             p.banlist.close()
         await asyncio.gather(*(p.node.shutdown() for p in self.peers), return_exceptions=True)
 

@@ -320,6 +320,40 @@ class TrainingVerifier:
         scored = [s for s in scored if s[0] > 0.0]
         return max(scored)[2] if scored else drawn
 
+    def owner_suspicion(self, transcript: RoundTranscript, owner: int) -> float:
+        """How far ``owner``'s result for its part strays from this peer's own input there, relative to
+        the other owners' (``‖r_j - x_j‖ / ‖x_j‖`` over its median across owners; 0 if unknown)."""
+        phase = transcript.phases[0]
+        mine, result = transcript.contribution, transcript.result
+        if mine is None or result is None or owner >= len(phase.ranges) or not phase.ranges[owner]:
+            return 0.0
+
+        def distance(j: int) -> float:
+            x = phase.part_values(mine, j).to(torch.float64)
+            r = phase.part_values(result, j).to(torch.float64)
+            norm = float(x.norm())
+            return float((r - x).norm()) / norm if norm > 0 else 0.0
+
+        distances = [distance(j) for j in range(len(phase.ranges)) if phase.ranges[j]]
+        typical = sorted(distances)[len(distances) // 2] if distances else 0.0
+        return distance(owner) / typical if typical > 0 else 0.0
+
+    def choose_owner(self, transcript: RoundTranscript, randomness: bytes, drawn: PeerID,
+                     excluded: Callable[[PeerID], bool] = lambda _: False) -> int | None:
+        """The part owner whose result this peer audits when drawn as a validator: the drawn target's
+        part, or (with probability :data:`DIRECTED`, from ``randomness``) the owner whose result strays
+        most from this peer's input (:meth:`owner_suspicion`); None when it owns no part."""
+        phase = transcript.phases[0]
+        h = hashlib.sha256(b"swarm.verify.owner/1" + randomness + self.identity.peer_id.raw).digest()
+        candidates = [j for j, p in enumerate(transcript.members) if j != transcript.me and j < len(phase.ranges)
+                      and phase.ranges[j] and j in phase.results and not excluded(p)]
+        if not candidates:
+            return None
+        if int.from_bytes(h[:8], "little") / 2 ** 64 < DIRECTED:
+            return max(candidates, key=lambda j: (self.owner_suspicion(transcript, j), j))
+        index = transcript.members.index(drawn) if drawn in transcript.members else -1
+        return index if index in candidates else None
+
     def _blocks_hold(self, transcript: RoundTranscript, claim: DataClaim, member: int) -> bool:
         """Whether every whole block of ``member``'s values held here hashes to its claimed digest (one
         bytes conversion per phase, then a hash per block)."""
