@@ -110,6 +110,12 @@ def test_mappings_are_port_preserving_or_random_as_the_kind_says(lab):
             for proto in ("tcp", "udp"):
                 ports = [r["port"] for sport in (4100, 4101) for r in seen[sport, proto]]
                 assert len(set(ports)) == 4, (box, proto, ports)  # one public port per destination
+        # the box's own connection table holds the same mappings (reply tuple: to the box's public port)
+        table = box.conntrack()
+        for r in seen[4100, "udp"]:
+            assert re.search(rf"^udp .* src={re.escape(box.inner[0].ip)} dst=\S+ sport=4100 dport={OBSERVER_PORT} "
+                             rf"(?:\[\w+\] )?src=\S+ dst={re.escape(box.ip)} sport={OBSERVER_PORT} dport={r['port']}\b",
+                             table, re.MULTILINE), (box, r, table[-3000:])
 
 
 @needs_nat_lab
@@ -214,6 +220,7 @@ def swarm(lab, tmp_path_factory):
 
 
 @needs_nat_lab
+@pytest.mark.slow
 def test_verdicts_are_right_behind_every_box_and_unreachable_peers_go_client_mode(lab, swarm):
     """With three public peers up, a fourth public peer is found "public"; the firewalled host (its own
     address, inbound dropped) "firewalled"; a peer behind each kind of box "nat" (observed as the box's
@@ -245,6 +252,7 @@ def test_verdicts_are_right_behind_every_box_and_unreachable_peers_go_client_mod
 
 
 @needs_nat_lab
+@pytest.mark.slow
 def test_two_peers_behind_different_nats_and_a_public_one_average_and_train(lab, swarm, tmp_path):
     """``swarm join`` on the public host h3 and behind the port-restricted and a symmetric box (no hole
     punch possible between those two): both NATed peers find themselves behind NAT (the symmetric one's
@@ -344,6 +352,7 @@ def _attempts(lab: Lab, relay: str, pairs: dict, directory) -> dict:
 
 
 @needs_nat_lab
+@pytest.mark.slow
 def test_hole_punching_goes_direct_where_the_nats_allow_and_the_relay_carries_the_rest(lab, swarm, tmp_path):
     """40 attempts per pair type, each between a fresh pair of peers (fresh ports and mappings) that
     first meet through the relay p0: port-restricted <-> port-restricted, full cone <-> port-restricted
