@@ -275,7 +275,7 @@ def format_status(status: dict, max_peers: int = 50, max_rounds: int = 10) -> st
     lines = []
     runs, peers = status["runs"], status["peers"]
     nat = (status.get("self") or {}).get("nat")
-    if nat:
+    if nat and (nat.get("verdict") != "unknown" or nat.get("relays") or nat.get("relay_circuits")):
         relays = ", ".join(nat.get("relays") or []) or "none"
         lines += [f"this peer: reachability {nat['verdict']}" + (f" (seen as {nat['observed_ip']})"
                                                                  if nat.get("observed_ip") else "")
