@@ -112,7 +112,11 @@ class PipelineClient:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        stages = await fetch_stages(self.node, self.run_id, self.num_stages)
+        try:
+            stages = await fetch_stages(self.node, self.run_id, self.num_stages)
+        except Exception as e:  # noqa: BLE001 - the DHT may be briefly unreachable: keep the servers known
+            logger.debug("reading the stage records failed: %s", e)
+            return
         self._refreshed_at = time.monotonic()
         for k, records in stages.items():
             usable = []
@@ -121,7 +125,7 @@ class PipelineClient:
                     self.node.p2p.add_addresses(PeerID.from_base58(record.peer_id), record.addrs)
                 except ValueError:  # a malformed address (or id) in a record: skip that server
                     continue
-                usable.append((record.peer_id, record.expiration_time))
+                usable.append((record.peer_id, record.expiration_time, record.time))
             self.balancers[k].update_peers(usable)
 
     async def _choose(self, stage: int, task_size: float) -> str:

@@ -8,8 +8,9 @@
   measurement) and returns it, so in steady state a peer gets a share ``tau / sum(tau)`` of the
   tasks. New peers enter at the heap's minimum (tried, and measured, almost at once). Backward
   tasks are sized :data:`BACKWARD_TASK_MULTIPLIER` (2.5) times the forward. A peer is *banned*
-  after a non-timeout error (removed from the queue until the DHT shows it re-announced with a later
-  expiration); a timeout only re-routes (its heap increment already penalised the peer).
+  after a non-timeout error (removed from the queue until the DHT shows it re-announced, after the
+  ban, with a later expiration); a timeout only re-routes (its heap increment already penalised
+  the peer).
 
 Pure and synchronous (no I/O, no event loop): the clock is a parameter, for tests and simulations.
 """
@@ -84,6 +85,7 @@ class _Peer:
     expiration: float  # DHT expiration of its latest known record
     version: int = 0  # of its live heap entry (older entries are stale)
     banned_at_expiration: float | None = None  # banned while its known expiration was this
+    banned_at: float = 0.0  # when (this balancer's clock)
 
 
 class StageBalancer:
@@ -118,9 +120,11 @@ class StageBalancer:
         info.version += 1
         heapq.heappush(self._heap, (t, self.rng.random(), peer, info.version))
 
-    def add_peer(self, peer: str, expiration: float) -> None:
-        """A peer seen in the DHT with this expiration. A new one is queued at the heap's minimum; a
-        banned one whose expiration is later than when it was banned is unbanned (queued likewise)."""
+    def add_peer(self, peer: str, expiration: float, announced_at: float | None = None) -> None:
+        """A peer seen in the DHT with a record expiring at ``expiration`` and dated ``announced_at``
+        (optional). A new one is queued at the heap's minimum; a banned one is unbanned (queued
+        likewise) by a record with a later expiration than when it was banned and, if dated, dated
+        after the ban (a re-announcement made before it failed, but read only after, does not count)."""
         info = self._peers.get(peer)
         if info is None:
             self._peers[peer] = _Peer(expiration)
@@ -128,7 +132,7 @@ class StageBalancer:
             self._push(peer, self._minimum())
             return
         if info.banned_at_expiration is not None:
-            if expiration > info.banned_at_expiration:
+            if expiration > info.banned_at_expiration and (announced_at is None or announced_at > info.banned_at):
                 info.banned_at_expiration = None
                 info.expiration = expiration
                 self._push(peer, self._minimum())
@@ -138,11 +142,12 @@ class StageBalancer:
         if revived:  # it had expired (its entry was discarded): queue it again
             self._push(peer, self._minimum())
 
-    def update_peers(self, peers: Iterable[tuple[str, float]], forget_after: float = 600.0) -> None:
-        """:meth:`add_peer` for each ``(peer, expiration)`` (a refresh from the DHT); peers whose
-        record expired over ``forget_after`` seconds ago are forgotten (the tables stay bounded)."""
-        for peer, expiration in peers:
-            self.add_peer(peer, expiration)
+    def update_peers(self, peers: Iterable[tuple[str, float] | tuple[str, float, float]],
+                     forget_after: float = 600.0) -> None:
+        """:meth:`add_peer` for each ``(peer, expiration[, announced_at])`` (a refresh from the DHT);
+        peers whose record expired over ``forget_after`` seconds ago are forgotten (bounded tables)."""
+        for entry in peers:
+            self.add_peer(*entry)
         horizon = self.clock() - forget_after
         for peer in [p for p, info in self._peers.items() if info.expiration < horizon]:
             del self._peers[peer]
@@ -152,10 +157,10 @@ class StageBalancer:
             heapq.heapify(self._heap)
 
     def ban(self, peer: str) -> None:
-        """Remove ``peer`` from the queue until it re-announces with a later expiration."""
+        """Remove ``peer`` from the queue until it re-announces (see :meth:`add_peer`)."""
         info = self._peers.get(peer)
         if info is not None and info.banned_at_expiration is None:
-            info.banned_at_expiration = info.expiration
+            info.banned_at_expiration, info.banned_at = info.expiration, self.clock()
             info.version += 1  # its heap entry is stale now
 
     def is_banned(self, peer: str) -> bool:
