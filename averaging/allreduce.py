@@ -332,6 +332,7 @@ class _Owner:
         self.config, self.flat, self.result = config, flat, result
         self.failed, self.traffic = failed, traffic  # shared with the phase: members excluded here are failed there
         self.chunks = chunk_ranges(ranges, config.chunk_elems)
+        self.part_length = sum(hi - lo for lo, hi in self.chunks)
         self.pending: list[dict[int, torch.Tensor]] = [{} for _ in self.chunks]
         self.weights: dict[int, float] = {}
         self.delivered = {i: 0 for i in active}
@@ -586,16 +587,21 @@ class _Phase:
             if owner.chunks:
                 finite = await _in_worker(sum(hi - lo for lo, hi in owner.chunks),
                                           lambda: [all_finite(self.flat[lo:hi]) for lo, hi in owner.chunks])
-                if self.record is not None:  # my own values for my part: committed and kept like the others'
-                    mine = await _in_worker(sum(hi - lo for lo, hi in owner.chunks), self.record.part_values,
-                                            self.flat, me)
+                for index, (lo, hi) in enumerate(owner.chunks):
+                    owner.deliver(me, index, self.flat[lo:hi], self.config.weight, finite[index])
+            exchanges = asyncio.gather(*(self._exchange_with(j) for j in self.plan.layout.owners() if j != me))
+            try:
+                if owner.chunks and self.record is not None:  # my own values for my part: committed and kept too
+                    mine = await _in_worker(owner.part_length, self.record.part_values, self.flat, me)
                     digest = await _in_worker(mine.numel(), _hash_ranges, mine, [(0, mine.numel())])
                     self.record.sent[me] = self.record.inputs[me] = self.config.commit(
                         self.plan.number, me, ROLE_INPUT, digest, self.config.weight)
                     self.record.received[me] = mine
-                for index, (lo, hi) in enumerate(owner.chunks):
-                    owner.deliver(me, index, self.flat[lo:hi], self.config.weight, finite[index])
-            await asyncio.gather(*(self._exchange_with(j) for j in self.plan.layout.owners() if j != me))
+            except BaseException:
+                exchanges.cancel()
+                await asyncio.gather(exchanges, return_exceptions=True)
+                raise
+            await exchanges
             await owner.finished.wait()
             if owner.chunks:
                 self.outcome.part_reports[me] = (owner.contributors, owner.mixed)
