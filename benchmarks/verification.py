@@ -48,7 +48,8 @@ def _task():
     return task
 
 
-def overhead(task, peers: int, steps: int, probabilities: list[float], seed: int) -> list[dict]:
+def overhead(task, peers: int, steps: int, probabilities: list[float], seed: int,
+             progress: bool = False) -> list[dict]:
     rows = []
     base = run(task, SimConfig(peers=peers, steps=steps, verify=False, eval_every=0, seed=seed))
     base_allreduce = base.seconds.get("allreduce", 0.0)
@@ -70,6 +71,8 @@ def overhead(task, peers: int, steps: int, probabilities: list[float], seed: int
             "recomputation_share": s.get("validation", 0.0) / s["train"] if s.get("train") else 0.0,
             "validations": r.validations, "false_bans": len(r.false_bans),
         })
+        if progress:
+            print(f"  p={p:g}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -81,6 +84,7 @@ def steps_to_ban(task, peers: int, attacks: list[str], seeds: list[int], limit: 
             r = run(task, SimConfig(peers=peers, attackers={peers - 1: attack}, steps=limit, eval_every=0, seed=seed,
                                     stop_when_banned=True))
             found.append(r.banned_at[peers - 1])
+            print(f"  {attack} seed {seed}: banned after {found[-1]} steps", file=sys.stderr, flush=True)
             if r.false_bans:
                 rows.append({"attack": attack, "seed": seed, "false_bans": r.false_bans})
         banned = [s for s in found if s is not None]
@@ -107,7 +111,7 @@ def main() -> None:
     out: dict = {"peers": args.peers, "task": "digits", "aggregator": "centered_clip"}
     if not args.skip_overhead:
         out["overhead"] = overhead(task, args.peers, args.steps, [float(p) for p in args.probabilities.split(",")],
-                                   seeds[0])
+                                   seeds[0], progress=True)
         if not args.json:
             print(f"overhead, {args.peers} honest peers, {args.steps} steps (shares of the run's totals)")
             print(f"{'p':>8} {'verify/step':>12} {'commit/step':>12} {'claims B':>9} {'commit B':>9} "

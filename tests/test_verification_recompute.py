@@ -118,7 +118,7 @@ def test_recompute_equals_what_the_optimizer_accumulates(digits) -> None:
     again = recompute_gradient(digits, scratch, claim, start)
     assert relative_error(sent, again) <= 1e-6
     with pytest.raises(ValueError, match="samples"):
-        recompute_gradient(digits, scratch, DataClaim(**{**claim.to_wire(), "samples": 100}), start)
+        recompute_gradient(digits, scratch, DataClaim.from_wire({**claim.to_wire(), "samples": 100}), start)
 
 
 @pytest.mark.parametrize("name", ["digits", "charlm"])
@@ -201,3 +201,16 @@ def test_claim_parser_only_raises_claim_error(value) -> None:
         assert len(str(e)) < 400
     else:
         assert DataClaim.from_wire(claim.to_wire()) == claim
+
+
+def test_duplicate_microbatch_comparison() -> None:
+    from verification.duplicates import compare_outputs
+
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(8, 16, generator=g)
+    replica = out * (1 + 1e-4 * torch.randn(8, 16, generator=g))  # another honest server of the stage
+    assert compare_outputs(out, replica).ok
+    for wrong in (10 * out, torch.randn(8, 16, generator=g), torch.zeros(8, 16), -out, out[:4]):
+        assert not compare_outputs(wrong, out).ok
+    assert not compare_outputs(torch.full((2,), float("nan")), torch.ones(2)).ok
+    assert compare_outputs(torch.zeros(3), torch.zeros(3)).ok
