@@ -127,8 +127,8 @@ class VerifiedOptimizer(Optimizer):
     def _account(self, result: Any) -> None:
         super()._account(result)
         transcript = getattr(result, "transcript", None)
-        if transcript is None or self._closing.is_set():
-            return
+        if transcript is None or self._closing.is_set() or transcript.prefix != self.grads_prefix:
+            return  # (a parameter-averaging round, average_state_every: no gradients to check)
         state_hash = self.state_hash
         self.dht.loop.call_soon_threadsafe(self.inputs.add, transcript)  # the owners' audits may ask for it
         self._pending_jobs = [f for f in self._pending_jobs if not f.done()]
