@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 BANS_SUFFIX = "bans"  # {run_id}.bans: every verifying peer's view of the ban list
 MAX_VIEW_ENTRIES = 64
+VIEW_REFRESH = 120.0  # seconds between stores of an unchanged ban view (it expires after 600 s)
 
 
 class VerifiedOptimizer(Optimizer):
@@ -69,6 +70,8 @@ class VerifiedOptimizer(Optimizer):
                                          tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
         self.grads_prefix = f"{run_id}.grads"
         self._claim: dict | None = None
+        self._view: list | None = None
+        self._view_time = 0.0
         self._closing = threading.Event()
         self._jobs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
         self._pending_jobs: list[concurrent.futures.Future] = []
@@ -196,7 +199,11 @@ class VerifiedOptimizer(Optimizer):
                     logger.debug("ban list refresh failed: %s: %s", type(e).__name__, e)
 
     def _publish_view(self) -> None:
+        """Store this peer's ban view when it changed, and at least every VIEW_REFRESH seconds."""
         entries = self.banned_entries()[:MAX_VIEW_ENTRIES]
+        if entries == self._view and time.monotonic() - self._view_time < VIEW_REFRESH:
+            return
+        self._view, self._view_time = entries, time.monotonic()
         value = {"banned": [{"peer_id": e["peer_id"], "reason": e["reason"][:200]} for e in entries],
                  "time": time.time()}
         key = f"{self.run_id}.{BANS_SUFFIX}"

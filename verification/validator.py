@@ -62,11 +62,11 @@ GUILTY, INNOCENT, UNKNOWN = "guilty", "innocent", "unknown"
 
 
 class ParameterHistory:
-    """The parameters of the last ``keep`` shared states, by state hash (copies, on the CPU): what a
-    checker needs to recompute a gradient claimed at one of them."""
+    """The parameters of the last ``keep`` (32) shared states, by state hash (copies, on the CPU), at
+    most ``max_bytes`` (1 GiB) of them: what a checker needs to recompute a gradient claimed there."""
 
-    def __init__(self, keep: int = 32):
-        self.keep = keep
+    def __init__(self, keep: int = 32, max_bytes: int = 1 << 30):
+        self.keep, self.max_bytes = keep, max_bytes  # at least the newest state is kept, whatever its size
         self._states: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -80,7 +80,8 @@ class ParameterHistory:
         copies = [p.detach().to("cpu", copy=True) for p in params]
         with self._lock:
             self._states[state_hash] = copies
-            while len(self._states) > self.keep:
+            size = sum(t.numel() * t.element_size() for t in copies)
+            while len(self._states) > max(1, min(self.keep, self.max_bytes // max(size, 1))):
                 self._states.popitem(last=False)
 
     def get(self, state_hash: str) -> list[torch.Tensor] | None:
