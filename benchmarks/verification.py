@@ -4,7 +4,7 @@
 
     .venv/bin/python benchmarks/verification.py [--peers 16] [--steps 20] [--probabilities 0,0.0625,0.25]
         [--attacks sign_flip,random_direction,zero,scaling,alie,ipm,label_flip,false_accuser] [--seeds 0,1]
-        [--ban-steps 50] [--json]
+        [--ban-steps 50] [--accuracy-steps 0] [--skip-overhead] [--skip-ban] [--json]
 
 1. **Overhead against the check probability** (honest peers only, ``--steps`` steps each): every
    figure is a share of the same run's totals. *Step time*: the CPU seconds of verification
@@ -16,6 +16,8 @@
    (the expected value is the check probability: one recomputation per check).
 2. **Steps to ban per attack**: one attacker among ``--peers`` at the default check probability
    (1/16), until every honest peer bans (or distrusts) it or ``--ban-steps`` steps; per seed.
+3. With ``--accuracy-steps N``: held-out accuracy after N steps, clean and with one attacker per
+   attack, in points against the clean run.
 
 Wall times are of one process simulating all peers (so "seconds" add up every peer's CPU time);
 shares are what matters. ``--json`` prints one JSON object instead of the tables.
@@ -93,6 +95,21 @@ def steps_to_ban(task, peers: int, attacks: list[str], seeds: list[int], limit: 
     return rows
 
 
+def accuracy(task, peers: int, attacks: list[str], steps: int, seed: int) -> list[dict]:
+    """Final held-out accuracy after ``steps`` steps, clean and with one attacker per attack (default
+    check probability), and the difference in points."""
+    clean = run(task, SimConfig(peers=peers, steps=steps, eval_every=steps, seed=seed)).final_accuracy
+    print(f"  clean: accuracy {clean:.4f}", file=sys.stderr, flush=True)
+    rows = [{"attack": "none", "accuracy": clean, "points_vs_clean": 0.0, "banned_at": None}]
+    for attack in attacks:
+        r = run(task, SimConfig(peers=peers, attackers={peers - 1: attack}, steps=steps, eval_every=steps, seed=seed))
+        rows.append({"attack": attack, "accuracy": r.final_accuracy,
+                     "points_vs_clean": 100 * (r.final_accuracy - clean), "banned_at": r.banned_at[peers - 1]})
+        print(f"  {attack}: accuracy {r.final_accuracy:.4f} (banned after {r.banned_at[peers - 1]})",
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=16)
@@ -103,6 +120,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--ban-steps", type=int, default=50)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-ban", action="store_true")
+    parser.add_argument("--accuracy-steps", type=int, default=0,
+                        help="also train that many steps clean and under each attack, and compare (default 0: no)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -122,10 +142,20 @@ def main() -> None:
                       f"{r['commitment_share_of_step']:>12.2%} {b['claims']:>9.2%} {b['commitments']:>9.2%} "
                       f"{b['accusations']:>9.2%} {r['recomputation_share']:>10.2%} {r['validations']:>7} "
                       f"{r['false_bans']:>10}", flush=True)
-    out["steps_to_ban"] = steps_to_ban(task, args.peers, [a for a in args.attacks.split(",") if a], seeds,
-                                       args.ban_steps)
+    attacks = [a for a in args.attacks.split(",") if a]
+    if not args.skip_ban:
+        out["steps_to_ban"] = steps_to_ban(task, args.peers, attacks, seeds, args.ban_steps)
+    if args.accuracy_steps:
+        out["accuracy"] = accuracy(task, args.peers, attacks, args.accuracy_steps, seeds[0])
     if args.json:
         print(json.dumps(out))
+        return
+    if "accuracy" in out:
+        print(f"\nheld-out accuracy after {args.accuracy_steps} steps, 1 attacker of {args.peers}")
+        for r in out["accuracy"]:
+            print(f"  {r['attack']:18} {r['accuracy']:.4f} ({r['points_vs_clean']:+.1f} points; banned after "
+                  f"{r['banned_at']})")
+    if "steps_to_ban" not in out:
         return
     print(f"\nsteps to ban, 1 attacker of {args.peers}, check probability {DEFAULT_PROBABILITY:g}, seeds {seeds}")
     for r in out["steps_to_ban"]:
