@@ -535,3 +535,26 @@ async def test_outputs_bounded_like_inputs(swarm):
         with pytest.raises(RemoteError, match="output .* has 128 values, over this server's limit of 64"):
             await caller.p2p.call(server.node.peer_id, protocol.method(method, RUN), request, timeout=10)
     assert server.samples_accumulated == 0
+
+
+async def test_duplicate_forwards_catch_a_server_that_scales_its_outputs(swarm):
+    stage = torch.nn.Linear(4, 3)
+    honest = [await swarm.server(0, copy.deepcopy(stage)) for _ in range(2)]
+    client = PipelineClient(await swarm.node(), RUN, 1, codec="blockwise8", duplicate_fraction=1.0)
+    for _ in range(6):
+        await client.forward(torch.randn(5, 4))
+    await asyncio.gather(*client._checks)
+    assert client.duplicates["checked"] >= 3 and client.duplicates["mismatched"] == 0  # 8-bit noise agrees
+    liar = copy.deepcopy(stage)
+    with torch.no_grad():
+        liar.weight.mul_(10)
+        liar.bias.mul_(10)
+    bad = await swarm.server(0, liar)
+    bad_id = bad.node.peer_id.to_base58()
+    await client.refresh()
+    for _ in range(12):
+        await client.forward(torch.randn(5, 4))
+    await asyncio.gather(*client._checks)
+    assert client.duplicates["mismatched"] >= 1
+    assert all(bad_id in m["peers"] and m["ratio"] != pytest.approx(1.0, abs=0.1) for m in client.mismatches)
+    assert all(s.stats()["backward"] == 0 for s in honest + [bad])  # backwards are never duplicated

@@ -22,6 +22,7 @@ as failures, for at most the call's timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -60,7 +61,12 @@ class PipelineClient:
     ``stage_input``: the first stage's input from a batch (default ``batch[0]``); ``no_server_wait``
     (s): how long a call waits for a stage with no known server (refreshing) before it counts as a
     failed attempt; ``overload_pause`` (0.1 s): the base of the (growing, jittered) pause after an
-    ``overloaded`` answer.
+    ``overloaded`` answer; ``duplicate_fraction`` (0.0): the share of forwards also sent to a second
+    server of the stage, in the background, whose output is compared with the first's
+    (:func:`verification.duplicates.compare_outputs`: ``duplicates`` counts checks, mismatches and
+    failed duplicates; ``mismatches`` keeps the latest 64 disagreements, stage, both servers, cosine
+    and magnitude ratio). Backwards are never duplicated (the second server would count the
+    gradients twice).
 
     Counters: ``microbatches_ok``, ``microbatches_failed``, ``retries``; ``samples_per_s`` (an EMA
     of this trainer's completed samples per second); ``requests[peer_id]``: calls sent per server.
@@ -70,7 +76,7 @@ class PipelineClient:
                  forward_timeout: float = 30.0, backward_timeout: float = 75.0, max_retries_per_stage: int = 5,
                  update_period: float = 30.0, max_elements: int = 1 << 24,
                  stage_input: Callable[[Any], Any] = _first_item, no_server_wait: float = 5.0,
-                 overload_pause: float = 0.1):
+                 overload_pause: float = 0.1, duplicate_fraction: float = 0.0):
         if codec not in protocol.CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(protocol.CODECS)}")
         if num_stages < 1:
@@ -80,6 +86,12 @@ class PipelineClient:
         self.max_retries_per_stage, self.update_period = max_retries_per_stage, update_period
         self.max_elements, self.stage_input, self.no_server_wait = max_elements, stage_input, no_server_wait
         self.overload_pause = overload_pause
+        if not 0.0 <= duplicate_fraction <= 1.0:
+            raise ValueError(f"duplicate_fraction must lie in [0, 1], got {duplicate_fraction}")
+        self.duplicate_fraction = duplicate_fraction
+        self.duplicates = {"checked": 0, "mismatched": 0, "failed": 0}
+        self.mismatches: collections.deque[dict] = collections.deque(maxlen=64)
+        self._checks: set[asyncio.Task] = set()
         self.balancers = [StageBalancer() for _ in range(num_stages)]
         self.microbatches_ok = self.microbatches_failed = self.retries = 0
         self.requests: dict[str, int] = {}
@@ -146,6 +158,11 @@ class PipelineClient:
 
     async def _call(self, stage: int, name: str, request: dict, task_size: float, timeout: float,
                     parse: Callable[[Any], Any]) -> Any:
+        """The parsed reply of :meth:`_call_on`."""
+        return (await self._call_on(stage, name, request, task_size, timeout, parse))[0]
+
+    async def _call_on(self, stage: int, name: str, request: dict, task_size: float, timeout: float,
+                       parse: Callable[[Any], Any]) -> tuple[Any, str]:
         """One stage's call with retries on other servers of the stage; the parsed reply. Failures
         count against ``max_retries_per_stage``; ``overloaded`` answers do not (the servers are busy,
         e.g. stepping), but they stop being retried once ``timeout`` seconds passed since the first."""
@@ -190,7 +207,7 @@ class PipelineClient:
                 logger.debug("stage %d %s on %s failed: %s", stage, name, peer[-8:], e)
                 continue
             balancer.on_success(peer, task_size, start, time.monotonic())
-            return result
+            return result, peer
         more = f" ({overloaded} more answered overloaded)" if overloaded else ""
         raise PipelineError(f"stage {stage} {name}: {failures} attempts failed{more}; "
                             f"last error: {type(last).__name__}: {str(last)[:300]}")
@@ -198,8 +215,53 @@ class PipelineClient:
     async def _forward_stage(self, stage: int, inputs: torch.Tensor, microbatch: bytes) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(None, protocol.forward_request, stage, microbatch, inputs, self.codec)
-        return await self._call(stage, protocol.FORWARD, request, float(_batch_size(inputs)), self.forward_timeout,
-                                lambda reply: protocol.parse_forward_reply(reply, self.max_elements))
+        size = float(_batch_size(inputs))
+        outputs, peer = await self._call_on(stage, protocol.FORWARD, request, size, self.forward_timeout,
+                                            self._parse_forward)
+        if self.duplicate_fraction and random.random() < self.duplicate_fraction:
+            check = asyncio.ensure_future(self._duplicate(stage, request, size, peer, outputs))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+        return outputs
+
+    def _parse_forward(self, reply: Any) -> torch.Tensor:
+        return protocol.parse_forward_reply(reply, self.max_elements)
+
+    async def _duplicate(self, stage: int, request: dict, size: float, first: str, outputs: torch.Tensor) -> None:
+        """Send a forward again to another server of the stage and compare the outputs (one attempt)."""
+        from verification.duplicates import compare_outputs
+
+        balancer = self.balancers[stage]
+        other = None
+        try:
+            for _ in range(4 if len(balancer.peers) > 1 else 0):
+                other = balancer.choose(size)
+                if other != first:
+                    break
+        except NoServersError:
+            other = None
+        if other is None or other == first:
+            return
+        self.requests[other] = self.requests.get(other, 0) + 1
+        loop = asyncio.get_running_loop()
+        try:
+            start = time.monotonic()
+            reply = await self.node.p2p.call(PeerID.from_base58(other), self._methods[protocol.FORWARD], request,
+                                             timeout=self.forward_timeout)
+            second = await loop.run_in_executor(None, self._parse_forward, reply)
+            balancer.on_success(other, size, start, time.monotonic())
+        except (P2PError, OSError, asyncio.TimeoutError) as e:
+            self.duplicates["failed"] += 1
+            logger.debug("duplicate forward of stage %d on %s failed: %s", stage, other[-8:], e)
+            return
+        check = await loop.run_in_executor(None, compare_outputs, outputs, second)
+        self.duplicates["checked"] += 1
+        if not check.ok:
+            self.duplicates["mismatched"] += 1
+            self.mismatches.append({"stage": stage, "peers": [first, other], "cosine": check.cosine,
+                                    "ratio": check.ratio, "time": time.time()})
+            logger.warning("stage %d: servers %s and %s disagree on one input (cosine %.4f, magnitude ratio %.3f)",
+                           stage, first[-8:], other[-8:], check.cosine, check.ratio)
 
     async def _backward_stage(self, stage: int, inputs: torch.Tensor, grad: torch.Tensor,
                               microbatch: bytes) -> torch.Tensor | None:
@@ -257,7 +319,7 @@ class PipelineClient:
     def stats(self) -> dict:
         """Counters and the known servers' measured throughput per stage."""
         return {"microbatches_ok": self.microbatches_ok, "microbatches_failed": self.microbatches_failed,
-                "retries": self.retries, "samples_per_s": self.samples_per_s,
+                "retries": self.retries, "samples_per_s": self.samples_per_s, "duplicates": dict(self.duplicates),
                 "stages": [{peer: b.throughput(peer) for peer in b.peers} for b in self.balancers]}
 
 
