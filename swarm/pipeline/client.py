@@ -128,6 +128,7 @@ class PipelineClient:
             stages = await fetch_stages(self.node, self.run_id, self.num_stages)
         except Exception as e:  # noqa: BLE001 - the DHT may be briefly unreachable: keep the servers known
             logger.debug("reading the stage records failed: %s", e)
+            self._refreshed_at = time.monotonic() - max(self.update_period - 1.0, 0.0)  # retry in about 1 s
             return
         self._refreshed_at = time.monotonic()
         for k, records in stages.items():
