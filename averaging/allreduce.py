@@ -158,7 +158,7 @@ class RoundConfig:
         """This member's signed ``digest`` (commitments on only)."""
         assert self.identity is not None
         return Commitment.sign(self.identity, self.commit_prefix, self.group.group_id, phase, part, role, digest,
-                               weight, members, group_digest(self.group.members))
+                               weight, members, group_digest(self.group.members), self.codec.name)
 
     @property
     def owner_timeout(self) -> float:
@@ -705,7 +705,7 @@ class _Phase:
         signed = Commitment.from_compact(compact, self.config.commit_prefix, self.config.group.group_id,
                                          self.plan.number, owner, ROLE_RESULT, 0.0, contributors,
                                          group_digest(self.config.group.members),
-                                         sender=self.config.group.members[owner])
+                                         sender=self.config.group.members[owner], codec=self.config.codec.name)
         if not signed.verify():
             raise AveragingError("the owner's result digest is not signed by it")
         digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _hash_ranges, self.result, chunks)
@@ -853,7 +853,8 @@ class AllReduceService:
             try:
                 signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
                                                  header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
-                                                 group=group_digest(phase.config.group.members), sender=ctx.peer_id)
+                                                 group=group_digest(phase.config.group.members), sender=ctx.peer_id,
+                                                 codec=phase.config.codec.name)
             except BadRequestError as e:
                 owner.exclude(member, f"sent a malformed commitment ({e})")
                 raise

@@ -382,14 +382,17 @@ def test_a_member_that_swaps_its_part_after_committing_is_excluded():
     virtual_clock.run(main())
 
 
-def test_an_owner_returning_a_wrong_aggregate_is_audited_accused_and_banned():
+@pytest.mark.parametrize("codec", ["none", "uint8", "float16"])
+def test_an_owner_returning_a_wrong_aggregate_is_audited_accused_and_banned(codec: str):
     async def main() -> None:
         async with Group(4) as group:
             def biased(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return weighted_mean(x, w) + 0.01
+                return weighted_mean(x, w) * 1.2
 
             biased.chunkwise = True  # type: ignore[attr-defined]
-            outcomes = await group.run({2: dict(reducer=biased)})
+            configs = {i: dict(codec=compression.get(codec)) for i in range(4)}
+            configs[2]["reducer"] = biased
+            outcomes = await group.run(configs)
             assert all(not isinstance(o, BaseException) for o in outcomes)  # signed consistently: it looks fine
             auditor = 0
             transcript = outcomes[auditor][1].transcript
@@ -398,6 +401,11 @@ def test_an_owner_returning_a_wrong_aggregate_is_audited_accused_and_banned():
             assert [a is not None for a in accusations] == [False, True, False]
             accusation = accusations[1]
             assert accusation.accused == group.peers[2].peer_id and verify_accusation(accusation).holds
+            assert accusation.commitments[0].codec == codec  # the precision its result claims is signed
+            # an honest owner (part 1) cannot be framed with a tolerance of 0: the codec's floor holds
+            honest = await audit_aggregate(group.peers[auditor], RUN, group.peers[auditor].identity, transcript, 1,
+                                           tolerance=0.0)
+            assert honest is None
 
     virtual_clock.run(main())
 
@@ -420,7 +428,7 @@ def test_an_equivocating_owner_is_caught_by_comparing_signed_results():
                             message = {"d": values.numpy().tobytes()}
                         elif isinstance(message, dict) and "done" in message:
                             signed = Commitment.sign(liar.identity, RUN, GROUP_ID, 0, 0, "result", hasher.digest(),
-                                                     0.0, message["done"], group_digest(group.group.members))
+                                                     0.0, message["done"], group_digest(group.group.members), "none")
                             message = {**message, "c": signed.compact()}
                         await send(message, **kw)
 

@@ -27,8 +27,12 @@ kind                        evidence and what is checked
                             group's PeerIDs in order (their :func:`group_digest` must be the one signed)
                             and ``detail["aggregator"]``: a name of :mod:`averaging.aggregators` or
                             ``"mean"``. The aggregate is recomputed from the inputs with their signed
-                            weights; it must equal the result within ``detail["tolerance"]`` (relative,
-                            default 1e-3, at most 0.1; CenteredClip: its fixed-point residual is checked).
+                            weights; it must equal the result within a relative tolerance: the larger of
+                            ``detail["tolerance"]`` (at most 0.1) and the floor of the codec the owner
+                            signed (what its result's precision allows: 1e-3 for exact results, 2e-3
+                            for float16 ones, 0.05 for 8-bit ones, 0.1 for others), so an accuser
+                            cannot frame an honest owner with a tolerance of 0; CenteredClip: or its
+                            fixed-point residual is small.
 ``bad_opening``             the accused's signed seed commitment and signed opening that does not match
                             it (:mod:`verification.randomness`), in ``detail``.
 ==========================  ============================================================================
@@ -71,6 +75,11 @@ MAX_DETAIL_BYTES = 32 << 10
 MAX_RUN_CHARS = 512
 DEFAULT_AGGREGATE_TOLERANCE = 1e-3  # relative; float32 reductions in another order differ by ~1e-7
 MAX_AGGREGATE_TOLERANCE = 0.1
+# the least tolerance for a result sent with each codec (its quantization: float16 2**-11 per value, 8-bit
+# levels about 1% of a value's scale); an owner may bias its results by this much undetected
+RESULT_TOLERANCE = {"": DEFAULT_AGGREGATE_TOLERANCE, "none": DEFAULT_AGGREGATE_TOLERANCE,
+                    "topk": DEFAULT_AGGREGATE_TOLERANCE, "float16": 2e-3, "powersgd": 2e-3, "uint8": 0.05,
+                    "blockwise8": 0.05, "quantile8": 0.05}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _DOMAIN = "swarm.accusation/1"
 
@@ -337,6 +346,7 @@ def _check_aggregate(accusation: Accusation, recompute: Recompute | None) -> Ver
     if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
             or not 0 <= tolerance <= MAX_AGGREGATE_TOLERANCE):
         return Verdict("accuser", "bad tolerance")
+    tolerance = max(float(tolerance), RESULT_TOLERANCE.get(result.codec, MAX_AGGREGATE_TOLERANCE))
     inputs: dict[int, tuple[Commitment, torch.Tensor]] = {}
     for index, commitment in enumerate(commitments):
         if commitment.role != ROLE_INPUT or index not in accusation.tensors:
