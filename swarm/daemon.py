@@ -334,6 +334,10 @@ def _join(args: argparse.Namespace, signals: _Signals) -> int:
     except TaskLoadError as e:
         raise _Fatal(EXIT_TASK, str(e)) from None
     shard, num_shards = _parse_arguments(args)
+    if getattr(args, "byzantine", None) is not None:  # loudly, first thing: this daemon attacks its run
+        from verification.byzantine import Byzantine
+
+        Byzantine(args.byzantine).announce()
     options, pinned = _optimizer_options(task, args)
     if task.is_pipeline or getattr(args, "role", "trainer") == "server":  # swarm.pipeline.roles
         from .pipeline.roles import run_pipeline_role
@@ -458,7 +462,7 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
             from verification.byzantine import Byzantine
 
             byzantine = Byzantine(args.byzantine, seed=int.from_bytes(dht.peer_id.raw[-4:], "little"))
-            byzantine.announce()
+            print(f"attacking with {args.byzantine!r} (--byzantine)", file=sys.stderr, flush=True)
         if getattr(args, "verify", None) is not None:
             from verification.recompute import EpochBatches
 
