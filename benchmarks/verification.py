@@ -4,7 +4,7 @@
 
     .venv/bin/python benchmarks/verification.py [--peers 16] [--steps 20] [--probabilities 0,0.0625,0.25]
         [--attacks sign_flip,random_direction,zero,scaling,alie,ipm,label_flip,false_accuser] [--seeds 0,1]
-        [--ban-steps 50] [--accuracy-steps 0] [--skip-overhead] [--skip-ban] [--json]
+        [--ban-steps 50] [--accuracy-steps 0] [--skip-overhead] [--skip-ban] [--task digits|charlm] [--json]
 
 1. **Overhead against the check probability** (honest peers only, ``--steps`` steps each): every
    figure is a share of the same run's totals. *Step time*: the CPU seconds of verification
@@ -43,10 +43,11 @@ from verification.validator import DEFAULT_PROBABILITY
 VERIFY_PARTS = ("consistency", "randomness", "validation", "banlist")
 
 
-def _task():
-    task = load_task(str(Path(__file__).resolve().parent.parent / "examples" / "digits.py"))
+def _task(name: str = "digits"):
+    task = load_task(str(Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"))
     module = task._module
-    module._dataset = functools.lru_cache(maxsize=1)(module._dataset)  # the same data, read once
+    if hasattr(module, "_dataset"):  # digits reads its data set from disk at every data() call
+        module._dataset = functools.lru_cache(maxsize=1)(module._dataset)  # the same data, read once
     return task
 
 
@@ -113,6 +114,8 @@ def accuracy(task, peers: int, attacks: list[str], steps: int, seed: int) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=16)
+    parser.add_argument("--task", default="digits", choices=["digits", "charlm"],
+                        help="examples/TASK.py (default digits; charlm: 0.47 M parameters, for the overhead)")
     parser.add_argument("--steps", type=int, default=20, help="steps per overhead run (default 20)")
     parser.add_argument("--probabilities", default=f"0,{DEFAULT_PROBABILITY},0.25")
     parser.add_argument("--attacks", default="sign_flip,random_direction,zero,scaling,alie,ipm,label_flip,"
@@ -126,14 +129,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    task = _task()
+    task = _task(args.task)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    out: dict = {"peers": args.peers, "task": "digits", "aggregator": "centered_clip"}
+    out: dict = {"peers": args.peers, "task": args.task, "aggregator": "centered_clip"}
     if not args.skip_overhead:
         out["overhead"] = overhead(task, args.peers, args.steps, [float(p) for p in args.probabilities.split(",")],
                                    seeds[0], progress=True)
         if not args.json:
-            print(f"overhead, {args.peers} honest peers, {args.steps} steps (shares of the run's totals)")
+            print(f"overhead, {args.task}, {args.peers} honest peers, {args.steps} steps (shares of the run's totals)")
             print(f"{'p':>8} {'verify/step':>12} {'commit/step':>12} {'claims B':>9} {'commit B':>9} "
                   f"{'accuse B':>9} {'recompute':>10} {'checks':>7} {'false bans':>10}")
             for r in out["overhead"]:
