@@ -297,7 +297,7 @@ def _timeline(result: dict, step: float = 5.0) -> list[float]:
 
 
 def _churn(peers: _Peers, address: str, servers: dict, per_minute: float, period: float, rng: random.Random,
-           restarted: dict[str, int]) -> Any:
+           restarted: dict[str, int], count: list[int]) -> Any:
     """A ``during`` callback: kill -9 and restart one random server every 60 / (per_minute * N) s
     (``restarted``: name -> its log's length at the restart)."""
     def during(start: float, seconds: float) -> None:
@@ -309,6 +309,7 @@ def _churn(peers: _Peers, address: str, servers: dict, per_minute: float, period
             stage, delay, _ = servers[name]
             peers.kill(name)
             restarted[name] = len(peers.log(name))
+            count[0] += 1
             peers.spawn(name, _server_args(address, "0.0.0.0", stage, peers.out / f"{name}.key", period),
                         env={"SWARM_BENCH_DELAY": str(delay)})
             t += gap
@@ -375,12 +376,14 @@ def main(argv: list[str] | None = None) -> int:
               f"samples/s", flush=True)
         results: dict[str, dict] = {}
         killed: dict[str, dict[str, int]] = {"swarm_churn": {}, "fixed_churn": {}}
-        for phase, mode, churn in (("fixed", "fixed", False), ("swarm", "swarm", False),
-                                   ("swarm_churn", "swarm", True), ("fixed_churn", "fixed", True)):
-            during = _churn(peers, address, servers, args.churn, 1e6, rng, killed[phase]) if churn else None
+        kills = {"swarm_churn": [0], "fixed_churn": [0]}
+        for i, (phase, mode, churn) in enumerate((("fixed", "fixed", False), ("swarm", "swarm", False),
+                                                  ("swarm_churn", "swarm", True), ("fixed_churn", "fixed", True))):
+            during = _churn(peers, address, servers, args.churn, 1e6, rng, killed[phase], kills[phase]) \
+                if churn else None
+            warmup = args.warmup * (3 if i == 0 else 1)  # the first phase also warms the servers up
             results[phase] = _run_trainers(peers, address, f"trainers-{phase}", mode, args.trainers,
-                                           args.phase_seconds, args.warmup, chains if mode == "fixed" else None,
-                                           during)
+                                           args.phase_seconds, warmup, chains if mode == "fixed" else None, during)
             r = results[phase]
             print(f"{phase:12s} {_rate(r):6.1f} samples/s, {r['failed']} microbatches lost, {r['retries']} retries; "
                   f"per 5 s: {_timeline(r)}", flush=True)
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                               "retries": r["retries"], "timeline_5s": _timeline(r)}
         figures["swarm_churn_ratio"] = round(_rate(results["swarm_churn"]) / max(_rate(results["swarm"]), 1e-9), 3)
         figures["fixed_churn_ratio"] = round(_rate(results["fixed_churn"]) / max(_rate(results["fixed"]), 1e-9), 3)
-        figures["churn_kills"] = {k: len(v) for k, v in killed.items()}
+        figures["churn_kills"] = {k: v[0] for k, v in kills.items()}
         bottleneck = min(range(NUM_STAGES), key=lambda k: model[k])
         figures["bottleneck_utilisation"] = round(_utilisation(results["swarm"], servers, bottleneck), 3)
         for name in servers:

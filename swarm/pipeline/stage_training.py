@@ -63,13 +63,14 @@ class StageStepper:
       ``reset_accumulated()``, ``async with paused()``);
     - ``optimizer``: the task's factory ``params -> torch.optim.Optimizer``; ``target_batch_size``:
       samples per step of the stage (all its servers together); ``scheduler``: optional factory;
-    - ``poll`` (0.25 s): how often accumulated gradients are handed to the optimizer;
+    - ``poll`` (1 s): how often accumulated gradients are handed to the optimizer (each handover
+      pauses the backwards briefly);
     - ``options``: more keyword arguments of :class:`swarm.Optimizer` (``matchmaking_time``,
       ``averaging_timeout``, ``aggregator``, ``compression``, ``target_group_size``, ...).
     Counters: ``steps`` (stage steps this server took), ``samples`` (handed to the optimizer)."""
 
     def __init__(self, dht: DHT, run_id: str, server: Any, optimizer: Callable, target_batch_size: int, *,
-                 poll: float = 0.25, scheduler: Callable | None = None, **options: Any):
+                 poll: float = 1.0, scheduler: Callable | None = None, **options: Any):
         from ..optimizer import Optimizer
 
         if not poll > 0:
