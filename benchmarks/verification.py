@@ -13,7 +13,9 @@
    commitments against a run without them (``verify off``). *Bytes*: claims (block digests in the
    matchmaking gather), commitments (about 140 B per part header and result) and accusations, over
    the all-reduce's payload bytes. *Recomputation share*: recomputation seconds over training seconds
-   (the expected value is the check probability: one recomputation per check).
+   (the expected value is the check probability: one recomputation per check); the owners' audits
+   (fetching one part from every contributor, recomputing the aggregate) as a share of step time and
+   of bytes.
 2. **Steps to ban per attack**: one attacker among ``--peers`` at the default check probability
    (1/16), until every honest peer bans (or distrusts) it or ``--ban-steps`` steps; per seed.
 3. With ``--accuracy-steps N``: held-out accuracy after N steps, clean and with one attacker per
@@ -71,7 +73,9 @@ def overhead(task, peers: int, steps: int, probabilities: list[float], seed: int
             "seconds": {k: round(v, 3) for k, v in s.items()},
             "bytes_share": {"claims": b.get("claims", 0) / payload, "commitments": b.get("commitments", 0) / payload,
                             "accusations": b.get("accusations", 0) / payload},
-            "recomputation_share": s.get("validation", 0.0) / s["train"] if s.get("train") else 0.0,
+            "recomputation_share": s.get("recompute", 0.0) / s["train"] if s.get("train") else 0.0,
+            "audit_share_of_step": s.get("audit", 0.0) / step if step else 0.0,
+            "audit_bytes_share": b.get("audits", 0) / payload,
             "validations": r.validations, "false_bans": len(r.false_bans),
         })
         if progress:
@@ -138,13 +142,14 @@ def main() -> None:
         if not args.json:
             print(f"overhead, {args.task}, {args.peers} honest peers, {args.steps} steps (shares of the run's totals)")
             print(f"{'p':>8} {'verify/step':>12} {'commit/step':>12} {'claims B':>9} {'commit B':>9} "
-                  f"{'accuse B':>9} {'recompute':>10} {'checks':>7} {'false bans':>10}")
+                  f"{'accuse B':>9} {'recompute':>10} {'audit/step':>11} {'audit B':>8} {'checks':>7} "
+                  f"{'false bans':>10}")
             for r in out["overhead"]:
                 b = r["bytes_share"]
                 print(f"{r['probability']:>8.4f} {r['verification_share_of_step']:>12.2%} "
                       f"{r['commitment_share_of_step']:>12.2%} {b['claims']:>9.2%} {b['commitments']:>9.2%} "
-                      f"{b['accusations']:>9.2%} {r['recomputation_share']:>10.2%} {r['validations']:>7} "
-                      f"{r['false_bans']:>10}", flush=True)
+                      f"{b['accusations']:>9.2%} {r['recomputation_share']:>10.2%} {r['audit_share_of_step']:>11.2%} "
+                      f"{r['audit_bytes_share']:>8.2%} {r['validations']:>7} {r['false_bans']:>10}", flush=True)
     attacks = [a for a in args.attacks.split(",") if a]
     if not args.skip_ban:
         out["steps_to_ban"] = steps_to_ban(task, args.peers, attacks, seeds, args.ban_steps)

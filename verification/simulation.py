@@ -94,7 +94,9 @@ class SimResult:
     false_bans: list[tuple[int, int, str]]  # (honest peer banned, step, by whom or reason)
     accuracy: list[tuple[int, float]]  # (step, held-out accuracy of an honest peer)
     steps: int
-    seconds: dict[str, float]  # wall seconds: train, allreduce, consistency, randomness, validation, banlist, total
+    # wall seconds: train, allreduce, consistency, randomness, validation (audit and recompute are parts of it),
+    # banlist, total
+    seconds: dict[str, float]
     bytes: dict[str, int]  # allreduce (payload), commitments (estimate), claims, accusations
     validations: int = 0
     accusations: int = 0
@@ -405,7 +407,9 @@ class Simulation:
                 self.counts[f"validation_{verdict.verdict}"] += 1
                 if accusation is not None:
                     await self._publish(validator, accusation)
+                audit_started = time.perf_counter()
                 await self._audit(validator, transcript, outcome.value, target_id)
+                self.seconds["audit"] += time.perf_counter() - audit_started
         self.seconds["validation"] += time.perf_counter() - wall
         wall = time.perf_counter()
         if self.counts["accusations"] + self.counts["false_accusations"] != self._refreshed_at:
@@ -489,6 +493,8 @@ class Simulation:
         if not self.accuracy or self.accuracy[-1][0] != self.step_number:
             self.evaluate()
         self.seconds["total"] = time.perf_counter() - started
+        # of "validation" (which includes "audit"): the validators' gradient recomputations alone
+        self.seconds["recompute"] = sum(p.verifier.checker.recompute_seconds for p in self.peers)
         validations = sum(p.verifier.stats["validations"] for p in self.peers)
         return SimResult(dict(self.banned_at), list(self.false_bans), list(self.accuracy), self.step_number,
                          dict(self.seconds), dict(self.bytes), validations, self.counts["accusations"],
