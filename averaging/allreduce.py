@@ -154,11 +154,11 @@ class RoundConfig:
             return False
 
     def commit(self, phase: int, part: int, role: str, digest: bytes, weight: float = 0.0,
-               members: Sequence[int] = ()) -> Commitment:
-        """This member's signed ``digest`` (commitments on only)."""
+               members: Sequence[int] = (), ranges: Sequence[tuple[int, int]] = ()) -> Commitment:
+        """This member's signed ``digest`` of ``part`` (made of ``ranges``; commitments on only)."""
         assert self.identity is not None
         return Commitment.sign(self.identity, self.commit_prefix, self.group.group_id, phase, part, role, digest,
-                               weight, members, group_digest(self.group.members), self.codec.name)
+                               weight, members, group_digest(self.group.members), self.codec.name, ranges)
 
     @property
     def owner_timeout(self) -> float:
@@ -475,7 +475,7 @@ class _Owner:
         key = tuple(contributors)
         if key not in self._result_commitments:
             self._result_commitments[key] = self.config.commit(self.record.number, self.config.me, ROLE_RESULT,
-                                                               digest, 0.0, key)
+                                                               digest, 0.0, key, self.record.ranges[self.config.me])
         return self._result_commitments[key]
 
     def check_senders(self, now: float) -> None:
@@ -595,7 +595,8 @@ class _Phase:
                     mine = await _in_worker(owner.part_length, self.record.part_values, self.flat, me)
                     digest = await _in_worker(mine.numel(), _hash_ranges, mine, [(0, mine.numel())])
                     self.record.sent[me] = self.record.inputs[me] = self.config.commit(
-                        self.plan.number, me, ROLE_INPUT, digest, self.config.weight)
+                        self.plan.number, me, ROLE_INPUT, digest, self.config.weight,
+                        ranges=self.plan.layout.ranges[me])
                     self.record.received[me] = mine
             except BaseException:
                 exchanges.cancel()
@@ -635,7 +636,7 @@ class _Phase:
                 messages, digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _encode_committed, codec,
                                                     self.flat, chunks, self.contribution)
                 mine = self.record.sent[owner] = config.commit(self.plan.number, owner, ROLE_INPUT, digest,
-                                                               config.weight)
+                                                               config.weight, ranges=self.plan.layout.ranges[owner])
                 header = PartHeader(config.group.group_id, self.plan.number, self.plan.tag, config.me, config.weight,
                                     mine.compact())
                 await stream.send(protocol.part_header(header))
@@ -705,7 +706,8 @@ class _Phase:
         signed = Commitment.from_compact(compact, self.config.commit_prefix, self.config.group.group_id,
                                          self.plan.number, owner, ROLE_RESULT, 0.0, contributors,
                                          group_digest(self.config.group.members),
-                                         sender=self.config.group.members[owner], codec=self.config.codec.name)
+                                         sender=self.config.group.members[owner], codec=self.config.codec.name,
+                                         ranges=self.plan.layout.ranges[owner])
         if not signed.verify():
             raise AveragingError("the owner's result digest is not signed by it")
         digest = await _in_worker(sum(hi - lo for lo, hi in chunks), _hash_ranges, self.result, chunks)
@@ -854,7 +856,8 @@ class AllReduceService:
                 signed = Commitment.from_compact(header.commitment, phase.config.commit_prefix, header.group_id,
                                                  header.phase, phase.config.me, ROLE_INPUT, float(header.weight),
                                                  group=group_digest(phase.config.group.members), sender=ctx.peer_id,
-                                                 codec=phase.config.codec.name)
+                                                 codec=phase.config.codec.name,
+                                                 ranges=phase.plan.layout.ranges[phase.config.me])
             except BadRequestError as e:
                 owner.exclude(member, f"sent a malformed commitment ({e})")
                 raise

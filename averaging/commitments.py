@@ -6,8 +6,9 @@ incrementally: :class:`TensorHasher`). A :class:`Commitment` binds a digest to i
 signed with the sender's Ed25519 identity: the run prefix, the round (group id), the phase (0 the
 butterfly, 1 recovery), the group's member list (:func:`group_digest`), the part (owner index), the
 role (``"input"``: a member's values for a part; ``"result"``: an owner's aggregate), the sender,
-the member's weight, for a result the member indices it aggregates, and the codec whose decoded
-values the digest covers (a result's precision depends on it). So a signed digest cannot
+the member's weight, for a result the member indices it aggregates, the codec whose decoded
+values the digest covers (a result's precision depends on it) and the ranges of the flat vector the
+part is made of. So a signed digest cannot
 be replayed into another run, round, part or role, and two different digests signed for the same
 slot are provable equivocation (:meth:`Commitment.conflicts`).
 
@@ -16,8 +17,9 @@ Wire forms (msgpack maps, validated by :meth:`Commitment.from_wire` / :meth:`Com
 - full (evidence, DHT records): ``{"v": 1, "x": prefix (str, at most MAX_PREFIX_CHARS=512), "g": round
   id (bytes, 1 to 64), "p": phase (int 0..255), "j": part (int 0..65535), "r": "input" | "result", "d":
   digest (32 bytes), "w": weight (finite float), "m": [member indices] (at most 4096, each 0..65535),
-  "h": group digest (32 bytes, or empty), "c": codec name (optional, at most 64 characters), "k": Ed25519
-  public key (32 bytes), "s": signature (64 bytes)}``;
+  "h": group digest (32 bytes, or empty), "c": codec name (optional, at most 64 characters), "rg":
+  [[start, end]] (optional, at most 4096 ranges of the flat vector, in order), "k": Ed25519 public key
+  (32 bytes), "s": signature (64 bytes)}``;
 - compact (inside an ``avg.part`` header or final message, where the context is known): ``{"d", "k",
   "s"}``: 128 bytes of payload, about 140 packed.
 
@@ -53,6 +55,7 @@ MAX_PREFIX_CHARS = 512
 MAX_ROUND_ID_BYTES = 64
 MAX_PART = 1 << 16
 MAX_MEMBERS = 4096
+MAX_RANGES = 4096
 _DOMAIN = "swarm.commit/1"
 
 
@@ -96,6 +99,10 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     return hasher.digest()
 
 
+def _ranges(ranges: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(lo), int(hi)) for lo, hi in ranges)
+
+
 def group_digest(members: Sequence[PeerID]) -> bytes:
     """SHA-256 of a group's member list in order (what a commitment binds the member indices to)."""
     hasher = hashlib.sha256(b"swarm.group/1|")
@@ -118,7 +125,8 @@ class Commitment:
     round ``round_id`` (phase ``phase``) under ``prefix`` in ``role``; ``weight``: the member's weight
     (inputs; 0.0 for results); ``members``: the member indices a result aggregates (() for inputs);
     ``group``: :func:`group_digest` of the group's members (b"": none); ``codec``: the name of the
-    codec whose decoded values ``digest`` covers ("": unspecified)."""
+    codec whose decoded values ``digest`` covers ("": unspecified); ``ranges``: the ``(start, end)``
+    ranges of the flat vector whose values, concatenated, it covers (() : unspecified)."""
 
     prefix: str
     round_id: bytes
@@ -132,6 +140,7 @@ class Commitment:
     public_key: bytes
     signature: bytes
     codec: str = ""
+    ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def sender(self) -> PeerID:
@@ -146,15 +155,16 @@ class Commitment:
         """The bytes that are signed (canonical msgpack of every field but the key and signature)."""
         return msgpack.packb([_DOMAIN, self.prefix, self.round_id, self.phase, self.part, self.role, self.sender.raw,
                               self.digest, float(self.weight), [int(m) for m in self.members], self.group]
-                             + ([self.codec] if self.codec else []), use_bin_type=True)
+                             + ([self.codec] if self.codec or self.ranges else [])
+                             + ([[list(r) for r in self.ranges]] if self.ranges else []), use_bin_type=True)
 
     @classmethod
     def sign(cls, identity: Identity, prefix: str, round_id: bytes, phase: int, part: int, role: str, digest: bytes,
-             weight: float = 0.0, members: Sequence[int] = (), group: bytes = b"", codec: str = ""
-             ) -> "Commitment":
+             weight: float = 0.0, members: Sequence[int] = (), group: bytes = b"", codec: str = "",
+             ranges: Sequence[tuple[int, int]] = ()) -> "Commitment":
         """``identity``'s commitment to ``digest`` (ValueError for arguments outside the wire bounds)."""
         commitment = cls(prefix, round_id, phase, part, role, digest, float(weight), tuple(int(m) for m in members),
-                         group, identity.public_key, b"", codec)
+                         group, identity.public_key, b"", codec, _ranges(ranges))
         problem = commitment._problem()
         if problem is not None:
             raise ValueError(problem)
@@ -182,7 +192,8 @@ class Commitment:
         """The full, self-contained form (see the module docstring)."""
         return {"v": 1, "x": self.prefix, "g": self.round_id, "p": self.phase, "j": self.part, "r": self.role,
                 "d": self.digest, "w": self.weight, "m": list(self.members), "h": self.group, "k": self.public_key,
-                "s": self.signature, **({"c": self.codec} if self.codec else {})}
+                "s": self.signature, **({"c": self.codec} if self.codec else {}),
+                **({"rg": [list(r) for r in self.ranges]} if self.ranges else {})}
 
     def compact(self) -> dict:
         """The digest, key and signature only, for a message whose context gives the other fields."""
@@ -201,9 +212,15 @@ class Commitment:
         weight = message.get("w")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise _refuse("'w' must be a number", weight)
+        raw_ranges = message.get("rg", [])
+        if (not isinstance(raw_ranges, list) or len(raw_ranges) > MAX_RANGES
+                or not all(isinstance(r, list) and len(r) == 2 and all(_is_int(v, 1 << 62) for v in r) and r[0] <= r[1]
+                           for r in raw_ranges)):
+            raise _refuse("'rg' must be a list of [start, end] ranges", raw_ranges)
         commitment = cls(message.get("x"), message.get("g"), message.get("p"), message.get("j"),  # type: ignore[arg-type]
                          message.get("r"), message.get("d"), float(weight), tuple(members),  # type: ignore[arg-type]
-                         message.get("h"), message.get("k"), message.get("s"), message.get("c", ""))  # type: ignore[arg-type]
+                         message.get("h"), message.get("k"), message.get("s"), message.get("c", ""),  # type: ignore[arg-type]
+                         _ranges(raw_ranges))
         problem = commitment._problem()
         if problem is not None or not isinstance(commitment.signature, bytes) or len(commitment.signature) != 64:
             raise _refuse(f"malformed commitment: {problem or 'the signature must be 64 bytes'}")
@@ -212,7 +229,8 @@ class Commitment:
     @classmethod
     def from_compact(cls, message: Any, prefix: str, round_id: bytes, phase: int, part: int, role: str,
                      weight: float = 0.0, members: Sequence[int] = (), group: bytes = b"",
-                     sender: PeerID | None = None, codec: str = "") -> "Commitment":
+                     sender: PeerID | None = None, codec: str = "", ranges: Sequence[tuple[int, int]] = ()
+                     ) -> "Commitment":
         """A compact form completed with its context; BadRequestError if malformed, or if its key is
         not ``sender``'s (when given). The signature is not checked here (:meth:`verify`)."""
         if not isinstance(message, dict):
@@ -225,7 +243,7 @@ class Commitment:
         if sender is not None and not sender.matches(key):
             raise _refuse("the commitment's key is not the sender's")
         return cls(prefix, round_id, phase, part, role, digest, float(weight), tuple(int(m) for m in members), group,
-                   key, signature, codec)
+                   key, signature, codec, _ranges(ranges))
 
     def _problem(self) -> str | None:
         """Why the fields break the wire bounds (None if they do not)."""
@@ -249,4 +267,6 @@ class Commitment:
             return "the public key must be 32 bytes"
         if not isinstance(self.codec, str) or len(self.codec) > 64:
             return "the codec must be a name of at most 64 characters"
+        if len(self.ranges) > MAX_RANGES:
+            return "too many ranges"
         return None

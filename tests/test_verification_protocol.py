@@ -79,14 +79,17 @@ def test_digest_is_over_dtype_shape_and_bytes_and_incremental():
 
 def test_commitment_binds_every_field():
     me = identity(1)
-    c = Commitment.sign(me, RUN, GROUP_ID, 0, 2, "input", tensor_digest(torch.ones(3)), 4.0, (), b"\x01" * 32)
+    c = Commitment.sign(me, RUN, GROUP_ID, 0, 2, "input", tensor_digest(torch.ones(3)), 4.0, (), b"\x01" * 32,
+                        "none", [(10, 13)])
     assert c.verify() and c.sender == me.peer_id and c.matches(torch.ones(3))
     assert Commitment.from_wire(msgpack.unpackb(msgpack.packb(c.to_wire()))) == c
     for change in (dict(prefix="other"), dict(round_id=b"x"), dict(phase=1), dict(part=3), dict(role="result"),
                    dict(digest=b"\x00" * 32), dict(weight=5.0), dict(members=(1,)), dict(group=b"\x02" * 32),
-                   dict(public_key=identity(2).public_key)):
+                   dict(public_key=identity(2).public_key), dict(codec="uint8"), dict(ranges=((10, 12),)),
+                   dict(ranges=())):
         assert not dataclasses.replace(c, **change).verify(), change
-    other = Commitment.sign(me, RUN, GROUP_ID, 0, 2, "input", tensor_digest(torch.zeros(3)), 4.0, (), b"\x01" * 32)
+    other = Commitment.sign(me, RUN, GROUP_ID, 0, 2, "input", tensor_digest(torch.zeros(3)), 4.0, (), b"\x01" * 32,
+                            "none", [(10, 13)])
     assert c.conflicts(other) and find_equivocation([c, other]) == (c, other)
     assert not c.conflicts(dataclasses.replace(other, signature=b"\x00" * 64))  # an unsigned one proves nothing
     # a result re-signed with fewer contributors (an honest owner that dropped a member late) is no lie
@@ -295,6 +298,7 @@ def test_round_with_commitments_matches_the_plain_round_and_keeps_a_verifiable_t
             assert sorted(p.sent) == sorted(p.results) == [0, 1, 2, 3] and sorted(p.received) == [0, 1, 2, 3]
             for member, c in p.inputs.items():
                 assert c.verify() and c.matches(p.received[member]) and c.weight == group.weights[member]
+                assert c.ranges == tuple(p.ranges[t.me]) == ((t.me * PART, (t.me + 1) * PART),) and c.codec == "none"
                 assert torch.equal(p.received[member], p.part_values(group.values[member], t.me))
             for owner, c in p.results.items():
                 assert c.verify() and c.matches(p.part_values(t.result, owner)) and list(c.members) == [0, 1, 2, 3]
@@ -428,7 +432,8 @@ def test_an_equivocating_owner_is_caught_by_comparing_signed_results():
                             message = {"d": values.numpy().tobytes()}
                         elif isinstance(message, dict) and "done" in message:
                             signed = Commitment.sign(liar.identity, RUN, GROUP_ID, 0, 0, "result", hasher.digest(),
-                                                     0.0, message["done"], group_digest(group.group.members), "none")
+                                                     0.0, message["done"], group_digest(group.group.members), "none",
+                                                     [(0, PART)])
                             message = {**message, "c": signed.compact()}
                         await send(message, **kw)
 

@@ -351,7 +351,8 @@ def _check_aggregate(accusation: Accusation, recompute: Recompute | None) -> Ver
     for index, commitment in enumerate(commitments):
         if commitment.role != ROLE_INPUT or index not in accusation.tensors:
             continue
-        same = (commitment.phase, commitment.part, commitment.group) == (result.phase, result.part, result.group)
+        same = ((commitment.phase, commitment.part, commitment.group, commitment.ranges)
+                == (result.phase, result.part, result.group, result.ranges))
         sender = members.index(commitment.sender) if commitment.sender in members else -1
         if same and sender in result.members:
             inputs[sender] = (commitment, accusation.tensors[index])
