@@ -10,7 +10,9 @@ verification runs on collections of them.
 
 A digest is SHA-256 over ``dtype | shape | little-endian bytes``; the signed payload binds the run
 prefix, round id, phase, the group's member list (:func:`group_digest`), part index, role (``"input"``
-/ ``"result"``), sender, weight and (results) the aggregated member indices.
+/ ``"result"``), sender, weight, (results) the aggregated member indices, the codec whose decoded
+values it covers and the part's ranges of the flat vector (``commitment.ranges``: a check of a part
+needs no layout from whoever presents it).
 """
 
 from __future__ import annotations
