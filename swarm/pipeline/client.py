@@ -229,20 +229,15 @@ class PipelineClient:
         return protocol.parse_forward_reply(reply, self.max_elements)
 
     async def _duplicate(self, stage: int, request: dict, size: float, first: str, outputs: torch.Tensor) -> None:
-        """Send a forward again to another server of the stage and compare the outputs (one attempt)."""
+        """Send a forward again to another usable server of the stage, chosen uniformly at random, and
+        compare the outputs (one attempt)."""
         from verification.duplicates import compare_outputs
 
         balancer = self.balancers[stage]
-        other = None
-        try:
-            for _ in range(4 if len(balancer.peers) > 1 else 0):
-                other = balancer.choose(size)
-                if other != first:
-                    break
-        except NoServersError:
-            other = None
-        if other is None or other == first:
+        others = [p for p in balancer.peers if p != first]
+        if not others:
             return
+        other = random.choice(others)  # uniformly, not by the queue: a server cannot tell it is checked
         self.requests[other] = self.requests.get(other, 0) + 1
         loop = asyncio.get_running_loop()
         try:
