@@ -469,15 +469,16 @@ def _join_with_identity(args, signals, task, code_hash, identity, run_id, device
             from .verified import VerifiedOptimizer
 
             source = EpochBatches(task, run_id, dht.peer_id, shard, num_shards, args.batch_size or task.batch_size)
-            opt = VerifiedOptimizer(task=task, model=model, source=source, probability=args.verify,
-                                    byzantine=byzantine, **common)
+            made: Optimizer = VerifiedOptimizer(task=task, model=model, source=source, probability=args.verify,
+                                                byzantine=byzantine, **common)
             print(f"verification on: each round a member is recomputed with probability {args.verify:g}", flush=True)
         elif byzantine is not None:
             from .verified import AttackingOptimizer
 
-            opt = AttackingOptimizer(byzantine=byzantine, **common)
+            made = AttackingOptimizer(byzantine=byzantine, **common)
         else:
-            opt = Optimizer(**common)
+            made = Optimizer(**common)
+        opt = made
         view.optimizer = opt
         opt.sharing.show_progress = not args.quiet  # state downloads show their progress on stderr
 
