@@ -58,16 +58,17 @@ def test_max_memory_and_stage_arguments_are_checked_before_joining(small_lm):
     assert done.returncode == 2 and "needs a pipeline task" in done.stderr, done.stderr
 
 
+@pytest.mark.timeout(600)  # 9 processes started one after another: minutes on a loaded 2-core machine
 def test_swarm_lm_trains_across_8_peers_whose_memory_holds_one_stage(tmp_path, small_lm):
     """The README command, bounded: 6 servers (--stage auto, --max-memory below the model's size) and 2
     trainers on loopback; the held-out loss goes down and `swarm runs --json` shows every stage served."""
     out = tmp_path / "lm"
     proc = subprocess.Popen([sys.executable, "-m", "swarm.examples.swarm_lm", "--servers", "6", "--trainers", "2",
-                             "--max-seconds", "25", "--max-memory", "0.5MB", "--out", str(out)],
+                             "--max-seconds", "30", "--max-memory", "0.5MB", "--out", str(out)],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=420)
+        output, _ = proc.communicate(timeout=560)
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -99,6 +100,7 @@ def _ok_count(log: str) -> int:
     return int(found[-1]) if found else 0
 
 
+@pytest.mark.timeout(600)
 def test_a_stage_emptied_by_kills_is_refilled_by_rebalancing(tmp_path, small_lm):
     with ProcessGroup(tmp_path) as group:
         address = group.bootstrap()
