@@ -59,12 +59,12 @@ def test_the_rules_say_what_each_kind_does():
 
 # ---------------------------------------------------------------- the boxes, with plain sockets
 
-KINDS = ["endpoint-independent", "port-restricted", "port-restricted", "symmetric", "symmetric"]
+KINDS = ["endpoint-independent", "port-restricted", "port-restricted", "symmetric", "symmetric", "endpoint-independent"]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    """Five public hosts (h4 firewalled; observers on h0 and h1, the rendezvous on h0) and five NAT boxes
+    """Five public hosts (h4 firewalled; observers on h0 and h1, the rendezvous on h0) and six NAT boxes
     (kinds: KINDS) with one inner host each; one-way delays 2 ms to the core, 3 ms for the boxes."""
     if REASON is not None:
         pytest.skip(REASON)
@@ -177,13 +177,14 @@ def _punch(lab: Lab, pairs: list[tuple[int, int]], attempts: int, timeout: float
 def test_a_raw_simultaneous_open_gets_through_eim_nats_and_not_through_symmetric_ones(lab):
     """Both sides learn each other's observed address from a rendezvous and connect at the same time
     from their own port (which they also listen on): port-restricted <-> port-restricted connects on
-    the first SYN; full cone <-> symmetric connects too (the symmetric side's SYN comes in through the
-    cone); symmetric <-> symmetric and port-restricted <-> symmetric never do."""
+    the first SYN, and so does full cone <-> full cone; full cone <-> symmetric connects too (the
+    symmetric side's SYN comes in through the cone); symmetric <-> symmetric and port-restricted <->
+    symmetric never do."""
     kinds = [box.kind for box in lab.nats]
     restricted = [i for i, k in enumerate(kinds) if k == "port-restricted"]
     symmetric = [i for i, k in enumerate(kinds) if k == "symmetric"]
     cone = kinds.index("endpoint-independent")
-    works = [tuple(restricted), (cone, symmetric[0])]
+    works = [tuple(restricted), (cone, symmetric[0]), (cone, len(kinds) - 1)]
     fails = [tuple(symmetric), (restricted[0], symmetric[1])]
     results = _punch(lab, works + fails, attempts=3, timeout=2.0)
     for pair in works:
@@ -355,18 +356,20 @@ def _attempts(lab: Lab, relay: str, pairs: dict, directory) -> dict:
 @pytest.mark.slow
 def test_hole_punching_goes_direct_where_the_nats_allow_and_the_relay_carries_the_rest(lab, swarm, tmp_path):
     """40 attempts per pair type, each between a fresh pair of peers (fresh ports and mappings) that
-    first meet through the relay p0: port-restricted <-> port-restricted, full cone <-> port-restricted
-    and full cone <-> symmetric end on a direct connection in >= 95% of the attempts, >= 97% of those on
-    the first hole-punch try, with the relay circuit released; symmetric <-> symmetric (40 attempts)
-    and port-restricted <-> symmetric (10) cannot punch and stay on the relay: every attempt connected
-    and answered pings after the hole puncher gave up."""
+    first meet through the relay p0: port-restricted <-> port-restricted, full cone <-> port-restricted,
+    full cone <-> symmetric and full cone <-> full cone end on a direct connection in >= 95% of the
+    attempts, >= 97% of those on the first hole-punch try, with the relay circuit released; symmetric
+    <-> symmetric (40 attempts) and port-restricted <-> symmetric (10) cannot punch and stay on the
+    relay: every attempt connected and answered pings after the hole puncher gave up."""
     logs, (relay, *_) = swarm
     kinds = KINDS
-    cone, restricted = kinds.index("endpoint-independent"), [i for i, k in enumerate(kinds) if k == "port-restricted"]
+    cones = [i for i, k in enumerate(kinds) if k == "endpoint-independent"]
+    cone, restricted = cones[0], [i for i, k in enumerate(kinds) if k == "port-restricted"]
     symmetric = [i for i, k in enumerate(kinds) if k == "symmetric"]
     n = PUNCH_ATTEMPTS  # (target box, dialer box, attempts, at once): a box holds at most 8 relay reservations
     direct = {"restricted-restricted": (restricted[0], restricted[1], n, 2),
-              "cone-restricted": (cone, restricted[0], n, 2), "cone-symmetric": (cone, symmetric[0], n, 2)}
+              "cone-restricted": (cone, restricted[0], n, 2), "cone-symmetric": (cone, symmetric[0], n, 2),
+              "cone-cone": (cones[1], cone, n, 2)}
     relayed = {"symmetric-symmetric": (symmetric[1], symmetric[0], n // 2, 6),  # a failed punch: 3 tries of 2 s,
                "symmetric-symmetric~2": (symmetric[0], symmetric[1], n // 2, 6),  # so both ways at once
                "restricted-symmetric": (restricted[1], symmetric[1], 10, 5)}
