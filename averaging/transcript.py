@@ -67,6 +67,7 @@ class RoundTranscript:
     phases: list[PhaseTranscript] = field(default_factory=list)
     survivors: list[PeerID] = field(default_factory=list)
     result: torch.Tensor | None = None  # the averaged vector this member ended with (a copy)
+    contribution: torch.Tensor | None = None  # my values as the owners decoded them (what my digests cover; a copy)
 
     @property
     def butterfly(self) -> PhaseTranscript:
