@@ -55,6 +55,7 @@ def test_bad_verify_and_byzantine_arguments(tmp_path: Path) -> None:
         assert phrase in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.timeout(900)  # four daemons starting torch: minutes on a shared 2-core machine
 def test_a_byzantine_daemon_is_banned_and_listed(tmp_path: Path) -> None:
     task = tmp_path / "task.py"
     task.write_text(TASK)

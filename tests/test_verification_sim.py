@@ -43,6 +43,7 @@ def digits():
     module._dataset = original
 
 
+@pytest.mark.timeout(900)  # ~30 s on an idle 2-core machine; minutes when it is shared
 def test_seven_attacks_at_44_percent_are_all_banned_and_digits_still_learns(digits) -> None:
     result = run(digits, SimConfig(peers=16, attackers=MIX, steps=50, probability=DEFAULT_PROBABILITY,
                                    eval_every=25, seed=1))
