@@ -34,7 +34,9 @@ member -> owner                 butterfly, 1 recovery), "t": recovery tag (bytes
                                 with commitments on (version 2, optional key) also ``"c": {"d": SHA-256
                                 digest of the caller's values for the part as the owner decodes them (32
                                 bytes), "k": its Ed25519 key (32 bytes), "s": signature (64 bytes)}`` (a
-                                compact :class:`~averaging.commitments.Commitment`, role ``"input"``),
+                                compact :class:`~averaging.commitments.Commitment`, role ``"input"``; the
+                                signature also covers the run prefix, round, phase, part, group, weight,
+                                codec and the part's ranges, which the owner knows),
                                 then one codec map per chunk of the owner's ranges (:mod:`.compression`:
                                 the codec checks sizes and values). The tag is the first 16 bytes of
                                 SHA-256 of ``repr((group id, survivors, spans))``, which every survivor
