@@ -219,3 +219,13 @@ def test_nat_message_parsers_raise_only_clear_errors(message):
             parse(message)
         except (BadRequestError, P2PError):
             pass
+
+
+def test_relayed_members_are_recognised_for_the_bandwidth_penalty():
+    from averaging.matchmaking import RELAYED_BANDWIDTH_SHARE, is_relayed_member
+
+    relay, peer = _IDS
+    relayed = f"/ip4/192.0.2.1/tcp/4000/p2p/{relay}/relay"
+    assert is_relayed_member([relayed]) and is_relayed_member([relayed, relayed + "/p2p/" + str(peer)])
+    assert not is_relayed_member([]) and not is_relayed_member(["/ip4/192.0.2.2/tcp/4000", relayed])
+    assert 0 < RELAYED_BANDWIDTH_SHARE < 1
