@@ -229,3 +229,23 @@ def test_relayed_members_are_recognised_for_the_bandwidth_penalty():
     assert is_relayed_member([relayed]) and is_relayed_member([relayed, relayed + "/p2p/" + str(peer)])
     assert not is_relayed_member([]) and not is_relayed_member(["/ip4/192.0.2.2/tcp/4000", relayed])
     assert 0 < RELAYED_BANDWIDTH_SHARE < 1
+
+
+async def test_too_few_helpers_none_reaching_still_holds_relays_besides_direct_addresses():
+    public = await DHTNode.create(host="127.0.0.1")
+    try:
+        natted = await DHTNode.create([public.p2p.get_visible_addresses()[0]], host="127.0.0.2",
+                                      nat=NatOptions(min_helpers=3, holepunch=False))
+        try:
+            service = natted.p2p.nat
+            assert service.verdict == UNKNOWN and not natted.client_mode  # one helper: no verdict
+            for _ in range(200):
+                if service.relay_client.held:
+                    break
+                await asyncio.sleep(0.02)
+            visible = natted.p2p.get_visible_addresses()
+            assert any(a.relay == public.peer_id for a in visible) and any(a.relay is None for a in visible)
+        finally:
+            await natted.shutdown()
+    finally:
+        await public.shutdown()

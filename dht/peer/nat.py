@@ -88,6 +88,7 @@ class NatService:
         self._helpers: Callable[[], Sequence[PeerID]] = p2p.connected_peers
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._keeping_relays = False
         p2p.nat = self
 
     def _observed_ip(self) -> str | None:
@@ -158,11 +159,21 @@ class NatService:
             if self.relay_service is not None and self.options.relay == "auto":
                 self.relay_service.enabled = False  # nobody could reach it as a relay
             self.relay_client.announce_direct = False
+            self.relay_client._publish()
             for callback in self.on_unreachable:
                 callback(result)
             if self.options.use_relay == "auto":
-                self._spawn(self._keep_relays())
+                self._start_keeping_relays()
+        elif result.verdict == UNKNOWN and result.answered and not result.reached and self.options.use_relay == "auto":
+            # too few answers for a verdict, but nobody reached us: hold relays as well (announced besides
+            # the direct addresses), so that even a swarm of two or three peers reaches a peer behind NAT
+            self._start_keeping_relays()
         return result
+
+    def _start_keeping_relays(self) -> None:
+        if not self._keeping_relays:
+            self._keeping_relays = True
+            self._spawn(self._keep_relays())
 
     async def _keep_relays(self) -> None:
         """While unreachable: hold ``max_relays`` reservations, looking for new relays every 30 s."""
