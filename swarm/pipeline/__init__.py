@@ -6,10 +6,27 @@ messages), :mod:`.wiring` (throughput EMA and the virtual-time balancer), :mod:`
 server: forward, stateless backward), :mod:`.client` (a trainer's pipeline client).
 """
 
-from .client import PipelineClient, PipelineError
-from .registry import MAX_STAGES, StageRecord, announce, fetch_stages, stage_key, stage_schema
-from .server import StageServer
-from .wiring import NoServersError, PerformanceEMA, StageBalancer
+from __future__ import annotations
 
-__all__ = ["MAX_STAGES", "StageRecord", "announce", "fetch_stages", "stage_key", "stage_schema",
-           "PipelineClient", "PipelineError", "StageServer", "PerformanceEMA", "StageBalancer", "NoServersError"]
+import importlib
+from typing import Any
+
+# Lazy re-exports (PEP 562): `swarm join --help` / `swarm dht --help` read the pipeline's arguments from
+# .roles without importing torch, which the client and server need.
+_EXPORTS = {
+    "PipelineClient": "client", "PipelineError": "client",
+    "MAX_STAGES": "registry", "StageRecord": "registry", "announce": "registry", "fetch_stages": "registry",
+    "stage_key": "registry", "stage_schema": "registry",
+    "StageServer": "server",
+    "NoServersError": "wiring", "PerformanceEMA": "wiring", "StageBalancer": "wiring",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
