@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loopback", action="store_true", help="no network lab: every process on 127.0.0.1")
     p.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only-rebalance", action="store_true", help="run phase 5 only")
     args = p.parse_args(argv)
     if args.command == "trainers":
         return _trainers(args)
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--servers must be 8 or 12 (a multiple of the 4 stages)")
     rng = random.Random(args.seed)
     out = Path(tempfile.mkdtemp(prefix="swarm-pipeline-bench-"))
-    peers = _Peers(out, lab_hosts=args.servers + 10 + 3, loopback=args.loopback)
+    peers = _Peers(out, lab_hosts=args.servers + 10 + 6, loopback=args.loopback)  # + bootstrap, 5 trainer runs
     figures: dict[str, Any] = {"links": peers.links, "servers": args.servers, "trainers": args.trainers,
                                "microbatch": MICROBATCH, "phase_seconds": args.phase_seconds, "logs": str(out)}
     started = time.monotonic()
@@ -363,81 +364,91 @@ def main(argv: list[str] | None = None) -> int:
                                   "--dashboard-port", "off", "--identity", str(out / "bootstrap.key")])
         found = peers.wait_for("bootstrap", r"--initial-peers (/ip4/\S+)", 60).group(1)
         address = re.sub(r"/ip4/[^/]+/", f"/ip4/{peers.ip('bootstrap')}/", found)
-        replicas = args.servers // NUM_STAGES
-        delays = [HETEROGENEOUS[j % len(HETEROGENEOUS)] for j in range(replicas)]
-        plan = [(k, delays[(j + k) % replicas]) for j in range(replicas) for k in range(NUM_STAGES)]
-        servers = _start_servers(peers, address, "server", plan, 1e6)
-        chains = [[next(pid for name, (s, _, pid) in servers.items() if s == k and int(name[6:]) // NUM_STAGES == j)
-                   for k in range(NUM_STAGES)] for j in range(replicas)]
-        model = [sum(1 / (2 * d) for s, d, _ in servers.values() if s == k) for k in range(NUM_STAGES)]
-        chain_model = sum(1 / (2 * max(servers[n][1] for n in servers if servers[n][2] in c)) for c in chains)
-        figures["model_samples_per_s"] = {"swarm": round(min(model), 1), "fixed": round(chain_model, 1)}
-        print(f"{args.servers} servers ({peers.links}); model: swarm {min(model):.1f}, fixed {chain_model:.1f} "
-              f"samples/s", flush=True)
-        results: dict[str, dict] = {}
-        killed: dict[str, dict[str, int]] = {"swarm_churn": {}, "fixed_churn": {}}
-        kills = {"swarm_churn": [0], "fixed_churn": [0]}
-        for i, (phase, mode, churn) in enumerate((("fixed", "fixed", False), ("swarm", "swarm", False),
-                                                  ("swarm_churn", "swarm", True), ("fixed_churn", "fixed", True))):
-            during = _churn(peers, address, servers, args.churn, 1e6, rng, killed[phase], kills[phase]) \
-                if churn else None
-            warmup = args.warmup * (3 if i == 0 else 1)  # the first phase also warms the servers up
-            results[phase] = _run_trainers(peers, address, f"trainers-{phase}", mode, args.trainers,
-                                           args.phase_seconds, warmup, chains if mode == "fixed" else None, during)
-            r = results[phase]
-            print(f"{phase:12s} {_rate(r):6.1f} samples/s, {r['failed']} microbatches lost, {r['retries']} retries; "
-                  f"per 5 s: {_timeline(r)}", flush=True)
-            if churn:  # let the restarted servers come back before the next phase
-                for name, mark in killed[phase].items():
-                    peers.wait_for(name, "serving stage", 900, mark)
-        for phase, r in results.items():
-            figures[phase] = {"samples_per_s": round(_rate(r), 2), "lost_microbatches": r["failed"],
-                              "retries": r["retries"], "timeline_5s": _timeline(r)}
-        figures["swarm_churn_ratio"] = round(_rate(results["swarm_churn"]) / max(_rate(results["swarm"]), 1e-9), 3)
-        figures["fixed_churn_ratio"] = round(_rate(results["fixed_churn"]) / max(_rate(results["fixed"]), 1e-9), 3)
-        figures["churn_kills"] = {k: v[0] for k, v in kills.items()}
-        bottleneck = min(range(NUM_STAGES), key=lambda k: model[k])
-        figures["bottleneck_utilisation"] = round(_utilisation(results["swarm"], servers, bottleneck), 3)
-        for name in servers:
-            peers.kill(name)
-
-        # 5. rebalancing after a stage loses half its servers
-        period = args.rebalance_period
-        plan5 = [(k, HOMOGENEOUS) for k in (0, 0, 1, 1, 2, 2, 3, 3, 3, 3)]
-        fresh = _start_servers(peers, address, "rb", plan5, period)
-        victim = next(name for name, (s, _, _) in fresh.items() if s == 0)
-        before, kill_at = 20.0, [0.0]
-        marks = {name: len(peers.log(name)) for name in fresh}
-
-        def kill_later(start: float, _seconds: float) -> None:
-            time.sleep(max(start + before - time.monotonic(), 0))
-            peers.kill(victim)
-            kill_at[0] = time.monotonic() - start
-
-        seconds5 = before + 3 * period + 5
-        r5 = _run_trainers(peers, address, "trainers-rebalance", "swarm", args.trainers, seconds5, args.warmup,
-                           None, kill_later)
-        k = kill_at[0]
-        moves = [name for name in fresh if name != victim and "moved to stage" in peers.log(name)[marks[name]:]]
-        pre, hit, restored = _rate(r5, 5, k), _rate(r5, k, k + period), _rate(r5, k + 2 * period, k + 3 * period)
-        best_model = 2 / (2 * HOMOGENEOUS)
-        figures["rebalance"] = {"period_s": period, "before": round(pre, 2), "first_period_after_kill": round(hit, 2),
-                                "after_two_periods": round(restored, 2), "restored_vs_before": round(restored / pre, 3)
-                                if pre else None, "restored_vs_model_best": round(restored / best_model, 3),
-                                "model_best": best_model, "migrations": len(moves), "lost_microbatches": r5["failed"],
-                                "timeline_5s": _timeline(r5)}
-        print(f"rebalance    before {pre:.1f}, first period after the kill {hit:.1f}, after two periods "
-              f"{restored:.1f} samples/s ({len(moves)} migration(s)); per 5 s: {_timeline(r5)}", flush=True)
+        if not args.only_rebalance:
+            _phases_1_to_4(args, peers, address, rng, figures)
+        _phase_5(args, peers, address, figures)
         figures["wall_s"] = round(time.monotonic() - started, 1)
-        print(f"SWARM keeps {figures['swarm_churn_ratio']:.0%} of its churn-free throughput under churn "
-              f"({figures['swarm_churn']['lost_microbatches']} lost); fixed: {figures['fixed_churn_ratio']:.0%} "
-              f"({figures['fixed_churn']['lost_microbatches']} lost); bottleneck utilisation "
-              f"{figures['bottleneck_utilisation']:.0%}; logs in {out}", flush=True)
         if args.json:
             print(json.dumps(figures), flush=True)
         return 0
     finally:
         peers.close()
+
+
+def _phases_1_to_4(args: argparse.Namespace, peers: _Peers, address: str, rng: random.Random, figures: dict) -> None:
+    """fixed, swarm, swarm_churn, fixed_churn on one set of heterogeneous servers."""
+    replicas = args.servers // NUM_STAGES
+    delays = [HETEROGENEOUS[j % len(HETEROGENEOUS)] for j in range(replicas)]
+    plan = [(k, delays[(j + k) % replicas]) for j in range(replicas) for k in range(NUM_STAGES)]
+    servers = _start_servers(peers, address, "server", plan, 1e6)
+    chains = [[next(pid for name, (s, _, pid) in servers.items() if s == k and int(name[6:]) // NUM_STAGES == j)
+               for k in range(NUM_STAGES)] for j in range(replicas)]
+    model = [sum(1 / (2 * d) for s, d, _ in servers.values() if s == k) for k in range(NUM_STAGES)]
+    chain_model = sum(1 / (2 * max(servers[n][1] for n in servers if servers[n][2] in c)) for c in chains)
+    figures["model_samples_per_s"] = {"swarm": round(min(model), 1), "fixed": round(chain_model, 1)}
+    print(f"{args.servers} servers ({peers.links}); model: swarm {min(model):.1f}, fixed {chain_model:.1f} "
+          f"samples/s", flush=True)
+    results: dict[str, dict] = {}
+    killed: dict[str, dict[str, int]] = {"swarm_churn": {}, "fixed_churn": {}}
+    kills = {"swarm_churn": [0], "fixed_churn": [0]}
+    for i, (phase, mode, churn) in enumerate((("fixed", "fixed", False), ("swarm", "swarm", False),
+                                              ("swarm_churn", "swarm", True), ("fixed_churn", "fixed", True))):
+        during = _churn(peers, address, servers, args.churn, 1e6, rng, killed[phase], kills[phase]) \
+            if churn else None
+        warmup = args.warmup * (3 if i == 0 else 1)  # the first phase also warms the servers up
+        results[phase] = _run_trainers(peers, address, f"trainers-{phase}", mode, args.trainers,
+                                       args.phase_seconds, warmup, chains if mode == "fixed" else None, during)
+        r = results[phase]
+        print(f"{phase:12s} {_rate(r):6.1f} samples/s, {r['failed']} microbatches lost, {r['retries']} retries; "
+              f"per 5 s: {_timeline(r)}", flush=True)
+        if churn:  # let the restarted servers come back before the next phase
+            for name, mark in killed[phase].items():
+                peers.wait_for(name, "serving stage", 900, mark)
+    for phase, r in results.items():
+        figures[phase] = {"samples_per_s": round(_rate(r), 2), "lost_microbatches": r["failed"],
+                          "retries": r["retries"], "timeline_5s": _timeline(r)}
+    figures["swarm_churn_ratio"] = round(_rate(results["swarm_churn"]) / max(_rate(results["swarm"]), 1e-9), 3)
+    figures["fixed_churn_ratio"] = round(_rate(results["fixed_churn"]) / max(_rate(results["fixed"]), 1e-9), 3)
+    figures["churn_kills"] = {k: v[0] for k, v in kills.items()}
+    bottleneck = min(range(NUM_STAGES), key=lambda k: model[k])
+    figures["bottleneck_utilisation"] = round(_utilisation(results["swarm"], servers, bottleneck), 3)
+    for name in servers:
+        peers.kill(name)
+    print(f"SWARM keeps {figures['swarm_churn_ratio']:.0%} of its churn-free throughput under churn "
+          f"({figures['swarm_churn']['lost_microbatches']} lost); fixed: {figures['fixed_churn_ratio']:.0%} "
+          f"({figures['fixed_churn']['lost_microbatches']} lost); bottleneck utilisation "
+          f"{figures['bottleneck_utilisation']:.0%}", flush=True)
+
+
+def _phase_5(args: argparse.Namespace, peers: _Peers, address: str, figures: dict) -> None:
+    """Rebalancing after a stage loses half its servers (a fresh, homogeneous set)."""
+    # 5. rebalancing after a stage loses half its servers
+    period = args.rebalance_period
+    plan5 = [(k, HOMOGENEOUS) for k in (0, 0, 1, 1, 2, 2, 3, 3, 3, 3)]
+    fresh = _start_servers(peers, address, "rb", plan5, period)
+    victim = next(name for name, (s, _, _) in fresh.items() if s == 0)
+    before, kill_at = 20.0, [0.0]
+    marks = {name: len(peers.log(name)) for name in fresh}
+
+    def kill_later(start: float, _seconds: float) -> None:
+        time.sleep(max(start + before - time.monotonic(), 0))
+        peers.kill(victim)
+        kill_at[0] = time.monotonic() - start
+
+    seconds5 = before + 3 * period + 5
+    r5 = _run_trainers(peers, address, "trainers-rebalance", "swarm", args.trainers, seconds5, args.warmup,
+                       None, kill_later)
+    k = kill_at[0]
+    moves = [name for name in fresh if name != victim and "moved to stage" in peers.log(name)[marks[name]:]]
+    pre, hit, restored = _rate(r5, 5, k), _rate(r5, k, k + period), _rate(r5, k + 2 * period, k + 3 * period)
+    best_model = 2 / (2 * HOMOGENEOUS)
+    figures["rebalance"] = {"period_s": period, "before": round(pre, 2), "first_period_after_kill": round(hit, 2),
+                            "after_two_periods": round(restored, 2), "restored_vs_before": round(restored / pre, 3)
+                            if pre else None, "restored_vs_model_best": round(restored / best_model, 3),
+                            "model_best": best_model, "migrations": len(moves), "lost_microbatches": r5["failed"],
+                            "timeline_5s": _timeline(r5)}
+    print(f"rebalance    before {pre:.1f}, first period after the kill {hit:.1f}, after two periods "
+          f"{restored:.1f} samples/s ({len(moves)} migration(s)); per 5 s: {_timeline(r5)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, default=6, help="stage servers (default 6)")
     p.add_argument("--trainers", type=int, default=2, help="trainers (default 2)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="training time (default 120)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="stop the trainers once every stage took this many steps (default: run --max-seconds)")
     p.add_argument("--max-memory", default="5MB", help="--max-memory of every server (default 5MB: one stage "
                                                         "fits, the whole model with its optimizer state does not)")
     p.add_argument("--rebalance-period", type=float, default=30.0, help="servers' --rebalance-period (default 30)")
@@ -193,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             metrics = out / f"trainer{i}.jsonl"
             proc = _start(swarm + common + ["--role", "trainer", "--identity", str(out / f"trainer{i}.key"),
                                             "--shard", f"{i}/{args.trainers}", "--metrics-file", str(metrics),
-                                            "--max-seconds", str(args.max_seconds)], out / f"trainer{i}.log")
+                                            "--max-seconds", str(args.max_seconds)]
+                          + (["--max-epochs", str(args.max_epochs)] if args.max_epochs is not None else []),
+                          out / f"trainer{i}.log")
             procs.append(proc)
             trainers.append(proc)
-        print(f"{args.trainers} trainers training for {args.max_seconds:g} s ...", flush=True)
+        print(f"{args.trainers} trainers training for {args.max_seconds:g} s"
+              + (f" or {args.max_epochs} stage steps" if args.max_epochs is not None else "") + " ...", flush=True)
         deadline = time.monotonic() + args.max_seconds + 300
         for proc in trainers:
             proc.wait(max(deadline - time.monotonic(), 1))
