@@ -167,7 +167,7 @@ def _trainers(args: argparse.Namespace) -> int:
     measured = [(t - start, n) for t, n in completions if start <= t < stop_at]
     print(json.dumps({"completions": measured, "failed": sum(start <= t < stop_at for t in failures),
                       "failed_total": len(failures), "requests": requests, "retries": retries[0],
-                      "seconds": args.seconds}), flush=True)
+                      "seconds": args.seconds, "warmup": args.warmup}), flush=True)
     return 0
 
 
@@ -322,7 +322,8 @@ def _back(peers: _Peers, name: str, restarted: dict[str, int]) -> bool:
 
 def _utilisation(result: dict, servers: dict, stage: int) -> float:
     """Compute seconds asked of ``stage``'s servers (each request: MICROBATCH * delay) per server-second."""
-    busy = [result["requests"].get(peer_id, 0) * MICROBATCH * delay / (result["seconds"] + 0.0)
+    wall = result["seconds"] + result.get("warmup", 0.0)  # the request counts cover the warm-up too
+    busy = [result["requests"].get(peer_id, 0) * MICROBATCH * delay / wall
             for s, delay, peer_id in servers.values() if s == stage]
     return sum(busy) / max(len(busy), 1)
 
