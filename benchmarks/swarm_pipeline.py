@@ -35,7 +35,8 @@ through every stage, after a warm-up), microbatches lost (failed), the SWARM chu
 (swarm_churn / swarm), the rebalanced throughput relative to the pre-kill one and to the model
 (``1 / (2 delay)`` per server), and the compute utilisation of the bottleneck stage's servers in
 the ``swarm`` phase (seconds of stage compute they were asked for / wall seconds, from the trainers'
-request counts). Samples/s over time (5 s bins) are printed per phase.
+request counts). Samples/s over time (5 s bins) are printed per phase. Figures measured here (a
+shared 2-core machine; the default run took 491 s): docs/pipelines.md.
 """
 
 from __future__ import annotations
