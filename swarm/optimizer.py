@@ -118,6 +118,7 @@ def auto_compression(mode: str, fragments: Any = None) -> str | None:
 
 
 STREAMING_CODECS = ("uniform4", "fp4", "e3m0")  # 4-bit dense codecs, in order of preference
+STREAMING_OPTIONS = ("fragments", "fragment_overlap", "merge_alpha")  # pinned only when set
 
 
 def pinned_options(options: dict) -> dict[str, Any]:
@@ -137,6 +138,8 @@ def pinned_options(options: dict) -> dict[str, Any]:
             text = repr(value)
             value = f"{type(value).__module__}.{type(value).__qualname__}" + (
                 f" {text[:120]}" if " at 0x" not in text else "")
+        if value is None and name in STREAMING_OPTIONS:
+            continue  # unset: left out, so runs announced before Streaming DiLoCo existed still match
         pinned[name] = value
     return pinned
 

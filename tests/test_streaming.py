@@ -97,7 +97,9 @@ def test_streaming_options_are_checked_and_pinned(dhts):
     pinned = pinned_options(dict(mode="diloco", fragments=4, fragment_overlap=1))
     assert pinned["fragments"] == 4 and pinned["fragment_overlap"] == 1
     assert pinned["compression"] == auto_compression("diloco", 4) != "float16"
-    assert pinned_options(dict(mode="diloco"))["compression"] == "float16"
+    plain = pinned_options(dict(mode="diloco"))
+    assert plain["compression"] == "float16"
+    assert not {"fragments", "fragment_overlap", "merge_alpha"} & set(plain)  # as runs announced before them
 
 
 def test_one_peer_streaming_is_plain_sgd_and_keeps_the_schedule(dhts):
