@@ -236,15 +236,9 @@ def _describe_error(e: BaseException) -> str:
 
 
 def _to_device(batch: Any, device: Any) -> Any:
-    import torch
+    from verification.recompute import to_device  # imports torch: not at module level (--help stays light)
 
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+    return to_device(batch, device)
 
 
 def _check_task(task: Any, model: Any, device: Any, batch_size: int | None, shard: int, num_shards: int) -> None:

@@ -32,8 +32,8 @@ import torch
 
 from dht.peer.identity import Identity, IdentityError, PeerID, verify_signature
 
-__all__ = ["DEFAULT_TOLERANCE", "BatchRef", "DataClaim", "SignedClaim", "ClaimError", "batch_seed", "batch_ref",
-           "named_batches", "EpochBatches", "recompute_gradient", "relative_error", "gradient_matches",
+__all__ = ["DEFAULT_TOLERANCE", "to_device", "BatchRef", "DataClaim", "SignedClaim", "ClaimError", "batch_seed",
+           "batch_ref", "named_batches", "EpochBatches", "recompute_gradient", "relative_error", "gradient_matches",
            "flat_gradient", "find_offset", "block_size", "block_digests", "covered_blocks", "MAX_BLOCKS"]
 
 DEFAULT_TOLERANCE = 1e-3  # relative: honest nondeterminism stays ~1000x below it (measured, see the module doc)
@@ -381,7 +381,7 @@ def recompute_gradient(task: Any, model: torch.nn.Module, claim: DataClaim,
     for _ in range(claim.batches):
         batch = next(stream)
         if device is not None:
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
         for p in params:
             p.grad = None
         n = _samples_in(task, batch)
@@ -416,13 +416,14 @@ def _split(batch: Any, pieces: int) -> list[Any]:
     return [batch]
 
 
-def _to_device(batch: Any, device: Any) -> Any:
+def to_device(batch: Any, device: Any) -> Any:
+    """``batch`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 

@@ -374,20 +374,7 @@ class TCPTransport(Transport):
         except (OSError, asyncio.TimeoutError) as e:
             cause = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e)[:200])
             raise PeerUnreachableError(f"cannot connect to {address}: {cause}") from None
-        try:
-            return await within(
-                initiate(reader, writer, self.identity, self._info, endpoint, expected, self.limits.max_frame_size),
-                self.limits.handshake_timeout)
-        except asyncio.TimeoutError:
-            writer.transport.abort()
-            raise HandshakeError(
-                f"handshake with {endpoint} timed out after {self.limits.handshake_timeout} s") from None
-        except (ConnectionError, OSError) as e:
-            writer.transport.abort()
-            raise HandshakeError(f"handshake with {endpoint} failed: {type(e).__name__}") from None
-        except BaseException:
-            writer.transport.abort()
-            raise
+        return await self.handshake_raw(reader, writer, endpoint, initiator=True, expected=expected)
 
     async def close(self) -> None:
         self._closing = True
