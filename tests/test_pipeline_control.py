@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from swarm.pipeline.rebalance import capacities, choose_stage, leximin_better, plan_move
+from swarm.pipeline.rebalance import capacities, choose_stage, compute_to_comm_ratio, leximin_better, plan_move
 
 T = 300.0
 
@@ -211,3 +211,13 @@ def test_stage_servers_average_and_step_together_replicas_stay_identical(tmp_pat
             s.shutdown()
         second.shutdown()
         first.shutdown()
+
+
+def test_s7_square_cube_ratio():
+    """S7 (algorithms.md 1.9): ratio(d=4096, L=1, B=62.5e6, F=25e12) = 0.4915 +- 1e-3; the table of 1.6."""
+    assert compute_to_comm_ratio(4096, 1, 62.5e6, 25e12) == pytest.approx(0.4915, abs=1e-3)
+    assert compute_to_comm_ratio(1024, 1, 62.5e6, 25e12) == pytest.approx(0.12, abs=5e-3)
+    assert compute_to_comm_ratio(12288, 1, 62.5e6, 150e12) == pytest.approx(0.25, abs=5e-3)
+    assert compute_to_comm_ratio(4096, 3, 62.5e6, 25e12) >= 1  # 3 layers per stage at d = 4096 on a T4
+    with pytest.raises(ValueError):
+        compute_to_comm_ratio(0, 1, 62.5e6, 25e12)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Protocol, Sequence
 
 __all__ = ["LoadView", "Move", "capacities", "speeds", "leximin_better", "plan_move", "choose_stage", "Rebalancer",
-           "claim_key", "HYSTERESIS"]
+           "claim_key", "HYSTERESIS", "compute_to_comm_ratio"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,17 @@ def choose_stage(records: Sequence[LoadView], costs: Sequence[float], speed: flo
         if best_key is None or key > best_key:
             best_stage, best_key = s, key
     return best_stage
+
+
+def compute_to_comm_ratio(hidden: int, layers: int, bandwidth: float, flops: float) -> float:
+    """The square-cube law (algorithms.md 1.6): compute time over communication time of one stage of
+    ``layers`` transformer blocks of width ``hidden`` on a device of ``flops`` FLOP/s behind a link of
+    ``bandwidth`` bytes/s, with 8-bit activations and gradients (``2 T d`` bytes per boundary):
+    ``48 L d B / F``, independent of the tokens per microbatch. >= 1: the stage need not wait for
+    the network. E.g. ``compute_to_comm_ratio(4096, 1, 62.5e6, 25e12)`` = 0.4915."""
+    if hidden <= 0 or layers <= 0 or bandwidth <= 0 or flops <= 0:
+        raise ValueError("hidden, layers, bandwidth and flops must be positive")
+    return 48.0 * layers * hidden * bandwidth / flops
 
 
 def claim_key(run_id: str, period: int) -> str:
