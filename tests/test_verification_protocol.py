@@ -513,6 +513,14 @@ async def _nodes(n: int, network: MemoryNetwork) -> list[DHTNode]:
     return nodes
 
 
+async def _close(closables: Any, nodes: list[DHTNode]) -> None:
+    """The ``finally`` of the DHT tests: close the ban lists, averagers, services, then shut the nodes down."""
+    for thing in closables:
+        thing.close()
+    for node in nodes:
+        await node.shutdown()
+
+
 def test_ban_list_bans_the_proven_liar_and_the_false_accuser_and_honours_the_bans():
     async def main() -> None:
         random.seed(5)
@@ -548,10 +556,7 @@ def test_ban_list_bans_the_proven_liar_and_the_false_accuser_and_honours_the_ban
                 assert node.storage.get(_key_id(f"{RUN}.progress"), now) is None
             assert any(node.storage.get(_key_id("elsewhere"), now) is not None for node in honest)
         finally:
-            for ban in bans:
-                ban.close()
-            for node in nodes:
-                await node.shutdown()
+            await _close(bans, nodes)
 
     virtual_clock.run(main())
 
@@ -572,10 +577,7 @@ def test_evidence_too_big_for_the_dht_is_published_by_reference():
             bans[0].close()  # its holder gone, a newcomer cannot judge it: it bans nobody (and is retried)
             assert await bans[2].refresh() == [] and not bans[2].is_banned(ids[0].peer_id)
         finally:
-            for ban in bans:
-                ban.close()
-            for node in nodes:
-                await node.shutdown()
+            await _close(bans, nodes)
 
     virtual_clock.run(main())
 
@@ -595,10 +597,7 @@ def test_an_accusation_that_needs_a_recompute_function_waits_for_one():
             assert await bans[1].refresh() == []  # it cannot judge it without a recompute function: nobody banned
             assert await bans[1].refresh(check=wrong) == [target.peer_id]
         finally:
-            for ban in bans:
-                ban.close()
-            for node in nodes:
-                await node.shutdown()
+            await _close(bans, nodes)
 
     virtual_clock.run(main())
 
@@ -622,10 +621,7 @@ def test_a_banned_peer_is_never_grouped_with():
                 assert isinstance(outcomes[3], BaseException)  # nobody takes it
             assert torch.allclose(averagers[0].tensors[0], torch.full((64,), 1.0))
         finally:
-            for averager in averagers:
-                averager.close()
-            for node in nodes:
-                await node.shutdown()
+            await _close(averagers, nodes)
 
     virtual_clock.run(main())
 
@@ -674,12 +670,7 @@ def test_a_lying_owner_is_audited_banned_through_the_dht_and_left_out_of_the_nex
                 assert not isinstance(outcome, BaseException) and liar not in outcome.members
             assert isinstance(outcomes[3], BaseException)
         finally:
-            for averager in averagers:
-                averager.close()
-            for thing in (*bans, *inputs):
-                thing.close()
-            for node in nodes:
-                await node.shutdown()
+            await _close((*averagers, *bans, *inputs), nodes)
 
     virtual_clock.run(main())
 
