@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .addresses import AddressError, PeerAddress
+from .addresses import PeerAddress
 from .admission import KeyedBuckets
 from .channel import FrameChannel
 from .errors import BadRequestError, OverloadedError, P2PError
 from .identity import PeerID
-from .untrusted import brief
+from .reachability import parse_address_list
 
 if TYPE_CHECKING:
     from .multiplex import Connection, Stream
@@ -318,19 +318,8 @@ async def _settle(tasks: list[asyncio.Task]) -> None:
 
 
 def _parse_addrs(message: Any) -> list[PeerAddress]:
-    if not isinstance(message, dict) or message.get("v") != VERSION:
-        raise BadRequestError(f"hole punch message must be a map with v={VERSION}, got {brief(message)}")
-    addrs = message.get("addrs")
-    if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
-        raise BadRequestError(f"hole punch 'addrs' must be a list of at most {MAX_ADDRS}, got {brief(addrs)}")
     out = []
-    for text in addrs:
-        if not isinstance(text, str) or len(text) > 128:
-            raise BadRequestError(f"hole punch address must be a short string, got {brief(text)}")
-        try:
-            address = PeerAddress.parse(text)
-        except AddressError as e:
-            raise BadRequestError(f"hole punch address: {brief(str(e), 200)}") from None
+    for address in parse_address_list(message, "hole punch message", VERSION, 0, MAX_ADDRS, 128):
         if address.protocol not in ("ip4", "ip6") or address.relay is not None or address.port == 0:
             continue
         ip = ipaddress.ip_address(address.host)

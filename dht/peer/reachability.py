@@ -142,21 +142,29 @@ class DialBackService:
             return {"addr": str(address), "ok": False, "err": (str(e) or type(e).__name__)[:200]}
 
 
-def _parse_request(request: Any) -> list[PeerAddress]:
-    if not isinstance(request, dict) or request.get("v") != VERSION:
-        raise BadRequestError(f"dial-back request must be a map with v={VERSION}, got {brief(request)}")
-    addrs = request.get("addrs")
-    if not isinstance(addrs, list) or not 1 <= len(addrs) <= MAX_ADDRS:
-        raise BadRequestError(f"dial-back 'addrs' must be a list of 1 to {MAX_ADDRS} addresses, got {brief(addrs)}")
+def parse_address_list(message: Any, what: str, version: int, least: int, most: int,
+                       longest: int) -> list[PeerAddress]:
+    """The ``addrs`` of an untrusted ``{"v": version, "addrs": [...]}`` message: ``least`` to ``most``
+    strings of at most ``longest`` characters, each a :class:`PeerAddress`; anything else raises
+    :class:`BadRequestError` naming ``what`` (the dial-back request, the hole punch message)."""
+    if not isinstance(message, dict) or message.get("v") != version:
+        raise BadRequestError(f"{what} must be a map with v={version}, got {brief(message)}")
+    addrs = message.get("addrs")
+    if not isinstance(addrs, list) or not least <= len(addrs) <= most:
+        raise BadRequestError(f"{what} 'addrs' must be a list of {least} to {most} addresses, got {brief(addrs)}")
     parsed = []
     for text in addrs:
-        if not isinstance(text, str) or len(text) > 256:
-            raise BadRequestError(f"dial-back address must be a short string, got {brief(text)}")
+        if not isinstance(text, str) or len(text) > longest:
+            raise BadRequestError(f"{what} address must be a short string, got {brief(text)}")
         try:
             parsed.append(PeerAddress.parse(text))
         except AddressError as e:
-            raise BadRequestError(f"dial-back address: {brief(str(e), 200)}") from None
+            raise BadRequestError(f"{what} address: {brief(str(e), 200)}") from None
     return parsed
+
+
+def _parse_request(request: Any) -> list[PeerAddress]:
+    return parse_address_list(request, "dial-back request", VERSION, 1, MAX_ADDRS, 256)
 
 
 def _port_of(endpoint: str) -> int | None:
