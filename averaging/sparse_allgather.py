@@ -570,12 +570,9 @@ class SparseAllGatherService:
         self._rounds[group_id] = round_
         try:
             return await round_.run(result)
-        except AveragingError as e:
-            logger.warning("%s lost here: %s", config.label, e)
-            if feedback is not None and saved is not None:
-                feedback.restore(saved)
-            raise
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, AveragingError):
+                logger.warning("%s lost here: %s", config.label, e)
             if feedback is not None and saved is not None:
                 feedback.restore(saved)
             raise

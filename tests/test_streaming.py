@@ -12,6 +12,9 @@ import torch
 from dht import DHT
 from swarm import streaming
 from swarm.optimizer import Optimizer, auto_compression, pinned_options
+from tests import test_optimizer
+
+dhts = test_optimizer.dhts  # the fixture: loopback DHT peers, shut down after the test
 
 
 def test_schedule_d4():
@@ -69,20 +72,6 @@ def test_partition_balanced_and_explicit():
         streaming.partition([5, 5], 3)
     with pytest.raises(TypeError):
         streaming.partition([5, 5], [["a"], [1]])
-
-
-@pytest.fixture
-def dhts():
-    made: list[DHT] = []
-
-    def make(n: int) -> list[DHT]:
-        for _ in range(n):
-            initial = made[0].get_visible_addresses() if made else []
-            made.append(DHT(initial_peers=initial, host="127.0.0.1"))
-        return made[-n:]
-    yield make
-    for d in made:
-        d.shutdown()
 
 
 def test_streaming_options_are_checked_and_pinned(dhts):
