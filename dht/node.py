@@ -243,7 +243,8 @@ class DHTNode:
     def _nat_helpers(self) -> list[PeerID]:
         """Peers to ask for a dial-back: connected ones first, then routing-table servers."""
         connected = self.p2p.connected_peers()
-        return [*connected, *(p for p in self.routing_table.all_peers() if p not in set(connected))][:16]
+        seen = set(connected)
+        return [*connected, *(p for p in self.routing_table.all_peers() if p not in seen)][:16]
 
     # ---- RPC client side -------------------------------------------------------------------
     @property
