@@ -470,7 +470,7 @@ class _Owner:
         assert self.record is not None and self.reduced == len(self.chunks)
         if self._result_digest is None:
             self._result_digest = asyncio.ensure_future(
-                _in_worker(sum(hi - lo for lo, hi in self.chunks), _hash_ranges, self.result, self.chunks))
+                _in_worker(self.part_length, _hash_ranges, self.result, self.chunks))
         digest = await asyncio.shield(self._result_digest)
         key = tuple(contributors)
         if key not in self._result_commitments:
@@ -495,7 +495,7 @@ class _Owner:
         """Receive ``member``'s chunks on ``stream`` and send back averaged chunks as they are ready."""
         codec = self.config.codec
         commitment = self.record.inputs.get(member) if self.record is not None else None
-        length = sum(hi - lo for lo, hi in self.chunks) if commitment is not None else 0
+        length = self.part_length if commitment is not None else 0
         buffer = torch.empty(length, dtype=torch.float32)  # its values, kept for the transcript (commitments on)
         hasher = TensorHasher(torch.float32, (length,))
 
@@ -585,7 +585,7 @@ class _Phase:
                 if self.config.is_banned(member):
                     owner.exclude(member, "banned")
             if owner.chunks:
-                finite = await _in_worker(sum(hi - lo for lo, hi in owner.chunks),
+                finite = await _in_worker(owner.part_length,
                                           lambda: [all_finite(self.flat[lo:hi]) for lo, hi in owner.chunks])
                 for index, (lo, hi) in enumerate(owner.chunks):
                     owner.deliver(me, index, self.flat[lo:hi], self.config.weight, finite[index])
