@@ -45,6 +45,15 @@ MAX_VIEW_ENTRIES = 64
 VIEW_REFRESH = 120.0  # seconds between stores of an unchanged ban view (it expires after 600 s)
 
 
+def _lying_owner(byzantine: Any, options: dict[str, Any]) -> None:
+    """``wrong_aggregate`` (a lying part owner): reduce this peer's parts with the shifted reducer."""
+    if byzantine is not None and byzantine.name == "wrong_aggregate":
+        from averaging.averager import _resolve_reducer
+
+        name, honest = _resolve_reducer(options.get("aggregator", "mean"))
+        options["aggregator"] = byzantine.reducer(honest, name)
+
+
 class VerifiedOptimizer(Optimizer):
     """:class:`swarm.Optimizer` with gradient verification (keyword arguments as the Optimizer's, plus):
     ``task`` (the run's :class:`swarm.Task`), ``model`` (this peer's model), ``source`` (the
@@ -74,7 +83,6 @@ class VerifiedOptimizer(Optimizer):
         self._view_time = 0.0
         self._closing = threading.Event()
         self._jobs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
-        self._pending_jobs: list[concurrent.futures.Future] = []
 
         async def setup(_dht: DHT, node: Any) -> tuple[Any, Any, Any]:
             from verification.audit import InputsService
@@ -87,12 +95,7 @@ class VerifiedOptimizer(Optimizer):
 
         self.banlist, self.exchange, self.inputs = dht.run_coroutine(setup)
         extra = dict(options.pop("averager_options", None) or {}, commitments=True, banned=self.excludes)
-        aggregator = options.get("aggregator", "mean")
-        if byzantine is not None and byzantine.name == "wrong_aggregate":
-            from averaging.averager import _resolve_reducer
-
-            name, honest = _resolve_reducer(aggregator)
-            options["aggregator"] = byzantine.reducer(honest, name)
+        _lying_owner(byzantine, options)
         super().__init__(averager_options=extra, **options)
         self.sharing.refuse = self.excludes  # state sharing: no banned donor, no banned requester
         self._refresher = threading.Thread(target=self._refresh_loop, name="verify-bans", daemon=True)
@@ -134,8 +137,7 @@ class VerifiedOptimizer(Optimizer):
             return  # (a parameter-averaging round, average_state_every: no gradients to check)
         state_hash = self.state_hash
         self.dht.loop.call_soon_threadsafe(self.inputs.add, transcript)  # the owners' audits may ask for it
-        self._pending_jobs = [f for f in self._pending_jobs if not f.done()]
-        self._pending_jobs.append(self._jobs.submit(self._after_round, transcript, dict(result.gathered), state_hash))
+        self._jobs.submit(self._after_round, transcript, dict(result.gathered), state_hash)
 
     # ---- background work
 
@@ -270,11 +272,7 @@ class AttackingOptimizer(Optimizer):
 
     def __init__(self, *, byzantine: Any, **options: Any):
         self.byzantine = byzantine
-        if byzantine.name == "wrong_aggregate":
-            from averaging.averager import _resolve_reducer
-
-            name, honest = _resolve_reducer(options.get("aggregator", "mean"))
-            options["aggregator"] = byzantine.reducer(honest, name)
+        _lying_owner(byzantine, options)
         super().__init__(**options)
 
     def before_averaging(self, tensors: list[torch.Tensor]) -> None:
