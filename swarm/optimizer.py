@@ -712,10 +712,17 @@ class Optimizer:
         # samples and inner steps of the next round, taken during the overlap (they count towards it)
         self.local_samples, self.inner_step_count = saved_samples, saved_steps
 
-    def _apply_outer_step(self) -> None:
-        with self.averager.lock, torch.no_grad():
-            for g, buffer in zip(self.global_params, self._buffers):
-                g.grad = buffer.clone()
+    def _apply_outer_step(self, fragment: int | None = None) -> None:
+        """The outer step on the averaged pseudo-gradients; Streaming DiLoCo: on ``fragment``'s only
+        (the other global parameters get no gradient, so they stay)."""
+        if fragment is None:
+            averager, indices, buffers = self.averager, list(range(len(self.global_params))), self._buffers
+        else:
+            averager = self.averagers[fragment]
+            indices, buffers = self.fragment_indices[fragment], self._fragment_buffers[fragment]
+        with averager.lock, torch.no_grad():
+            for i, buffer in zip(indices, buffers):
+                self.global_params[i].grad = buffer.clone()
         self.outer_opt.step()
         self.outer_opt.zero_grad(set_to_none=True)
 
@@ -783,15 +790,10 @@ class Optimizer:
                     return False
             finally:
                 self.averaging = False
-        indices = self.fragment_indices[fragment]
-        with averager.lock, torch.no_grad():
-            for i, buffer in zip(indices, self._fragment_buffers[fragment]):
-                self.global_params[i].grad = buffer.clone()
-        self.outer_opt.step()  # only this fragment's global parameters have gradients: the others stay
-        self.outer_opt.zero_grad(set_to_none=True)
+        self._apply_outer_step(fragment)
         alpha = self.merge_alpha
         with torch.no_grad():
-            for i in indices:
+            for i in self.fragment_indices[fragment]:
                 p, g = self.params[i], self.global_params[i]
                 merged = g if alpha == 0 else torch.lerp(g, p.detach().to("cpu", torch.float32), alpha)
                 p.copy_(merged.to(p.device, p.dtype))
