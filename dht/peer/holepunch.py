@@ -35,6 +35,7 @@ from .channel import FrameChannel
 from .errors import BadRequestError, OverloadedError, P2PError
 from .identity import PeerID
 from .reachability import parse_address_list
+from .relay import is_relayed
 
 if TYPE_CHECKING:
     from .multiplex import Connection, Stream
@@ -110,13 +111,11 @@ class HolePuncher:
         now = time.monotonic()
         if peer_id in self._running or self._failed.get(peer_id, 0.0) > now:
             return
-        task = asyncio.ensure_future(self.upgrade(peer_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.upgrade(peer_id))
 
     def _relayed(self, peer_id: PeerID) -> "Connection | None":
         for conn in reversed(self.p2p.connections_to(peer_id)):
-            if getattr(conn.channel, "relayed_via", None) is not None:
+            if is_relayed(conn.channel):
                 return conn
         return None
 
@@ -264,9 +263,7 @@ class HolePuncher:
         if session is None or session.done.done():
             return False
         writer.write(bytes([PUNCH_MAGIC]) + token)
-        task = asyncio.ensure_future(self._handshake(reader, writer, session, ip))  # beyond the pending budget
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._handshake(reader, writer, session, ip))  # beyond the pending budget
         return True
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _Session,
@@ -290,7 +287,10 @@ class HolePuncher:
     def _retire(self, conn: "Connection") -> None:
         """Stop new calls on the relayed connection and close it once its calls are over (<= 30 s)."""
         self.p2p.retire(conn, "upgraded to a direct connection")
-        task = asyncio.ensure_future(_close_when_idle(conn))
+        self._spawn(_close_when_idle(conn))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
