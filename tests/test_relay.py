@@ -50,6 +50,14 @@ async def echo(request, ctx):
     return request
 
 
+async def wait_for(condition, seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_call_through_relay_end_to_end_encrypted(host, monkeypatch):
     if host == "::1" and not has_ipv6():
@@ -81,10 +89,7 @@ async def test_call_through_relay_end_to_end_encrypted(host, monkeypatch):
         assert len(relayed) > len(secret) and secret[:40] not in relayed  # the relay saw ciphertext only
         assert relay.nat.relay_service.stat()["circuits"] == 1
         dialer.disconnect(natted.peer_id)
-        for _ in range(100):
-            if not relay.nat.relay_service.circuits:
-                break
-            await asyncio.sleep(0.02)
+        assert await wait_for(lambda: not relay.nat.relay_service.circuits, 2.0)
         assert relay.nat.relay_service.stat()["circuits"] == 0 and relay.nat.relay_service.bytes_relayed > len(secret)
 
 
@@ -107,11 +112,7 @@ async def test_relay_limits_refuse_with_a_clear_error():
         with pytest.raises(P2PError):
             for _ in range(4):
                 await dialer.call(relayed_address(a), "test.echo", b"x" * (400 << 10), timeout=10)
-        for _ in range(100):
-            if not relay.nat.relay_service.circuits:
-                break
-            await asyncio.sleep(0.02)
-        assert not relay.nat.relay_service.circuits
+        assert await wait_for(lambda: not relay.nat.relay_service.circuits, 2.0)
 
 
 async def test_direct_addresses_are_dialled_before_relays():
@@ -132,19 +133,7 @@ async def test_relay_disabled_refuses_and_reservation_ends_with_the_connection()
         await natted.nat.relay_client.reserve(relay.get_visible_addresses()[0])
         assert natted.peer_id in relay.nat.relay_service.reservations
         relay.disconnect(natted.peer_id)
-        for _ in range(100):
-            if natted.peer_id not in relay.nat.relay_service.reservations:
-                break
-            await asyncio.sleep(0.02)
-        assert natted.peer_id not in relay.nat.relay_service.reservations
-
-
-async def wait_for(condition, seconds: float = 10.0) -> bool:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
+        assert await wait_for(lambda: natted.peer_id not in relay.nat.relay_service.reservations, 2.0)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
