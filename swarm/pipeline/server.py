@@ -316,6 +316,19 @@ class StageServer:
         _bad_requests.log(logger, logging.INFO, ctx.peer_id, "pipeline request from %s refused: %s",
                           ctx.peer_id.short(), e)
 
+    async def _await_job(self, job: Callable[[], tuple[dict, float, int]], ctx: Any, wanted: threading.Event,
+                         backward: bool) -> tuple[dict, float, int]:
+        """The result of ``job`` run by :meth:`_submit` under the caller's slot; a refused request is
+        counted and logged, and a caller that gives up clears ``wanted`` (a job not yet done adds nothing)."""
+        try:
+            return await self._submit(job, ctx.peer_id, backward)
+        except BadRequestError as e:
+            self._refused(ctx, e)
+            raise
+        except asyncio.CancelledError:
+            wanted.clear()
+            raise
+
     async def _serve_forward(self, request: Any, ctx: Any) -> dict:
         key = ctx.peer_id
         self._take_slot(key)
@@ -337,14 +350,7 @@ class StageServer:
             elapsed = time.perf_counter() - start
             return protocol.forward_reply(outputs, codec), elapsed, _batch_size(parsed.inputs)
 
-        try:
-            reply, elapsed, size = await self._submit(job, key, backward=False)
-        except BadRequestError as e:
-            self._refused(ctx, e)
-            raise
-        except asyncio.CancelledError:
-            wanted.clear()
-            raise
+        reply, elapsed, size = await self._await_job(job, ctx, wanted, backward=False)
         if module is self.module:
             self.forward_ema.update(size, elapsed)
         self.counters["forward"] += 1
@@ -389,14 +395,7 @@ class StageServer:
                             self._recent.popitem(last=False)
             return protocol.backward_reply(grad_inputs, codec), elapsed, size
 
-        try:
-            reply, elapsed, size = await self._submit(job, key, backward=True)
-        except BadRequestError as e:
-            self._refused(ctx, e)
-            raise
-        except asyncio.CancelledError:
-            wanted.clear()  # the caller gave up: a job not yet done adds nothing
-            raise
+        reply, elapsed, size = await self._await_job(job, ctx, wanted, backward=True)
         if module is self.module and size:
             self.backward_ema.update(size, elapsed)
         self.counters["backward"] += 1
