@@ -4,8 +4,9 @@ The honest-nondeterminism measurement: the gradient of the digits CNN and of the
 recomputed with 1, 2 and 4 torch threads and with each batch split into 1, 2 or 4 micro-batches
 (another summation order), compared with the 1-thread whole-batch gradient on the whole vector and
 on 16 equal parts (what one part owner holds): the relative error stays below 1e-5, two orders of
-magnitude under the default tolerance of 1e-3 (measured here: 1.8e-7 full / 3.5e-7 per part on
-digits, 8.5e-8 / 2.1e-7 on charlm), while every attack is off by 0.1 or more.
+magnitude under the default tolerance of 1e-3 (measured here in two runs: 1.8e-7 / 2.1e-7 full and
+3.5e-7 / 4.0e-7 per part on digits, 8.5e-8 / 1.1e-7 and 2.1e-7 / 3.0e-7 on charlm), while every attack
+is off by 0.1 or more.
 """
 
 from __future__ import annotations
