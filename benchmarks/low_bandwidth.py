@@ -105,20 +105,6 @@ def float32_bytes_per_step(num_params: int, peers: int = PEERS) -> int:
 # ---------------------------------------------------------------------------------------- the peer
 
 
-class _Timer:
-    """Wall and thread-CPU seconds spent inside ``with timer:`` blocks."""
-
-    def __init__(self) -> None:
-        self.wall = self.cpu = 0.0
-
-    def __enter__(self) -> None:
-        self._w, self._c = time.perf_counter(), time.thread_time()
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall += time.perf_counter() - self._w
-        self.cpu += time.thread_time() - self._c
-
-
 def _wait_for_file(path: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -137,6 +123,7 @@ def run_mode(dht: Any, mode: str, index: int, peers: int, samples: int, inner_st
 
     from swarm.examples.charlm import task
     from swarm.optimizer import Optimizer
+    from tests.netlab_peers.train_peer import _Timer  # the lab training peer's compute timer
 
     torch.manual_seed(0)
     model = task.model()
