@@ -265,16 +265,20 @@ def list_runs(dht: DHT, timeout: float = 30.0, online_window: float = 10.0) -> l
             if not g.num_peers and records:  # dead: the last known loss, at the last known epoch
                 losses = [r.loss for r in records if r.loss is not None and r.epoch == epoch]
                 loss = sum(losses) / len(losses) if losses else None
-            info = RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), epoch, loss, a.task,
-                           a.task_hash, a.creator, a.created, last_seen)
-            num_stages = (a.settings or {}).get("pipeline stages")
+            infos.append(RunInfo(run_id, g.num_peers, round(g.samples_per_second, 2), epoch, loss, a.task,
+                                 a.task_hash, a.creator, a.created, last_seen))
+
+        async def extras(info: RunInfo) -> None:  # the runs' stages and bans: looked up concurrently
+            settings = runs[info.run_id].settings or {}
+            num_stages = settings.get("pipeline stages")
             if isinstance(num_stages, int) and not isinstance(num_stages, bool) and 0 < num_stages <= 1024:
-                info.stages = await _pipeline(node, run_id, num_stages)
+                info.stages = await _pipeline(node, info.run_id, num_stages)
                 info.trainers_samples_per_s = info.samples_per_second
-            if "verification" in (a.settings or {}):
+            if "verification" in settings:
                 from .verified import fetch_ban_views
 
-                info.banned = await fetch_ban_views(node, run_id)
-            infos.append(info)
+                info.banned = await fetch_ban_views(node, info.run_id)
+
+        await asyncio.gather(*(extras(info) for info in infos))
         return sorted(infos, key=lambda i: (-i.peers, -(i.last_seen or i.created), i.run_id))
     return dht.run_coroutine(go, return_future=True).result(timeout)
